@@ -1,0 +1,242 @@
+"""Load Hugging Face DLM checkpoints offline: a local directory or the local HF cache, nothing else.
+
+Weights are streamed shard by shard straight into the requested dtype and device on a model built on
+the meta device, so the peak resident memory stays near the size of the loaded weights: a bf16 model is
+never materialised in fp32 first. Every failure raises `CheckpointError` with the problem and the fix.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .families import FAMILIES, family_of, supported_summary
+from .transformer import DiffusionLM, ModelArgs, rope_inv_freq
+
+ALIASES: dict[str, str] = {
+    "dream-7b": "Dream-org/Dream-v0-Instruct-7B",
+    "dream-7b-base": "Dream-org/Dream-v0-Base-7B",
+    "llada-8b": "GSAI-ML/LLaDA-8B-Instruct",
+    "llada-8b-base": "GSAI-ML/LLaDA-8B-Base",
+}
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be resolved or loaded; the message says what to do."""
+
+
+@dataclass
+class Checkpoint:
+    """A resolved checkpoint directory and what its config files say."""
+
+    path: Path
+    source: str  # what the user asked for
+    config: dict
+    generation_config: dict
+    family: str
+    args: ModelArgs
+    weight_files: list[Path]
+
+
+def resolve_path(model: str) -> Path:
+    """A directory, an alias from ALIASES, or a repo id present in the local HF cache."""
+    p = Path(model).expanduser()
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise CheckpointError(f"{model} is a file; pass the checkpoint directory that holds config.json")
+    repo = ALIASES.get(model, model)
+    looks_like_repo = "/" in repo and not model.startswith((".", "/", "~"))
+    if not looks_like_repo:
+        raise CheckpointError(
+            f"'{model}' is neither a directory nor a known alias ({', '.join(ALIASES)}) nor an 'org/name' repo id. "
+            "Pass a checkpoint directory (for a test model: python cli.py make-tiny --arch dream --out DIR).")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.constants import HF_HUB_CACHE
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    try:
+        return Path(snapshot_download(repo, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError) as e:
+        alias = f"'{model}' ({repo})" if model != repo else f"'{repo}'"
+        raise CheckpointError(
+            f"model {alias} is not in the local Hugging Face cache ({os.environ.get('HF_HUB_CACHE', HF_HUB_CACHE)}); "
+            "this tool never downloads. On a machine with internet run `hf download " + repo + "` "
+            "(or `huggingface-cli download " + repo + "`), then copy the cache here or set HF_HUB_CACHE/HF_HOME "
+            f"to it, or pass --model /path/to/checkpoint. ({type(e).__name__})") from None
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{what} missing: {path}. Re-download the checkpoint or point --model at the "
+                              "directory that contains it") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{what} is corrupt ({path}: {e}); re-download it") from None
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    single = path / "model.safetensors"
+    if index.exists():
+        wm = _read_json(index, "shard index").get("weight_map")
+        if not isinstance(wm, dict) or not wm:
+            raise CheckpointError(f"shard index {index} has no weight_map; re-download the checkpoint")
+        files = [path / f for f in dict.fromkeys(wm.values())]
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise CheckpointError(f"{len(missing)} shard(s) listed in {index.name} are missing: "
+                                  f"{', '.join(missing)}; the download is incomplete, fetch the missing files")
+        return files
+    if single.exists():
+        return [single]
+    others = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+    hint = (f" Found {', '.join(others)}: convert them to safetensors first." if others else "")
+    raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {path}.{hint}")
+
+
+def open_checkpoint(model: str) -> Checkpoint:
+    """Resolve and validate config files without reading any weights."""
+    path = resolve_path(model)
+    cfg = _read_json(path / "config.json", "config.json")
+    gen_path = path / "generation_config.json"
+    gen = _read_json(gen_path, "generation_config.json") if gen_path.exists() else {}
+    fam = family_of(cfg)
+    if fam is None:
+        raise CheckpointError(
+            f"unknown architecture in {path / 'config.json'}: architectures={cfg.get('architectures')}, "
+            f"model_type={cfg.get('model_type')!r}. Supported: {supported_summary()}.")
+    try:
+        args = fam.args_from_config(cfg, gen)
+    except KeyError as e:
+        raise CheckpointError(f"config.json of {path} lacks key {e} required for a {fam.FAMILY} model; "
+                              "re-download it") from None
+    except ValueError as e:
+        raise CheckpointError(f"{path / 'config.json'}: {e}") from None
+    return Checkpoint(path, model, cfg, gen, fam.FAMILY, args, _weight_files(path))
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise CheckpointError(f"unknown device '{device}'; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CheckpointError(f"device '{device}' requested but no CUDA GPU is visible to torch; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise CheckpointError(f"device '{device}' does not exist: {torch.cuda.device_count()} GPU(s) visible")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        dt = dtype
+    elif dtype in DTYPES:
+        dt = DTYPES[dtype]
+    else:
+        raise CheckpointError(f"unsupported dtype '{dtype}'; use one of float32, float16, bfloat16")
+    if dt not in (torch.float32, torch.float16, torch.bfloat16):
+        raise CheckpointError(f"unsupported dtype {dt}; use one of float32, float16, bfloat16")
+    if dt == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        name = torch.cuda.get_device_name(device)
+        raise CheckpointError(f"{name} cannot run bfloat16 (needs compute capability 8.0+); use --dtype float16")
+    return dt
+
+
+def _set_tensor(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    mod_name, _, attr = name.rpartition(".")
+    mod = model.get_submodule(mod_name)
+    setattr(mod, attr, torch.nn.Parameter(value, requires_grad=False))
+
+
+def load_weights(ck: Checkpoint, dtype: torch.dtype, device: torch.device, progress=None) -> DiffusionLM:
+    """Build the model on the meta device and fill it tensor by tensor from the shards."""
+    fam = FAMILIES[ck.family]
+    with torch.device("meta"):
+        model = DiffusionLM(ck.args)
+    expected = {n: p.shape for n, p in model.named_parameters()}
+    if ck.args.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+    seen: set[str] = set()
+    for shard in ck.weight_files:
+        try:
+            with safe_open(str(shard), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    name = fam.checkpoint_to_ours(key)
+                    if name.endswith(_IGNORED_SUFFIXES):
+                        continue
+                    if name not in expected:
+                        raise CheckpointError(f"unexpected tensor '{key}' in {shard.name}: it is not part of a "
+                                              f"{ck.family} model with this config.json (wrong config or weights?)")
+                    sl = f.get_slice(key)
+                    shape = torch.Size(sl.get_shape())
+                    if shape != expected[name]:
+                        raise CheckpointError(
+                            f"tensor shape mismatch for '{key}' in {shard.name}: checkpoint has {tuple(shape)}, "
+                            f"config.json implies {tuple(expected[name])}; config.json and weights do not match")
+                    _set_tensor(model, name, f.get_tensor(key).to(device=device, dtype=dtype))
+                    seen.add(name)
+                    if progress is not None:
+                        progress()
+        except SafetensorError as e:
+            raise CheckpointError(f"corrupt safetensors file {shard}: {e}; re-download it") from None
+    missing = sorted(set(expected) - seen)
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise CheckpointError(f"checkpoint {ck.path} lacks {len(missing)} tensor(s): {', '.join(missing[:5])}{more}; "
+                              "the download is incomplete or the config does not match the weights")
+    model.register_buffer("inv_freq", rope_inv_freq(ck.args, device), persistent=False)
+    model.tie_weights()
+    return model.eval()
+
+
+def count_tensors(ck: Checkpoint) -> int:
+    n = 0
+    for shard in ck.weight_files:
+        try:
+            with safe_open(str(shard), framework="pt", device="cpu") as f:
+                n += len(list(f.keys()))
+        except SafetensorError as e:
+            raise CheckpointError(f"corrupt safetensors file {shard}: {e}; re-download it") from None
+    return n
+
+
+def load_tokenizer(ck: Checkpoint):
+    """The checkpoint's fast tokenizer, without trust_remote_code (Dream ships a custom class we do not need)."""
+    from transformers import PreTrainedTokenizerFast
+    tj = ck.path / "tokenizer.json"
+    if not tj.exists():
+        raise CheckpointError(f"tokenizer.json missing in {ck.path}; copy the tokenizer files of the checkpoint there")
+    try:
+        tok = PreTrainedTokenizerFast.from_pretrained(str(ck.path))
+    except Exception as e:  # tokenizers raises plain Exception subclasses for corrupt files
+        raise CheckpointError(f"cannot load the tokenizer in {ck.path}: {e}; re-download tokenizer.json") from None
+    mask_id = tok.convert_tokens_to_ids(tok.mask_token) if tok.mask_token else None
+    if mask_id != ck.args.mask_token_id:
+        raise CheckpointError(
+            f"tokenizer in {ck.path} does not match the model: its mask token is {tok.mask_token!r} (id {mask_id}) "
+            f"but config.json says mask_token_id={ck.args.mask_token_id}; use the tokenizer shipped with the weights")
+    return tok
+
+
+def load(model: str, dtype: str | torch.dtype = "float32", device: str | torch.device | None = "cpu",
+         progress=None):
+    """(model, tokenizer, checkpoint) for a directory, alias or cached repo id."""
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    ck = open_checkpoint(model)
+    tok = load_tokenizer(ck)
+    return load_weights(ck, dt, dev, progress), tok, ck
