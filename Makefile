@@ -1,0 +1,29 @@
+# Two entry points for a fresh machine: `make demo` and `make test`. Both create .venv on first use.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test clean
+
+$(STAMP): requirements-ci.txt pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements-ci.txt
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	rm -rf out/demo
+	$(BIN)/python cli.py make-tiny --arch dream --out out/demo/dream
+	$(BIN)/python cli.py generate --model out/demo/dream --chat --prompt "What is 2+2?" --prompt "Name a colour." \
+		--max-new-tokens 32 --steps 16
+	$(BIN)/python cli.py make-tiny --arch llada --out out/demo/llada
+	$(BIN)/python cli.py generate --model out/demo/llada --chat --prompt "What is 2+2?" \
+		--max-new-tokens 32 --steps 16 --block-length 16
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) out

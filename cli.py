@@ -1,0 +1,142 @@
+"""dlmtrt command line: one click group over the whole pipeline (checkpoints, generation, export, serving)."""
+from __future__ import annotations
+
+import functools
+import sys
+import time
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+console = Console(stderr=True)
+out = Console()
+
+
+def friendly_errors(fn):
+    """Known input problems become one clean error line instead of a traceback."""
+    @functools.wraps(fn)
+    def wrapper(*a, **kw):
+        from models.loading import CheckpointError
+        try:
+            return fn(*a, **kw)
+        except (CheckpointError, ValueError, FileExistsError) as e:
+            raise click.ClickException(str(e)) from None
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def main():
+    """Deploy diffusion language models (Dream, LLaDA): checkpoints, generation, export.
+
+    \b
+    Quick start (CPU, no downloads):
+      python cli.py make-tiny --arch dream --out tiny/dream
+      python cli.py generate --model tiny/dream --prompt "Hello" --chat
+    """
+
+
+@main.command("make-tiny")
+@click.option("--arch", type=click.Choice(["dream", "llada"]), required=True, help="Model family to imitate.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="New directory for the checkpoint (must not exist or be empty).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the random weights.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
+              help="Dtype the weights are stored in.")
+@click.option("--layers", default=2, show_default=True, help="Number of transformer blocks.")
+@click.option("--hidden", default=64, show_default=True, help="Hidden size.")
+@click.option("--shard-bytes", type=int, default=None, help="Split the weights into shards of at most this many bytes.")
+@friendly_errors
+def make_tiny_cmd(arch, out, seed, dtype, layers, hidden, shard_bytes):
+    """Write a tiny random checkpoint in the real Hugging Face layout (config, safetensors, tokenizer)."""
+    import torch
+
+    from models.tiny import make_tiny
+    path = make_tiny(arch, out, seed=seed, dtype=getattr(torch, dtype), max_shard_bytes=shard_bytes,
+                     num_layers=layers, hidden_size=hidden, intermediate_size=2 * hidden, head_dim=hidden // 4)
+    files = sorted(p.name for p in path.iterdir())
+    console.print(f"[green]wrote[/] {arch} checkpoint to {path}: {', '.join(files)}")
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=False)
+
+
+@main.command()
+@click.option("--model", "-m", required=True, help="Checkpoint directory, alias (dream-7b, llada-8b, ...) or cached repo id.")
+@click.option("--prompt", "-p", "prompts", multiple=True, required=True, help="Prompt text; repeat for a batch.")
+@click.option("--chat/--no-chat", default=False, help="Wrap each prompt in the model's chat template.")
+@click.option("--max-new-tokens", "-n", default=64, show_default=True, help="Tokens to generate (LLaDA: gen_length).")
+@click.option("--steps", "-s", type=int, default=None, help="Denoising steps [default: max-new-tokens].")
+@click.option("--temperature", "-t", default=0.0, show_default=True, help="Sampling temperature; 0 is greedy.")
+@click.option("--alg", type=click.Choice(["origin", "maskgit_plus", "topk_margin", "entropy"]), default=None,
+              help="Dream: unmasking order [default: entropy].")
+@click.option("--alg-temp", type=float, default=None, help="Dream: temperature of the confidence-based order.")
+@click.option("--eps", type=float, default=None, help="Dream: final timestep of the schedule [default: 1e-3].")
+@click.option("--top-p", type=float, default=None, help="Dream: nucleus sampling threshold.")
+@click.option("--top-k", type=int, default=None, help="Dream: top-k sampling.")
+@click.option("--block-length", type=int, default=None, help="LLaDA: semi-autoregressive block [default: min(32, n)].")
+@click.option("--remasking", type=click.Choice(["low_confidence", "random"]), default=None,
+              help="LLaDA: which predictions to commit [default: low_confidence].")
+@click.option("--cfg-scale", type=float, default=None, help="LLaDA: classifier-free guidance scale [default: 0].")
+@click.option("--backend", type=click.Choice(["torch"]), default="torch", show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--dtype", default="float32", show_default=True, help="float32, float16 or bfloat16.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the global RNG (sampling, origin, random).")
+@click.option("--json", "as_json", is_flag=True, help="Print answers and statistics as JSON on stdout.")
+@friendly_errors
+def generate(model, prompts, chat, max_new_tokens, steps, temperature, alg, alg_temp, eps, top_p, top_k,
+             block_length, remasking, cfg_scale, backend, device, dtype, seed, as_json):
+    """Generate answers for one or more prompts and print the statistics of the run."""
+    import json
+
+    import torch
+
+    from models.loading import open_checkpoint
+    from runtime.backends import make_backend
+    from runtime.generate import generate_text
+
+    ck = open_checkpoint(model)
+    dream_only = {"--alg": alg, "--alg-temp": alg_temp, "--eps": eps, "--top-p": top_p, "--top-k": top_k}
+    llada_only = {"--block-length": block_length, "--remasking": remasking, "--cfg-scale": cfg_scale}
+    wrong = [k for k, v in (llada_only if ck.family == "dream" else dream_only).items() if v is not None]
+    if wrong:
+        raise click.UsageError(f"{', '.join(wrong)} do(es) not apply to {ck.family} models")
+    steps = steps or max_new_tokens
+    if ck.family == "dream":
+        params = dict(max_new_tokens=max_new_tokens, steps=steps, eps=1e-3 if eps is None else eps,
+                      alg=alg or "entropy", alg_temp=alg_temp, temperature=temperature, top_p=top_p, top_k=top_k)
+    else:
+        params = dict(gen_length=max_new_tokens, steps=steps, block_length=block_length or min(32, max_new_tokens),
+                      temperature=temperature, cfg_scale=cfg_scale or 0.0, remasking=remasking or "low_confidence")
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    be, tok, ck = make_backend(backend, model, dtype=dtype, device=device)
+    load_s = time.perf_counter() - t0
+    with _progress() as prog:
+        task = prog.add_task("denoising", total=params["steps"])
+        res = generate_text(be, tok, list(prompts), chat=chat, max_positions=ck.args.max_position_embeddings,
+                            on_step=lambda i, n: prog.update(task, completed=i), **params)
+        prog.update(task, completed=params["steps"])
+    s = res.stats
+    if as_json:
+        out.print_json(json.dumps({"answers": res.texts, "stats": s.to_dict(), "load_s": load_s, "params": params}))
+        return
+    for i, (p, a) in enumerate(zip(prompts, res.texts)):
+        out.print(f"[bold cyan]prompt {i}:[/] {p}")
+        out.print(f"[bold green]answer {i}:[/] {a!r}" if not a.isprintable() else f"[bold green]answer {i}:[/] {a}")
+    t = Table(title=f"{ck.family} · {be.name} · {device} · {dtype}")
+    for col in ("batch", "new", "steps", "NFE", "rows", "rows/full", "load s", "wall s", "tok/s"):
+        t.add_column(col, justify="right")
+    t.add_row(str(s.batch), str(s.new_tokens), str(s.steps), str(s.forward_passes), str(s.rows_computed),
+              f"{s.rows_fraction:.2f}", f"{load_s:.2f}", f"{s.wall_s:.3f}", f"{s.tokens_per_s:.1f}")
+    out.print(t)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Backend-independent decoding: the denoising loop, unmasking rules, statistics, backends."""

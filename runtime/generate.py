@@ -1,0 +1,111 @@
+"""Generation entry points: Dream's `diffusion_generate` and LLaDA's `generate`, plus text in / text out.
+
+The two families keep their own parameters and schedules (`unmasking.DreamRule`, `unmasking.LLaDARule`);
+both run through the one denoising loop in `decode.py` and therefore through any backend and cache policy.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .decode import CachePolicy, GenerationStats, denoise
+from .step import StepBackend
+from .unmasking import DreamRule, LLaDARule
+
+
+def _check_length(backend: StepBackend, total: int, max_positions: int | None) -> None:
+    if max_positions is not None and total > max_positions:
+        raise ValueError(f"prompt + new tokens = {total} exceeds the model's {max_positions} positions; "
+                         "shorten the prompt or ask for fewer new tokens")
+
+
+def dream_generate(backend: StepBackend, input_ids: Tensor, attention_mask: Tensor | None = None, *,
+                   max_new_tokens: int, steps: int, eps: float = 1e-3, alg: str = "origin",
+                   alg_temp: float | None = None, temperature: float = 0.0, top_p: float | None = None,
+                   top_k: int | None = None, policy: CachePolicy | None = None, on_step=None,
+                   max_positions: int | None = None) -> tuple[Tensor, GenerationStats]:
+    """Dream `diffusion_generate` semantics; returns the full canvas [B, prompt + max_new_tokens]."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    info = backend.info
+    _check_length(backend, input_ids.shape[1] + max_new_tokens, max_positions)
+    x = F.pad(input_ids, (0, max_new_tokens), value=info.mask_token_id)
+    am = torch.ones_like(x, dtype=torch.bool)
+    if attention_mask is not None:
+        am[:, : input_ids.shape[1]] = attention_mask.bool()
+    rule = DreamRule(info.mask_token_id, steps, eps, alg, alg_temp, temperature, top_p, top_k)
+    return denoise(backend, x, am, rule, policy=policy, on_step=on_step)
+
+
+def llada_generate(backend: StepBackend, prompt: Tensor, attention_mask: Tensor | None = None, *, steps: int,
+                   gen_length: int, block_length: int, temperature: float = 0.0, cfg_scale: float = 0.0,
+                   remasking: str = "low_confidence", policy: CachePolicy | None = None, on_step=None,
+                   max_positions: int | None = None) -> tuple[Tensor, GenerationStats]:
+    """LLaDA `generate` semantics (blocks, low_confidence / random remasking, CFG); returns the canvas."""
+    info = backend.info
+    _check_length(backend, prompt.shape[1] + gen_length, max_positions)
+    rule = LLaDARule(steps, gen_length, block_length, prompt.shape[1], temperature, remasking)
+    x = F.pad(prompt, (0, gen_length), value=info.mask_token_id)
+    am = torch.ones_like(x, dtype=torch.bool)
+    if attention_mask is not None:
+        am[:, : prompt.shape[1]] = attention_mask.bool()
+    prompt_index = x != info.mask_token_id
+    prompt_index[:, prompt.shape[1]:] = False
+    return denoise(backend, x, am, rule, policy=policy, cfg_scale=cfg_scale, prompt_index=prompt_index,
+                   on_step=on_step)
+
+
+@dataclass
+class Generation:
+    texts: list[str]
+    sequences: Tensor  # full canvases
+    prompt_length: int
+    stats: GenerationStats
+
+
+DREAM_KEYS = ("max_new_tokens", "steps", "eps", "alg", "alg_temp", "temperature", "top_p", "top_k")
+LLADA_KEYS = ("gen_length", "steps", "block_length", "temperature", "cfg_scale", "remasking")
+
+
+def generate_text(backend: StepBackend, tokenizer, prompts: list[str], *, chat: bool = False,
+                  policy: CachePolicy | None = None, on_step=None, max_positions: int | None = None,
+                  **params) -> Generation:
+    """Tokenize (left padding, optional chat template), generate, and decode each answer up to its EOS.
+
+    `params` are the family's own: Dream's max_new_tokens/steps/eps/alg/alg_temp/temperature/top_p/top_k,
+    LLaDA's gen_length/steps/block_length/temperature/cfg_scale/remasking.
+    """
+    if not prompts:
+        raise ValueError("no prompt given")
+    family = backend.info.family
+    allowed = DREAM_KEYS if family == "dream" else LLADA_KEYS
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise ValueError(f"{family} generation does not take {', '.join(unknown)}; it takes {', '.join(allowed)}")
+    if chat:
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                                 tokenize=False) for p in prompts]
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    ids = enc["input_ids"].to(backend.info.device)
+    am = enc["attention_mask"].to(backend.info.device)
+    if (ids == backend.info.mask_token_id).any():
+        raise ValueError("a prompt contains the mask token; remove it (the canvas uses it for unknown positions)")
+    if family == "dream":
+        x, stats = dream_generate(backend, ids, am, policy=policy, on_step=on_step, max_positions=max_positions,
+                                  **params)
+    else:
+        x, stats = llada_generate(backend, ids, am, policy=policy, on_step=on_step, max_positions=max_positions,
+                                  **params)
+    P = ids.shape[1]
+    return Generation([decode_answer(tokenizer, row[P:], backend.info.eos_token_id) for row in x], x, P, stats)
+
+
+def decode_answer(tokenizer, tokens: Tensor, eos_token_id: int) -> str:
+    """Text of the generated tokens up to (not including) the first EOS, special tokens skipped."""
+    t = tokens.tolist()
+    if eos_token_id in t:
+        t = t[: t.index(eos_token_id)]
+    return tokenizer.decode(t, skip_special_tokens=True)

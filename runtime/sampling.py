@@ -1,0 +1,66 @@
+"""Token sampling and confidence scores with the exact semantics of the reference decoders.
+
+Dream's `sample_tokens` (temperature, top-p, top-k, margin and negative-entropy confidences) and LLaDA's
+float64 Gumbel-max trick are reproduced operation for operation, so that greedy decoding matches the
+upstream implementations token for token.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def top_p_logits(logits: Tensor, top_p: float) -> Tensor:
+    sorted_logits, sorted_idx = torch.sort(logits, descending=True)
+    cum = torch.cumsum(F.softmax(sorted_logits, dim=-1), dim=-1)
+    remove = cum > top_p
+    remove[..., 1:] = remove[..., :-1].clone()
+    remove[..., 0] = False
+    mask = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, sorted_idx, remove)
+    return logits.masked_fill(mask, torch.finfo(logits.dtype).min)
+
+
+def top_k_logits(logits: Tensor, top_k: int) -> Tensor:
+    top_k = min(top_k, logits.size(-1))
+    remove = logits < torch.topk(logits, top_k)[0][..., -1, None]
+    return logits.masked_fill(remove, torch.finfo(logits.dtype).min)
+
+
+def sample_tokens(logits: Tensor, temperature: float = 0.0, top_p: float | None = None, top_k: int | None = None,
+                  margin_confidence: bool = False, neg_entropy: bool = False) -> tuple[Tensor, Tensor]:
+    """(confidence, token) per row of `logits` [N, V], as Dream's generation_utils.sample_tokens."""
+    if temperature > 0:
+        logits = logits / temperature
+    if top_p is not None and top_p < 1:
+        logits = top_p_logits(logits, top_p)
+    if top_k is not None:
+        logits = top_k_logits(logits, top_k)
+    probs = torch.softmax(logits, dim=-1)
+    if temperature > 0:
+        try:
+            x0 = torch.distributions.Categorical(probs=probs).sample()
+            confidence = torch.gather(probs, -1, x0.unsqueeze(-1)).squeeze(-1)
+        except (ValueError, RuntimeError):  # invalid probs (all -inf rows): fall back to greedy, as upstream
+            confidence, x0 = probs.max(dim=-1)
+    else:
+        confidence, x0 = probs.max(dim=-1)
+    if margin_confidence:
+        top2 = torch.sort(probs, dim=-1, descending=True)[0]
+        confidence = top2[:, 0] - top2[:, 1]
+    if neg_entropy:
+        confidence = torch.sum(probs * torch.log(probs + 1e-10), dim=-1)
+    return confidence, x0
+
+
+def add_gumbel_noise(logits: Tensor, temperature: float) -> Tensor:
+    """LLaDA's Gumbel-max in float64 (low precision Gumbel noise hurts generation quality, arXiv:2409.02908).
+
+    At temperature 0 the upstream code still draws (and discards through the power 0) its noise; we skip
+    the draw, which changes no token, only how far the global RNG advances.
+    """
+    logits = logits.to(torch.float64)
+    if temperature == 0:
+        return logits.exp()
+    noise = torch.rand_like(logits, dtype=torch.float64)
+    return logits.exp() / (-torch.log(noise)) ** temperature
