@@ -1,4 +1,6 @@
 # Two entry points for a fresh machine: `make demo` and `make test`. Both create .venv on first use.
+SHELL := bash
+.SHELLFLAGS := -o pipefail -c
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -8,7 +10,8 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): requirements-ci.txt pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements-ci.txt
+	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements-ci.txt 2>&1 \
+		| { grep -v "is ignored: it is neither a file nor a directory" || true; }
 	touch $(STAMP)
 
 setup: $(STAMP)

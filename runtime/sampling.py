@@ -55,12 +55,9 @@ def sample_tokens(logits: Tensor, temperature: float = 0.0, top_p: float | None 
 
 def add_gumbel_noise(logits: Tensor, temperature: float) -> Tensor:
     """LLaDA's Gumbel-max in float64 (low precision Gumbel noise hurts generation quality, arXiv:2409.02908).
-
-    At temperature 0 the upstream code still draws (and discards through the power 0) its noise; we skip
-    the draw, which changes no token, only how far the global RNG advances.
-    """
-    logits = logits.to(torch.float64)
+    Temperature 0 is plain argmax and draws nothing, as upstream."""
     if temperature == 0:
-        return logits.exp()
+        return logits
+    logits = logits.to(torch.float64)
     noise = torch.rand_like(logits, dtype=torch.float64)
     return logits.exp() / (-torch.log(noise)) ** temperature
