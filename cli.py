@@ -138,5 +138,49 @@ def generate(model, prompts, chat, max_new_tokens, steps, temperature, alg, alg_
     out.print(t)
 
 
+@main.command("eval")
+@click.option("--model", "-m", required=True, help="Checkpoint directory, alias or cached repo id.")
+@click.option("--task", "tasks", multiple=True, required=True,
+              help="sudoku4, countdown or sort64, optionally with difficulty: sudoku4:clues=8-12, countdown:numbers=3.")
+@click.option("--n", default=50, show_default=True, help="Problems per task (the same for every policy).")
+@click.option("--policy", "policies", multiple=True, default=["none"], show_default=True,
+              help="Cache policy, repeatable: none, or name:key=value,...")
+@click.option("--steps", type=int, default=None, help="Denoising steps [default: the answer length].")
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--seed", default=1234, show_default=True, help="Seed of the problem generator.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--dtype", default="float32", show_default=True)
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="JSON results file [default: bench/results/eval-<model>-<tasks>.json].")
+@friendly_errors
+def eval_cmd(model, tasks, n, policies, steps, batch_size, seed, device, dtype, out_path):
+    """Accuracy and work of each cache policy on generated task problems (exact checkers)."""
+    from bench.evaluate import evaluate, write_results
+    from runtime.backends import make_backend
+    from runtime.policies import parse_policy
+    for p in policies:
+        parse_policy(p)
+    be, tok, ck = make_backend("torch", model, dtype=dtype, device=device)
+    rows, records = [], []
+    with _progress() as prog:
+        for spec in tasks:
+            task = prog.add_task(spec, total=n * len(policies))
+            r, rec = evaluate(be, tok, spec, n, list(policies), seed=seed, batch_size=batch_size, steps=steps,
+                              progress=lambda k, t=task: prog.advance(t, k))
+            rows += r
+            records += rec
+    t = Table(title=f"eval · {Path(str(ck.path)).name} · {device} · {dtype}")
+    for col in ("task", "policy", "n", "accuracy", "NFE", "rows/step", "wall s", "tok/s"):
+        t.add_column(col, justify="right")
+    for r in rows:
+        t.add_row(r.task, r.policy, str(r.n), f"{r.accuracy:.3f}", f"{r.forward_passes:.1f}", f"{r.rows_fraction:.3f}",
+                  f"{r.wall_s:.1f}", f"{r.tokens_per_s:.0f}")
+    out.print(t)
+    name = Path(str(ck.path)).name or "model"
+    out_path = out_path or Path("bench/results") / f"eval-{name}-{'-'.join(s.split(':')[0] for s in tasks)}.json"
+    write_results(out_path, str(model), rows, {"device": device, "dtype": dtype, "seed": seed, "records": records})
+    console.print(f"results: {out_path}")
+
+
 if __name__ == "__main__":
     main()

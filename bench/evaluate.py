@@ -1,0 +1,93 @@
+"""Quality harness: accuracy and work of decoding policies on the task generators.
+
+For each policy it decodes the same N problems and reports accuracy (exact checkers), mean forward passes
+per problem, the mean fraction of canvas rows computed per step (the compute proxy of a cache policy),
+wall time and tokens/s. Used by `python cli.py eval` and by the cache-policy benchmarks.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from bench.tasks import Problem, get_task
+from runtime.generate import generate_text
+from runtime.policies import parse_policy
+
+
+def decode_params(family: str, answer_tokens: int, steps: int | None = None) -> dict:
+    """Greedy confidence-ordered decoding over the task's whole answer canvas in one block."""
+    steps = steps or answer_tokens
+    if family == "dream":
+        return dict(max_new_tokens=answer_tokens, steps=steps, alg="maskgit_plus", temperature=0.0)
+    return dict(gen_length=answer_tokens, steps=steps, block_length=answer_tokens, temperature=0.0)
+
+
+def parse_task(spec: str) -> tuple[str, dict]:
+    """'sudoku4' or 'sudoku4:clues=8-12' -> (name, difficulty); ranges a-b become (a, b)."""
+    name, _, rest = spec.partition(":")
+    diff = {}
+    for item in filter(None, rest.split(",")):
+        k, _, v = item.partition("=")
+        lo, dash, hi = v.partition("-")
+        diff[k] = (int(lo), int(hi)) if dash else int(v)
+    return name, diff
+
+
+@dataclass
+class PolicyResult:
+    task: str
+    policy: str
+    n: int
+    accuracy: float
+    forward_passes: float  # mean per problem (a batch's forward serves all its problems)
+    rows_fraction: float
+    wall_s: float
+    tokens_per_s: float
+    correct: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def evaluate(backend, tokenizer, task_spec: str, n: int, policies: list[str], *, seed: int = 1234,
+             batch_size: int = 64, steps: int | None = None, progress=None) -> tuple[list[PolicyResult], list[dict]]:
+    """Run every policy on the same problems; returns the summary rows and per-problem records."""
+    name, diff = parse_task(task_spec)
+    task = get_task(name)
+    problems = task.problems(n, seed, **diff)
+    params = decode_params(backend.info.family, task.answer_tokens, steps)
+    results, records = [], []
+    for spec in policies:
+        policy = parse_policy(spec)
+        correct, fwd, rows, rows_full, wall, toks = 0, 0, 0, 0, 0.0, 0
+        for start in range(0, n, batch_size):
+            chunk: list[Problem] = problems[start:start + batch_size]
+            t0 = time.perf_counter()
+            g = generate_text(backend, tokenizer, [p.prompt for p in chunk], policy=policy, **params)
+            wall += time.perf_counter() - t0
+            st = g.stats
+            fwd += st.forward_passes * len(chunk)
+            rows += st.rows_computed
+            rows_full += st.rows_full
+            toks += st.batch * st.new_tokens
+            for p, out in zip(chunk, g.texts):
+                ok = task.check(p, out)
+                correct += ok
+                records.append({"task": task_spec, "policy": spec, "prompt": p.prompt, "output": out, "correct": ok,
+                                **{k: v for k, v in p.meta.items() if isinstance(v, (int, str))}})
+            if progress is not None:
+                progress(len(chunk))
+        results.append(PolicyResult(task_spec, spec, n, correct / n, fwd / n, rows / max(rows_full, 1), wall,
+                                    toks / wall if wall else float("nan"), correct))
+    return results, records
+
+
+def write_results(path: Path, model: str, results: list[PolicyResult], extra: dict | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"model": model, "torch": torch.__version__, "device": extra.get("device") if extra else None,
+           "results": [r.to_dict() for r in results], **(extra or {})}
+    path.write_text(json.dumps(doc, indent=1) + "\n")
