@@ -2,7 +2,7 @@
 # One device call: GPU smoke test of the foundation, both task models trained side by side on one GPU,
 # then a quick GPU accuracy check. Usage (repo root, on the GPU machine): OUT=dir MINUTES=7 bash bench/gpu_train.sh
 set -euo pipefail
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-out/gpu}; MINUTES=${MINUTES:-7}; CK=${CK:-/tmp/ck}
 mkdir -p "$OUT" "$CK"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"

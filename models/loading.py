@@ -7,7 +7,6 @@ never materialised in fp32 first. Every failure raises `CheckpointError` with th
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +28,9 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
 }
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_ST_DTYPES: dict[str, torch.dtype] = {  # safetensors dtype tags of unquantised float weights
+    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+_CHUNK_BYTES = 64 * 2 ** 20
 
 
 class CheckpointError(RuntimeError):
@@ -55,21 +57,27 @@ def resolve_path(model: str) -> Path:
         return p
     if p.exists():
         raise CheckpointError(f"{model} is a file; pass the checkpoint directory that holds config.json")
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+    from huggingface_hub.utils import validate_repo_id
+
     repo = ALIASES.get(model, model)
-    looks_like_repo = "/" in repo and not model.startswith((".", "/", "~"))
+    try:  # a missing relative path like out/a/b is not a repo id: say so instead of leaking HFValidationError
+        validate_repo_id(repo)
+        looks_like_repo = "/" in repo and not model.startswith((".", "/", "~"))
+    except HFValidationError:
+        looks_like_repo = False
     if not looks_like_repo:
         raise CheckpointError(
             f"'{model}' is neither a directory nor a known alias ({', '.join(ALIASES)}) nor an 'org/name' repo id. "
             "Pass a checkpoint directory (for a test model: python cli.py make-tiny --arch dream --out DIR).")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.constants import HF_HUB_CACHE
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    cache = constants.HF_HUB_CACHE  # read by huggingface_hub at import time from HF_HUB_CACHE / HF_HOME
     try:
-        return Path(snapshot_download(repo, local_files_only=True))
+        return Path(snapshot_download(repo, local_files_only=True, cache_dir=cache))
     except (LocalEntryNotFoundError, FileNotFoundError, OSError) as e:
-        alias = f"'{model}' ({repo})" if model != repo else f"'{repo}'"
+        alias = f"'{model}' ({repo})" if model != repo else f"'{repo}' (no directory of that name exists either)"
         raise CheckpointError(
-            f"model {alias} is not in the local Hugging Face cache ({os.environ.get('HF_HUB_CACHE', HF_HUB_CACHE)}); "
+            f"model {alias} is not in the local Hugging Face cache ({cache}); "
             "this tool never downloads. On a machine with internet run `hf download " + repo + "` "
             "(or `huggingface-cli download " + repo + "`), then copy the cache here or set HF_HUB_CACHE/HF_HOME "
             f"to it, or pass --model /path/to/checkpoint. ({type(e).__name__})") from None
@@ -77,7 +85,10 @@ def resolve_path(model: str) -> Path:
 
 def _read_json(path: Path, what: str) -> dict:
     try:
-        return json.loads(path.read_text())
+        d = json.loads(path.read_text())
+        if not isinstance(d, dict):
+            raise json.JSONDecodeError(f"top level is {type(d).__name__}, not an object", "", 0)
+        return d
     except FileNotFoundError:
         raise CheckpointError(f"{what} missing: {path}. Re-download the checkpoint or point --model at the "
                               "directory that contains it") from None
@@ -100,8 +111,15 @@ def _weight_files(path: Path) -> list[Path]:
         return files
     if single.exists():
         return [single]
+    shards = sorted(p.name for p in path.glob("*.safetensors"))
     others = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
-    hint = (f" Found {', '.join(others)}: convert them to safetensors first." if others else "")
+    if shards:
+        hint = (f" Found {', '.join(shards[:3])}{', ...' if len(shards) > 3 else ''} but not the index that maps "
+                "tensors to them: re-download model.safetensors.index.json.")
+    elif others:
+        hint = f" Found {', '.join(others)}: convert them to safetensors first."
+    else:
+        hint = " Re-download the weights, or point --model at the directory that holds them."
     raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {path}.{hint}")
 
 
@@ -122,7 +140,14 @@ def open_checkpoint(model: str) -> Checkpoint:
         raise CheckpointError(f"config.json of {path} lacks key {e} required for a {fam.FAMILY} model; "
                               "re-download it") from None
     except ValueError as e:
-        raise CheckpointError(f"{path / 'config.json'}: {e}") from None
+        raise CheckpointError(f"{path / 'config.json'}: {e}. This runtime cannot run this checkpoint: it implements "
+                              f"the standard {fam.FAMILY} architecture only; use an unmodified {fam.FAMILY} "
+                              "checkpoint or a supported one.") from None
+    if "mask_token_id" in gen and "mask_token_id" in cfg and gen["mask_token_id"] != cfg["mask_token_id"]:
+        raise CheckpointError(
+            f"config.json says mask_token_id={cfg['mask_token_id']} but generation_config.json says "
+            f"{gen['mask_token_id']} in {path}: which token is the mask is ambiguous; make them agree "
+            "(the tokenizer's mask token id is the right value) or re-download the checkpoint")
     return Checkpoint(path, model, cfg, gen, fam.FAMILY, args, _weight_files(path))
 
 
@@ -150,10 +175,18 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
         raise CheckpointError(f"unsupported dtype '{dtype}'; use one of float32, float16, bfloat16")
     if dt not in (torch.float32, torch.float16, torch.bfloat16):
         raise CheckpointError(f"unsupported dtype {dt}; use one of float32, float16, bfloat16")
-    if dt == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if dt == torch.bfloat16 and device.type == "cuda" and not _native_bf16(device):
         name = torch.cuda.get_device_name(device)
-        raise CheckpointError(f"{name} cannot run bfloat16 (needs compute capability 8.0+); use --dtype float16")
+        cap = ".".join(map(str, torch.cuda.get_device_capability(device)))
+        raise CheckpointError(f"{name} (compute capability {cap}) cannot run bfloat16 natively (needs 8.0+); "
+                              "use --dtype float16")
     return dt
+
+
+def _native_bf16(device: torch.device) -> bool:
+    """Capability of the requested GPU. Not torch.cuda.is_bf16_supported(): by default it says True on pre-Ampere
+    GPUs (it counts slow emulation) and it asks about the current device, not the requested one."""
+    return bool(torch.version.hip) or torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def _set_tensor(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
@@ -162,8 +195,56 @@ def _set_tensor(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
     setattr(mod, attr, torch.nn.Parameter(value, requires_grad=False))
 
 
+def _open_shard(shard: Path) -> tuple[object, bool]:
+    """(safe_open handle, whether it reads with pread). safetensors' default mmap backend hands out tensors that
+    are views of the mapped file: a "loaded" model would become resident only on first use, stay tied to the
+    file, and every touched page of the open shard would add to RSS. The pread backend (safetensors >= 0.8)
+    reads a tensor into fresh memory instead; with older versions every tensor goes through _read_chunked."""
+    try:
+        return safe_open(str(shard), framework="pt", device="cpu", backend="pread"), True
+    except TypeError:
+        return safe_open(str(shard), framework="pt", device="cpu"), False
+
+
+def _data_offsets(shard: Path) -> dict[str, int]:
+    """Absolute file offset of each tensor's bytes, from the safetensors header (8-byte length + JSON);
+    only called after safe_open has validated the file."""
+    with open(shard, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(n))
+    return {k: 8 + n + v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
+
+
+def _read_chunked(fh, start: int, shape: torch.Size, src: torch.dtype, dtype: torch.dtype,
+                  device: torch.device) -> torch.Tensor:
+    """Fill a preallocated tensor from the file with plain reads. Same dtype on CPU: read straight into it.
+    Otherwise (bf16 file -> fp32 model, or a GPU upload) go through one _CHUNK_BYTES buffer, so no full-size
+    source copy of a large tensor (the 150k-row embedding) ever sits next to its converted copy. safetensors'
+    own slices cannot do this: with pread a slice reads the whole tensor, with mmap it maps the file."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    flat = out.view(-1)
+    direct = device.type == "cpu" and src == dtype
+    step = flat.numel() if direct else max(1, _CHUNK_BYTES // src.itemsize)
+    buf = None if direct else torch.empty(min(step, flat.numel()), dtype=src)
+    fh.seek(start)
+    for i in range(0, flat.numel(), step):
+        j = min(i + step, flat.numel())
+        dst = flat[i:j] if direct else buf[: j - i]
+        mv = memoryview(dst.view(torch.uint8).numpy())
+        got = 0
+        while got < len(mv):
+            n = fh.readinto(mv[got:])
+            if not n:
+                raise CheckpointError(f"corrupt safetensors file {fh.name}: it ends inside a tensor; re-download it")
+            got += n
+        if not direct:
+            flat[i:j].copy_(dst)
+    return out
+
+
 def load_weights(ck: Checkpoint, dtype: torch.dtype, device: torch.device, progress=None) -> DiffusionLM:
-    """Build the model on the meta device and fill it tensor by tensor from the shards."""
+    """Build the model on the meta device and fill it tensor by tensor from the shards, which are read, never
+    mapped (see _open_shard): peak RSS stays near the loaded bytes plus one _CHUNK_BYTES buffer."""
     fam = FAMILIES[ck.family]
     with torch.device("meta"):
         model = DiffusionLM(ck.args)
@@ -173,21 +254,34 @@ def load_weights(ck: Checkpoint, dtype: torch.dtype, device: torch.device, progr
     seen: set[str] = set()
     for shard in ck.weight_files:
         try:
-            with safe_open(str(shard), framework="pt", device="cpu") as f:
+            handle, pread = _open_shard(shard)
+            with handle as f, open(shard, "rb") as fh:
+                offsets = _data_offsets(shard)
                 for key in f.keys():
                     name = fam.checkpoint_to_ours(key)
                     if name.endswith(_IGNORED_SUFFIXES):
                         continue
                     if name not in expected:
                         raise CheckpointError(f"unexpected tensor '{key}' in {shard.name}: it is not part of a "
-                                              f"{ck.family} model with this config.json (wrong config or weights?)")
+                                              f"{ck.family} model with this config.json; config.json and weights do not match, "
+                                              "use the config.json that was shipped with these weights")
                     sl = f.get_slice(key)
                     shape = torch.Size(sl.get_shape())
                     if shape != expected[name]:
                         raise CheckpointError(
                             f"tensor shape mismatch for '{key}' in {shard.name}: checkpoint has {tuple(shape)}, "
-                            f"config.json implies {tuple(expected[name])}; config.json and weights do not match")
-                    _set_tensor(model, name, f.get_tensor(key).to(device=device, dtype=dtype))
+                            f"config.json implies {tuple(expected[name])}; config.json and weights do not match, "
+                            "use the config.json that was shipped with these weights")
+                    src = _ST_DTYPES.get(sl.get_dtype())
+                    if src is None:
+                        raise CheckpointError(
+                            f"tensor '{key}' in {shard.name} is stored as {sl.get_dtype()}; only unquantised "
+                            f"checkpoints ({', '.join(_ST_DTYPES)}) are supported, use the original bf16 weights")
+                    if pread and device.type == "cpu" and src == dtype:
+                        value = f.get_tensor(key)  # one pread into fresh memory
+                    else:
+                        value = _read_chunked(fh, offsets[key], shape, src, dtype, device)
+                    _set_tensor(model, name, value)
                     seen.add(name)
                     if progress is not None:
                         progress()
@@ -228,7 +322,7 @@ def load_tokenizer(ck: Checkpoint):
     if mask_id != ck.args.mask_token_id:
         raise CheckpointError(
             f"tokenizer in {ck.path} does not match the model: its mask token is {tok.mask_token!r} (id {mask_id}) "
-            f"but config.json says mask_token_id={ck.args.mask_token_id}; use the tokenizer shipped with the weights")
+            f"but the config says mask_token_id={ck.args.mask_token_id}; use the tokenizer shipped with the weights")
     return tok
 
 
