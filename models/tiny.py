@@ -70,8 +70,9 @@ def tiny_args(family: str, vocab_size: int, ids: dict[str, int], **sizes) -> Mod
 
 
 def random_state_dict(args: ModelArgs, seed: int, dtype: torch.dtype, std: float = 0.02) -> dict[str, torch.Tensor]:
-    """Weights initialised like HF models (normal(0, std), norms at 1) but with a larger std on the output
-    head so that random models have peaked, tie-free logits and deterministic tests."""
+    """Weights initialised like HF models (normal(0, std), norms near 1), with a larger std on the output head
+    so that random models have peaked, tie-free logits (deterministic greedy tests) while the residual stream
+    stays well conditioned (bf16 errors are not amplified layer after layer)."""
     g = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
         shapes = {n: p.shape for n, p in DiffusionLM(args).named_parameters()}
@@ -81,8 +82,10 @@ def random_state_dict(args: ModelArgs, seed: int, dtype: torch.dtype, std: float
             t = 1.0 + 0.1 * torch.randn(shape, generator=g)
         elif n.endswith(".bias"):
             t = 0.1 * torch.randn(shape, generator=g)
+        elif n == "lm_head.weight":
+            t = torch.randn(shape, generator=g) * 0.5 / args.hidden_size ** 0.5 * 8
         else:
-            t = torch.randn(shape, generator=g) * (std * 10 if len(shape) == 2 and min(shape) <= 256 else std)
+            t = torch.randn(shape, generator=g) * std
         sd[n] = t.to(dtype)
     return sd
 

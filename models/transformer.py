@@ -105,8 +105,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, A, Hkv, D).transpose(1, 2)
         q, k = apply_rope(q, cos[:, None], sin[:, None]), apply_rope(k, cos[:, None], sin[:, None])
         k_old = past_k.gather(2, write_idx)
-        present_k = past_k.scatter(2, write_idx, k)
-        present_v = past_v.scatter(2, write_idx, v)
+        present_k = past_k.scatter(2, write_idx, k.to(past_k.dtype))
+        present_v = past_v.scatter(2, write_idx, v.to(past_v.dtype))
         rep = H // Hkv
         kk = present_k[:, :, None].expand(B, Hkv, rep, *present_k.shape[2:]).reshape(B, H, -1, D)
         vv = present_v[:, :, None].expand(B, Hkv, rep, *present_v.shape[2:]).reshape(B, H, -1, D)
