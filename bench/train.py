@@ -5,7 +5,7 @@ masked with probability t; cross-entropy on the masked answer tokens, weighted 1
 answer length. The prompt is never masked. Problems are drawn fresh from the task generators, so the
 models never see a fixed training set. Reproducible with --seed; one run is bounded by --minutes.
 
-    python -m bench.train --family dream --out checkpoints/tiny-dream-tasks --minutes 9
+    python -m bench.train --family dream --out checkpoints/tiny-dream-tasks --minutes 8
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from models.tiny import build_tokenizer, save_checkpoint, tiny_args, TOKEN_ROLES
 from models.transformer import DiffusionLM
 
 console = Console()
-MIX = {"sudoku4": 0.3, "countdown": 0.4, "sort64": 0.3}
+MIX = {"sudoku4": 0.15, "countdown": 0.4, "sort44": 0.45}
 SIZES = dict(hidden_size=256, intermediate_size=768, num_layers=6, num_heads=8, head_dim=32)
 
 
@@ -96,10 +96,10 @@ def diffusion_loss(model: DiffusionLM, x0, am, ans, mask_id: int, g: torch.Gener
 @click.command()
 @click.option("--family", type=click.Choice(["dream", "llada"]), required=True)
 @click.option("--out", type=click.Path(path_type=Path), required=True)
-@click.option("--minutes", default=9.0, show_default=True, help="Wall-clock budget of the training loop.")
+@click.option("--minutes", default=8.0, show_default=True, help="Wall-clock budget of the training loop.")
 @click.option("--max-steps", default=100_000, show_default=True)
-@click.option("--batch", default=256, show_default=True)
-@click.option("--lr", default=1e-3, show_default=True)
+@click.option("--batch", default=1024, show_default=True)
+@click.option("--lr", default=2e-3, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="cuda", show_default=True)
 @click.option("--workers", default=8, show_default=True, help="Processes generating problems.")
