@@ -26,7 +26,7 @@ from models.tiny import build_tokenizer, save_checkpoint, tiny_args, TOKEN_ROLES
 from models.transformer import DiffusionLM
 
 console = Console()
-MIX = {"sudoku4": 0.15, "countdown": 0.4, "sort44": 0.45}
+MIX = {"sudoku4": 0.15, "countdown": 0.45, "edit128": 0.4}
 SIZES = dict(hidden_size=256, intermediate_size=768, num_layers=6, num_heads=8, head_dim=32)
 
 
@@ -98,7 +98,7 @@ def diffusion_loss(model: DiffusionLM, x0, am, ans, mask_id: int, g: torch.Gener
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 @click.option("--minutes", default=8.0, show_default=True, help="Wall-clock budget of the training loop.")
 @click.option("--max-steps", default=100_000, show_default=True)
-@click.option("--batch", default=1024, show_default=True)
+@click.option("--batch", default=512, show_default=True)
 @click.option("--lr", default=2e-3, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="cuda", show_default=True)
