@@ -12,13 +12,12 @@ if [ "$SMOKE" = 1 ]; then
   cat "$OUT/gpu_smoke.json"
 fi
 for fam in $FAMILIES; do
-  python3 -m bench.train --family "$fam" --out "$CK/tiny-$fam-tasks" --minutes "$MINUTES" --workers 7 2>&1 \
+  python3 -m bench.train --family "$fam" --out "$CK/tiny-$fam-tasks" --minutes "$MINUTES" --workers $((14 / $(echo $FAMILIES | wc -w))) 2>&1 \
     | tr '\r' '\n' | grep -v '^\s*$' | awk 'NR<=3 || /saved/ || NR%40==0' > "$OUT/train_$fam.log" &
 done
 wait
 tail -n 2 "$OUT"/train_*.log
 for fam in $FAMILIES; do
-  python3 cli.py eval -m "$CK/tiny-$fam-tasks" --task sudoku4:clues=8-12 --task countdown:numbers=3 \
-    --task countdown --task edit128 --n 200 --batch-size 200 --device cuda --out "$OUT/eval_gpu_$fam.json" 2>&1 | tail -n 8
+  python3 cli.py eval -m "$CK/tiny-$fam-tasks" --task sudoku4:clues=8-12 --task countdown:numbers=3 --task edit128 --n 200 --batch-size 200 --device cuda --out "$OUT/eval_gpu_$fam.json" 2>&1 | tail -n 8
   tar -C "$CK" -cf "$OUT/tiny-$fam-tasks.tar" "tiny-$fam-tasks"
 done

@@ -26,7 +26,7 @@ from models.tiny import build_tokenizer, save_checkpoint, tiny_args, TOKEN_ROLES
 from models.transformer import DiffusionLM
 
 console = Console()
-MIX = {"sudoku4": 0.15, "countdown": 0.45, "edit128": 0.4}
+MIX = {"sudoku4": 0.12, "countdown": 0.44, "edit128": 0.44}
 SIZES = dict(hidden_size=256, intermediate_size=768, num_layers=6, num_heads=8, head_dim=32)
 
 
@@ -84,7 +84,7 @@ def diffusion_loss(model: DiffusionLM, x0, am, ans, mask_id: int, g: torch.Gener
     t = torch.rand(B, 1, device=x0.device, generator=g).clamp_min(1e-3)
     masked = (torch.rand(B, L, device=x0.device, generator=g) < t) & ans
     xt = torch.where(masked, torch.full_like(x0, mask_id), x0)
-    K, V = model.empty_cache(B, L)
+    K, V = model.empty_cache(B, L, dtype=torch.bfloat16 if x0.is_cuda else None)
     pos = torch.arange(L, device=x0.device).expand(B, L)
     logits = model(xt, pos, K, V, torch.zeros_like(am), am)[0]
     if model.args.logits_shift:  # row p-1 predicts token p
@@ -98,7 +98,7 @@ def diffusion_loss(model: DiffusionLM, x0, am, ans, mask_id: int, g: torch.Gener
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 @click.option("--minutes", default=8.0, show_default=True, help="Wall-clock budget of the training loop.")
 @click.option("--max-steps", default=100_000, show_default=True)
-@click.option("--batch", default=512, show_default=True)
+@click.option("--batch", default=1024, show_default=True)
 @click.option("--lr", default=2e-3, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="cuda", show_default=True)

@@ -1,4 +1,4 @@
-"""Copy a 128-letter string applying four letter substitutions given in the prompt: a long answer
+"""Copy a 128-letter string applying three letter substitutions given in the prompt: a long answer
 (128 tokens + EOS) in which every answer row must find its source row in the prompt and the rule that
 applies to it, so cache policies are exercised on long canvases.
 
@@ -16,7 +16,7 @@ from .base import Problem, Task
 class EditCopy(Task):
     name = "edit128"
     length = 128
-    rules = 4
+    rules = 3
     answer_tokens = 129
 
     def sample(self, rng: random.Random) -> Problem:
