@@ -141,7 +141,7 @@ def generate(model, prompts, chat, max_new_tokens, steps, temperature, alg, alg_
 @main.command("eval")
 @click.option("--model", "-m", required=True, help="Checkpoint directory, alias or cached repo id.")
 @click.option("--task", "tasks", multiple=True, required=True,
-              help="sudoku4, countdown or edit128, optionally with difficulty: sudoku4:clues=8-12, countdown:numbers=3.")
+              help="sudoku4, countdown or shift128, optionally with difficulty: sudoku4:clues=8-12, countdown:numbers=3.")
 @click.option("--n", default=50, show_default=True, help="Problems per task (the same for every policy).")
 @click.option("--policy", "policies", multiple=True, default=["none"], show_default=True,
               help="Cache policy, repeatable: none, or name:key=value,...")

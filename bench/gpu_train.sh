@@ -18,6 +18,6 @@ done
 wait
 tail -n 2 "$OUT"/train_*.log
 for fam in $FAMILIES; do
-  python3 cli.py eval -m "$CK/tiny-$fam-tasks" --task sudoku4:clues=8-12 --task countdown:numbers=3 --task edit128 --n 200 --batch-size 200 --device cuda --out "$OUT/eval_gpu_$fam.json" 2>&1 | tail -n 8
+  python3 cli.py eval -m "$CK/tiny-$fam-tasks" --task sudoku4:clues=8-12 --task countdown:numbers=3 --task shift128 --n 200 --batch-size 200 --device cuda --out "$OUT/eval_gpu_$fam.json" 2>&1 | tail -n 8
   tar -C "$CK" -cf "$OUT/tiny-$fam-tasks.tar" "tiny-$fam-tasks"
 done

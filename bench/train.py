@@ -26,7 +26,7 @@ from models.tiny import build_tokenizer, save_checkpoint, tiny_args, TOKEN_ROLES
 from models.transformer import DiffusionLM
 
 console = Console()
-MIX = {"sudoku4": 0.12, "countdown": 0.44, "edit128": 0.44}
+MIX = {"sudoku4": 0.15, "countdown": 0.5, "shift128": 0.35}
 SIZES = dict(hidden_size=256, intermediate_size=768, num_layers=6, num_heads=8, head_dim=32)
 
 
@@ -79,15 +79,14 @@ class Batches(torch.utils.data.IterableDataset):
             yield (*make_batch(enc, task, rng, self.batch, "cpu"), task.name)
 
 
-def diffusion_loss(model: DiffusionLM, x0, am, ans, mask_id: int, g: torch.Generator) -> torch.Tensor:
+def diffusion_loss(logits_fn, shift: bool, x0, am, ans, mask_id: int, g: torch.Generator) -> torch.Tensor:
+    """`logits_fn` is the model's cache-free full pass (`DiffusionLM.full_logits`, possibly compiled)."""
     B, L = x0.shape
     t = torch.rand(B, 1, device=x0.device, generator=g).clamp_min(1e-3)
     masked = (torch.rand(B, L, device=x0.device, generator=g) < t) & ans
     xt = torch.where(masked, torch.full_like(x0, mask_id), x0)
-    K, V = model.empty_cache(B, L, dtype=torch.bfloat16 if x0.is_cuda else None)
-    pos = torch.arange(L, device=x0.device).expand(B, L)
-    logits = model(xt, pos, K, V, torch.zeros_like(am), am)[0]
-    if model.args.logits_shift:  # row p-1 predicts token p
+    logits = logits_fn(xt, am)
+    if shift:  # row p-1 predicts token p
         logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
     ce = F.cross_entropy(logits.float().transpose(1, 2), x0, reduction="none")
     return ((ce * masked / t).sum(1) / ans.sum(1)).mean()
@@ -103,7 +102,9 @@ def diffusion_loss(model: DiffusionLM, x0, am, ans, mask_id: int, g: torch.Gener
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="cuda", show_default=True)
 @click.option("--workers", default=8, show_default=True, help="Processes generating problems.")
-def main(family, out, minutes, max_steps, batch, lr, seed, device, workers):
+@click.option("--compile/--no-compile", "compile_", default=True, show_default=True,
+              help="torch.compile the training pass on CUDA (falls back to eager if compilation fails).")
+def main(family, out, minutes, max_steps, batch, lr, seed, device, workers, compile_):
     """Train one tiny task model and save it (bf16, HF layout, with tokenizer) to OUT."""
     torch.manual_seed(seed)
     g = torch.Generator(device=device).manual_seed(seed)
@@ -119,6 +120,9 @@ def main(family, out, minutes, max_steps, batch, lr, seed, device, workers):
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     loader = iter(torch.utils.data.DataLoader(Batches(family, batch, seed), batch_size=None, num_workers=workers,
                                               prefetch_factor=4 if workers else None, persistent_workers=bool(workers)))
+    logits_fn = model.full_logits
+    if compile_ and torch.device(device).type == "cuda":
+        logits_fn = torch.compile(model.full_logits, dynamic=True)
     budget = minutes * 60
     warmup = 300
     log, t0, step = [], time.perf_counter(), 0
@@ -137,7 +141,14 @@ def main(family, out, minutes, max_steps, batch, lr, seed, device, workers):
             x0, am, ans = x0.to(device, non_blocking=True), am.to(device), ans.to(device)
             with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
                                 enabled=torch.device(device).type == "cuda"):
-                loss = diffusion_loss(model, x0, am, ans, args.mask_token_id, g)
+                try:
+                    loss = diffusion_loss(logits_fn, args.logits_shift, x0, am, ans, args.mask_token_id, g)
+                except Exception as e:  # noqa: BLE001
+                    if logits_fn is model.full_logits:
+                        raise
+                    console.print(f"[yellow]torch.compile failed ({type(e).__name__}: {e}); training eagerly")
+                    logits_fn = model.full_logits
+                    loss = diffusion_loss(logits_fn, args.logits_shift, x0, am, ans, args.mask_token_id, g)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -152,6 +163,7 @@ def main(family, out, minutes, max_steps, batch, lr, seed, device, workers):
     save_checkpoint(out, args, sd, enc.tok)
     info = {"family": family, "params": args.param_count, "steps": step, "batch": batch, "lr": lr, "seed": seed,
             "train_seconds": round(train_s, 1), "mix": MIX, "sizes": SIZES,
+            "compiled": logits_fn is not model.full_logits,
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "torch": torch.__version__, "log": log}
     (Path(out) / "training.json").write_text(json.dumps(info, indent=1) + "\n")

@@ -117,6 +117,19 @@ class Attention(nn.Module):
         return o, present_k, present_v, dk, k0
 
 
+    def forward_full(self, x: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor) -> Tensor:
+        """All rows at once with no cache: the training pass (same weights, same numbers as `forward`
+        with every row active, without the cache scatter and drift bookkeeping)."""
+        B, L, _ = x.shape
+        H, Hkv, D = self.a.num_heads, self.a.num_kv_heads, self.a.head_dim
+        q = self.q_proj(x).view(B, L, H, D).transpose(1, 2)
+        k = self.k_proj(x).view(B, L, Hkv, D).transpose(1, 2)
+        v = self.v_proj(x).view(B, L, Hkv, D).transpose(1, 2)
+        q, k = apply_rope(q, cos[:, None], sin[:, None]), apply_rope(k, cos[:, None], sin[:, None])
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, enable_gqa=H != Hkv)
+        return self.o_proj(o.transpose(1, 2).reshape(B, L, H * D))
+
+
 class MLP(nn.Module):
     def __init__(self, a: ModelArgs):
         super().__init__()
@@ -166,6 +179,18 @@ class DiffusionLM(nn.Module):
         shape = (batch, a.num_kv_heads, length, a.head_dim)
         mk = lambda: torch.zeros(shape, device=device or p.device, dtype=dtype or p.dtype)  # noqa: E731
         return [mk() for _ in range(a.num_layers)], [mk() for _ in range(a.num_layers)]
+
+    def full_logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Logits of every row of a canvas in one pass, without K/V in or out: what training needs.
+        Equal to `forward` with all rows active and nothing stable (tested)."""
+        rope_pos = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        cos, sin = rope_cos_sin(rope_pos, self.inv_freq, self.lm_head.weight.dtype)
+        key_mask = attention_mask[:, None, None, :]
+        x = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            x = x + layer.self_attn.forward_full(layer.input_layernorm(x), cos, sin, key_mask)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.lm_head(self.model.norm(x))
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, past_keys: list[Tensor], past_values: list[Tensor],
                 stable_mask: Tensor, attention_mask: Tensor):

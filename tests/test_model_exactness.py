@@ -119,3 +119,13 @@ def test_invalid_rows_are_not_attended(family, tiny_dir):
     V2 = [torch.randn_like(v) for v in V]
     b = model(ids[:, :3], pos, K2, V2, stable, am)[0]
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_training_pass_equals_step_contract(family, tiny_dir):
+    """Training uses the cache-free `full_logits`; it must be the same function as the step contract."""
+    model, _, ck = load(str(tiny_dir(family)))
+    g = torch.Generator().manual_seed(7)
+    ids, am = left_padded_batch(ck.args.vocab_size, ck.args.pad_token_id, [19, 12, 4], 19, g)
+    step = full_step(model, ids, am)[0]
+    assert rel_err(model.full_logits(ids, am)[am], step[am]) <= TOL
