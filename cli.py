@@ -158,8 +158,13 @@ def eval_cmd(model, tasks, n, policies, steps, batch_size, seed, device, dtype, 
     from bench.evaluate import evaluate, write_results
     from runtime.backends import make_backend
     from runtime.policies import parse_policy
+    from bench.evaluate import parse_task
+    from bench.tasks import get_task
     for p in policies:
         parse_policy(p)
+    for spec in tasks:  # fail on a bad task spec before spending time on loading the model
+        name, diff = parse_task(spec)
+        get_task(name).problems(1, seed, **diff)
     be, tok, ck = make_backend("torch", model, dtype=dtype, device=device)
     rows, records = [], []
     with _progress() as prog:
@@ -170,7 +175,9 @@ def eval_cmd(model, tasks, n, policies, steps, batch_size, seed, device, dtype, 
             rows += r
             records += rec
     t = Table(title=f"eval · {Path(str(ck.path)).name} · {device} · {dtype}")
-    for col in ("task", "policy", "n", "accuracy", "NFE", "rows/step", "wall s", "tok/s"):
+    t.add_column("task", min_width=max(map(len, tasks)))
+    t.add_column("policy", min_width=max(map(len, policies)))
+    for col in ("n", "accuracy", "NFE", "rows/step", "wall s", "tok/s"):
         t.add_column(col, justify="right")
     for r in rows:
         t.add_row(r.task, r.policy, str(r.n), f"{r.accuracy:.3f}", f"{r.forward_passes:.1f}", f"{r.rows_fraction:.3f}",

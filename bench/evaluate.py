@@ -33,7 +33,11 @@ def parse_task(spec: str) -> tuple[str, dict]:
     for item in filter(None, rest.split(",")):
         k, _, v = item.partition("=")
         lo, dash, hi = v.partition("-")
-        diff[k] = (int(lo), int(hi)) if dash else int(v)
+        try:
+            diff[k] = (int(lo), int(hi)) if dash else int(v)
+        except ValueError:
+            raise ValueError(f"task '{spec}': difficulty '{item}' must be key=N or key=A-B with integers, "
+                             "for example sudoku4:clues=8-12") from None
     return name, diff
 
 

@@ -28,6 +28,11 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
 }
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+SHIPPED = Path(__file__).resolve().parent.parent / "checkpoints"
+SHIPPED_ALIASES: dict[str, Path] = {  # trained by this project (bench/train.py), committed under checkpoints/
+    "tiny-dream-tasks": SHIPPED / "tiny-dream-tasks",
+    "tiny-llada-tasks": SHIPPED / "tiny-llada-tasks",
+}
 _ST_DTYPES: dict[str, torch.dtype] = {  # safetensors dtype tags of unquantised float weights
     "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 _CHUNK_BYTES = 64 * 2 ** 20
@@ -57,6 +62,11 @@ def resolve_path(model: str) -> Path:
         return p
     if p.exists():
         raise CheckpointError(f"{model} is a file; pass the checkpoint directory that holds config.json")
+    if model in SHIPPED_ALIASES:
+        if not SHIPPED_ALIASES[model].is_dir():
+            raise CheckpointError(f"'{model}' ships with the repository at {SHIPPED_ALIASES[model]}, which is missing; "
+                                  "restore it with `git checkout -- checkpoints/`")
+        return SHIPPED_ALIASES[model]
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
     from huggingface_hub.utils import validate_repo_id
@@ -69,7 +79,7 @@ def resolve_path(model: str) -> Path:
         looks_like_repo = False
     if not looks_like_repo:
         raise CheckpointError(
-            f"'{model}' is neither a directory nor a known alias ({', '.join(ALIASES)}) nor an 'org/name' repo id. "
+            f"'{model}' is neither a directory nor a known alias ({', '.join([*ALIASES, *SHIPPED_ALIASES])}) nor an 'org/name' repo id. "
             "Pass a checkpoint directory (for a test model: python cli.py make-tiny --arch dream --out DIR).")
     cache = constants.HF_HUB_CACHE  # read by huggingface_hub at import time from HF_HUB_CACHE / HF_HOME
     try:

@@ -14,6 +14,7 @@ from typing import Callable, Protocol
 import torch
 from torch import Tensor
 
+from .policies import NEVER, DecodePlan, DecodeState, parse_policy, rows_of
 from .step import StepBackend, StepInputs, StepOutputs
 
 
@@ -28,6 +29,7 @@ class GenerationStats:
     forward_passes: int = 0
     rows_computed: int = 0  # active rows summed over steps and sequences (CFG's extra batch included)
     rows_full: int = 0  # what recomputing every canvas row at every executed step would have cost
+    early_committed: int = 0  # tokens committed by early commit (all sequences)
     wall_s: float = 0.0
     per_step_rows: list[int] = field(default_factory=list)
 
@@ -46,29 +48,22 @@ class GenerationStats:
         return d
 
 
-class CachePolicy(Protocol):
-    name: str
-
-    def plan(self, i: int, needed_rows: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
-        """(active [B, L], stable [B, L]) for step i; `needed_rows` must be among the active rows."""
-        ...
-
-
-class NoCache:
-    """Every row is recomputed at every step: the reference behaviour and the baseline of every policy."""
-
-    name = "none"
-
-    def plan(self, i: int, needed_rows: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
-        return torch.ones_like(needed_rows), torch.zeros_like(needed_rows)
-
-
 class Rule(Protocol):
+    """An unmasking schedule (runtime/unmasking.py): which positions want predictions, how many tokens
+    a step commits, and the commit itself."""
+
     num_steps: int
 
     def needed(self, i: int, mask_index: Tensor) -> Tensor: ...
 
-    def commit(self, i: int, x: Tensor, needed: Tensor, logits: Tensor) -> Tensor: ...
+    def block(self, i: int) -> tuple[int, int] | None: ...
+
+    def needs_all(self, i: int) -> bool: ...
+
+    def quota(self, i: int, needed: Tensor, parallel=None) -> Tensor: ...
+
+    def commit(self, i: int, x: Tensor, needed: Tensor, logits: Tensor, computed: Tensor | None = None,
+               parallel=None) -> Tensor: ...
 
 
 def pack_rows(active: Tensor) -> Tensor:
@@ -87,53 +82,87 @@ def source_rows(positions: Tensor, shift: bool) -> Tensor:
     return (positions - 1).clamp_min(0) if shift else positions
 
 
-def denoise(backend: StepBackend, x: Tensor, attention_mask: Tensor, rule: Rule, *, policy: CachePolicy | None = None,
-            cfg_scale: float = 0.0, prompt_index: Tensor | None = None,
+def positions_of(rows: Tensor, shift: bool) -> Tensor:
+    """Positions predicted by the given rows (inverse of `rows_of`)."""
+    if not shift:
+        return rows
+    pos = torch.zeros_like(rows)
+    pos[:, 1:] = rows[:, :-1]
+    pos[:, 0] = rows[:, 0]
+    return pos
+
+
+def denoise(backend: StepBackend, x: Tensor, attention_mask: Tensor, rule: Rule, *,
+            policy: str | DecodePlan | None = None, cfg_scale: float = 0.0, prompt_index: Tensor | None = None,
             on_step: Callable[[int, int], None] | None = None) -> tuple[Tensor, GenerationStats]:
     """Run `rule` on canvas `x` [B, L] until it is done or nothing is masked; returns (x, stats).
 
-    With `cfg_scale` > 0 (LLaDA's unsupervised classifier-free guidance) every step also runs an
-    unconditional copy of the canvas whose `prompt_index` positions are masked.
+    `policy` (a spec string or a parsed `DecodePlan`) picks the rows each step recomputes and whether
+    parallel decoding and early commit apply. With `cfg_scale` > 0 (LLaDA's unsupervised classifier-free
+    guidance) every step also runs an unconditional copy of the canvas whose `prompt_index` positions are
+    masked; both copies use the same active rows.
     """
     info = backend.info
-    policy = policy or NoCache()
+    plan = parse_policy(policy)
     B, L = x.shape
     cfg = cfg_scale > 0
     if cfg and prompt_index is None:
         raise ValueError("cfg_scale > 0 needs prompt_index (the positions to mask in the unconditional copy)")
     am = attention_mask.bool()
     am_in = torch.cat([am, am]) if cfg else am
-    n_new = int((x == info.mask_token_id).sum(1).max())
+    answer = x == info.mask_token_id
+    n_new = int(answer.sum(1).max())
+    answer_start = int(answer.float().argmax(1).min()) if answer.any() else L
     stats = GenerationStats(batch=B, canvas_length=L, new_tokens=n_new)
     keys, values = backend.new_cache(2 * B if cfg else B, L)
-    valid = torch.zeros(B, L, dtype=torch.bool, device=x.device)
+    dev = x.device
+    valid = torch.zeros(B, L, dtype=torch.bool, device=dev)
+    decoded_at = torch.where(answer, NEVER, -1)
+    computed_at = torch.full((B, L), -1, dtype=torch.long, device=dev)
+    confidence = torch.full((B, L), -torch.inf, device=dev)
+    shift = info.logits_shift
     t0 = time.perf_counter()
     for i in range(rule.num_steps):
         mask_index = x == info.mask_token_id
         if not mask_index.any():
             break
         needed = rule.needed(i, mask_index)
-        needed_rows = torch.zeros_like(needed)
-        b_idx, p_idx = needed.nonzero(as_tuple=True)
-        src = source_rows(p_idx, info.logits_shift)
-        needed_rows[b_idx, src] = True
-        active, stable = policy.plan(i, needed_rows, valid)
+        needed_rows = rows_of(needed, shift)
+        state = DecodeState(i, needed_rows, needed_rows if rule.needs_all(i) else torch.zeros_like(needed_rows),
+                            rule.quota(i, needed, plan.parallel), valid, am, decoded_at, computed_at, confidence,
+                            needed, rule.block(i) or (answer_start, L), shift)
+        active, stable = plan.cache.plan(state)
         pos = pack_rows(active)
+        known = stable | (active & valid)  # active rows with a valid past: kv_drift is measured against it
         x_in = x
         if cfg:
             x_in = torch.cat([x, torch.where(prompt_index, torch.full_like(x, info.mask_token_id), x)])
-            pos, stable = torch.cat([pos, pos]), torch.cat([stable, stable])
-        out: StepOutputs = backend.step(StepInputs(x_in.gather(1, pos), pos, keys, values, stable, am_in))
+            pos, known = torch.cat([pos, pos]), torch.cat([known, known])
+        out: StepOutputs = backend.step(StepInputs(x_in.gather(1, pos), pos, keys, values, known, am_in))
         keys, values = out.present_keys, out.present_values
         valid = out.present_valid[:B]
-        slot = torch.full((pos.shape[0], L), -1, dtype=torch.long, device=x.device)
-        slot.scatter_(1, pos, torch.arange(pos.shape[1], device=x.device).expand_as(pos))
+        slot = torch.full((pos.shape[0], L), -1, dtype=torch.long, device=dev)
+        slot.scatter_(1, pos, torch.arange(pos.shape[1], device=dev).expand_as(pos))
         logits = out.logits
         if cfg:
             cond, uncond = logits.chunk(2)
             logits = uncond + (cfg_scale + 1) * (cond - uncond)
-        pred = logits[b_idx, slot[:B][b_idx, src]]
-        x = rule.commit(i, x, needed, pred)
+        computed = needed & positions_of(active, shift)
+        b_idx, p_idx = computed.nonzero(as_tuple=True)
+        pred = logits[b_idx, slot[:B][b_idx, source_rows(p_idx, shift)]]
+        probs = torch.softmax(pred.float(), dim=-1)
+        confidence = confidence.clone()
+        confidence[b_idx, p_idx] = probs.max(-1).values
+        new_x = rule.commit(i, x, needed, pred, computed, plan.parallel)
+        if plan.early is not None:
+            new_x = _early_commit(plan.early, new_x, needed, computed, probs, answer, info.mask_token_id, stats)
+        committed = (new_x != info.mask_token_id) & mask_index
+        decoded_at = torch.where(committed, i, decoded_at)
+        computed_at = torch.where(active, i, computed_at)
+        if hasattr(plan.cache, "observe"):
+            drift = torch.zeros(B, L, device=dev).scatter(1, pos[:B], out.kv_drift[:B].float())
+            plan.cache.observe(active, drift, known[:B], committed)
+        x = new_x
         n_rows = pos.shape[0] * pos.shape[1]
         stats.steps += 1
         stats.forward_passes += 1
@@ -146,3 +175,25 @@ def denoise(backend: StepBackend, x: Tensor, attention_mask: Tensor, rule: Rule,
         torch.cuda.synchronize(x.device)
     stats.wall_s = time.perf_counter() - t0
     return x, stats
+
+
+def _early_commit(early, x: Tensor, needed: Tensor, computed: Tensor, probs: Tensor, answer: Tensor,
+                  mask_id: int, stats: GenerationStats) -> Tensor:
+    """Commit every still-masked needed position of the sequences whose top-2 gap is large everywhere."""
+    if probs.shape[0] == 0:
+        return x
+    top2 = probs.topk(2, dim=-1).values if probs.shape[-1] > 1 else torch.cat([probs, 0 * probs], -1)
+    gap = torch.full(x.shape, -1.0, device=x.device)
+    gap[computed] = top2[:, 0] - top2[:, 1]
+    argmax = torch.full_like(x, mask_id)
+    argmax[computed] = probs.argmax(-1)
+    progress = 1 - (x == mask_id).logical_and(answer).sum(1).float() / answer.sum(1).clamp_min(1)
+    rest = needed & (x == mask_id)
+    x = x.clone()
+    for b in range(x.shape[0]):
+        if not rest[b].any() or (rest[b] & ~computed[b]).any():
+            continue
+        if bool((gap[b][rest[b]] >= early.threshold(float(progress[b]))).all()):
+            x[b, rest[b]] = argmax[b, rest[b]]
+            stats.early_committed += int(rest[b].sum())
+    return x

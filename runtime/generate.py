@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .decode import CachePolicy, GenerationStats, denoise
+from .decode import GenerationStats, denoise
+from .policies import DecodePlan
 from .step import StepBackend
 from .unmasking import DreamRule, LLaDARule
 
@@ -25,7 +26,7 @@ def _check_length(backend: StepBackend, total: int, max_positions: int | None) -
 def dream_generate(backend: StepBackend, input_ids: Tensor, attention_mask: Tensor | None = None, *,
                    max_new_tokens: int, steps: int, eps: float = 1e-3, alg: str = "origin",
                    alg_temp: float | None = None, temperature: float = 0.0, top_p: float | None = None,
-                   top_k: int | None = None, policy: CachePolicy | None = None, on_step=None,
+                   top_k: int | None = None, policy: str | DecodePlan | None = None, on_step=None,
                    max_positions: int | None = None) -> tuple[Tensor, GenerationStats]:
     """Dream `diffusion_generate` semantics; returns the full canvas [B, prompt + max_new_tokens]."""
     if max_new_tokens < 1:
@@ -42,7 +43,7 @@ def dream_generate(backend: StepBackend, input_ids: Tensor, attention_mask: Tens
 
 def llada_generate(backend: StepBackend, prompt: Tensor, attention_mask: Tensor | None = None, *, steps: int,
                    gen_length: int, block_length: int, temperature: float = 0.0, cfg_scale: float = 0.0,
-                   remasking: str = "low_confidence", policy: CachePolicy | None = None, on_step=None,
+                   remasking: str = "low_confidence", policy: str | DecodePlan | None = None, on_step=None,
                    max_positions: int | None = None) -> tuple[Tensor, GenerationStats]:
     """LLaDA `generate` semantics (blocks, low_confidence / random remasking, CFG); returns the canvas."""
     info = backend.info
@@ -71,7 +72,7 @@ LLADA_KEYS = ("gen_length", "steps", "block_length", "temperature", "cfg_scale",
 
 
 def generate_text(backend: StepBackend, tokenizer, prompts: list[str], *, chat: bool = False,
-                  policy: CachePolicy | None = None, on_step=None, max_positions: int | None = None,
+                  policy: str | DecodePlan | None = None, on_step=None, max_positions: int | None = None,
                   **params) -> Generation:
     """Tokenize (left padding, optional chat template), generate, and decode each answer up to its EOS.
 

@@ -48,19 +48,41 @@ class DreamRule:
     def needed(self, i: int, mask_index: Tensor) -> Tensor:
         return mask_index
 
-    def commit(self, i: int, x: Tensor, needed: Tensor, logits: Tensor) -> Tensor:
-        """`logits` [N, V] are the predictions at `needed` positions in row-major order; returns new x."""
+    def block(self, i: int) -> tuple[int, int] | None:
+        return None  # one block: the whole answer
+
+    def needs_all(self, i: int) -> bool:
+        return i == self.steps - 1
+
+    def quota(self, i: int, needed: Tensor, parallel=None) -> Tensor:
+        """Tokens per sequence this step will commit (at least; parallel decoding may commit more)."""
+        num_mask = needed.sum(1)
+        if self.needs_all(i):
+            return num_mask
+        if parallel is not None:
+            return torch.ones_like(num_mask)
+        t, s = self.timesteps[i], self.timesteps[i + 1]
+        return torch.full_like(num_mask, int(needed.sum() / needed.shape[0] * (1 - s / t)))
+
+    def commit(self, i: int, x: Tensor, needed: Tensor, logits: Tensor, computed: Tensor | None = None,
+               parallel=None) -> Tensor:
+        """`logits` [N, V] are the predictions at the `computed` positions (default: all `needed`) in
+        row-major order; returns the new canvas. Only computed positions can be committed."""
+        computed = needed if computed is None else computed
         mask_index = needed
         t, s = self.timesteps[i], self.timesteps[i + 1]
-        last = i == self.steps - 1
+        last = self.needs_all(i)
         kw = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+        if parallel is not None and not last:
+            confidence, x0 = sample_tokens(logits, **kw)
+            return commit_above(x, computed, x0, confidence, parallel.threshold)
         if self.alg == "origin":
             p_transfer = 1 if last else 1 - s / t
-            x0 = torch.zeros_like(x[mask_index]) + self.mask_token_id
+            x0 = torch.zeros_like(x[computed]) + self.mask_token_id
             transfer = torch.rand(*x0.shape, device=x.device) < p_transfer
             _, x0[transfer] = sample_tokens(logits[transfer], **kw)
             x = x.clone()
-            x[mask_index] = x0
+            x[computed] = x0
             return x
         confidence, x0 = sample_tokens(logits, margin_confidence=self.alg == "topk_margin",
                                        neg_entropy=self.alg == "entropy", **kw)
@@ -69,17 +91,35 @@ class DreamRule:
         if n <= 0:
             return x
         full_conf = torch.full(x.shape, -torch.inf, dtype=logits.dtype, device=x.device)
-        full_conf[mask_index] = confidence
+        full_conf[computed] = confidence
+        n = min(n, x.shape[1])
         if not self.alg_temp:
             _, idx = torch.topk(full_conf, n)
         else:
             idx = torch.multinomial(F.softmax(full_conf / self.alg_temp, dim=-1), num_samples=n)
-        cand = torch.full_like(x, self.mask_token_id)
-        cand[mask_index] = x0
+        cand = x.clone()
+        cand[computed] = x0
         rows = torch.arange(x.size(0), device=x.device)[:, None].expand_as(idx)
+        keep = computed[rows, idx]  # fewer computed positions than n (Greedy's window): commit what exists
         x = x.clone()
-        x[rows, idx] = cand[rows, idx]
+        x[rows[keep], idx[keep]] = cand[rows[keep], idx[keep]]
         return x
+
+
+def commit_above(x: Tensor, computed: Tensor, x0: Tensor, confidence: Tensor, threshold: float) -> Tensor:
+    """Confidence-threshold parallel decoding: commit the computed positions whose confidence reaches
+    `threshold`, and in every sequence with a computed position at least the most confident one."""
+    conf = torch.full(x.shape, -torch.inf, dtype=torch.float32, device=x.device)
+    conf[computed] = confidence.float()
+    take = conf >= threshold
+    best = conf.argmax(1)
+    has = computed.any(1)
+    take[has, best[has]] = True
+    cand = x.clone()
+    cand[computed] = x0
+    x = x.clone()
+    x[take] = cand[take]
+    return x
 
 
 @dataclass
@@ -106,38 +146,66 @@ class LLaDARule:
                              f"({self.num_blocks} = gen_length / block_length)")
         self.steps_per_block = self.steps // self.num_blocks
         self._transfer: Tensor | None = None
+        self._blk, self._blk_start = 0, 0
 
     @property
     def num_steps(self) -> int:
         return self.steps
 
-    def block_end(self, i: int) -> int:
-        return self.prompt_length + (i // self.steps_per_block + 1) * self.block_length
+    def _range(self) -> tuple[int, int]:
+        start = self.prompt_length + self._blk * self.block_length
+        return start, start + self.block_length
 
     def needed(self, i: int, mask_index: Tensor) -> Tensor:
-        needed = mask_index.clone()
-        needed[:, self.block_end(i):] = False
+        """Masked positions of the current block: the first block that still has masks (a block can end
+        before its step budget when parallel decoding or early commit finished it)."""
+        if i == 0:
+            self._blk, self._blk_start, self._transfer = 0, 0, None
+        start, end = self._range()
+        while self._blk < self.num_blocks - 1 and not mask_index[:, start:end].any():
+            self._blk, self._blk_start, self._transfer = self._blk + 1, i, None
+            start, end = self._range()
+        needed = torch.zeros_like(mask_index)
+        needed[:, start:end] = mask_index[:, start:end]
+        if self._transfer is None:
+            self._transfer = num_transfer_tokens(needed[:, start:end], self.steps_per_block)
         return needed
 
-    def commit(self, i: int, x: Tensor, needed: Tensor, logits: Tensor) -> Tensor:
-        k = i % self.steps_per_block
-        if k == 0:
-            start = self.block_end(i) - self.block_length
-            self._transfer = num_transfer_tokens(needed[:, start:self.block_end(i)], self.steps_per_block)
+    def block(self, i: int) -> tuple[int, int]:
+        return self._range()
+
+    def needs_all(self, i: int) -> bool:
+        return i - self._blk_start >= self.steps_per_block - 1
+
+    def quota(self, i: int, needed: Tensor, parallel=None) -> Tensor:
+        if self.needs_all(i):
+            return needed.sum(1)
+        if parallel is not None:
+            return torch.ones_like(needed.sum(1))
+        return self._transfer[:, i - self._blk_start]
+
+    def commit(self, i: int, x: Tensor, needed: Tensor, logits: Tensor, computed: Tensor | None = None,
+               parallel=None) -> Tensor:
+        computed = needed if computed is None else computed
         x0 = torch.argmax(add_gumbel_noise(logits, self.temperature), dim=-1)
+        if parallel is not None and not self.needs_all(i):
+            p = F.softmax(logits.to(torch.float64), dim=-1)
+            return commit_above(x, computed, x0, torch.gather(p, -1, x0[:, None]).squeeze(-1), parallel.threshold)
         if self.remasking == "low_confidence":
             p = F.softmax(logits.to(torch.float64), dim=-1)
             x0_p = torch.gather(p, -1, x0[:, None]).squeeze(-1)
             conf = torch.full(x.shape, -torch.inf, dtype=torch.float64, device=x.device)
-            conf[needed] = x0_p
+            conf[computed] = x0_p
         else:
             r = torch.rand(x.shape, device=x.device)
-            conf = torch.where(needed, r, torch.full_like(r, -torch.inf))
+            conf = torch.where(computed, r, torch.full_like(r, -torch.inf))
         cand = x.clone()
-        cand[needed] = x0
+        cand[computed] = x0
+        quota = self.quota(i, needed)
         transfer = torch.zeros_like(needed)
         for j in range(x.shape[0]):
-            _, sel = torch.topk(conf[j], k=int(self._transfer[j, k]))
+            k = min(int(quota[j]), int(computed[j].sum()))
+            _, sel = torch.topk(conf[j], k=k)
             transfer[j, sel] = True
         x = x.clone()
         x[transfer] = cand[transfer]

@@ -57,9 +57,9 @@ def test_dream_steps_commit_schedule(backends):
     class Spy:
         name = "spy"
 
-        def plan(self, i, needed_rows, valid):
-            seen.append(int(needed_rows.sum()))
-            return torch.ones_like(needed_rows), torch.zeros_like(needed_rows)
+        def plan(self, s):
+            seen.append(int(s.needed_rows.sum()))
+            return torch.ones_like(s.needed_rows), torch.zeros_like(s.needed_rows)
     rule = DreamRule(ck.args.mask_token_id, steps=4, alg="maskgit_plus")
     dream_generate(be, ids, max_new_tokens=20, steps=4, alg="maskgit_plus", policy=Spy())
     remaining, expect = 20, []
@@ -91,8 +91,8 @@ def test_llada_block_order_with_spy(backends):
     snapshots = []
     orig = rule.commit
 
-    def commit(i, x_, needed, logits):
-        new = orig(i, x_, needed, logits)
+    def commit(i, x_, needed, logits, computed=None, parallel=None):
+        new = orig(i, x_, needed, logits, computed, parallel)
         snapshots.append(new.clone())
         return new
     rule.commit = commit

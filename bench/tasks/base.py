@@ -26,5 +26,11 @@ class Task:
 
     def problems(self, n: int, seed: int, **difficulty) -> list[Problem]:
         """`n` problems, identical for the same (n, seed, difficulty) on every machine."""
+        import inspect
+        known = [k for k in inspect.signature(self.sample).parameters if k != "rng"]
+        unknown = sorted(set(difficulty) - set(known))
+        if unknown:
+            raise ValueError(f"task {self.name} has no difficulty {', '.join(unknown)}; "
+                             f"it takes {', '.join(known) or 'none'}")
         rng = random.Random(f"{self.name}:{seed}")
         return [self.sample(rng, **difficulty) for _ in range(n)]
