@@ -47,6 +47,11 @@ class NoCache:
         return torch.ones_like(s.valid), torch.zeros_like(s.valid)
 
 
+def _refresh(s: DecodeState) -> tuple[Tensor, Tensor]:
+    """Recompute every attended row (padding rows are never attended, so never computed)."""
+    return s.attention_mask.clone(), torch.zeros_like(s.valid)
+
+
 def _finish(s: DecodeState, stable: Tensor, forced: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Forced rows (default: the needed ones) and rows without valid K/V are computed; padding rows never
     are (nobody attends to them)."""
@@ -73,7 +78,7 @@ class DKVDecode:
 
     def plan(self, s: DecodeState) -> tuple[Tensor, Tensor]:
         if s.i % self.cache_steps == 0:
-            return NoCache().plan(s)
+            return _refresh(s)
         return _finish(s, s.computed_at > s.decoded_at)
 
 
@@ -97,7 +102,7 @@ class DKVGreedy:
 
     def plan(self, s: DecodeState) -> tuple[Tensor, Tensor]:
         if s.i % self.cache_steps == 0:
-            return NoCache().plan(s)
+            return _refresh(s)
         pos = window_positions(s.masked, s.confidence, s.quota, self.window)
         compute = s.must_rows | rows_of(pos, s.shift)
         if self.delay == 0:  # every row is cached: decoded ones at once, masked ones outside the window
@@ -122,7 +127,7 @@ class BlockCache:
     def plan(self, s: DecodeState) -> tuple[Tensor, Tensor]:
         if s.block != self._block or s.i == 0:
             self._block = s.block
-            return NoCache().plan(s)
+            return _refresh(s)
         start, end = s.block
         if s.shift:
             start, end = start - 1, end - 1
@@ -148,10 +153,10 @@ class AdaptiveCache:
         self._calm: Tensor | None = None
 
     def plan(self, s: DecodeState) -> tuple[Tensor, Tensor]:
-        if self._calm is None or s.i == 0:
+        if self._calm is None or s.i == 0 or self._calm.shape != s.valid.shape:
             self._calm = torch.zeros_like(s.valid)
         if s.i % self.cache_steps == 0:
-            return NoCache().plan(s)
+            return _refresh(s)
         return _finish(s, self._calm)
 
     def observe(self, active: Tensor, drift: Tensor, measured: Tensor, changed: Tensor) -> None:

@@ -86,8 +86,8 @@ class DreamRule:
             return x
         confidence, x0 = sample_tokens(logits, margin_confidence=self.alg == "topk_margin",
                                        neg_entropy=self.alg == "entropy", **kw)
-        num_mask = mask_index.sum() / mask_index.shape[0]
-        n = int(num_mask) if last else int(num_mask * (1 - s / t))
+        num_mask = mask_index.sum() / mask_index.shape[0]  # upstream schedules on the batch mean
+        n = int(mask_index.sum(1).max()) if last else int(num_mask * (1 - s / t))
         if n <= 0:
             return x
         full_conf = torch.full(x.shape, -torch.inf, dtype=logits.dtype, device=x.device)
