@@ -84,6 +84,9 @@ def _progress() -> Progress:
 @click.option("--remasking", type=click.Choice(["low_confidence", "random"]), default=None,
               help="LLaDA: which predictions to commit [default: low_confidence].")
 @click.option("--cfg-scale", type=float, default=None, help="LLaDA: classifier-free guidance scale [default: 0].")
+@click.option("--policy", default="none", show_default=True, metavar="SPEC",
+              help="Cache policy and modifiers: none | decode | greedy | block | dual | adaptive, options as "
+                   "name:key=value,..., modifiers joined by '+': decode:cache_steps=4+parallel:threshold=0.9+early.")
 @click.option("--backend", type=click.Choice(["torch"]), default="torch", show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--dtype", default="float32", show_default=True, help="float32, float16 or bfloat16.")
@@ -91,7 +94,7 @@ def _progress() -> Progress:
 @click.option("--json", "as_json", is_flag=True, help="Print answers and statistics as JSON on stdout.")
 @friendly_errors
 def generate(model, prompts, chat, max_new_tokens, steps, temperature, alg, alg_temp, eps, top_p, top_k,
-             block_length, remasking, cfg_scale, backend, device, dtype, seed, as_json):
+             block_length, remasking, cfg_scale, policy, backend, device, dtype, seed, as_json):
     """Generate answers for one or more prompts and print the statistics of the run."""
     import json
 
@@ -100,7 +103,9 @@ def generate(model, prompts, chat, max_new_tokens, steps, temperature, alg, alg_
     from models.loading import open_checkpoint
     from runtime.backends import make_backend
     from runtime.generate import generate_text
+    from runtime.policies import parse_policy
 
+    plan = parse_policy(policy)
     ck = open_checkpoint(model)
     dream_only = {"--alg": alg, "--alg-temp": alg_temp, "--eps": eps, "--top-p": top_p, "--top-k": top_k}
     llada_only = {"--block-length": block_length, "--remasking": remasking, "--cfg-scale": cfg_scale}
@@ -121,20 +126,22 @@ def generate(model, prompts, chat, max_new_tokens, steps, temperature, alg, alg_
     with _progress() as prog:
         task = prog.add_task("denoising", total=params["steps"])
         res = generate_text(be, tok, list(prompts), chat=chat, max_positions=ck.args.max_position_embeddings,
-                            on_step=lambda i, n: prog.update(task, completed=i), **params)
-        prog.update(task, completed=params["steps"])
+                            policy=plan, on_step=lambda i, n: prog.update(task, completed=i), **params)
+        prog.update(task, completed=res.stats.steps, total=res.stats.steps)
     s = res.stats
     if as_json:
-        out.print_json(json.dumps({"answers": res.texts, "stats": s.to_dict(), "load_s": load_s, "params": params}))
+        out.print_json(json.dumps({"answers": res.texts, "stats": s.to_dict(), "load_s": load_s, "params": params,
+                                   "policy": plan.spec}))
         return
     for i, (p, a) in enumerate(zip(prompts, res.texts)):
         out.print(f"[bold cyan]prompt {i}:[/] {p}")
         out.print(f"[bold green]answer {i}:[/] {a!r}" if not a.isprintable() else f"[bold green]answer {i}:[/] {a}")
-    t = Table(title=f"{ck.family} · {be.name} · {device} · {dtype}")
-    for col in ("batch", "new", "steps", "NFE", "rows", "rows/full", "load s", "wall s", "tok/s"):
+    t = Table(title=f"{ck.family} · {be.name} · {device} · {dtype} · policy {plan.spec}")
+    for col in ("batch", "new", "steps", "NFE", "rows", "rows/full", "early", "load s", "wall s", "tok/s"):
         t.add_column(col, justify="right")
     t.add_row(str(s.batch), str(s.new_tokens), str(s.steps), str(s.forward_passes), str(s.rows_computed),
-              f"{s.rows_fraction:.2f}", f"{load_s:.2f}", f"{s.wall_s:.3f}", f"{s.tokens_per_s:.1f}")
+              f"{s.rows_fraction:.2f}", str(s.early_committed), f"{load_s:.2f}", f"{s.wall_s:.3f}",
+              f"{s.tokens_per_s:.1f}")
     out.print(t)
 
 
@@ -144,8 +151,9 @@ def generate(model, prompts, chat, max_new_tokens, steps, temperature, alg, alg_
               help="sudoku4, countdown or shift128, optionally with difficulty: sudoku4:clues=8-12, countdown:numbers=3.")
 @click.option("--n", default=50, show_default=True, help="Problems per task (the same for every policy).")
 @click.option("--policy", "policies", multiple=True, default=["none"], show_default=True,
-              help="Cache policy, repeatable: none, or name:key=value,...")
+              help="Policy spec, repeatable (see generate --help): none, decode, greedy:window=2, dual+parallel, ...")
 @click.option("--steps", type=int, default=None, help="Denoising steps [default: the answer length].")
+@click.option("--blocks", default=1, show_default=True, help="LLaDA: decode the answer in this many blocks.")
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--seed", default=1234, show_default=True, help="Seed of the problem generator.")
 @click.option("--device", default="cpu", show_default=True)
@@ -153,7 +161,7 @@ def generate(model, prompts, chat, max_new_tokens, steps, temperature, alg, alg_
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="JSON results file [default: bench/results/eval-<model>-<tasks>.json].")
 @friendly_errors
-def eval_cmd(model, tasks, n, policies, steps, batch_size, seed, device, dtype, out_path):
+def eval_cmd(model, tasks, n, policies, steps, blocks, batch_size, seed, device, dtype, out_path):
     """Accuracy and work of each cache policy on generated task problems (exact checkers)."""
     from bench.evaluate import evaluate, write_results
     from runtime.backends import make_backend
@@ -171,21 +179,22 @@ def eval_cmd(model, tasks, n, policies, steps, batch_size, seed, device, dtype, 
         for spec in tasks:
             task = prog.add_task(spec, total=n * len(policies))
             r, rec = evaluate(be, tok, spec, n, list(policies), seed=seed, batch_size=batch_size, steps=steps,
-                              progress=lambda k, t=task: prog.advance(t, k))
+                              blocks=blocks, progress=lambda k, t=task: prog.advance(t, k))
             rows += r
             records += rec
     t = Table(title=f"eval · {Path(str(ck.path)).name} · {device} · {dtype}")
     t.add_column("task", min_width=max(map(len, tasks)))
     t.add_column("policy", min_width=max(map(len, policies)))
-    for col in ("n", "accuracy", "NFE", "rows/step", "wall s", "tok/s"):
+    for col in ("n", "accuracy", "NFE", "rows/step", "rows/token", "early", "wall s", "tok/s"):
         t.add_column(col, justify="right")
     for r in rows:
         t.add_row(r.task, r.policy, str(r.n), f"{r.accuracy:.3f}", f"{r.forward_passes:.1f}", f"{r.rows_fraction:.3f}",
-                  f"{r.wall_s:.1f}", f"{r.tokens_per_s:.0f}")
+                  f"{r.rows_per_token:.1f}", f"{r.early_committed:.1f}", f"{r.wall_s:.1f}", f"{r.tokens_per_s:.0f}")
     out.print(t)
     name = Path(str(ck.path)).name or "model"
     out_path = out_path or Path("bench/results") / f"eval-{name}-{'-'.join(s.split(':')[0] for s in tasks)}.json"
-    write_results(out_path, str(model), rows, {"device": device, "dtype": dtype, "seed": seed, "records": records})
+    write_results(out_path, str(model), rows, {"device": device, "dtype": dtype, "seed": seed, "blocks": blocks,
+                                               "records": records})
     console.print(f"results: {out_path}")
 
 

@@ -18,12 +18,18 @@ from runtime.generate import generate_text
 from runtime.policies import parse_policy
 
 
-def decode_params(family: str, answer_tokens: int, steps: int | None = None) -> dict:
-    """Greedy confidence-ordered decoding over the task's whole answer canvas in one block."""
-    steps = steps or answer_tokens
+def decode_params(family: str, answer_tokens: int, steps: int | None = None, blocks: int = 1) -> dict:
+    """Greedy confidence-ordered decoding over the task's answer canvas, in one block by default; LLaDA can
+    decode it in `blocks` semi-autoregressive blocks (the canvas is rounded up to a multiple of them)."""
     if family == "dream":
-        return dict(max_new_tokens=answer_tokens, steps=steps, alg="maskgit_plus", temperature=0.0)
-    return dict(gen_length=answer_tokens, steps=steps, block_length=answer_tokens, temperature=0.0)
+        if blocks != 1:
+            raise ValueError("Dream's diffusion_generate has no blocks; --blocks applies to LLaDA models")
+        return dict(max_new_tokens=answer_tokens, steps=steps or answer_tokens, alg="maskgit_plus", temperature=0.0)
+    length = -(-answer_tokens // blocks) * blocks
+    steps = steps or length
+    if steps % blocks:
+        raise ValueError(f"steps ({steps}) must be a multiple of blocks ({blocks})")
+    return dict(gen_length=length, steps=steps, block_length=length // blocks, temperature=0.0)
 
 
 def parse_task(spec: str) -> tuple[str, dict]:
@@ -49,6 +55,8 @@ class PolicyResult:
     accuracy: float
     forward_passes: float  # mean per problem (a batch's forward serves all its problems)
     rows_fraction: float
+    rows_per_token: float  # canvas rows computed per generated token (batch padding of the active set included)
+    early_committed: float  # mean tokens per problem committed by early commit
     wall_s: float
     tokens_per_s: float
     correct: int
@@ -58,16 +66,16 @@ class PolicyResult:
 
 
 def evaluate(backend, tokenizer, task_spec: str, n: int, policies: list[str], *, seed: int = 1234,
-             batch_size: int = 64, steps: int | None = None, progress=None) -> tuple[list[PolicyResult], list[dict]]:
+             batch_size: int = 64, steps: int | None = None, blocks: int = 1, progress=None) -> tuple[list[PolicyResult], list[dict]]:
     """Run every policy on the same problems; returns the summary rows and per-problem records."""
     name, diff = parse_task(task_spec)
     task = get_task(name)
     problems = task.problems(n, seed, **diff)
-    params = decode_params(backend.info.family, task.answer_tokens, steps)
+    params = decode_params(backend.info.family, task.answer_tokens, steps, blocks)
     results, records = [], []
     for spec in policies:
         policy = parse_policy(spec)
-        correct, fwd, rows, rows_full, wall, toks = 0, 0, 0, 0, 0.0, 0
+        correct, fwd, rows, rows_full, wall, toks, early = 0, 0, 0, 0, 0.0, 0, 0
         for start in range(0, n, batch_size):
             chunk: list[Problem] = problems[start:start + batch_size]
             t0 = time.perf_counter()
@@ -78,6 +86,7 @@ def evaluate(backend, tokenizer, task_spec: str, n: int, policies: list[str], *,
             rows += st.rows_computed
             rows_full += st.rows_full
             toks += st.batch * st.new_tokens
+            early += st.early_committed
             for p, out in zip(chunk, g.texts):
                 ok = task.check(p, out)
                 correct += ok
@@ -85,7 +94,8 @@ def evaluate(backend, tokenizer, task_spec: str, n: int, policies: list[str], *,
                                 **{k: v for k, v in p.meta.items() if isinstance(v, (int, str))}})
             if progress is not None:
                 progress(len(chunk))
-        results.append(PolicyResult(task_spec, spec, n, correct / n, fwd / n, rows / max(rows_full, 1), wall,
+        results.append(PolicyResult(task_spec, spec, n, correct / n, fwd / n, rows / max(rows_full, 1),
+                                    rows / max(toks, 1), early / n, wall,
                                     toks / wall if wall else float("nan"), correct))
     return results, records
 

@@ -69,10 +69,12 @@ def card(name: str, notes: str = "") -> str:
         f"(`bench/evaluate.py`), seed 1234 of the problem generator.",
         "",
     ]
-    cpu = RESULTS / f"eval-{name}-cpu.json"
-    if cpu.exists():
-        doc = json.loads(cpu.read_text())
-        lines += [f"On CPU (fp32, `bash bench/eval_shipped.sh`; `bench/results/{cpu.name}`):", "", *_table(doc), ""]
+    cpu = [RESULTS / f"eval-{name}-cpu.json", RESULTS / f"eval-{name}-cpu-long.json"]
+    if any(f.exists() for f in cpu):
+        docs = [json.loads(f.read_text()) for f in cpu if f.exists()]
+        rows = [r for d in docs for r in d["results"]]
+        files = ", ".join(f"`bench/results/{f.name}`" for f in cpu if f.exists())
+        lines += [f"On CPU (fp32, `bash bench/eval_shipped.sh`; {files}):", "", *_table({"results": rows}), ""]
     gpu = RESULTS / f"eval-{name}-gpu.json"
     if gpu.exists():
         doc = json.loads(gpu.read_text())

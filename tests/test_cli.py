@@ -63,3 +63,20 @@ def test_help_lists_commands_and_options(runner):
     assert r.exit_code == 0 and "make-tiny" in r.output and "generate" in r.output
     r = runner.invoke(main, ["generate", "--help"])
     assert "--max-new-tokens" in r.output and "--block-length" in r.output and "--alg" in r.output
+
+
+def test_generate_with_policy_reports_work_saved(runner, tiny_dir):
+    args = ["generate", "-m", str(tiny_dir("llada")), "-p", "hello there", "-n", "12", "-s", "12",
+            "--block-length", "4", "--json"]
+    base = runner.invoke(main, args)
+    r = runner.invoke(main, args + ["--policy", "dual+parallel:threshold=0.5+early:gaps=0.5/0.4/0.3"])
+    assert base.exit_code == 0 and r.exit_code == 0, r.output
+    doc, ref = (json.loads(x.stdout[x.stdout.index("{"):]) for x in (r, base))
+    assert doc["policy"] == "dual+parallel:threshold=0.5+early:gaps=0.5/0.4/0.3"
+    assert doc["stats"]["rows_computed"] < ref["stats"]["rows_computed"]
+    assert doc["stats"]["forward_passes"] <= ref["stats"]["forward_passes"]
+
+
+def test_generate_bad_policy_is_one_clean_error(runner, tiny_dir):
+    r = runner.invoke(main, ["generate", "-m", str(tiny_dir("dream")), "-p", "x", "--policy", "decode:cache_steps=0"])
+    assert r.exit_code != 0 and "cache_steps must be >= 1" in r.output and "Traceback" not in r.output
