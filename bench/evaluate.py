@@ -53,7 +53,7 @@ class PolicyResult:
     policy: str
     n: int
     accuracy: float
-    forward_passes: float  # mean per problem (a batch's forward serves all its problems)
+    forward_passes: float  # mean per problem of the steps at which it still had masks (its own NFE)
     rows_fraction: float
     rows_per_token: float  # canvas rows computed per generated token (batch padding of the active set included)
     early_committed: float  # mean tokens per problem committed by early commit
@@ -82,7 +82,7 @@ def evaluate(backend, tokenizer, task_spec: str, n: int, policies: list[str], *,
             g = generate_text(backend, tokenizer, [p.prompt for p in chunk], policy=policy, **params)
             wall += time.perf_counter() - t0
             st = g.stats
-            fwd += st.forward_passes * len(chunk)
+            fwd += st.seq_forward_passes
             rows += st.rows_computed
             rows_full += st.rows_full
             toks += st.batch * st.new_tokens

@@ -27,6 +27,7 @@ class GenerationStats:
     new_tokens: int  # generated positions per sequence
     steps: int = 0
     forward_passes: int = 0
+    seq_forward_passes: int = 0  # summed over sequences: steps at which each still had masks (its own NFE)
     rows_computed: int = 0  # active rows summed over steps and sequences (CFG's extra batch included)
     rows_full: int = 0  # what recomputing every canvas row at every executed step would have cost
     early_committed: int = 0  # tokens committed by early commit (all sequences)
@@ -132,6 +133,8 @@ def denoise(backend: StepBackend, x: Tensor, attention_mask: Tensor, rule: Rule,
                             rule.quota(i, needed, plan.parallel), valid, am, decoded_at, computed_at, confidence,
                             needed, rule.block(i) or (answer_start, L), shift)
         active, stable = plan.cache.plan(state)
+        running = mask_index.any(1)
+        active = active & running[:, None]  # a finished sequence computes nothing (its rows stay valid)
         pos = pack_rows(active)
         known = stable | (active & valid)  # active rows with a valid past: kv_drift is measured against it
         x_in = x
@@ -166,6 +169,7 @@ def denoise(backend: StepBackend, x: Tensor, attention_mask: Tensor, rule: Rule,
         n_rows = pos.shape[0] * pos.shape[1]
         stats.steps += 1
         stats.forward_passes += 1
+        stats.seq_forward_passes += int(running.sum())
         stats.rows_computed += n_rows
         stats.rows_full += pos.shape[0] * L
         stats.per_step_rows.append(n_rows)

@@ -68,8 +68,9 @@ def test_every_policy_decodes_every_requested_token(backends, family, spec):
     s = g.stats
     assert s.new_tokens == 12 and s.forward_passes == s.steps == len(s.per_step_rows) >= 1
     assert s.rows_computed == sum(s.per_step_rows) <= s.rows_full
+    assert s.seq_forward_passes <= s.forward_passes * s.batch
     if "parallel" not in spec and "early" not in spec:
-        assert s.steps == 12
+        assert s.steps == 12 and s.seq_forward_passes == 12 * s.batch
     if spec in CACHED and spec != "adaptive":  # default tol 0.02: random weights' keys drift more than that
         assert s.rows_computed < s.rows_full  # the cache saved work
 
