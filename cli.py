@@ -14,7 +14,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 console = Console(stderr=True)
-out = Console()
+out = Console(width=None if sys.stdout.isatty() else 160)  # tables piped to a file are not cropped to 80
 
 
 def friendly_errors(fn):
@@ -185,7 +185,7 @@ def eval_cmd(model, tasks, n, policies, steps, blocks, batch_size, seed, device,
     t = Table(title=f"eval · {Path(str(ck.path)).name} · {device} · {dtype}")
     t.add_column("task", min_width=max(map(len, tasks)))
     t.add_column("policy", min_width=max(map(len, policies)))
-    for col in ("n", "accuracy", "NFE", "rows/step", "rows/token", "early", "wall s", "tok/s"):
+    for col in ("n", "acc", "NFE", "rows/step", "rows/tok", "early", "wall s", "tok/s"):
         t.add_column(col, justify="right")
     for r in rows:
         t.add_row(r.task, r.policy, str(r.n), f"{r.accuracy:.3f}", f"{r.forward_passes:.1f}", f"{r.rows_fraction:.3f}",

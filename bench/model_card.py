@@ -74,7 +74,7 @@ def card(name: str, notes: str = "") -> str:
         docs = [json.loads(f.read_text()) for f in cpu if f.exists()]
         rows = [r for d in docs for r in d["results"]]
         files = ", ".join(f"`bench/results/{f.name}`" for f in cpu if f.exists())
-        lines += [f"On CPU (fp32, `bash bench/eval_shipped.sh`; {files}):", "", *_table({"results": rows}), ""]
+        lines += [f"On CPU (fp32, `bash bench/eval_shipped.sh`; {files}; tokens/s measured on 2 cores shared with other jobs, not a speed figure):", "", *_table({"results": rows}), ""]
     gpu = RESULTS / f"eval-{name}-gpu.json"
     if gpu.exists():
         doc = json.loads(gpu.read_text())

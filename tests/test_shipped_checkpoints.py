@@ -53,7 +53,7 @@ def test_cli_eval_on_a_shipped_checkpoint(tmp_path):
     r = CliRunner().invoke(main, ["eval", "-m", "tiny-llada-tasks", "--task", "sudoku4:clues=8-12", "--n", "6",
                                   "--out", str(out)])
     assert r.exit_code == 0, r.output
-    assert "sudoku4:clues=8-12" in r.stdout and "accuracy" in r.stdout
+    assert "sudoku4:clues=8-12" in r.stdout and "acc" in r.stdout and "rows/tok" in r.stdout
     doc = json.loads(out.read_text())
     assert doc["results"][0]["n"] == 6 and len(doc["records"]) == 6
 
@@ -61,3 +61,25 @@ def test_cli_eval_on_a_shipped_checkpoint(tmp_path):
 def test_cli_eval_rejects_bad_task_before_loading(tmp_path):
     r = CliRunner().invoke(main, ["eval", "-m", "no/such-model", "--task", "sudoku4:level=3"])
     assert r.exit_code != 0 and "no difficulty level" in r.output
+
+
+# Documented accuracy bands per policy (README, "Decode policies"): floors at N=16 well below the N=40
+# figures of bench/results/policies-*-cpu.json, so that sampling noise does not fail CI but a policy that
+# breaks decoding (chance level is ~0) does.
+POLICY_FLOORS = {
+    "sudoku4:clues=8-12": {"none": 0.8, "decode": 0.8, "greedy": 0.75, "block": 0.8, "dual": 0.75,
+                           "adaptive": 0.8, "none+parallel": 0.75, "decode+parallel+early": 0.7},
+    "countdown:numbers=3": {"decode": 0.4, "greedy": 0.25, "dual": 0.4, "adaptive": 0.4, "dual+parallel": 0.4},
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED_ALIASES))
+@pytest.mark.parametrize("task", sorted(POLICY_FLOORS))
+def test_each_policy_stays_within_its_band(name, task):
+    be, tok, ck = make_backend("torch", name, dtype="float32", device="cpu")
+    floors = POLICY_FLOORS[task]
+    res, _ = evaluate(be, tok, task, 16, list(floors), seed=7, batch_size=16, blocks=1 if ck.family == "dream" else 2)
+    for r in res:
+        assert r.accuracy >= floors[r.policy], (name, task, r.policy, r.accuracy)
+        if r.policy != "none":
+            assert r.rows_fraction < 1.0 or "parallel" in r.policy  # the policy saved work
