@@ -24,6 +24,8 @@ demo: setup
 	$(BIN)/python cli.py make-tiny --arch llada --out out/demo/llada
 	$(BIN)/python cli.py generate --model out/demo/llada --chat --prompt "What is 2+2?" \
 		--max-new-tokens 32 --steps 16 --block-length 16
+	$(BIN)/python cli.py generate --model tiny-llada-tasks --prompt $$'sudoku\n0120\n4231\n2000\n0040\n' \
+		--max-new-tokens 20 --steps 20 --block-length 20 --policy dual+parallel
 
 test: setup
 	$(BIN)/python -m pytest -q
