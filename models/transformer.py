@@ -96,14 +96,20 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(a.hidden_size, a.num_kv_heads * a.head_dim, bias=a.qkv_bias)
         self.o_proj = nn.Linear(a.num_heads * a.head_dim, a.hidden_size, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, write_idx: Tensor, past_k: Tensor, past_v: Tensor,
-                key_mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q [B, H, A, D] and k, v [B, Hkv, A, D] of rows `x`, RoPE applied to q and k."""
         B, A, _ = x.shape
         H, Hkv, D = self.a.num_heads, self.a.num_kv_heads, self.a.head_dim
         q = self.q_proj(x).view(B, A, H, D).transpose(1, 2)
         k = self.k_proj(x).view(B, A, Hkv, D).transpose(1, 2)
         v = self.v_proj(x).view(B, A, Hkv, D).transpose(1, 2)
-        q, k = apply_rope(q, cos[:, None], sin[:, None]), apply_rope(k, cos[:, None], sin[:, None])
+        return apply_rope(q, cos[:, None], sin[:, None]), apply_rope(k, cos[:, None], sin[:, None]), v
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, write_idx: Tensor, past_k: Tensor, past_v: Tensor,
+                key_mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        B, A, _ = x.shape
+        H, Hkv, D = self.a.num_heads, self.a.num_kv_heads, self.a.head_dim
+        q, k, v = self.qkv(x, cos, sin)
         k_old = past_k.gather(2, write_idx)
         present_k = past_k.scatter(2, write_idx, k.to(past_k.dtype))
         present_v = past_v.scatter(2, write_idx, v.to(past_v.dtype))
@@ -122,10 +128,7 @@ class Attention(nn.Module):
         with every row active, without the cache scatter and drift bookkeeping)."""
         B, L, _ = x.shape
         H, Hkv, D = self.a.num_heads, self.a.num_kv_heads, self.a.head_dim
-        q = self.q_proj(x).view(B, L, H, D).transpose(1, 2)
-        k = self.k_proj(x).view(B, L, Hkv, D).transpose(1, 2)
-        v = self.v_proj(x).view(B, L, Hkv, D).transpose(1, 2)
-        q, k = apply_rope(q, cos[:, None], sin[:, None]), apply_rope(k, cos[:, None], sin[:, None])
+        q, k, v = self.qkv(x, cos, sin)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, enable_gqa=H != Hkv)
         return self.o_proj(o.transpose(1, 2).reshape(B, L, H * D))
 

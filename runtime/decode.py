@@ -14,7 +14,7 @@ from typing import Callable, Protocol
 import torch
 from torch import Tensor
 
-from .policies import NEVER, DecodePlan, DecodeState, parse_policy, rows_of
+from .policies import NEVER, DecodePlan, DecodeState, parse_policy, positions_of, rows_of
 from .step import StepBackend, StepInputs, StepOutputs
 
 
@@ -81,16 +81,6 @@ def pack_rows(active: Tensor) -> Tensor:
 def source_rows(positions: Tensor, shift: bool) -> Tensor:
     """Row whose logits predict each position: p-1 under Dream's shift (row 0 predicts itself), else p."""
     return (positions - 1).clamp_min(0) if shift else positions
-
-
-def positions_of(rows: Tensor, shift: bool) -> Tensor:
-    """Positions predicted by the given rows (inverse of `rows_of`)."""
-    if not shift:
-        return rows
-    pos = torch.zeros_like(rows)
-    pos[:, 1:] = rows[:, :-1]
-    pos[:, 0] = rows[:, 0]
-    return pos
 
 
 def denoise(backend: StepBackend, x: Tensor, attention_mask: Tensor, rule: Rule, *,

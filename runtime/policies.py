@@ -207,6 +207,16 @@ def rows_of(positions: Tensor, shift: bool) -> Tensor:
     return rows
 
 
+def positions_of(rows: Tensor, shift: bool) -> Tensor:
+    """Positions predicted by the given rows (inverse of `rows_of`)."""
+    if not shift:
+        return rows
+    pos = torch.zeros_like(rows)
+    pos[:, 1:] = rows[:, :-1]
+    pos[:, 0] = rows[:, 0]
+    return pos
+
+
 @dataclass
 class Parallel:
     """Confidence-threshold parallel decoding (Fast-dLLM): commit every computed masked token whose
