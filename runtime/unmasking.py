@@ -55,7 +55,8 @@ class DreamRule:
         return i == self.steps - 1
 
     def quota(self, i: int, needed: Tensor, parallel=None) -> Tensor:
-        """Tokens per sequence this step will commit (at least; parallel decoding may commit more)."""
+        """Tokens per sequence this step will commit (at least; parallel decoding may commit more). Upstream
+        computes the count from the batch mean of masked tokens; the last step commits every one left."""
         num_mask = needed.sum(1)
         if self.needs_all(i):
             return num_mask
@@ -69,7 +70,6 @@ class DreamRule:
         """`logits` [N, V] are the predictions at the `computed` positions (default: all `needed`) in
         row-major order; returns the new canvas. Only computed positions can be committed."""
         computed = needed if computed is None else computed
-        mask_index = needed
         t, s = self.timesteps[i], self.timesteps[i + 1]
         last = self.needs_all(i)
         kw = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
@@ -86,8 +86,7 @@ class DreamRule:
             return x
         confidence, x0 = sample_tokens(logits, margin_confidence=self.alg == "topk_margin",
                                        neg_entropy=self.alg == "entropy", **kw)
-        num_mask = mask_index.sum() / mask_index.shape[0]  # upstream schedules on the batch mean
-        n = int(mask_index.sum(1).max()) if last else int(num_mask * (1 - s / t))
+        n = int(self.quota(i, needed).max())  # upstream schedules on the batch mean; the last step takes all
         if n <= 0:
             return x
         full_conf = torch.full(x.shape, -torch.inf, dtype=logits.dtype, device=x.device)
