@@ -22,7 +22,7 @@ from bench.evaluate import evaluate
 from runtime.backends import make_backend
 
 CACHES = ["none", "decode", "greedy", "block", "dual", "adaptive"]
-MODS = ["", "+parallel", "+early"]
+MODS = ["", "+parallel", "+early", "+parallel+early"]
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -36,13 +36,17 @@ RESULTS = Path(__file__).resolve().parent / "results"
 @click.option("--blocks", default=2, show_default=True, help="LLaDA blocks per answer.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--batch-size", default=100, show_default=True)
-def main(models, tasks, policies, n, blocks, device, batch_size):
+@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=RESULTS, show_default=True)
+def main(models, tasks, policies, n, blocks, device, batch_size, out_dir):
     console = Console()
+    out_dir.mkdir(parents=True, exist_ok=True)
     lines = [f"| model | task | policy | n | accuracy | forward passes | rows/token | early | tokens/s |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for model in models:
         be, tok, ck = make_backend("torch", model, dtype="float32", device=device)
         b = 1 if ck.family == "dream" else blocks
+        if device.startswith("cuda"):  # kernels and allocator warmed up so the first policy's wall time is fair
+            evaluate(be, tok, tasks[0], min(n, batch_size), [policies[0]], batch_size=batch_size, blocks=b)
         rows = []
         with Progress(console=console) as prog:
             for task in tasks:
@@ -50,8 +54,10 @@ def main(models, tasks, policies, n, blocks, device, batch_size):
                 res, _ = evaluate(be, tok, task, n, list(policies), batch_size=batch_size, blocks=b,
                                   progress=lambda k, t=bar: prog.advance(t, k))
                 rows += res
-        out = RESULTS / f"policies-{model}-{device.split(':')[0]}.json"
-        out.write_text(json.dumps({"model": model, "device": device, "torch": torch.__version__, "blocks": b,
+        out = out_dir / f"policies-{model}-{device.split(':')[0]}.json"
+        gpu = torch.cuda.get_device_name(device) if device.startswith("cuda") else None
+        out.write_text(json.dumps({"model": model, "device": device, "gpu": gpu, "torch": torch.__version__,
+                                   "blocks": b, "batch_size": batch_size,
                                    "results": [r.to_dict() for r in rows]}, indent=1) + "\n")
         t = Table(title=f"{model} · {device} · blocks {b}")
         for col in ("task", "policy", "acc", "NFE", "rows/tok", "early", "tok/s"):
@@ -63,7 +69,7 @@ def main(models, tasks, policies, n, blocks, device, batch_size):
                          f"{r.rows_per_token:.1f} | {r.early_committed:.1f} | {r.tokens_per_s:.0f} |")
         console.print(t)
         console.print(f"results: {out}")
-    md = RESULTS / f"policies-{device.split(':')[0]}.md"
+    md = out_dir / f"policies-{device.split(':')[0]}.md"
     md.write_text("\n".join(lines) + "\n")
     console.print(f"table: {md}")
 

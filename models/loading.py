@@ -245,20 +245,30 @@ def _read_chunked(fh, start: int, shape: torch.Size, src: torch.dtype, dtype: to
     return out
 
 
-def load_weights(ck: Checkpoint, dtype: torch.dtype, device: torch.device, progress=None) -> DiffusionLM:
-    """Build the model on the meta device and fill it tensor by tensor from the shards. safe_open only
-    validates and describes them; the bytes are read, never mapped (see _read_chunked), so peak RSS stays
-    near the loaded bytes plus one _CHUNK_BYTES buffer, and the model does not depend on the files later."""
+@dataclass(frozen=True)
+class TensorRef:
+    """Where one weight lives: its shard, its name there, the file offset of its bytes, shape and stored dtype."""
+
+    shard: Path
+    key: str
+    offset: int
+    shape: torch.Size
+    dtype: torch.dtype
+
+
+def tensor_index(ck: Checkpoint) -> dict[str, TensorRef]:
+    """Every weight of the model under our parameter names, validated against the config (names, shapes, dtypes,
+    completeness) from the safetensors headers alone: nothing is read. The loader and the ONNX exporter use it."""
     fam = FAMILIES[ck.family]
     with torch.device("meta"):
         model = DiffusionLM(ck.args)
     expected = {n: p.shape for n, p in model.named_parameters()}
     if ck.args.tie_word_embeddings:
         expected.pop("lm_head.weight")
-    seen: set[str] = set()
+    index: dict[str, TensorRef] = {}
     for shard in ck.weight_files:
         try:
-            with safe_open(str(shard), framework="pt", device="cpu") as f, open(shard, "rb") as fh:
+            with safe_open(str(shard), framework="pt", device="cpu") as f:
                 offsets = _data_offsets(shard)
                 for key in f.keys():
                     name = fam.checkpoint_to_ours(key)
@@ -281,17 +291,40 @@ def load_weights(ck: Checkpoint, dtype: torch.dtype, device: torch.device, progr
                         raise CheckpointError(
                             f"tensor '{key}' in {shard.name} is stored as {sl.get_dtype()}; only unquantised "
                             f"checkpoints ({', '.join(_ST_DTYPES)}) are supported, use the original bf16 weights")
-                    _set_tensor(model, name, _read_chunked(fh, offsets[key], shape, src, dtype, device))
-                    seen.add(name)
-                    if progress is not None:
-                        progress()
+                    index[name] = TensorRef(shard, key, offsets[key], shape, src)
         except SafetensorError as e:
             raise CheckpointError(f"corrupt safetensors file {shard}: {e}; re-download it") from None
-    missing = sorted(set(expected) - seen)
+    missing = sorted(set(expected) - set(index))
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise CheckpointError(f"checkpoint {ck.path} lacks {len(missing)} tensor(s): {', '.join(missing[:5])}{more}; "
                               "the download is incomplete or the config does not match the weights")
+    return index
+
+
+def read_tensor(ref: TensorRef, dtype: torch.dtype, device: torch.device | str = "cpu", fh=None) -> torch.Tensor:
+    """One weight, converted to `dtype` on `device` while reading (see _read_chunked)."""
+    if fh is not None:
+        return _read_chunked(fh, ref.offset, ref.shape, ref.dtype, dtype, torch.device(device))
+    with open(ref.shard, "rb") as f:
+        return _read_chunked(f, ref.offset, ref.shape, ref.dtype, dtype, torch.device(device))
+
+
+def load_weights(ck: Checkpoint, dtype: torch.dtype, device: torch.device, progress=None) -> DiffusionLM:
+    """Build the model on the meta device and fill it tensor by tensor from the shards. safe_open only
+    validates and describes them; the bytes are read, never mapped (see _read_chunked), so peak RSS stays
+    near the loaded bytes plus one _CHUNK_BYTES buffer, and the model does not depend on the files later."""
+    index = tensor_index(ck)
+    with torch.device("meta"):
+        model = DiffusionLM(ck.args)
+    for shard in ck.weight_files:
+        with open(shard, "rb") as fh:
+            for name, ref in index.items():
+                if ref.shard != shard:
+                    continue
+                _set_tensor(model, name, read_tensor(ref, dtype, device, fh))
+                if progress is not None:
+                    progress()
     model.register_buffer("inv_freq", rope_inv_freq(ck.args, device), persistent=False)
     model.tie_weights()
     return model.eval()

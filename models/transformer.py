@@ -87,10 +87,22 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotate_half(x) * sin
 
 
+def cached_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor) -> Tensor:
+    """softmax(q k^T / sqrt(D), keys where `valid`) v with grouped-query heads: q [B, H, A, D], k/v
+    [B, Hkv, L, D], valid [B, L] bool -> [B, H, A, D]. The ONNX export emits exactly this, either as standard
+    operators or as one `dlmtrt::CachedAttention` node (export/attention.py) that the TensorRT plugin implements."""
+    B, H, A, D = q.shape
+    Hkv = k.shape[1]
+    kk = k[:, :, None].expand(B, Hkv, H // Hkv, *k.shape[2:]).reshape(B, H, -1, D)
+    vv = v[:, :, None].expand(B, Hkv, H // Hkv, *v.shape[2:]).reshape(B, H, -1, D)
+    return F.scaled_dot_product_attention(q, kk, vv, attn_mask=valid[:, None, None, :])
+
+
 class Attention(nn.Module):
     def __init__(self, a: ModelArgs):
         super().__init__()
         self.a = a
+        self.attend = cached_attention  # swapped by the exporter for the plugin node
         self.q_proj = nn.Linear(a.hidden_size, a.num_heads * a.head_dim, bias=a.qkv_bias)
         self.k_proj = nn.Linear(a.hidden_size, a.num_kv_heads * a.head_dim, bias=a.qkv_bias)
         self.v_proj = nn.Linear(a.hidden_size, a.num_kv_heads * a.head_dim, bias=a.qkv_bias)
@@ -106,17 +118,14 @@ class Attention(nn.Module):
         return apply_rope(q, cos[:, None], sin[:, None]), apply_rope(k, cos[:, None], sin[:, None]), v
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, write_idx: Tensor, past_k: Tensor, past_v: Tensor,
-                key_mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                valid: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         B, A, _ = x.shape
         H, Hkv, D = self.a.num_heads, self.a.num_kv_heads, self.a.head_dim
         q, k, v = self.qkv(x, cos, sin)
         k_old = past_k.gather(2, write_idx)
         present_k = past_k.scatter(2, write_idx, k.to(past_k.dtype))
         present_v = past_v.scatter(2, write_idx, v.to(past_v.dtype))
-        rep = H // Hkv
-        kk = present_k[:, :, None].expand(B, Hkv, rep, *present_k.shape[2:]).reshape(B, H, -1, D)
-        vv = present_v[:, :, None].expand(B, Hkv, rep, *present_v.shape[2:]).reshape(B, H, -1, D)
-        o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=key_mask)
+        o = self.attend(q, present_k, present_v, valid)
         o = self.o_proj(o.transpose(1, 2).reshape(B, A, H * D))
         dk = (k.float() - k_old.float()).pow(2).sum(dim=(1, 3))
         k0 = k_old.float().pow(2).sum(dim=(1, 3))
@@ -212,7 +221,7 @@ class DiffusionLM(nn.Module):
         cos, sin = rope_cos_sin(rope_pos, self.inv_freq, self.lm_head.weight.dtype)
         written = torch.zeros_like(stable_mask).scatter(1, position_ids, torch.ones_like(position_ids, dtype=torch.bool))
         present_valid = stable_mask | written
-        key_mask = (present_valid & attention_mask)[:, None, None, :]
+        key_mask = present_valid & attention_mask
         write_idx = position_ids[:, None, :, None].expand(B, a.num_kv_heads, A, D)
 
         x = self.model.embed_tokens(input_ids)

@@ -183,11 +183,8 @@ def _early_commit(early, x: Tensor, needed: Tensor, computed: Tensor, probs: Ten
     argmax[computed] = probs.argmax(-1)
     progress = 1 - (x == mask_id).logical_and(answer).sum(1).float() / answer.sum(1).clamp_min(1)
     rest = needed & (x == mask_id)
-    x = x.clone()
-    for b in range(x.shape[0]):
-        if not rest[b].any() or (rest[b] & ~computed[b]).any():
-            continue
-        if bool((gap[b][rest[b]] >= early.threshold(float(progress[b]))).all()):
-            x[b, rest[b]] = argmax[b, rest[b]]
-            stats.early_committed += int(rest[b].sum())
-    return x
+    gap_ok = torch.where(rest, gap >= early.thresholds(progress)[:, None], True).all(1)
+    fire = rest.any(1) & ~(rest & ~computed).any(1) & gap_ok
+    take = rest & fire[:, None]
+    stats.early_committed += int(take.sum())
+    return torch.where(take, argmax, x)

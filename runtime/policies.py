@@ -250,6 +250,11 @@ class EarlyCommit:
     def threshold(self, progress: float) -> float:
         return self.gaps[0] if progress < 1 / 3 else self.gaps[1] if progress < 2 / 3 else self.gaps[2]
 
+    def thresholds(self, progress: Tensor) -> Tensor:
+        """`threshold` for a batch of progress values, without leaving the device."""
+        g = torch.tensor(self.gaps, device=progress.device, dtype=torch.float)
+        return g[(progress >= 1 / 3).long() + (progress >= 2 / 3).long()]
+
 
 CACHE_POLICIES: dict[str, type] = {"none": NoCache, "decode": DKVDecode, "greedy": DKVGreedy,
                                    "block": BlockCache, "dual": BlockCache, "adaptive": AdaptiveCache}
