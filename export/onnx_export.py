@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -123,7 +124,11 @@ def _prepare_out_dir(out: Path, overwrite: bool) -> Path:
         raise ExportError(f"output directory {out} is not empty; choose a new --out or pass --overwrite")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make the export private to its writer
+        return tmp
     except OSError as e:
         raise ExportError(f"cannot write the export to {out}: {e.strerror or e} ({e.filename or out.parent}); "
                           "choose a writable --out") from None
@@ -176,6 +181,7 @@ def trace_step(ck: Checkpoint, dtype: torch.dtype, opset: int, attention: str) -
         for layer in m.model.layers:
             layer.self_attn.attend = attn.plugin_attention
     n = a.num_layers
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)  # torchvision absent
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         prog = torch.onnx.export(StepGraph(m).eval(), example_inputs(a, dtype, "meta"), dynamo=True, optimize=False,
