@@ -30,16 +30,54 @@ OP = "CachedAttention"
 VERSION = 1
 
 
+@torch.library.custom_op("dlmtrt::cached_attention", mutates_args=())
+def _cached_attention_op(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, num_heads: int, num_kv_heads: int,
+                         head_dim: int, scale: float) -> Tensor:
+    from models.transformer import cached_attention
+    return cached_attention(q, k, v, valid)
+
+
+@_cached_attention_op.register_fake
+def _(q, k, v, valid, num_heads, num_kv_heads, head_dim, scale):
+    return torch.empty_like(q)
+
+
 def plugin_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor) -> Tensor:
-    """Drop-in for `cached_attention` that, while exporting, becomes one `dlmtrt::CachedAttention` node."""
-    if not torch.onnx.is_in_onnx_export():
-        from models.transformer import cached_attention
-        return cached_attention(q, k, v, valid)
-    H, D, Hkv = q.shape[1], q.shape[3], k.shape[1]
-    return torch.onnx.ops.symbolic(
-        f"{DOMAIN}::{OP}", (q, k, v, valid),
-        dict(num_heads=int(H), num_kv_heads=int(Hkv), head_dim=int(D), scale=1.0 / math.sqrt(D)),
-        dtype=q.dtype, shape=q.shape, version=VERSION)
+    """Drop-in for `cached_attention` that the exporter turns into one `dlmtrt::CachedAttention` node
+    (see `translation_table`); run eagerly it is `cached_attention` itself."""
+    D = q.shape[3]
+    return _cached_attention_op(q, k, v, valid, int(q.shape[1]), int(k.shape[1]), int(D), 1.0 / math.sqrt(D))
+
+
+def schema() -> onnx.defs.OpSchema:
+    """The node's ONNX schema (also what lets onnx.checker and onnxscript validate it), registered once."""
+    if onnx.defs.has(OP, VERSION, DOMAIN):
+        return onnx.defs.get_schema(OP, VERSION, DOMAIN)
+    S = onnx.defs.OpSchema
+    A = onnx.defs.OpSchema.AttrType
+    s = S(OP, DOMAIN, VERSION, doc=__doc__,
+          inputs=[S.FormalParameter("q", "T"), S.FormalParameter("k", "T"), S.FormalParameter("v", "T"),
+                  S.FormalParameter("valid", "tensor(bool)")],
+          outputs=[S.FormalParameter("o", "T")],
+          type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "activations")],
+          attributes=[S.Attribute("num_heads", A.INT, "query heads H"),
+                      S.Attribute("num_kv_heads", A.INT, "key/value heads Hkv"),
+                      S.Attribute("head_dim", A.INT, "head size D"),
+                      S.Attribute("scale", A.FLOAT, "logit scale, 1/sqrt(D)")])
+    onnx.defs.register_schema(s)
+    return s
+
+
+def translation_table() -> dict:
+    """`custom_translation_table` entry for torch.onnx.export: our op -> the custom-domain node."""
+    import onnxscript
+    op = onnxscript.values.Opset(DOMAIN, VERSION)
+    schema()
+
+    def cached_attention_node(q, k, v, valid, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+        return op.CachedAttention(q, k, v, valid, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                                  scale=scale)
+    return {torch.ops.dlmtrt.cached_attention.default: cached_attention_node}
 
 
 def reference_function(opset: int) -> onnx.FunctionProto:

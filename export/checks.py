@@ -132,17 +132,62 @@ def _widen_bf16(m: onnx.ModelProto) -> onnx.ModelProto:
     return m
 
 
+def _widen_external_bf16(m: onnx.ModelProto, src_dir: Path, data_path: Path) -> onnx.ModelProto:
+    """_widen_bf16 for a model loaded without its external data: each external weight is read from `src_dir`,
+    widened if bf16, and appended to `data_path` (whose name the tensors then reference) one tensor at a time,
+    so the weights are never all in memory and no proto over protobuf's 2 GiB limit is built."""
+    from onnx import TensorProto
+    with open(data_path, "wb") as out:
+        for t in m.graph.initializer:
+            if t.data_location != TensorProto.EXTERNAL:
+                continue
+            info = {e.key: e.value for e in t.external_data}
+            raw = np.fromfile(src_dir / info["location"], dtype=np.uint8, count=int(info["length"]),
+                              offset=int(info.get("offset", 0)))
+            if t.data_type == TensorProto.BFLOAT16:  # exact: bf16 is the top half of an fp32 (little-endian)
+                wide = raw.view("<u2").astype("<u4")
+                del raw
+                wide <<= 16
+                raw = wide.view(np.uint8)
+                t.data_type = TensorProto.FLOAT
+            offset = out.tell()
+            raw.tofile(out)
+            del t.external_data[:]
+            for k, v in (("location", data_path.name), ("offset", str(offset)), ("length", str(raw.size))):
+                e = t.external_data.add()
+                e.key, e.value = k, v
+            del raw
+    return _widen_bf16(m)  # inline bf16 tensors, types, casts
+
+
 def session_for_check(path: Path, attention: str, dtype: str):
     """An ONNX Runtime CPU session over the exported graph (plugin node given its reference function)."""
     import onnxruntime as ort
+    path = Path(path)
     if attention == "standard" and dtype != "bfloat16":
         return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    m = onnx.load(str(path))
+    m = onnx.load(str(path), load_external_data=False)
     if attention == "plugin":
         m = attn.with_reference(m)
-    if dtype == "bfloat16":
-        m = _widen_bf16(m)
-    return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    if not any(t.data_location == onnx.TensorProto.EXTERNAL for t in m.graph.initializer):
+        if dtype == "bfloat16":
+            m = _widen_bf16(m)
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    # Weights in external data (the model may be over 2 GiB): the modified graph goes to ONNX Runtime as a file
+    # beside the export, referencing the export's data file, or for bf16 a widened copy written tensor by tensor.
+    fd, tmp = tempfile.mkstemp(prefix=".check-", suffix=".onnx", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    data = tmp.with_suffix(".onnx.data")
+    try:
+        if dtype == "bfloat16":
+            m = _widen_external_bf16(m, path.parent, data)
+        onnx.save_model(m, str(tmp))
+        del m
+        return ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+    finally:
+        tmp.unlink(missing_ok=True)
+        data.unlink(missing_ok=True)
 
 
 def _to_numpy(t: torch.Tensor) -> np.ndarray:

@@ -186,7 +186,8 @@ def trace_step(ck: Checkpoint, dtype: torch.dtype, opset: int, attention: str) -
         warnings.simplefilter("ignore")
         prog = torch.onnx.export(StepGraph(m).eval(), example_inputs(a, dtype, "meta"), dynamo=True, optimize=False,
                                  dynamic_shapes=dynamic_shapes(n), input_names=input_names(n),
-                                 output_names=output_names(n), opset_version=opset, verbose=False)
+                                 output_names=output_names(n), opset_version=opset,
+                                 custom_translation_table=attn.translation_table() if attention == "plugin" else None, verbose=bool(os.environ.get("DLMTRT_EXPORT_VERBOSE")))
     model = prog.model
     nbytes = _lazy_weights(model, ck, dtype, "m.")
     _optimize(model)

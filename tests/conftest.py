@@ -31,3 +31,21 @@ def tiny_dir(tmp_path_factory):
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory):
+    """Session-wide ONNX exports of the shipped task checkpoints (each costs ~20 s of tracing):
+    exported('dream', dtype='float32', attention='standard') -> export directory."""
+    from export.onnx_export import export_step
+    cache: dict[tuple, Path] = {}
+
+    def get(family: str, dtype: str = "float32", attention: str = "standard") -> Path:
+        key = (family, dtype, attention)
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"onnx_{family}_{dtype}_{attention}") / "export"
+            res = export_step(f"tiny-{family}-tasks", out, dtype=dtype, attention=attention, log=lambda m: None)
+            assert res.checks is not None and res.checks.ok
+            cache[key] = out
+        return cache[key]
+    return get

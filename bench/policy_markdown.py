@@ -1,0 +1,46 @@
+"""Compact markdown of the policy tables (bench/results/policies-<model>-<device>.json) for the README.
+
+    python -m bench.policy_markdown --device cuda > /tmp/table.md
+
+One table per model, one row per policy, one cell per task: accuracy · forward passes · rows/token · tokens/s.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _k(x: float) -> str:
+    return f"{x / 1000:.1f}k" if x >= 1000 else f"{x:.0f}"
+
+
+@click.command()
+@click.option("--device", default="cuda", show_default=True)
+@click.option("--model", "models", multiple=True, default=["tiny-dream-tasks", "tiny-llada-tasks"], show_default=True)
+def main(device, models):
+    for model in models:
+        d = json.loads((RESULTS / f"policies-{model}-{device}.json").read_text())
+        tasks = list(dict.fromkeys(r["task"] for r in d["results"]))
+        by = {(r["task"], r["policy"]): r for r in d["results"]}
+        n = d["results"][0]["n"]
+        click.echo(f"**{model}** ({d.get('gpu') or device}, torch {d['torch']}, fp32, n={n} per task, batch "
+                   f"{d.get('batch_size', '?')}, blocks {d['blocks']}): accuracy · forward passes · rows/token · "
+                   "tokens/s\n")
+        click.echo("| policy | " + " | ".join(tasks) + " |")
+        click.echo("| --- |" + " --- |" * len(tasks))
+        for pol in dict.fromkeys(r["policy"] for r in d["results"]):
+            cells = []
+            for t in tasks:
+                r = by[(t, pol)]
+                cells.append(f"{r['accuracy']:.3f} · {r['forward_passes']:.1f} · {r['rows_per_token']:.1f} · "
+                             f"{_k(r['tokens_per_s'])}")
+            click.echo(f"| `{pol}` | " + " | ".join(cells) + " |")
+        click.echo("")
+
+
+if __name__ == "__main__":
+    main()
