@@ -170,26 +170,14 @@ def make_torch_runner(model, name: str = "torch"):
     return TorchStepRunner(lambda: graph, meta, output_names(a.num_layers), name=name)
 
 
-def onnx_for_ort(path: Path, attention: str, dtype: str):
-    """What ONNX Runtime (CPU) is given: the path itself, or the bytes of a copy with the plugin attention
-    given its reference function and bf16 widened to fp32 (export/checks.py session_for_check)."""
-    if attention == "standard" and dtype != "bfloat16":
-        return str(path)
-    import onnx
-
-    from export import attention as attn
-    from export.checks import _widen_bf16
-    m = onnx.load(str(path))
-    if attention == "plugin":
-        m = attn.with_reference(m)
-    if dtype == "bfloat16":
-        m = _widen_bf16(m)
-    return m.SerializeToString()
-
-
 def make_onnxrt_runner(path: Path, attention: str, dtype: str, name: str = "onnxruntime"):
-    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
-    return OnnxrtRunner(SessionFromOnnx(onnx_for_ort(path, attention, dtype)), name=name)
+    """ONNX Runtime (CPU) over the exported graph, through export/checks.py `session_for_check`: a plugin graph
+    gets its reference attention function and bf16 is widened to fp32 (no CPU bf16 kernels), external data
+    (graphs over 2 GiB) included."""
+    from polygraphy.backend.onnxrt import OnnxrtRunner
+
+    from export.checks import session_for_check
+    return OnnxrtRunner(lambda: session_for_check(Path(path), attention, dtype), name=name)
 
 
 def _first_line(e: BaseException) -> str:
