@@ -32,7 +32,7 @@ def describe_model(backend: str, model: str) -> ModelSource:
     raise ValueError(f"unknown backend '{backend}'; available: {', '.join(BACKENDS)}")
 
 
-def make_backend(name: str, model: str, dtype: str | None = "float32", device: str | None = "cpu", progress=None):
+def make_backend(name: str, model: str, dtype: str | None = None, device: str | None = "cpu", progress=None):
     """(backend, tokenizer, ModelSource) for a backend name and a model: a checkpoint directory, alias or repo id
     for `torch`; an export directory (`cli.py export`) for `onnxruntime`. `dtype` None means the default
     (float32 for checkpoints, the exported dtype for graphs)."""
