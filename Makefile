@@ -26,6 +26,9 @@ demo: setup
 		--max-new-tokens 32 --steps 16 --block-length 16
 	$(BIN)/python cli.py generate --model tiny-llada-tasks --prompt $$'sudoku\n0120\n4231\n2000\n0040\n' \
 		--max-new-tokens 20 --steps 20 --block-length 20 --policy dual+parallel
+	$(BIN)/python cli.py export --model tiny-llada-tasks --out out/demo/llada-onnx
+	$(BIN)/python cli.py generate --model out/demo/llada-onnx --backend onnxruntime \
+		--prompt $$'sudoku\n0120\n4231\n2000\n0040\n' --max-new-tokens 20 --steps 20 --block-length 20 --policy decode
 
 test: setup
 	$(BIN)/python -m pytest -q
