@@ -45,6 +45,8 @@ from pathlib import Path
 
 import click
 
+from bench.load_memory import status as proc_status  # /proc/self/status memory lines, in bytes
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "bench" / "results"
 MiB, GiB = 2 ** 20, 2 ** 30
@@ -66,16 +68,6 @@ PRESETS = {
 
 
 # ----------------------------------------------------------------------------------------------- memory probes
-
-def proc_status() -> dict[str, int]:
-    """Memory lines of /proc/self/status, in bytes."""
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            k, _, v = line.partition(":")
-            if k in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem"):
-                out[k] = int(v.split()[0]) * 1024
-    return out
 
 
 class StageSampler(threading.Thread):
