@@ -7,7 +7,6 @@ equality for `present_valid`).
 """
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 from dataclasses import dataclass, field

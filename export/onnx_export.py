@@ -17,7 +17,6 @@ passed, so a failed export leaves nothing behind.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import os
@@ -29,15 +28,14 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import onnx
 import onnx_ir as ir
 import torch
 
-from models.loading import Checkpoint, CheckpointError, load_tokenizer, open_checkpoint, read_tensor, tensor_index
+from models.loading import Checkpoint, load_tokenizer, open_checkpoint, read_tensor, tensor_index
 from models.transformer import DiffusionLM, rope_inv_freq
 
 from . import attention as attn
-from .metadata import PREFIX, write_metadata
+from .metadata import write_metadata
 from .step_graph import StepGraph, dynamic_shapes, example_inputs, input_names, output_names
 
 SUPPORTED_OPSETS = range(18, 24)
@@ -134,10 +132,9 @@ def _prepare_out_dir(out: Path, overwrite: bool) -> Path:
                           "choose a writable --out") from None
 
 
-def _lazy_weights(model: ir.Model, ck: Checkpoint, dtype: torch.dtype, prefix: str) -> int:
+def _lazy_weights(model: ir.Model, ck: Checkpoint, index: dict, dtype: torch.dtype, prefix: str) -> int:
     """Give every initializer its weight as a lazy tensor read from the checkpoint; rename `prefix`.x to x.
     Returns the weight bytes in the export dtype."""
-    index = tensor_index(ck)
     a = ck.args
     total = 0
     for name, value in list(model.graph.initializers.items()):
@@ -170,8 +167,9 @@ def _optimize(model: ir.Model) -> None:
     onnxscript.optimizer.optimize_ir(model, should_fold=should_fold)
 
 
-def trace_step(ck: Checkpoint, dtype: torch.dtype, opset: int, attention: str) -> tuple[ir.Model, int]:
-    """The step graph of `ck` with lazy weights: (model, weight bytes)."""
+def trace_step(ck: Checkpoint, dtype: torch.dtype, opset: int, attention: str,
+               index: dict | None = None) -> tuple[ir.Model, int]:
+    """The step graph of `ck` with lazy weights: (model, weight bytes). `index`: `tensor_index(ck)` if known."""
     a = ck.args
     with torch.device("meta"):
         m = DiffusionLM(a).to(dtype)
@@ -189,7 +187,7 @@ def trace_step(ck: Checkpoint, dtype: torch.dtype, opset: int, attention: str) -
                                  output_names=output_names(n), opset_version=opset,
                                  custom_translation_table=attn.translation_table() if attention == "plugin" else None, verbose=bool(os.environ.get("DLMTRT_EXPORT_VERBOSE")))
     model = prog.model
-    nbytes = _lazy_weights(model, ck, dtype, "m.")
+    nbytes = _lazy_weights(model, ck, index if index is not None else tensor_index(ck), dtype, "m.")
     _optimize(model)
     return model, nbytes
 
@@ -216,14 +214,14 @@ def export_step(model: str, out: Path, *, dtype: str = "float32", opset: int = D
     else:
         tok = load_tokenizer(ck)
     check_tokenizer(tok, ck, tok_dir)
-    tensor_index(ck)  # validate the weights before any heavy work
+    index = tensor_index(ck)  # validates the weights before any heavy work
     tmp = _prepare_out_dir(out, overwrite)
     times: dict[str, float] = {}
     try:
         t0 = time.perf_counter()
         log(f"tracing the {ck.family} step graph ({ck.args.num_layers} layers, {dtype}, opset {opset}, "
             f"{attention} attention)")
-        graph, nbytes = trace_step(ck, EXPORT_DTYPES[dtype], opset, attention)
+        graph, nbytes = trace_step(ck, EXPORT_DTYPES[dtype], opset, attention, index)
         times["trace"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         write_metadata(graph, ck, dtype=dtype, attention=attention, opset=opset,
