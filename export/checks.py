@@ -20,7 +20,7 @@ from models.loading import Checkpoint, load_weights
 from models.transformer import ModelArgs
 
 from . import attention as attn
-from .step_graph import input_names, output_names
+from .step_graph import input_names, output_kind, output_names
 
 # (batch, active rows, canvas length, fraction of stable rows, left padding of the first sequence)
 CASES = [(1, 12, 12, 0.0, 0), (2, 5, 24, 0.6, 3), (3, 1, 17, 0.9, 2), (2, 16, 40, 0.3, 5)]
@@ -59,7 +59,7 @@ class NumericReport:
         """Largest relative error per output kind."""
         out: dict[str, Row] = {}
         for r in self.rows:
-            k = _kind(r.output)
+            k = output_kind(r.output)
             if k not in out or r.rel_err / max(r.tol, 1e-30) > out[k].rel_err / max(out[k].tol, 1e-30):
                 out[k] = r
         return out
@@ -70,10 +70,6 @@ class NumericReport:
             if not r.ok:
                 lines.append(f"{r.case:<22} {r.output:<22} {r.rel_err:>10.2e} {r.max_abs:>10.2e} {r.tol:>8.0e}  NO")
         return "\n".join(lines)
-
-
-def _kind(output: str) -> str:
-    return "present" if output.startswith("present.") else output
 
 
 class StructureError(RuntimeError):
@@ -239,6 +235,6 @@ def numeric_check(path: Path, ck: Checkpoint, dtype: str, attention: str, cases=
                 continue
             diff = np.linalg.norm(g - e)
             rel = float(diff / max(np.linalg.norm(e), 1e-6))
-            report.rows.append(Row(label, name, rel, float(np.abs(g - e).max()), tol[_kind(name)]))
+            report.rows.append(Row(label, name, rel, float(np.abs(g - e).max()), tol[output_kind(name)]))
     del ref, sess
     return report

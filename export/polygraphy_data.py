@@ -54,7 +54,7 @@ def _ensure_root_on_path() -> None:
 
 _ensure_root_on_path()
 
-from export.step_graph import input_names, output_names  # noqa: E402
+from export.step_graph import input_names, output_kind, output_names  # noqa: E402
 from export.trajectory import (DEFAULT_POLICIES, DEFAULT_STEPS_PER_POLICY, load_feeds, spread,  # noqa: E402
                                trajectory_feeds)
 
@@ -73,10 +73,6 @@ TOLERANCES = {
     "bfloat16": {"logits": (1e-1, 5e-1), "present": (5e-2, 1e-1), "present_valid": (0.0, 0.0),
                  "kv_drift": (1e-1, 1e-1)},
 }
-
-
-def output_kind(name: str) -> str:
-    return "present" if name.startswith("present.") else name
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from models.transformer import DiffusionLM, ModelArgs
+from runtime.step import StepInputs
 
 STEP_INPUTS = ("input_ids", "position_ids", "stable_mask", "attention_mask")
 STEP_OUTPUTS_TAIL = ("present_valid", "kv_drift")
@@ -21,6 +22,20 @@ def input_names(num_layers: int) -> list[str]:
 def output_names(num_layers: int) -> list[str]:
     return ["logits"] + [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")] + [
         *STEP_OUTPUTS_TAIL]
+
+
+def output_kind(name: str) -> str:
+    """logits, present (any present.{i}.key/.value), present_valid or kv_drift: what tolerances are keyed by."""
+    return "present" if name.startswith("present.") else name
+
+
+def named_inputs(s: StepInputs) -> dict[str, Tensor]:
+    """A `StepInputs` keyed by graph input name, in the graph's order."""
+    feeds = {"input_ids": s.input_ids, "position_ids": s.position_ids, "stable_mask": s.stable_mask,
+             "attention_mask": s.attention_mask}
+    for i, (k, v) in enumerate(zip(s.past_keys, s.past_values)):
+        feeds[f"past_key_values.{i}.key"], feeds[f"past_key_values.{i}.value"] = k, v
+    return feeds
 
 
 class StepGraph(nn.Module):

@@ -28,7 +28,7 @@ import torch
 
 from runtime.step import StepInputs, StepOutputs
 
-from .step_graph import input_names
+from .step_graph import named_inputs
 
 DEFAULT_POLICIES = ("none", "decode", "dual+parallel")
 DEFAULT_STEPS_PER_POLICY = 6
@@ -47,14 +47,8 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
 
 
 def feed_of(s: StepInputs) -> OrderedDict:
-    """A `StepInputs` as a feed dict in the graph's input order (input_names)."""
-    n = len(s.past_keys)
-    by_name = {"input_ids": s.input_ids, "position_ids": s.position_ids, "stable_mask": s.stable_mask,
-               "attention_mask": s.attention_mask}
-    for i, (k, v) in enumerate(zip(s.past_keys, s.past_values)):
-        by_name[f"past_key_values.{i}.key"] = k
-        by_name[f"past_key_values.{i}.value"] = v
-    return OrderedDict((name, _numpy(by_name[name])) for name in input_names(n))
+    """A `StepInputs` as a feed dict of numpy arrays in the graph's input order."""
+    return OrderedDict((name, _numpy(t)) for name, t in named_inputs(s).items())
 
 
 class RecordingBackend:

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from export.metadata import onnx_metadata, read_metadata
+from export.step_graph import named_inputs
 from models.transformer import ModelArgs
 
 from ..step import ModelInfo, StepInputs, StepOutputs
@@ -91,11 +92,7 @@ class OnnxRuntimeBackend:
         L = s.stable_mask.shape[1]
         io = self.session.io_binding()
         keep = []  # inputs made contiguous must outlive the run
-        feeds = {"input_ids": s.input_ids, "position_ids": s.position_ids, "stable_mask": s.stable_mask,
-                 "attention_mask": s.attention_mask}
-        for i, (k, v) in enumerate(zip(s.past_keys, s.past_values)):
-            feeds[f"past_key_values.{i}.key"], feeds[f"past_key_values.{i}.value"] = k, v
-        for name, t in feeds.items():
+        for name, t in named_inputs(s).items():
             t = t.to(self.device).contiguous()
             keep.append(t)
             self._bind(io, name, t, output=False)
