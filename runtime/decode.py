@@ -51,20 +51,21 @@ class GenerationStats:
 
 class Rule(Protocol):
     """An unmasking schedule (runtime/unmasking.py): which positions want predictions, how many tokens
-    a step commits, and the commit itself."""
+    a step commits, and the commit itself. One object per generation: it keeps that generation's state."""
 
-    num_steps: int
+    @property
+    def num_steps(self) -> int: ...  # an upper bound on the steps; it may grow (parallel decoding)
 
     def needed(self, i: int, mask_index: Tensor) -> Tensor: ...
 
     def block(self, i: int) -> tuple[int, int] | None: ...
 
-    def needs_all(self, i: int) -> bool: ...
+    def block_step(self, i: int) -> int: ...
 
-    def quota(self, i: int, needed: Tensor, parallel=None) -> Tensor: ...
+    def quota(self, i: int, needed: Tensor) -> Tensor: ...
 
     def commit(self, i: int, x: Tensor, needed: Tensor, logits: Tensor, computed: Tensor | None = None,
-               parallel=None) -> Tensor: ...
+               rows: Tensor | None = None) -> Tensor: ...
 
 
 def pack_rows(active: Tensor) -> Tensor:
@@ -95,6 +96,7 @@ def denoise(backend: StepBackend, x: Tensor, attention_mask: Tensor, rule: Rule,
     """
     info = backend.info
     plan = parse_policy(policy)
+    plan.check(info.family, rule)
     B, L = x.shape
     cfg = cfg_scale > 0
     if cfg and prompt_index is None:
@@ -111,17 +113,19 @@ def denoise(backend: StepBackend, x: Tensor, attention_mask: Tensor, rule: Rule,
     decoded_at = torch.where(answer, NEVER, -1)
     computed_at = torch.full((B, L), -1, dtype=torch.long, device=dev)
     confidence = torch.full((B, L), -torch.inf, device=dev)
+    memory: dict = {}
     shift = info.logits_shift
     t0 = time.perf_counter()
-    for i in range(rule.num_steps):
+    i = 0
+    while i < rule.num_steps:
         mask_index = x == info.mask_token_id
         if not mask_index.any():
             break
         needed = rule.needed(i, mask_index)
         needed_rows = rows_of(needed, shift)
-        state = DecodeState(i, needed_rows, needed_rows if rule.needs_all(i) else torch.zeros_like(needed_rows),
-                            rule.quota(i, needed, plan.parallel), valid, am, decoded_at, computed_at, confidence,
-                            needed, rule.block(i) or (answer_start, L), shift)
+        state = DecodeState(i, rule.block_step(i), needed_rows, rule.quota(i, needed), valid, am, decoded_at,
+                            computed_at, confidence, needed, rule.block(i) or (answer_start, L), shift,
+                            getattr(rule, "scores", None), memory)
         active, stable = plan.cache.plan(state)
         running = mask_index.any(1)
         active = active & running[:, None]  # a finished sequence computes nothing (its rows stay valid)
@@ -146,7 +150,7 @@ def denoise(backend: StepBackend, x: Tensor, attention_mask: Tensor, rule: Rule,
         probs = torch.softmax(pred.float(), dim=-1)
         confidence = confidence.clone()
         confidence[b_idx, p_idx] = probs.max(-1).values
-        new_x = rule.commit(i, x, needed, pred, computed, plan.parallel)
+        new_x = rule.commit(i, x, needed, pred, computed, pos[:B])
         if plan.early is not None:
             new_x = _early_commit(plan.early, new_x, needed, computed, probs, answer, info.mask_token_id, stats)
         committed = (new_x != info.mask_token_id) & mask_index
@@ -154,7 +158,7 @@ def denoise(backend: StepBackend, x: Tensor, attention_mask: Tensor, rule: Rule,
         computed_at = torch.where(active, i, computed_at)
         if hasattr(plan.cache, "observe"):
             drift = torch.zeros(B, L, device=dev).scatter(1, pos[:B], out.kv_drift[:B].float())
-            plan.cache.observe(active, drift, known[:B], committed)
+            plan.cache.observe(memory, active, drift, known[:B], committed)
         x = new_x
         n_rows = pos.shape[0] * pos.shape[1]
         stats.steps += 1
@@ -163,8 +167,9 @@ def denoise(backend: StepBackend, x: Tensor, attention_mask: Tensor, rule: Rule,
         stats.rows_computed += n_rows
         stats.rows_full += pos.shape[0] * L
         stats.per_step_rows.append(n_rows)
+        i += 1
         if on_step is not None:
-            on_step(i + 1, rule.num_steps)
+            on_step(i, max(i, rule.num_steps))
     if x.device.type == "cuda":
         torch.cuda.synchronize(x.device)
     stats.wall_s = time.perf_counter() - t0

@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .decode import GenerationStats, denoise
-from .policies import DecodePlan
+from .params import DreamParams, LLaDAParams, param_names
+from .policies import DecodePlan, parse_policy
 from .step import StepBackend
-from .unmasking import DreamRule, LLaDARule
+from .unmasking import DreamBlockRule, DreamRule, LLaDARule
 
 
 def _check_length(backend: StepBackend, total: int, max_positions: int | None) -> None:
@@ -24,38 +25,56 @@ def _check_length(backend: StepBackend, total: int, max_positions: int | None) -
 
 
 def dream_generate(backend: StepBackend, input_ids: Tensor, attention_mask: Tensor | None = None, *,
-                   max_new_tokens: int, steps: int, eps: float = 1e-3, alg: str = "origin",
-                   alg_temp: float | None = None, temperature: float = 0.0, top_p: float | None = None,
-                   top_k: int | None = None, policy: str | DecodePlan | None = None, on_step=None,
-                   max_positions: int | None = None) -> tuple[Tensor, GenerationStats]:
-    """Dream `diffusion_generate` semantics; returns the full canvas [B, prompt + max_new_tokens]."""
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+                   max_new_tokens: int = 20, steps: int = 512, eps: float = 1e-3, alg: str = "origin",
+                   alg_temp: float | None = None, temperature: float = 1.0, top_p: float | None = None,
+                   top_k: int | None = 50, block_length: int | None = None, policy: str | DecodePlan | None = None,
+                   on_step=None, max_positions: int | None = None) -> tuple[Tensor, GenerationStats]:
+    """Dream's `diffusion_generate`; returns the full canvas [B, prompt + max_new_tokens].
+
+    The defaults are upstream's effective ones (runtime/params.py): an unqualified call samples at
+    temperature 1 from the top 50 logits with `alg='origin'`, exactly as `model.diffusion_generate(ids)` does;
+    pass `top_k=None` for no top-k. `block_length` switches to Fast-dLLM's block decoding of Dream."""
+    p = DreamParams(max_new_tokens, steps, eps, alg, alg_temp, temperature, top_p, top_k, block_length).validate()
+    plan = parse_policy(policy)
     info = backend.info
     _check_length(backend, input_ids.shape[1] + max_new_tokens, max_positions)
     x = F.pad(input_ids, (0, max_new_tokens), value=info.mask_token_id)
     am = torch.ones_like(x, dtype=torch.bool)
     if attention_mask is not None:
         am[:, : input_ids.shape[1]] = attention_mask.bool()
-    rule = DreamRule(info.mask_token_id, steps, eps, alg, alg_temp, temperature, top_p, top_k)
-    return denoise(backend, x, am, rule, policy=policy, on_step=on_step)
+    threshold = plan.parallel.threshold if plan.parallel is not None else None
+    common = dict(eps=p.eps, alg_temp=p.alg_temp, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
+                  parallel=threshold)
+    if block_length is None:
+        rule = DreamRule(info.mask_token_id, p.steps, alg=p.alg, **common)
+    else:
+        rule = DreamBlockRule(info.mask_token_id, p.steps, max_new_tokens, block_length, input_ids.shape[1],
+                              alg=p.alg, **common)
+    return denoise(backend, x, am, rule, policy=plan, on_step=on_step)
 
 
-def llada_generate(backend: StepBackend, prompt: Tensor, attention_mask: Tensor | None = None, *, steps: int,
-                   gen_length: int, block_length: int, temperature: float = 0.0, cfg_scale: float = 0.0,
+def llada_generate(backend: StepBackend, prompt: Tensor, attention_mask: Tensor | None = None, *, steps: int = 128,
+                   gen_length: int = 128, block_length: int = 128, temperature: float = 0.0, cfg_scale: float = 0.0,
                    remasking: str = "low_confidence", policy: str | DecodePlan | None = None, on_step=None,
                    max_positions: int | None = None) -> tuple[Tensor, GenerationStats]:
-    """LLaDA `generate` semantics (blocks, low_confidence / random remasking, CFG); returns the canvas."""
+    """LLaDA's `generate` (blocks, low_confidence / random remasking, CFG); returns the canvas.
+
+    LLaDA's published model code applies no attention mask, so upstream attends to left padding: pass
+    `attention_mask=None` to reproduce that; with a mask, padding is never attended."""
+    LLaDAParams(gen_length, steps, block_length, temperature, cfg_scale, remasking).validate()
+    plan = parse_policy(policy)
     info = backend.info
     _check_length(backend, prompt.shape[1] + gen_length, max_positions)
-    rule = LLaDARule(steps, gen_length, block_length, prompt.shape[1], temperature, remasking)
+    rule = LLaDARule(steps, gen_length, block_length, prompt.shape[1], temperature, remasking,
+                     parallel=plan.parallel.threshold if plan.parallel is not None else None,
+                     order=getattr(plan.cache, "order", "step") if remasking == "random" else "step")
     x = F.pad(prompt, (0, gen_length), value=info.mask_token_id)
     am = torch.ones_like(x, dtype=torch.bool)
     if attention_mask is not None:
         am[:, : prompt.shape[1]] = attention_mask.bool()
     prompt_index = x != info.mask_token_id
     prompt_index[:, prompt.shape[1]:] = False
-    return denoise(backend, x, am, rule, policy=policy, cfg_scale=cfg_scale, prompt_index=prompt_index,
+    return denoise(backend, x, am, rule, policy=plan, cfg_scale=cfg_scale, prompt_index=prompt_index,
                    on_step=on_step)
 
 
@@ -67,8 +86,6 @@ class Generation:
     stats: GenerationStats
 
 
-DREAM_KEYS = ("max_new_tokens", "steps", "eps", "alg", "alg_temp", "temperature", "top_p", "top_k")
-LLADA_KEYS = ("gen_length", "steps", "block_length", "temperature", "cfg_scale", "remasking")
 
 
 def generate_text(backend: StepBackend, tokenizer, prompts: list[str], *, chat: bool = False,
@@ -82,7 +99,7 @@ def generate_text(backend: StepBackend, tokenizer, prompts: list[str], *, chat: 
     if not prompts:
         raise ValueError("no prompt given")
     family = backend.info.family
-    allowed = DREAM_KEYS if family == "dream" else LLADA_KEYS
+    allowed = param_names(family)
     unknown = sorted(set(params) - set(allowed))
     if unknown:
         raise ValueError(f"{family} generation does not take {', '.join(unknown)}; it takes {', '.join(allowed)}")

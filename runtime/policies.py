@@ -1,18 +1,23 @@
 """Decode policies: which rows each step recomputes (cache policies), how many tokens a step may commit
 (confidence-threshold parallel decoding) and when to commit everything at once (early commit).
 
-A cache policy only chooses the active rows and the stable mask of the step contract, from a `DecodeState`
+A cache policy only chooses the active rows and the stable mask of the step contract from a `DecodeState`
 the loop keeps; it never sees K/V, logits or the backend, so every policy runs on every backend and with
-every unmasking rule. A row's K/V are *current* when it was
-recomputed after its input token was decoded (`computed_at > decoded_at`); rows whose logits the rule
-needs are always computed, except by Greedy, which computes only a window of them.
+every unmasking rule. A stable row is read from the cache, which always holds the K/V of the row's last
+computation. Policies are stateless: what one generation must remember between steps lives in
+`DecodeState.memory`, so one policy object serves any number of concurrent generations.
+
+The published policies reproduce their authors' code row for row (tests/test_upstream_fixtures.py):
+dKV-Cache's Decode, Greedy, Prefill and PD (horseee/dKV-Cache) and Fast-dLLM's prefix and dual caches
+(NVlabs/Fast-dLLM). `adaptive` is ours.
 
 Spelling, shared by the CLI, the eval harness and the Python API: a cache policy with options, then any
-modifiers, joined by '+':  `decode:cache_steps=4+parallel:threshold=0.9+early`.
+modifiers, joined by '+':  `decode:cache_steps=4,shift=un+early`, `dual+parallel:threshold=0.9`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -25,8 +30,8 @@ class DecodeState:
     """What the loop knows before step `i`; every tensor is [B, L] over canvas rows."""
 
     i: int
+    block_step: int  # steps since the rule's current block started
     needed_rows: Tensor  # rows whose logits the rule wants this step
-    must_rows: Tensor  # needed rows whose logits the rule cannot do without this step
     quota: Tensor  # [B] tokens the rule expects to commit this step
     valid: Tensor  # rows whose K/V in the cache are valid (present_valid of the last step)
     attention_mask: Tensor
@@ -36,101 +41,230 @@ class DecodeState:
     masked: Tensor  # positions still masked that the rule wants predictions for
     block: tuple[int, int]  # [start, end) canvas positions of the rule's current block
     shift: bool  # Dream's logits shift: row p-1 predicts position p
+    order: Tensor | None = None  # scores the rule commits by, when it drew them ahead (LLaDA random, order='block')
+    memory: dict = field(default_factory=dict)  # per-generation state of the policy, kept across steps
 
 
-class NoCache:
-    """Every row is recomputed at every step: the reference behaviour and the baseline of every policy."""
+class CachePolicy(Protocol):
+    """Chooses (active, stable) rows for a step. `requires(rule)` may refuse a rule it cannot serve, and
+    `observe` (optional) sees each step's kv_drift."""
 
-    name = "none"
+    name: str
 
-    def plan(self, s: DecodeState) -> tuple[Tensor, Tensor]:
-        return torch.ones_like(s.valid), torch.zeros_like(s.valid)
+    def plan(self, s: DecodeState) -> tuple[Tensor, Tensor]: ...
 
 
-def _refresh(s: DecodeState) -> tuple[Tensor, Tensor]:
-    """Recompute every attended row (padding rows are never attended, so never computed)."""
-    return s.attention_mask.clone(), torch.zeros_like(s.valid)
+def _all(s: DecodeState) -> tuple[Tensor, Tensor]:
+    """Recompute every row: the refresh of every cached policy, as upstream does (padding rows included)."""
+    return torch.ones_like(s.valid), torch.zeros_like(s.valid)
 
 
 def _finish(s: DecodeState, stable: Tensor, forced: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Forced rows (default: the needed ones) and rows without valid K/V are computed; padding rows never
-    are (nobody attends to them)."""
+    """Forced rows (default: the rows whose logits the rule wants) and rows without valid K/V are computed;
+    everything else in `stable` is read from the cache."""
     forced = s.needed_rows if forced is None else forced
-    stable = stable & s.valid & ~forced & s.attention_mask
-    active = ~stable & s.attention_mask
-    return active, stable
+    stable = stable & s.valid & ~forced
+    return ~stable, stable
+
+
+def _exact(s: DecodeState, stable: Tensor) -> tuple[Tensor, Tensor]:
+    """The published row sets as they are: nothing is forced (a rule gets -inf logits for a needed position
+    whose row stayed cached, as upstream does)."""
+    stable = stable & s.valid
+    return ~stable, stable
+
+
+@dataclass
+class NoCache:
+    """Every row is recomputed at every step: the reference behaviour and the baseline of every policy."""
+
+    name: str = field(default="none", init=False)
+
+    def plan(self, s: DecodeState) -> tuple[Tensor, Tensor]:
+        return _all(s)
+
+
+SHIFTS = ("un", "right", "un_right")
+
+
+def dream_cached_rows(decoded_at: Tensor, j: int, shift: str) -> Tensor:
+    """The rows dKV-Cache on Dream stores during step j+1 (its `cache_position` after step j's commit).
+    j = -1 is the prompt-only canvas, where every shift type uses the prompt mask moved left by one.
+    `un`: row p once token p+1 is decoded (row p's logits, which predict p+1, are no longer needed), the last
+    row taking token 0's state; `right`: row p once token p is decoded; `un_right`: both p and p+1."""
+    done = decoded_at <= j
+    if j < 0:
+        return torch.cat([done[:, 1:], done[:, -1:]], 1)
+    if shift == "un":
+        return torch.cat([done[:, 1:], done[:, :1]], 1)
+    if shift == "right":
+        return done
+    both = done[:, :-1] & done[:, 1:]
+    return torch.cat([both, both[:, -1:]], 1)
+
+
+def _check_shift(name: str, shift: str) -> None:
+    if shift not in SHIFTS:
+        raise ValueError(f"{name}: shift must be one of {', '.join(SHIFTS)}, got '{shift}'")
 
 
 @dataclass
 class DKVDecode:
-    """dKV-Cache-Decode (arXiv 2505.15781): a row is cached one step after its token is decoded, i.e. once
-    its K/V were recomputed with that token and its logits are no longer needed (for Dream the row p-1
-    that predicts position p stays active until p is decoded); prompt rows are cached after the first
-    step (Dream's last prompt row once the first answer token is decoded); every
-    `cache_steps` steps all rows are recomputed (refresh). Near lossless."""
+    """dKV-Cache-Decode (arXiv 2505.15781), as its authors' code does it.
+
+    Dream: rows are cached one step after the tokens that make them final are decoded (`shift`, see
+    `dream_cached_rows`): what the cache holds at step i is what step i-1 stored, i.e. the rows final after
+    step i-2; every `cache_steps` steps (counted from the first) the cache is emptied and every row computed.
+    LLaDA: the cache is reset at every block; the first two steps of a block and every `cache_steps`-th step
+    of it compute every row, the others reuse the rows decoded two steps before. Near lossless."""
 
     cache_steps: int = 4
+    shift: str = "un"
     name: str = field(default="decode", init=False)
 
     def __post_init__(self):
-        if self.cache_steps < 1:
-            raise ValueError(f"decode: cache_steps must be >= 1, got {self.cache_steps}")
+        _check_steps(self.name, self.cache_steps)
+        _check_shift(self.name, self.shift)
 
     def plan(self, s: DecodeState) -> tuple[Tensor, Tensor]:
+        if not s.shift:
+            if s.block_step <= 1 or s.block_step % self.cache_steps == 0:
+                return _all(s)
+            return _exact(s, s.decoded_at <= s.i - 2)
         if s.i % self.cache_steps == 0:
-            return _refresh(s)
-        return _finish(s, s.computed_at > s.decoded_at)
+            return _all(s)
+        return _exact(s, dream_cached_rows(s.decoded_at, s.i - 2, self.shift))
+
+    def requires(self, family: str, rule) -> None:
+        if family != "dream" and self.shift != "un":
+            raise ValueError("decode: shift applies to Dream (its logits shift); LLaDA's Decode has no shift option")
+
+
+@dataclass
+class DKVPrefill:
+    """dKV-Cache-Prefill (Dream): the prompt rows (the prompt mask moved left by one, as in Decode) are
+    computed once at the first step and read from the cache for the rest of the generation."""
+
+    name: str = field(default="prefill", init=False)
+
+    def plan(self, s: DecodeState) -> tuple[Tensor, Tensor]:
+        if s.i == 0:
+            return _all(s)
+        return _exact(s, dream_cached_rows(s.decoded_at, -1, "un"))
+
+    def requires(self, family: str, rule) -> None:
+        _dream_only(self.name, family)
+
+
+@dataclass
+class DKVPD:
+    """dKV-Cache-PD (Dream): Prefill and Decode together: the prompt rows are cached after the first step and
+    never recomputed; decoded rows are cached as in Decode, and the periodic refresh recomputes every row
+    except the prompt's."""
+
+    cache_steps: int = 4
+    shift: str = "un"
+    name: str = field(default="pd", init=False)
+
+    def __post_init__(self):
+        _check_steps(self.name, self.cache_steps)
+        _check_shift(self.name, self.shift)
+
+    def plan(self, s: DecodeState) -> tuple[Tensor, Tensor]:
+        if s.i == 0:
+            return _all(s)
+        j = -1 if s.i % self.cache_steps == 0 else s.i - 2
+        return _exact(s, dream_cached_rows(s.decoded_at, j, self.shift))
+
+    def requires(self, family: str, rule) -> None:
+        _dream_only(self.name, family)
 
 
 @dataclass
 class DKVGreedy:
-    """dKV-Cache-Greedy: a row is cached as soon as it is final (`delay=0`: its K/V are the ones computed
-    while it was still masked; `delay=1` recomputes it once, as Decode does), and of the masked rows only a
-    window is recomputed: the positions expected to be decoded next (highest last-known confidence, as many
-    as the rule will commit) and the `window` nearest masked positions around each, alternately left and
-    right as in the reference implementation. Refresh every `cache_steps` steps. Faster, lossy."""
+    """dKV-Cache-Greedy (LLaDA with random remasking), as its authors' code does it: the order in which a
+    block is decoded is drawn when the block starts, so each step knows the tokens the next step decodes.
+    A step computes only the tokens it decodes, the tokens decoded by the step before (once more, with
+    their token) and up to `window` still-masked positions nearest each token decoded next (alternately
+    left and right); every other row is read from the cache. Every `cache_steps`-th step of a block
+    computes every row. Faster than Decode, lossy."""
 
     cache_steps: int = 2
     window: int = 4
-    delay: int = 0
     name: str = field(default="greedy", init=False)
+    order = "block"  # the rule must draw its decoding order when a block starts
 
     def __post_init__(self):
-        if self.cache_steps < 1 or self.window < 0 or self.delay not in (0, 1):
-            raise ValueError("greedy: need cache_steps >= 1, window >= 0, delay 0 or 1; got "
-                             f"{self.cache_steps}, {self.window}, {self.delay}")
+        _check_steps(self.name, self.cache_steps)
+        if not isinstance(self.window, int) or self.window < 0:
+            raise ValueError(f"greedy: window must be an integer >= 0, got {self.window!r}")
 
     def plan(self, s: DecodeState) -> tuple[Tensor, Tensor]:
-        if s.i % self.cache_steps == 0:
-            return _refresh(s)
-        pos = window_positions(s.masked, s.confidence, s.quota, self.window)
-        compute = s.must_rows | rows_of(pos, s.shift)
-        if self.delay == 0:  # every row is cached: decoded ones at once, masked ones outside the window
-            return _finish(s, torch.ones_like(compute), forced=compute)
-        current = (s.computed_at > s.decoded_at) | (s.decoded_at >= NEVER)
-        return _finish(s, current, forced=compute)
+        if s.block_step % self.cache_steps == 0:
+            return _all(s)
+        compute = s.decoded_at == s.i - 1
+        was_masked = s.decoded_at >= s.i - 1
+        for b in range(s.valid.shape[0]):
+            q = int(s.quota[b])
+            if q <= 0:
+                continue
+            scores = torch.where(s.masked[b], s.order[b], torch.full_like(s.order[b], -torch.inf))
+            nxt = torch.topk(scores, q).indices
+            nxt = nxt[scores[nxt] > -torch.inf]
+            compute[b, nxt] = True
+            if self.window:
+                window_tokens(compute[b], nxt.tolist(), was_masked[b], self.window)
+        return _exact(s, ~compute)
+
+    def requires(self, family: str, rule) -> None:
+        if family != "llada" or getattr(rule, "remasking", None) != "random":
+            raise ValueError("greedy: dKV-Cache-Greedy is defined for LLaDA with --remasking random (it decodes "
+                             "each block in an order drawn when the block starts); for Dream, or with "
+                             "low_confidence, use decode")
+        if getattr(rule, "parallel", None) is not None:
+            raise ValueError("greedy decodes a fixed number of tokens per step in a drawn order; it does not "
+                             "combine with +parallel")
+
+
+def window_tokens(chosen: Tensor, centres: list[int], masked: Tensor, window: int) -> None:
+    """Mark, for each centre in order, up to `window` masked positions not yet chosen, searching outwards and
+    alternating left and right (dKV-Cache's `find_window_tokens`, including where its search stops)."""
+    n = chosen.shape[0]
+    m = masked.tolist()
+    for c in centres:
+        left, right, cnt, go_left = c - 1, c + 1, 0, True
+        while cnt < window:
+            if go_left:
+                if left >= 0 and not chosen[left] and m[left]:
+                    chosen[left] = True
+                    cnt += 1
+                left -= 1
+            else:
+                if right < n and not chosen[right] and m[right]:
+                    chosen[right] = True
+                    cnt += 1
+                right += 1
+            go_left = not go_left
+            if left < 0 and right > n:
+                break
 
 
 @dataclass
 class BlockCache:
-    """Fast-dLLM block caching for block-wise decoding: when a block starts every row is recomputed; for
-    the rest of the block the rows before it (prefix) and, with `dual`, after it are stable. With a
-    single block (Dream's `diffusion_generate`) this caches the prompt after the first step."""
+    """Fast-dLLM's prefix cache (`block`) and dual cache (`dual`): at the first step of each block every row
+    is recomputed; for the rest of the block the rows before it (`dual`: and after it) are read from the
+    cache. With Dream's own schedule (no block_length) the answer is one block, so this caches the prompt."""
 
     dual: bool = False
     name: str = field(default="block", init=False)
 
     def __post_init__(self):
         self.name = "dual" if self.dual else "block"
-        self._block: tuple[int, int] | None = None
 
     def plan(self, s: DecodeState) -> tuple[Tensor, Tensor]:
-        if s.block != self._block or s.i == 0:
-            self._block = s.block
-            return _refresh(s)
+        if s.block_step == 0:
+            return _all(s)
         start, end = s.block
-        if s.shift:
-            start, end = start - 1, end - 1
         rows = torch.arange(s.valid.shape[1], device=s.valid.device)
         outside = (rows < start) | ((rows >= end) if self.dual else torch.zeros_like(rows, dtype=torch.bool))
         return _finish(s, outside.expand_as(s.valid))
@@ -138,63 +272,46 @@ class BlockCache:
 
 @dataclass
 class AdaptiveCache:
-    """Beyond the paper: a row becomes stable when its keys moved less than `tol` (relative, the step's
-    `kv_drift` output) between its last two computations, instead of after a fixed delay; it leaves the
-    cache when its input token changes, and the refresh every `cache_steps` steps re-measures every row,
-    so rows whose drift exceeds `tol` are recomputed again."""
+    """Ours, beyond the papers: a row becomes stable when its keys moved less than `tol` (relative, the
+    step's `kv_drift` output) between its last two computations, instead of after a fixed delay; it leaves
+    the cache when its input token changes, and the refresh every `cache_steps` steps re-measures every
+    row, so rows whose drift exceeds `tol` are recomputed again."""
 
     tol: float = 0.02
     cache_steps: int = 8
     name: str = field(default="adaptive", init=False)
 
     def __post_init__(self):
-        if self.tol < 0 or self.cache_steps < 1:
-            raise ValueError(f"adaptive: need tol >= 0 and cache_steps >= 1, got {self.tol}, {self.cache_steps}")
-        self._calm: Tensor | None = None
+        if not isinstance(self.tol, (int, float)) or self.tol < 0:
+            raise ValueError(f"adaptive: tol must be a number >= 0, got {self.tol!r}")
+        _check_steps(self.name, self.cache_steps)
 
     def plan(self, s: DecodeState) -> tuple[Tensor, Tensor]:
-        if self._calm is None or s.i == 0 or self._calm.shape != s.valid.shape:
-            self._calm = torch.zeros_like(s.valid)
+        calm = s.memory.get("calm")
+        if calm is None or s.i == 0 or calm.shape != s.valid.shape:
+            s.memory["calm"] = torch.zeros_like(s.valid)
         if s.i % self.cache_steps == 0:
-            return _refresh(s)
-        return _finish(s, self._calm)
+            return _all(s)
+        return _finish(s, s.memory["calm"])
 
-    def observe(self, active: Tensor, drift: Tensor, measured: Tensor, changed: Tensor) -> None:
+    def observe(self, memory: dict, active: Tensor, drift: Tensor, measured: Tensor, changed: Tensor) -> None:
         """After a step: `drift` [B, L] of the active rows, `measured` where they had a valid past,
         `changed` rows whose input token was committed by this step."""
-        calm = self._calm.clone()
+        calm = memory["calm"].clone()
         calm[active] = measured[active] & (drift[active] < self.tol)
         calm[changed] = False
-        self._calm = calm
+        memory["calm"] = calm
 
 
-def window_positions(masked: Tensor, confidence: Tensor, quota: Tensor, window: int) -> Tensor:
-    """[B, L] positions: per sequence the `quota` masked positions of highest last-known confidence, plus
-    the `window` masked positions nearest to each (alternating left, right)."""
-    out = torch.zeros_like(masked)
-    for b in range(masked.shape[0]):
-        cand = masked[b].nonzero().flatten()
-        if cand.numel() == 0:
-            continue
-        q = max(1, min(int(quota[b]), cand.numel()))
-        top = cand[torch.topk(confidence[b, cand].float(), q).indices]
-        out[b, top] = True
-        if window:
-            order = cand.tolist()
-            for p in top.tolist():
-                k = order.index(p)
-                left, right, taken, go_left = k - 1, k + 1, 0, True
-                while taken < window and (left >= 0 or right < len(order)):
-                    j = left if go_left else right
-                    if 0 <= j < len(order) and not out[b, order[j]]:
-                        out[b, order[j]] = True
-                        taken += 1
-                    if go_left:
-                        left -= 1
-                    else:
-                        right += 1
-                    go_left = not go_left
-    return out
+def _check_steps(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}: cache_steps must be an integer >= 1, got {value!r}")
+
+
+def _dream_only(name: str, family: str) -> None:
+    if family != "dream":
+        raise ValueError(f"{name}: dKV-Cache defines {name.capitalize()} for Dream only; for LLaDA use decode, "
+                         "greedy, block or dual")
 
 
 def rows_of(positions: Tensor, shift: bool) -> Tensor:
@@ -219,14 +336,15 @@ def positions_of(rows: Tensor, shift: bool) -> Tensor:
 
 @dataclass
 class Parallel:
-    """Confidence-threshold parallel decoding (Fast-dLLM): commit every computed masked token whose
-    confidence is at least `threshold`, and at least the most confident one per step."""
+    """Fast-dLLM's confidence-threshold parallel decoding: commit every computed masked token whose
+    confidence is at least `threshold`, and at least the most confident one per step (each schedule applies
+    it in the form its authors wrote for it: runtime/unmasking.py)."""
 
     threshold: float = 0.9
 
     def __post_init__(self):
-        if not 0 < self.threshold <= 1:
-            raise ValueError(f"parallel: threshold must be in (0, 1], got {self.threshold}")
+        if not isinstance(self.threshold, (int, float)) or not 0 < self.threshold <= 1:
+            raise ValueError(f"parallel: threshold must be in (0, 1], got {self.threshold!r}")
 
 
 @dataclass
@@ -243,7 +361,12 @@ class EarlyCommit:
 
     def __post_init__(self):
         if isinstance(self.gaps, str):
-            self.gaps = tuple(float(v) for v in self.gaps.split("/"))
+            try:
+                self.gaps = tuple(float(v) for v in self.gaps.split("/"))
+            except ValueError:
+                raise ValueError(f"early: gaps must be three numbers like 0.9/0.75/0.6, got '{self.gaps}'") from None
+        if isinstance(self.gaps, (int, float)):
+            self.gaps = (float(self.gaps),) * 3
         if len(self.gaps) != 3 or not all(0 < g <= 1 for g in self.gaps):
             raise ValueError(f"early: gaps must be three values in (0, 1] like 0.9/0.75/0.6, got {self.gaps}")
 
@@ -257,7 +380,8 @@ class EarlyCommit:
 
 
 CACHE_POLICIES: dict[str, type] = {"none": NoCache, "decode": DKVDecode, "greedy": DKVGreedy,
-                                   "block": BlockCache, "dual": BlockCache, "adaptive": AdaptiveCache}
+                                   "prefill": DKVPrefill, "pd": DKVPD, "block": BlockCache, "dual": BlockCache,
+                                   "adaptive": AdaptiveCache}
 MODIFIERS: dict[str, type] = {"parallel": Parallel, "early": EarlyCommit}
 
 
@@ -265,10 +389,15 @@ MODIFIERS: dict[str, type] = {"parallel": Parallel, "early": EarlyCommit}
 class DecodePlan:
     """One parsed `--policy`: a cache policy plus optional parallel decoding and early commit."""
 
-    cache: object
+    cache: CachePolicy
     parallel: Parallel | None = None
     early: EarlyCommit | None = None
     spec: str = "none"
+
+    def check(self, family: str, rule) -> None:
+        """Refuse a combination the policy's definition does not cover, before any work."""
+        if hasattr(self.cache, "requires"):
+            self.cache.requires(family, rule)
 
 
 def parse_policy(spec) -> DecodePlan:
@@ -276,8 +405,10 @@ def parse_policy(spec) -> DecodePlan:
     a cache policy object (anything with `plan(state)`) is accepted as is."""
     if isinstance(spec, DecodePlan):
         return spec
-    if hasattr(spec, "plan"):  # a cache policy object
+    if hasattr(spec, "plan"):
         return DecodePlan(spec, spec=getattr(spec, "name", type(spec).__name__))
+    if spec is not None and not isinstance(spec, str):
+        raise ValueError(f"a policy is a string like 'decode:cache_steps=4+early', got {type(spec).__name__}")
     spec = (spec or "none").strip()
     parts = [p.strip() for p in spec.split("+")]
     name, kwargs = _component(parts[0])
@@ -291,6 +422,8 @@ def parse_policy(spec) -> DecodePlan:
         mod, kw = _component(part)
         if mod not in MODIFIERS:
             raise ValueError(f"unknown modifier '{mod}' in policy '{spec}'; available: {', '.join(MODIFIERS)}")
+        if getattr(plan, mod) is not None:
+            raise ValueError(f"modifier '{mod}' appears twice in policy '{spec}'")
         setattr(plan, mod, _make(mod, MODIFIERS[mod], kw))
     return plan
 
@@ -298,19 +431,22 @@ def parse_policy(spec) -> DecodePlan:
 def _component(text: str) -> tuple[str, dict]:
     name, _, rest = text.partition(":")
     kwargs = {}
-    for item in filter(None, rest.split(",")):
+    for item in filter(None, (i.strip() for i in rest.split(","))):
         key, eq, val = item.partition("=")
-        if not eq:
+        if not eq or not key.strip():
             raise ValueError(f"policy option '{item}' must look like key=value")
         kwargs[key.strip().replace("-", "_")] = _value(val.strip())
     return name.strip(), kwargs
 
 
 def _make(name: str, cls: type, kwargs: dict):
-    try:
-        return cls(**kwargs)
-    except TypeError as e:
-        raise ValueError(f"bad options for '{name}': {e}") from None
+    """Build a policy component, naming unknown options and the ones it takes (never a Python signature)."""
+    allowed = [f.name for f in fields(cls) if f.init and f.name != "dual"]
+    unknown = sorted(set(kwargs) - set(allowed) - {"dual"})
+    if unknown:
+        takes = f"it takes {', '.join(allowed)}" if allowed else "it takes no options"
+        raise ValueError(f"'{name}' has no option {', '.join(unknown)}; {takes}")
+    return cls(**kwargs)
 
 
 def _value(v: str):

@@ -1,0 +1,112 @@
+"""Generation parameters of each family, with the defaults the authors' code actually uses.
+
+`DreamParams` defaults are what Dream's `diffusion_generate` runs with when the caller leaves a parameter
+out, under the transformers version Dream pins (4.46): it builds its generation config from the *model*
+config, whose inherited generation defaults are temperature 1.0, top_p 1.0 and top_k 50, then takes
+`alg='origin'`, `steps=512`, `eps=1e-3` and 20 new tokens from its own defaults. So an unqualified call
+samples, and confidences are renormalised over the top 50 logits. `from_config` applies the same
+precedence to a checkpoint's config.json. `LLaDAParams` are the defaults of LLaDA's `generate`.
+The CLI, the evaluator and the Python API all start from these.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from .unmasking import DREAM_ALGS, LLADA_REMASKING
+
+# What transformers 4.46's PretrainedConfig carries for every model and Dream's generation config inherits.
+_PRETRAINED_GENERATION_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 50}
+
+
+@dataclass
+class DreamParams:
+    max_new_tokens: int = 20
+    steps: int = 512
+    eps: float = 1e-3
+    alg: str = "origin"
+    alg_temp: float | None = None
+    temperature: float = 1.0
+    top_p: float | None = None
+    top_k: int | None = 50
+    block_length: int | None = None  # Fast-dLLM block decoding; None = Dream's own single-block schedule
+
+    @classmethod
+    def from_config(cls, config: dict, **overrides) -> "DreamParams":
+        """Defaults as `diffusion_generate` derives them from a checkpoint's config.json, then `overrides`
+        (the caller's explicit values; None for top_p/top_k/alg_temp means off, as upstream)."""
+        p = cls()
+        for k in ("steps", "eps", "alg", "alg_temp", *_PRETRAINED_GENERATION_DEFAULTS):
+            if config.get(k) is not None:
+                setattr(p, k, config[k])
+        if p.top_p is not None and p.top_p >= 1:
+            p.top_p = None  # upstream applies top-p only below 1
+        for k, v in overrides.items():
+            setattr(p, k, v)
+        p.validate()
+        return p
+
+    def validate(self) -> "DreamParams":
+        _positive_int("max_new_tokens", self.max_new_tokens)
+        _positive_int("steps", self.steps)
+        if self.alg not in DREAM_ALGS:
+            raise ValueError(f"unknown alg '{self.alg}'; choose from {', '.join(DREAM_ALGS)}")
+        if not 0 < float(self.eps) < 1:
+            raise ValueError(f"eps must be in (0, 1), got {self.eps}")
+        if float(self.temperature) < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_p is not None and not 0 < float(self.top_p) <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k is not None:
+            _positive_int("top_k", self.top_k)
+        if self.alg_temp is not None and float(self.alg_temp) < 0:
+            raise ValueError(f"alg_temp must be >= 0, got {self.alg_temp}")
+        if self.block_length is not None:
+            _positive_int("block_length", self.block_length)
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class LLaDAParams:
+    gen_length: int = 128
+    steps: int = 128
+    block_length: int = 128
+    temperature: float = 0.0
+    cfg_scale: float = 0.0
+    remasking: str = "low_confidence"
+
+    def validate(self) -> "LLaDAParams":
+        _positive_int("gen_length", self.gen_length)
+        _positive_int("steps", self.steps)
+        _positive_int("block_length", self.block_length)
+        if self.gen_length % self.block_length:
+            raise ValueError(f"gen_length ({self.gen_length}) must be a multiple of block_length "
+                             f"({self.block_length}); pass --block-length dividing it")
+        blocks = self.gen_length // self.block_length
+        if self.steps % blocks:
+            raise ValueError(f"steps ({self.steps}) must be a multiple of the number of blocks ({blocks} = "
+                             f"gen_length / block_length)")
+        if float(self.temperature) < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if float(self.cfg_scale) < 0:
+            raise ValueError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
+        if self.remasking not in LLADA_REMASKING:
+            raise ValueError(f"unknown remasking '{self.remasking}'; choose from {', '.join(LLADA_REMASKING)}")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PARAMS = {"dream": DreamParams, "llada": LLaDAParams}
+
+
+def param_names(family: str) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(PARAMS[family]))
+
+
+def _positive_int(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
