@@ -76,22 +76,28 @@ def _progress() -> Progress:
 @click.option("--model", "-m", required=True, help="Checkpoint directory, alias (dream-7b, llada-8b, ...) or cached repo id.")
 @click.option("--prompt", "-p", "prompts", multiple=True, required=True, help="Prompt text; repeat for a batch.")
 @click.option("--chat/--no-chat", default=False, help="Wrap each prompt in the model's chat template.")
-@click.option("--max-new-tokens", "-n", default=64, show_default=True, help="Tokens to generate (LLaDA: gen_length).")
-@click.option("--steps", "-s", type=int, default=None, help="Denoising steps [default: max-new-tokens].")
-@click.option("--temperature", "-t", default=0.0, show_default=True, help="Sampling temperature; 0 is greedy.")
+@click.option("--max-new-tokens", "-n", type=int, default=None,
+              help="Tokens to generate (LLaDA: gen_length) [default: the family's, Dream 20, LLaDA 128].")
+@click.option("--steps", "-s", type=int, default=None, help="Denoising steps [default: the family's, Dream 512, LLaDA 128].")
+@click.option("--temperature", "-t", type=float, default=None,
+              help="Sampling temperature; 0 is greedy [default: the family's, Dream 1.0 (as upstream), LLaDA 0].")
 @click.option("--alg", type=click.Choice(["origin", "maskgit_plus", "topk_margin", "entropy"]), default=None,
-              help="Dream: unmasking order [default: entropy].")
+              help="Dream: unmasking order [default: origin, as upstream].")
 @click.option("--alg-temp", type=float, default=None, help="Dream: temperature of the confidence-based order.")
 @click.option("--eps", type=float, default=None, help="Dream: final timestep of the schedule [default: 1e-3].")
-@click.option("--top-p", type=float, default=None, help="Dream: nucleus sampling threshold.")
-@click.option("--top-k", type=int, default=None, help="Dream: top-k sampling.")
-@click.option("--block-length", type=int, default=None, help="LLaDA: semi-autoregressive block [default: min(32, n)].")
+@click.option("--top-p", type=float, default=None, help="Dream: nucleus sampling threshold [default: off].")
+@click.option("--top-k", type=int, default=None,
+              help="Dream: keep the k largest logits before confidences [default: 50, as upstream; 0 turns it off].")
+@click.option("--block-length", type=int, default=None,
+              help="LLaDA: semi-autoregressive block [default: 128, or the whole answer when shorter]. Dream: "
+                   "Fast-dLLM's block decoding with this block length [default: off, Dream's own schedule].")
 @click.option("--remasking", type=click.Choice(["low_confidence", "random"]), default=None,
               help="LLaDA: which predictions to commit [default: low_confidence].")
 @click.option("--cfg-scale", type=float, default=None, help="LLaDA: classifier-free guidance scale [default: 0].")
 @click.option("--policy", default="none", show_default=True, metavar="SPEC",
-              help="Cache policy and modifiers: none | decode | greedy | block | dual | adaptive, options as "
-                   "name:key=value,..., modifiers joined by '+': decode:cache_steps=4+parallel:threshold=0.9+early.")
+              help="Cache policy and modifiers: none | decode | prefill | pd | greedy | block | dual | adaptive | "
+                   "delayed | window, options as name:key=value,..., modifiers joined by '+': "
+                   "decode:cache_steps=4,shift=un+parallel:threshold=0.9+early.")
 @click.option("--backend", type=click.Choice(["torch", "onnxruntime"]), default="torch", show_default=True,
               help="torch runs a checkpoint; onnxruntime runs an export directory (cli.py export).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
@@ -102,29 +108,29 @@ def _progress() -> Progress:
 @friendly_errors
 def generate(model, prompts, chat, max_new_tokens, steps, temperature, alg, alg_temp, eps, top_p, top_k,
              block_length, remasking, cfg_scale, policy, backend, device, dtype, seed, as_json):
-    """Generate answers for one or more prompts and print the statistics of the run."""
+    """Generate answers for one or more prompts and print the statistics of the run.
+
+    Unset parameters take the family's upstream defaults (Dream's diffusion_generate, LLaDA's generate)."""
     import json
 
     import torch
 
     from runtime.backends import describe_model, make_backend
     from runtime.generate import generate_text
+    from runtime.params import family_params
     from runtime.policies import parse_policy
 
     plan = parse_policy(policy)
     ck = describe_model(backend, model)
     dream_only = {"--alg": alg, "--alg-temp": alg_temp, "--eps": eps, "--top-p": top_p, "--top-k": top_k}
-    llada_only = {"--block-length": block_length, "--remasking": remasking, "--cfg-scale": cfg_scale}
+    llada_only = {"--remasking": remasking, "--cfg-scale": cfg_scale}
     wrong = [k for k, v in (llada_only if ck.family == "dream" else dream_only).items() if v is not None]
     if wrong:
         raise click.UsageError(f"{', '.join(wrong)} do(es) not apply to {ck.family} models")
-    steps = steps or max_new_tokens
-    if ck.family == "dream":
-        params = dict(max_new_tokens=max_new_tokens, steps=steps, eps=1e-3 if eps is None else eps,
-                      alg=alg or "entropy", alg_temp=alg_temp, temperature=temperature, top_p=top_p, top_k=top_k)
-    else:
-        params = dict(gen_length=max_new_tokens, steps=steps, block_length=block_length or min(32, max_new_tokens),
-                      temperature=temperature, cfg_scale=cfg_scale or 0.0, remasking=remasking or "low_confidence")
+    explicit = dict(max_new_tokens=max_new_tokens, steps=steps, temperature=temperature, alg=alg, alg_temp=alg_temp,
+                    eps=eps, top_p=top_p, top_k=top_k, block_length=block_length, remasking=remasking,
+                    cfg_scale=cfg_scale)
+    params = family_params(ck.family, ck.path, **{k: v for k, v in explicit.items() if v is not None})
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     be, tok, ck = make_backend(backend, model, dtype=dtype, device=device)
@@ -215,7 +221,11 @@ def _check_table(report, only_failed: bool = False) -> Table:
 @click.option("--policy", "policies", multiple=True, default=["none"], show_default=True,
               help="Policy spec, repeatable (see generate --help): none, decode, greedy:window=2, dual+parallel, ...")
 @click.option("--steps", type=int, default=None, help="Denoising steps [default: the answer length].")
-@click.option("--blocks", default=1, show_default=True, help="LLaDA: decode the answer in this many blocks.")
+@click.option("--blocks", type=int, default=None,
+              help="Decode the answer in this many blocks: LLaDA's semi-autoregressive blocks [default: 1]; for Dream, "
+                   "Fast-dLLM's block decoding [default: off, Dream's own schedule].")
+@click.option("--remasking", type=click.Choice(["low_confidence", "random"]), default=None,
+              help="LLaDA: which predictions to commit [default: low_confidence].")
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--seed", default=1234, show_default=True, help="Seed of the problem generator.")
 @click.option("--backend", type=click.Choice(["torch", "onnxruntime"]), default="torch", show_default=True,
@@ -225,7 +235,7 @@ def _check_table(report, only_failed: bool = False) -> Table:
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="JSON results file [default: bench/results/eval-<model>-<tasks>.json].")
 @friendly_errors
-def eval_cmd(model, tasks, n, policies, steps, blocks, batch_size, seed, backend, device, dtype, out_path):
+def eval_cmd(model, tasks, n, policies, steps, blocks, remasking, batch_size, seed, backend, device, dtype, out_path):
     """Accuracy and work of each cache policy on generated task problems (exact checkers)."""
     from bench.evaluate import evaluate, write_results
     from runtime.backends import make_backend
@@ -244,7 +254,7 @@ def eval_cmd(model, tasks, n, policies, steps, blocks, batch_size, seed, backend
         for spec in tasks:
             task = prog.add_task(spec, total=n * len(policies))
             r, rec = evaluate(be, tok, spec, n, list(policies), seed=seed, batch_size=batch_size, steps=steps,
-                              blocks=blocks, progress=lambda k, t=task: prog.advance(t, k))
+                              blocks=blocks, remasking=remasking, progress=lambda k, t=task: prog.advance(t, k))
             rows += r
             records += rec
     t = Table(title=f"eval · {Path(str(ck.path)).name} · {be.name} · {device} · {dtype}")
@@ -259,7 +269,7 @@ def eval_cmd(model, tasks, n, policies, steps, blocks, batch_size, seed, backend
     name = Path(str(ck.path)).name or "model"
     out_path = out_path or Path("bench/results") / f"eval-{name}-{'-'.join(s.split(':')[0] for s in tasks)}.json"
     write_results(out_path, str(model), rows, {"backend": backend, "device": device, "dtype": dtype, "seed": seed,
-                                               "blocks": blocks,
+                                               "blocks": blocks, "remasking": remasking,
                                                "records": records})
     console.print(f"results: {out_path}")
 

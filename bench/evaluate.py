@@ -18,18 +18,34 @@ from runtime.generate import generate_text
 from runtime.policies import parse_policy
 
 
-def decode_params(family: str, answer_tokens: int, steps: int | None = None, blocks: int = 1) -> dict:
-    """Greedy confidence-ordered decoding over the task's answer canvas, in one block by default; LLaDA can
-    decode it in `blocks` semi-autoregressive blocks (the canvas is rounded up to a multiple of them)."""
-    if family == "dream":
-        if blocks != 1:
-            raise ValueError("Dream's diffusion_generate has no blocks; --blocks applies to LLaDA models")
+def decode_params(family: str, answer_tokens: int, steps: int | None = None, blocks: int | None = None,
+                  remasking: str | None = None) -> dict:
+    """Greedy confidence-ordered decoding over the task's answer canvas. LLaDA decodes it in `blocks`
+    semi-autoregressive blocks (default 1); Dream runs its own single-block schedule unless `blocks` asks
+    for Fast-dLLM's block decoding. With blocks the canvas is rounded up to a multiple of them."""
+    if blocks is not None and blocks < 1:
+        raise ValueError(f"blocks must be >= 1, got {blocks}")
+    if family == "dream" and blocks is None:
         return dict(max_new_tokens=answer_tokens, steps=steps or answer_tokens, alg="maskgit_plus", temperature=0.0)
+    if remasking is not None and family == "dream":
+        raise ValueError("--remasking applies to LLaDA models")
+    blocks = blocks or 1
     length = -(-answer_tokens // blocks) * blocks
     steps = steps or length
     if steps % blocks:
         raise ValueError(f"steps ({steps}) must be a multiple of blocks ({blocks})")
-    return dict(gen_length=length, steps=steps, block_length=length // blocks, temperature=0.0)
+    if family == "dream":
+        return dict(max_new_tokens=length, steps=steps, block_length=length // blocks, alg="maskgit_plus",
+                    temperature=0.0)
+    return dict(gen_length=length, steps=steps, block_length=length // blocks, temperature=0.0,
+                remasking=remasking or "low_confidence")
+
+
+def schedule_name(family: str, blocks: int | None, remasking: str | None = None) -> str:
+    """How a row of results was decoded, for tables: Dream's own schedule, or blocks (and LLaDA's remasking)."""
+    if family == "dream":
+        return "dream" if blocks is None else f"fast-dllm blocks={blocks}"
+    return f"blocks={blocks or 1}" + (f" {remasking}" if remasking and remasking != "low_confidence" else "")
 
 
 def parse_task(spec: str) -> tuple[str, dict]:
@@ -51,6 +67,7 @@ def parse_task(spec: str) -> tuple[str, dict]:
 class PolicyResult:
     task: str
     policy: str
+    schedule: str
     n: int
     accuracy: float
     forward_passes: float  # mean per problem of the steps at which it still had masks (its own NFE)
@@ -66,12 +83,17 @@ class PolicyResult:
 
 
 def evaluate(backend, tokenizer, task_spec: str, n: int, policies: list[str], *, seed: int = 1234,
-             batch_size: int = 64, steps: int | None = None, blocks: int = 1, progress=None) -> tuple[list[PolicyResult], list[dict]]:
+             batch_size: int = 64, steps: int | None = None, blocks: int | None = None, remasking: str | None = None,
+             progress=None) -> tuple[list[PolicyResult], list[dict]]:
     """Run every policy on the same problems; returns the summary rows and per-problem records."""
+    if n < 1 or batch_size < 1:
+        raise ValueError(f"n and batch_size must be >= 1, got {n} and {batch_size}")
     name, diff = parse_task(task_spec)
     task = get_task(name)
     problems = task.problems(n, seed, **diff)
-    params = decode_params(backend.info.family, task.answer_tokens, steps, blocks)
+    family = backend.info.family
+    params = decode_params(family, task.answer_tokens, steps, blocks, remasking)
+    schedule = schedule_name(family, blocks, remasking)
     results, records = [], []
     for spec in policies:
         policy = parse_policy(spec)
@@ -90,11 +112,11 @@ def evaluate(backend, tokenizer, task_spec: str, n: int, policies: list[str], *,
             for p, out in zip(chunk, g.texts):
                 ok = task.check(p, out)
                 correct += ok
-                records.append({"task": task_spec, "policy": spec, "prompt": p.prompt, "output": out, "correct": ok,
+                records.append({"task": task_spec, "policy": spec, "schedule": schedule, "prompt": p.prompt, "output": out, "correct": ok,
                                 **{k: v for k, v in p.meta.items() if isinstance(v, (int, str))}})
             if progress is not None:
                 progress(len(chunk))
-        results.append(PolicyResult(task_spec, spec, n, correct / n, fwd / n, rows / max(rows_full, 1),
+        results.append(PolicyResult(task_spec, spec, schedule, n, correct / n, fwd / n, rows / max(rows_full, 1),
                                     rows / max(toks, 1), early / n, wall,
                                     toks / wall if wall else float("nan"), correct))
     return results, records

@@ -110,3 +110,32 @@ def param_names(family: str) -> tuple[str, ...]:
 def _positive_int(name: str, value) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def family_params(family: str, checkpoint_dir=None, **explicit) -> dict:
+    """Keyword arguments for `dream_generate` / `llada_generate` (and `generate_text`): the caller's explicit
+    values over the family's upstream defaults (Dream: as derived from the checkpoint's config.json).
+    `max_new_tokens` is accepted for both (LLaDA's `gen_length`); `top_k=0` / `top_p>=1` turn those off.
+    An option of the other family is refused."""
+    import json
+    from pathlib import Path
+
+    if "max_new_tokens" in explicit and family == "llada":
+        explicit["gen_length"] = explicit.pop("max_new_tokens")
+    names = param_names(family)
+    wrong = sorted(k for k in explicit if k not in names)
+    if wrong:
+        raise ValueError(f"{family} generation does not take {', '.join(wrong)}; it takes {', '.join(names)}")
+    if family == "dream":
+        if explicit.get("top_k") == 0:
+            explicit["top_k"] = None
+        if explicit.get("top_p") is not None and explicit["top_p"] >= 1:
+            explicit["top_p"] = None
+        cfg = {}
+        if checkpoint_dir is not None and (Path(checkpoint_dir) / "config.json").exists():
+            cfg = json.loads((Path(checkpoint_dir) / "config.json").read_text())
+        return DreamParams.from_config(cfg, **explicit).to_dict()
+    p = LLaDAParams(**explicit)
+    if "block_length" not in explicit and p.gen_length < p.block_length:
+        p.block_length = p.gen_length  # upstream's 128 does not fit a shorter answer: one block
+    return p.validate().to_dict()

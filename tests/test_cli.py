@@ -79,4 +79,4 @@ def test_generate_with_policy_reports_work_saved(runner, tiny_dir):
 
 def test_generate_bad_policy_is_one_clean_error(runner, tiny_dir):
     r = runner.invoke(main, ["generate", "-m", str(tiny_dir("dream")), "-p", "x", "--policy", "decode:cache_steps=0"])
-    assert r.exit_code != 0 and "cache_steps must be >= 1" in r.output and "Traceback" not in r.output
+    assert r.exit_code != 0 and "cache_steps must be an integer >= 1" in r.output and "Traceback" not in r.output

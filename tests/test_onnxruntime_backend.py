@@ -17,14 +17,14 @@ from runtime.generate import generate_text
 from runtime.step import StepInputs
 from export.checks import random_step_inputs
 
-POLICIES = ["none", "decode", "greedy", "block", "dual+parallel", "adaptive", "decode+early", "decode:cache_steps=1"]
+POLICIES = ["none", "decode", "window", "block", "dual+parallel", "adaptive", "decode+early", "decode:cache_steps=1"]
 
 
 def _prompts(family: str) -> tuple[list[str], dict]:
     """Countdown prompts differ in length, so the batch is left-padded."""
     task = get_task("countdown")
     probs = task.problems(4, seed=7, numbers=(3, 4))
-    params = decode_params(family, task.answer_tokens, blocks=1 if family == "dream" else 2)
+    params = decode_params(family, task.answer_tokens, blocks=None if family == "dream" else 2)
     return [p.prompt for p in probs], params
 
 

@@ -61,7 +61,7 @@ def test_dream_steps_commit_schedule(backends):
             seen.append(int(s.needed_rows.sum()))
             return torch.ones_like(s.needed_rows), torch.zeros_like(s.needed_rows)
     rule = DreamRule(ck.args.mask_token_id, steps=4, alg="maskgit_plus")
-    dream_generate(be, ids, max_new_tokens=20, steps=4, alg="maskgit_plus", policy=Spy())
+    dream_generate(be, ids, max_new_tokens=20, steps=4, alg="maskgit_plus", temperature=0.0, policy=Spy())
     remaining, expect = 20, []
     for i in range(4):
         expect.append(remaining)
@@ -91,8 +91,8 @@ def test_llada_block_order_with_spy(backends):
     snapshots = []
     orig = rule.commit
 
-    def commit(i, x_, needed, logits, computed=None, parallel=None):
-        new = orig(i, x_, needed, logits, computed, parallel)
+    def commit(i, x_, needed, logits, computed=None, rows=None, missing="-inf"):
+        new = orig(i, x_, needed, logits, computed, rows, missing)
         snapshots.append(new.clone())
         return new
     rule.commit = commit
@@ -146,6 +146,8 @@ def test_decode_answer_stops_at_eos(backends):
 @pytest.mark.parametrize("kw,msg", [
     (dict(alg="greedy"), "unknown alg"),
     (dict(steps=0), "steps must be"),
+    (dict(top_k=0), "top_k must be"),
+    (dict(block_length=3), "multiple of block_length"),
     (dict(eps=1.5), "eps must be"),
     (dict(max_new_tokens=0), "max_new_tokens must be"),
     (dict(max_new_tokens=5000), "exceeds the model"),
