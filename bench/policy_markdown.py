@@ -2,7 +2,8 @@
 
     python -m bench.policy_markdown --device cuda > /tmp/table.md
 
-One table per model, one row per policy, one cell per task: accuracy · forward passes · rows/token · tokens/s.
+One table per model, one row per (schedule, policy), one cell per task: accuracy · forward passes ·
+rows/token · tokens/s.
 """
 from __future__ import annotations
 
@@ -25,20 +26,19 @@ def main(device, models):
     for model in models:
         d = json.loads((RESULTS / f"policies-{model}-{device}.json").read_text())
         tasks = list(dict.fromkeys(r["task"] for r in d["results"]))
-        by = {(r["task"], r["policy"]): r for r in d["results"]}
+        by = {(r["schedule"], r["task"], r["policy"]): r for r in d["results"]}
         n = d["results"][0]["n"]
         click.echo(f"**{model}** ({d.get('gpu') or device}, torch {d['torch']}, fp32, n={n} per task, batch "
-                   f"{d.get('batch_size', '?')}, blocks {d['blocks']}): accuracy · forward passes · rows/token · "
-                   "tokens/s\n")
-        click.echo("| policy | " + " | ".join(tasks) + " |")
-        click.echo("| --- |" + " --- |" * len(tasks))
-        for pol in dict.fromkeys(r["policy"] for r in d["results"]):
+                   f"{d.get('batch_size', '?')}): accuracy · forward passes · rows/token · tokens/s\n")
+        click.echo("| schedule | policy | " + " | ".join(tasks) + " |")
+        click.echo("| --- | --- |" + " --- |" * len(tasks))
+        for sched, pol in dict.fromkeys((r["schedule"], r["policy"]) for r in d["results"]):
             cells = []
             for t in tasks:
-                r = by[(t, pol)]
-                cells.append(f"{r['accuracy']:.3f} · {r['forward_passes']:.1f} · {r['rows_per_token']:.1f} · "
-                             f"{_k(r['tokens_per_s'])}")
-            click.echo(f"| `{pol}` | " + " | ".join(cells) + " |")
+                r = by.get((sched, t, pol))
+                cells.append("" if r is None else f"{r['accuracy']:.3f} · {r['forward_passes']:.1f} · "
+                             f"{r['rows_per_token']:.1f} · {_k(r['tokens_per_s'])}")
+            click.echo(f"| {sched} | `{pol}` | " + " | ".join(cells) + " |")
         click.echo("")
 
 

@@ -1,11 +1,19 @@
 """Quality-vs-work table of the decode policies on the shipped task checkpoints.
 
-    python -m bench.policy_table --n 200                  # the full table (hours on a 2-core CPU)
+    python -m bench.policy_table --n 200                  # the full table (hours on a 2-core CPU; minutes on a GPU)
     python -m bench.policy_table --n 50 --task sudoku4:clues=8-12 --task countdown:numbers=3
 
-Every policy decodes the same problems; LLaDA decodes in `--blocks` semi-autoregressive blocks so that block
-and dual caching have blocks to work on (Dream's diffusion_generate has one block: the answer). Writes one
-JSON per model under bench/results/ and a markdown table (bench/results/policies-<device>.md).
+Each policy runs under the schedule its authors use it with, and every row says which:
+- Dream's own schedule (one block, steps = answer length): no cache, dKV-Cache Decode (each shift type),
+  Prefill and PD, and ours (adaptive, delayed, window), alone and with early commit;
+- Fast-dLLM's block decoding of Dream (2 blocks): no cache, prefix (`block`) and dual caches, Decode, alone,
+  with parallel decoding, early commit and both;
+- LLaDA in 2 blocks with low_confidence remasking: every cache policy that applies, alone, +parallel, +early
+  and +parallel+early;
+- LLaDA in 2 blocks with random remasking: no cache, Decode, dKV-Cache-Greedy (which needs random remasking)
+  and our window variant.
+Every policy of a schedule decodes the same problems. Writes one JSON per model under --out-dir and a
+markdown table (policies-<device>.md); `python -m bench.policy_markdown` formats the README's tables.
 """
 from __future__ import annotations
 
@@ -21,8 +29,19 @@ from rich.table import Table
 from bench.evaluate import evaluate
 from runtime.backends import make_backend
 
-CACHES = ["none", "decode", "greedy", "block", "dual", "adaptive"]
 MODS = ["", "+parallel", "+early", "+parallel+early"]
+# (blocks, remasking, policies) per family; blocks None = Dream's own schedule
+SCHEDULES = {
+    "dream": [
+        (None, None, [c + m for c in ["none", "decode", "decode:shift=un_right", "decode:shift=right", "prefill", "pd",
+                                      "adaptive", "delayed", "window"] for m in ["", "+early"]]),
+        (2, None, [c + m for c in ["none", "block", "dual", "decode"] for m in MODS]),
+    ],
+    "llada": [
+        (2, None, [c + m for c in ["none", "decode", "block", "dual", "adaptive", "delayed", "window"] for m in MODS]),
+        (2, "random", ["none", "decode", "greedy", "window"]),
+    ],
+}
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -30,43 +49,44 @@ RESULTS = Path(__file__).resolve().parent / "results"
 @click.option("--model", "models", multiple=True, default=["tiny-dream-tasks", "tiny-llada-tasks"], show_default=True)
 @click.option("--task", "tasks", multiple=True, default=["sudoku4:clues=8-12", "countdown:numbers=3", "shift128"],
               show_default=True)
-@click.option("--policy", "policies", multiple=True, default=[c + m for c in CACHES for m in MODS],
-              help="[default: each cache policy alone, +parallel and +early]")
+@click.option("--policy", "only", multiple=True, help="Run only these policy specs (of every schedule that has them).")
 @click.option("--n", default=200, show_default=True)
-@click.option("--blocks", default=2, show_default=True, help="LLaDA blocks per answer.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--batch-size", default=100, show_default=True)
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=RESULTS, show_default=True)
-def main(models, tasks, policies, n, blocks, device, batch_size, out_dir):
+def main(models, tasks, only, n, device, batch_size, out_dir):
     console = Console()
     out_dir.mkdir(parents=True, exist_ok=True)
-    lines = [f"| model | task | policy | n | accuracy | forward passes | rows/token | early | tokens/s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| model | schedule | task | policy | n | accuracy | forward passes | rows/token | early | tokens/s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for model in models:
         be, tok, ck = make_backend("torch", model, dtype="float32", device=device)
-        b = 1 if ck.family == "dream" else blocks
+        schedules = [(b, r, [p for p in pols if not only or p in only]) for b, r, pols in SCHEDULES[ck.family]]
+        schedules = [s for s in schedules if s[2]]
         if device.startswith("cuda"):  # kernels and allocator warmed up so the first policy's wall time is fair
-            evaluate(be, tok, tasks[0], min(n, batch_size), [policies[0]], batch_size=batch_size, blocks=b)
+            b, r, pols = schedules[0]
+            evaluate(be, tok, tasks[0], min(n, batch_size), pols[:1], batch_size=batch_size, blocks=b, remasking=r)
         rows = []
         with Progress(console=console) as prog:
-            for task in tasks:
-                bar = prog.add_task(f"{model} {task}", total=n * len(policies))
-                res, _ = evaluate(be, tok, task, n, list(policies), batch_size=batch_size, blocks=b,
-                                  progress=lambda k, t=bar: prog.advance(t, k))
-                rows += res
+            for blocks, remasking, pols in schedules:
+                for task in tasks:
+                    bar = prog.add_task(f"{model} {task}", total=n * len(pols))
+                    res, _ = evaluate(be, tok, task, n, pols, batch_size=batch_size, blocks=blocks, remasking=remasking,
+                                      progress=lambda k, t=bar: prog.advance(t, k))
+                    rows += res
         out = out_dir / f"policies-{model}-{device.split(':')[0]}.json"
         gpu = torch.cuda.get_device_name(device) if device.startswith("cuda") else None
         out.write_text(json.dumps({"model": model, "device": device, "gpu": gpu, "torch": torch.__version__,
-                                   "blocks": b, "batch_size": batch_size,
-                                   "results": [r.to_dict() for r in rows]}, indent=1) + "\n")
-        t = Table(title=f"{model} · {device} · blocks {b}")
-        for col in ("task", "policy", "acc", "NFE", "rows/tok", "early", "tok/s"):
+                                   "batch_size": batch_size, "results": [r.to_dict() for r in rows]}, indent=1) + "\n")
+        t = Table(title=f"{model} · {device}")
+        for col in ("schedule", "task", "policy", "acc", "NFE", "rows/tok", "early", "tok/s"):
             t.add_column(col)
         for r in rows:
-            t.add_row(r.task, r.policy, f"{r.accuracy:.3f}", f"{r.forward_passes:.1f}", f"{r.rows_per_token:.1f}",
-                      f"{r.early_committed:.1f}", f"{r.tokens_per_s:.0f}")
-            lines.append(f"| {model} | {r.task} | `{r.policy}` | {r.n} | {r.accuracy:.3f} | {r.forward_passes:.1f} | "
-                         f"{r.rows_per_token:.1f} | {r.early_committed:.1f} | {r.tokens_per_s:.0f} |")
+            t.add_row(r.schedule, r.task, r.policy, f"{r.accuracy:.3f}", f"{r.forward_passes:.1f}",
+                      f"{r.rows_per_token:.1f}", f"{r.early_committed:.1f}", f"{r.tokens_per_s:.0f}")
+            lines.append(f"| {model} | {r.schedule} | {r.task} | `{r.policy}` | {r.n} | {r.accuracy:.3f} | "
+                         f"{r.forward_passes:.1f} | {r.rows_per_token:.1f} | {r.early_committed:.1f} | "
+                         f"{r.tokens_per_s:.0f} |")
         console.print(t)
         console.print(f"results: {out}")
     md = out_dir / f"policies-{device.split(':')[0]}.md"
