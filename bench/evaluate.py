@@ -97,6 +97,7 @@ def evaluate(backend, tokenizer, task_spec: str, n: int, policies: list[str], *,
     results, records = [], []
     for spec in policies:
         policy = parse_policy(spec)
+        spec = policy.spec
         correct, fwd, rows, rows_full, wall, toks, early = 0, 0, 0, 0, 0.0, 0, 0
         for start in range(0, n, batch_size):
             chunk: list[Problem] = problems[start:start + batch_size]

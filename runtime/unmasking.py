@@ -79,15 +79,17 @@ class DreamRule:
         return self.parallel is None and i == self.steps - 1
 
     def quota(self, i: int, needed: Tensor) -> Tensor:
-        """Tokens per sequence this step commits (parallel: at least). Upstream computes the count from the
-        batch mean of masked tokens; the last step commits every one left."""
+        """Tokens per sequence this step commits (parallel: at least): a fraction 1 - s/t of its masked tokens,
+        all of them at the last step. Upstream computes one count from the batch mean, which is the same
+        thing while every sequence has the same number of masks (it always has, upstream); per sequence,
+        sequences that early commit moved ahead keep a schedule of their own."""
         num_mask = needed.sum(1)
         if self.parallel is not None:
             return torch.ones_like(num_mask)
         if self.needs_all(i):
-            return torch.full_like(num_mask, int(num_mask.sum() / num_mask.shape[0]))
+            return num_mask
         t, s = self.timesteps[i], self.timesteps[i + 1]
-        return torch.full_like(num_mask, int(num_mask.sum() / num_mask.shape[0] * (1 - s / t)))
+        return (num_mask * (1 - s / t)).long()
 
     def commit(self, i: int, x: Tensor, needed: Tensor, logits: Tensor, computed: Tensor | None = None,
                rows: Tensor | None = None, missing: str = "-inf") -> Tensor:
@@ -114,8 +116,7 @@ class DreamRule:
             return x
         confidence, x0 = sample_tokens(logits, margin_confidence=self.alg == "topk_margin",
                                        neg_entropy=self.alg == "entropy", **kw)
-        n = int(self.quota(i, needed)[0]) if needed.shape[0] else 0
-        return _commit_top(x, needed, x0, confidence, n, self.alg_temp, logits.dtype)
+        return _commit_top(x, needed, x0, confidence, self.quota(i, needed), self.alg_temp, logits.dtype)
 
     def _commit_among(self, i: int, x: Tensor, needed: Tensor, computed: Tensor, logits: Tensor) -> Tensor:
         """Commit only among computed positions, with the step's schedule count taken from all needed ones."""
@@ -134,8 +135,7 @@ class DreamRule:
             return x
         confidence, x0 = sample_tokens(logits, margin_confidence=self.alg == "topk_margin",
                                        neg_entropy=self.alg == "entropy", **kw)
-        n = int(self.quota(i, needed)[0]) if needed.shape[0] else 0
-        return _commit_top(x, computed, x0, confidence, n, self.alg_temp, logits.dtype)
+        return _commit_top(x, computed, x0, confidence, self.quota(i, needed), self.alg_temp, logits.dtype)
 
     def _commit_parallel(self, i: int, x: Tensor, needed: Tensor, logits: Tensor, kw: dict) -> Tensor:
         B = x.shape[0]
@@ -182,24 +182,30 @@ def _fill_missing(needed: Tensor, computed: Tensor, logits: Tensor) -> Tensor:
     return full
 
 
-def _commit_top(x: Tensor, where: Tensor, x0: Tensor, confidence: Tensor, n: int, alg_temp: float | None,
+def _commit_top(x: Tensor, where: Tensor, x0: Tensor, confidence: Tensor, n: Tensor, alg_temp: float | None,
                 dtype: torch.dtype) -> Tensor:
-    """Dream's transfer: the `n` highest confidences of each row (over the whole row; positions outside
-    `where` carry -inf), or `n` draws from softmax(confidence / alg_temp)."""
-    if n <= 0:
-        return x
+    """Dream's transfer: per row the `n[b]` highest confidences (over the whole row; positions outside
+    `where` carry -inf), or `n[b]` draws from softmax(confidence / alg_temp). One batched call when every
+    row takes the same number, as upstream makes it."""
     full_conf = torch.full(x.shape, -torch.inf, dtype=dtype, device=x.device)
     full_conf[where] = confidence
-    if not alg_temp:
-        _, idx = torch.topk(full_conf, n)
-    else:
-        idx = torch.multinomial(F.softmax(full_conf / alg_temp, dim=-1), num_samples=n)
     cand = torch.full_like(x, -1)
     cand[where] = x0
-    rows = torch.arange(x.size(0), device=x.device)[:, None].expand_as(idx)
-    keep = where[rows, idx]  # upstream would write the mask id back over a prompt position here; we skip it
+    take = torch.zeros_like(where)
+    groups = [(torch.arange(x.shape[0], device=x.device), int(n[0]))] if bool((n == n[0]).all()) else \
+        [(torch.tensor([b], device=x.device), int(n[b])) for b in range(x.shape[0])]
+    for rows, k in groups:
+        if k <= 0:
+            continue
+        conf = full_conf[rows]
+        if not alg_temp:
+            idx = torch.topk(conf, k).indices
+        else:
+            idx = torch.multinomial(F.softmax(conf / alg_temp, dim=-1), num_samples=k)
+        take[rows[:, None].expand_as(idx), idx] = True
+    take &= where  # upstream would write the mask id back over a prompt position here; we skip it
     x = x.clone()
-    x[rows[keep], idx[keep]] = cand[rows[keep], idx[keep]]
+    x[take] = cand[take]
     return x
 
 
@@ -283,11 +289,10 @@ class DreamBlockRule:
         k = self.block_step(i)
         if k == 0 or self.parallel is not None:
             return torch.ones_like(num_mask)
-        mean = num_mask.sum() / num_mask.shape[0]
         if k >= self.steps_per_block - 1:
-            return torch.full_like(num_mask, int(mean))
+            return num_mask
         t, s = self.timesteps[k], self.timesteps[k + 1]
-        return torch.full_like(num_mask, int(mean * (1 - s / t)))
+        return (num_mask * (1 - s / t)).long()
 
     def commit(self, i: int, x: Tensor, needed: Tensor, logits: Tensor, computed: Tensor | None = None,
                rows: Tensor | None = None, missing: str = "-inf") -> Tensor:
@@ -307,7 +312,7 @@ class DreamBlockRule:
             return commit_above(x, needed, x0, confidence, self.parallel)
         confidence, x0 = sample_tokens(logits, margin_confidence=self.alg == "topk_margin",
                                        neg_entropy=self.alg == "entropy", **kw)
-        n = int(self.quota(i, needed_all if missing == "skip" else needed)[0]) if needed.shape[0] else 0
+        n = self.quota(i, needed_all if missing == "skip" else needed)
         return _commit_top(x, needed, x0, confidence, n, self.alg_temp, logits.dtype)
 
 
