@@ -12,6 +12,8 @@ from pathlib import Path
 
 import click
 
+from runtime.policies import CACHE_POLICIES
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -32,13 +34,19 @@ def main(device, models):
                    f"{d.get('batch_size', '?')}): accuracy · forward passes · rows/token · tokens/s\n")
         click.echo("| schedule | policy | " + " | ".join(tasks) + " |")
         click.echo("| --- | --- |" + " --- |" * len(tasks))
-        for sched, pol in dict.fromkeys((r["schedule"], r["policy"]) for r in d["results"]):
+        measured = dict.fromkeys((r["schedule"], r["policy"]) for r in d["results"])
+        dropped = list(dict.fromkeys(p for _, p in measured if p.split("+")[0].split(":")[0] not in CACHE_POLICIES))
+        for sched, pol in measured:
+            if pol in dropped:
+                continue
             cells = []
             for t in tasks:
                 r = by.get((sched, t, pol))
                 cells.append("" if r is None else f"{r['accuracy']:.3f} · {r['forward_passes']:.1f} · "
                              f"{r['rows_per_token']:.1f} · {_k(r['tokens_per_s'])}")
             click.echo(f"| {sched} | `{pol}` | " + " | ".join(cells) + " |")
+        if dropped:
+            click.echo(f"\nMeasured in the same run, then dropped (no longer a policy): {', '.join(dropped)}.")
         click.echo("")
 
 

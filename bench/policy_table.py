@@ -5,15 +5,14 @@
 
 Each policy runs under the schedule its authors use it with, and every row says which:
 - Dream's own schedule (one block, steps = answer length): no cache, dKV-Cache Decode (each shift type),
-  Prefill and PD, and ours (adaptive, delayed, window), alone and with early commit;
+  Prefill and PD, and ours (adaptive, delayed), alone and with early commit;
 - Fast-dLLM's block decoding of Dream: no cache, prefix (`block`) and dual caches, Decode, alone, with
   parallel decoding, early commit and both; in the fewest blocks (>= 2) that divide the task's answer (sudoku 2,
   countdown 2, shift128 3), because this Dream model only knows its trained answer lengths: rounding shift128's
   129 tokens up to 2 x 65 costs it the first letter (0.11 instead of 1.0, bench/results/policies-*.json history);
 - LLaDA in 2 blocks with low_confidence remasking: every cache policy that applies, alone, +parallel, +early
   and +parallel+early;
-- LLaDA in 2 blocks with random remasking: no cache, Decode, dKV-Cache-Greedy (which needs random remasking)
-  and our window variant.
+- LLaDA in 2 blocks with random remasking: no cache, Decode and dKV-Cache-Greedy (which needs random remasking).
 Every policy of a schedule decodes the same problems. Writes one JSON per model under --out-dir and a
 markdown table (policies-<device>.md); `python -m bench.policy_markdown` formats the README's tables.
 """
@@ -37,12 +36,12 @@ MODS = ["", "+parallel", "+early", "+parallel+early"]
 SCHEDULES = {
     "dream": [
         (None, None, [c + m for c in ["none", "decode", "decode:shift=un_right", "decode:shift=right", "prefill", "pd",
-                                      "adaptive", "delayed", "window"] for m in ["", "+early"]]),
+                                      "adaptive", "delayed"] for m in ["", "+early"]]),
         ("divisor", None, [c + m for c in ["none", "block", "dual", "decode"] for m in MODS]),
     ],
     "llada": [
-        (2, None, [c + m for c in ["none", "decode", "block", "dual", "adaptive", "delayed", "window"] for m in MODS]),
-        (2, "random", ["none", "decode", "greedy", "window"]),
+        (2, None, [c + m for c in ["none", "decode", "block", "dual", "adaptive", "delayed"] for m in MODS]),
+        (2, "random", ["none", "decode", "greedy"]),
     ],
 }
 RESULTS = Path(__file__).resolve().parent / "results"

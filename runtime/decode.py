@@ -65,7 +65,7 @@ class Rule(Protocol):
     def quota(self, i: int, needed: Tensor) -> Tensor: ...
 
     def commit(self, i: int, x: Tensor, needed: Tensor, logits: Tensor, computed: Tensor | None = None,
-               rows: Tensor | None = None, missing: str = "-inf") -> Tensor: ...
+               rows: Tensor | None = None) -> Tensor: ...
 
 
 def pack_rows(active: Tensor) -> Tensor:
@@ -114,7 +114,6 @@ def denoise(backend: StepBackend, x: Tensor, attention_mask: Tensor, rule: Rule,
     computed_at = torch.full((B, L), -1, dtype=torch.long, device=dev)
     confidence = torch.full((B, L), -torch.inf, device=dev)
     memory: dict = {}
-    missing = getattr(plan.cache, "missing", "-inf")
     shift = info.logits_shift
     t0 = time.perf_counter()
     i = 0
@@ -151,7 +150,7 @@ def denoise(backend: StepBackend, x: Tensor, attention_mask: Tensor, rule: Rule,
         probs = torch.softmax(pred.float(), dim=-1)
         confidence = confidence.clone()
         confidence[b_idx, p_idx] = probs.max(-1).values
-        new_x = rule.commit(i, x, needed, pred, computed, pos[:B], missing)
+        new_x = rule.commit(i, x, needed, pred, computed, pos[:B])
         if plan.early is not None:
             new_x = _early_commit(plan.early, new_x, needed, computed, probs, answer, info.mask_token_id, stats)
         committed = (new_x != info.mask_token_id) & mask_index

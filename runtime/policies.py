@@ -9,7 +9,7 @@ computation. Policies are stateless: what one generation must remember between s
 
 The published policies reproduce their authors' code row for row (tests/test_upstream_fixtures.py):
 dKV-Cache's Decode, Greedy, Prefill and PD (horseee/dKV-Cache) and Fast-dLLM's prefix and dual caches
-(NVlabs/Fast-dLLM). `adaptive`, `delayed` and `window` are ours.
+(NVlabs/Fast-dLLM). `adaptive` and `delayed` are ours.
 
 Spelling, shared by the CLI, the eval harness and the Python API: a cache policy with options, then any
 modifiers, joined by '+':  `decode:cache_steps=4,shift=un+early`, `dual+parallel:threshold=0.9`.
@@ -289,66 +289,6 @@ class DelayedCache:
 
 
 @dataclass
-class WindowCache:
-    """Ours (a confidence-guided Greedy that works with every rule): decoded rows are cached at once
-    (`delay=1`: after one recompute); of the masked rows only the positions expected next (highest
-    last-known confidence, as many as the rule commits) and the `window` nearest masked positions around
-    each are recomputed; rules commit only among computed positions. Refresh every `cache_steps` steps."""
-
-    cache_steps: int = 2
-    window: int = 4
-    delay: int = 0
-    name: str = field(default="window", init=False)
-    missing = "skip"  # rules commit among the computed positions only
-
-    def __post_init__(self):
-        _check_steps(self.name, self.cache_steps)
-        if not isinstance(self.window, int) or self.window < 0 or self.delay not in (0, 1):
-            raise ValueError(f"window: need window >= 0 and delay 0 or 1, got {self.window!r}, {self.delay!r}")
-
-    def plan(self, s: DecodeState) -> tuple[Tensor, Tensor]:
-        if s.i % self.cache_steps == 0:
-            return _all(s)
-        pos = window_positions(s.masked, s.confidence, s.quota, self.window)
-        takes_all = s.quota >= s.masked.sum(1)  # the rule commits everything left: it needs every prediction
-        pos |= s.masked & takes_all[:, None]
-        compute = rows_of(pos, s.shift)
-        if self.delay == 0:  # every row is cached: decoded ones at once, masked ones outside the window
-            return _finish(s, torch.ones_like(compute), forced=compute)
-        current = (s.computed_at > s.decoded_at) | (s.decoded_at >= NEVER)
-        return _finish(s, current, forced=compute)
-
-
-def window_positions(masked: Tensor, confidence: Tensor, quota: Tensor, window: int) -> Tensor:
-    """[B, L] positions: per sequence the `quota` masked positions of highest last-known confidence, plus
-    the `window` masked positions nearest to each (alternating left, right)."""
-    out = torch.zeros_like(masked)
-    for b in range(masked.shape[0]):
-        cand = masked[b].nonzero().flatten()
-        if cand.numel() == 0:
-            continue
-        q = max(1, min(int(quota[b]), cand.numel()))
-        top = cand[torch.topk(confidence[b, cand].float(), q).indices]
-        out[b, top] = True
-        if window:
-            order = cand.tolist()
-            for p in top.tolist():
-                k = order.index(p)
-                left, right, taken, go_left = k - 1, k + 1, 0, True
-                while taken < window and (left >= 0 or right < len(order)):
-                    j = left if go_left else right
-                    if 0 <= j < len(order) and not out[b, order[j]]:
-                        out[b, order[j]] = True
-                        taken += 1
-                    if go_left:
-                        left -= 1
-                    else:
-                        right += 1
-                    go_left = not go_left
-    return out
-
-
-@dataclass
 class AdaptiveCache:
     """Ours, beyond the papers: a row becomes stable when its keys moved less than `tol` (relative, the
     step's `kv_drift` output) between its last two computations, instead of after a fixed delay; it leaves
@@ -459,7 +399,7 @@ class EarlyCommit:
 
 CACHE_POLICIES: dict[str, type] = {"none": NoCache, "decode": DKVDecode, "greedy": DKVGreedy,
                                    "prefill": DKVPrefill, "pd": DKVPD, "block": BlockCache, "dual": BlockCache,
-                                   "adaptive": AdaptiveCache, "delayed": DelayedCache, "window": WindowCache}
+                                   "adaptive": AdaptiveCache, "delayed": DelayedCache}
 MODIFIERS: dict[str, type] = {"parallel": Parallel, "early": EarlyCommit}
 
 

@@ -92,13 +92,11 @@ class DreamRule:
         return (num_mask * (1 - s / t)).long()
 
     def commit(self, i: int, x: Tensor, needed: Tensor, logits: Tensor, computed: Tensor | None = None,
-               rows: Tensor | None = None, missing: str = "-inf") -> Tensor:
+               rows: Tensor | None = None) -> Tensor:
         """`logits` [N, V] are the predictions at the `computed` positions (default: all `needed`) in
-        row-major order; returns the new canvas. Needed positions that were not computed get -inf logits
-        (`missing='-inf'`, upstream's behaviour) or are left masked this step (`missing='skip'`)."""
+        row-major order; returns the new canvas. Needed positions that were not computed get -inf logits,
+        as upstream's dKV-Cache fills them."""
         computed = needed if computed is None else computed
-        if missing == "skip":
-            return self._commit_among(i, x, needed, computed, logits)
         if not torch.equal(computed, needed):
             logits = _fill_missing(needed, computed, logits)
         kw = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
@@ -117,25 +115,6 @@ class DreamRule:
         confidence, x0 = sample_tokens(logits, margin_confidence=self.alg == "topk_margin",
                                        neg_entropy=self.alg == "entropy", **kw)
         return _commit_top(x, needed, x0, confidence, self.quota(i, needed), self.alg_temp, logits.dtype)
-
-    def _commit_among(self, i: int, x: Tensor, needed: Tensor, computed: Tensor, logits: Tensor) -> Tensor:
-        """Commit only among computed positions, with the step's schedule count taken from all needed ones."""
-        kw = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
-        if self.parallel is not None:
-            confidence, x0 = sample_tokens(logits, **kw)
-            return commit_above(x, computed, x0, confidence, self.parallel)
-        if self.alg == "origin":
-            t, s = self.timesteps[i], self.timesteps[i + 1]
-            p_transfer = 1 if i == self.steps - 1 else 1 - s / t
-            x0 = torch.zeros_like(x[computed]) + self.mask_token_id
-            transfer = torch.rand(*x0.shape, device=x.device) < p_transfer
-            _, x0[transfer] = sample_tokens(logits[transfer], **kw)
-            x = x.clone()
-            x[computed] = x0
-            return x
-        confidence, x0 = sample_tokens(logits, margin_confidence=self.alg == "topk_margin",
-                                       neg_entropy=self.alg == "entropy", **kw)
-        return _commit_top(x, computed, x0, confidence, self.quota(i, needed), self.alg_temp, logits.dtype)
 
     def _commit_parallel(self, i: int, x: Tensor, needed: Tensor, logits: Tensor, kw: dict) -> Tensor:
         B = x.shape[0]
@@ -295,11 +274,9 @@ class DreamBlockRule:
         return (num_mask * (1 - s / t)).long()
 
     def commit(self, i: int, x: Tensor, needed: Tensor, logits: Tensor, computed: Tensor | None = None,
-               rows: Tensor | None = None, missing: str = "-inf") -> Tensor:
+               rows: Tensor | None = None) -> Tensor:
         computed = needed if computed is None else computed
-        if missing == "skip":
-            needed_all, needed = needed, computed
-        elif not torch.equal(computed, needed):
+        if not torch.equal(computed, needed):
             logits = _fill_missing(needed, computed, logits)
         kw = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
         if self.block_step(i) == 0:
@@ -312,8 +289,7 @@ class DreamBlockRule:
             return commit_above(x, needed, x0, confidence, self.parallel)
         confidence, x0 = sample_tokens(logits, margin_confidence=self.alg == "topk_margin",
                                        neg_entropy=self.alg == "entropy", **kw)
-        n = self.quota(i, needed_all if missing == "skip" else needed)
-        return _commit_top(x, needed, x0, confidence, n, self.alg_temp, logits.dtype)
+        return _commit_top(x, needed, x0, confidence, self.quota(i, needed), self.alg_temp, logits.dtype)
 
 
 def commit_above(x: Tensor, computed: Tensor, x0: Tensor, confidence: Tensor, threshold: float) -> Tensor:
@@ -424,10 +400,9 @@ class LLaDARule:
         return self._transfer[:, k]
 
     def commit(self, i: int, x: Tensor, needed: Tensor, logits: Tensor, computed: Tensor | None = None,
-               rows: Tensor | None = None, missing: str = "-inf") -> Tensor:
+               rows: Tensor | None = None) -> Tensor:
         """`rows` [B, A]: the canvas rows this step computed, in the order the random draw follows. A needed
-        position that was not computed is never committed (upstream's -inf confidence; `missing` has no
-        other meaning here)."""
+        position that was not computed is never committed (upstream gives it -inf confidence)."""
         computed = needed if computed is None else computed
         x0 = torch.argmax(add_gumbel_noise(logits, self.temperature), dim=-1)
         if self.remasking == "low_confidence":

@@ -17,7 +17,7 @@ from runtime.generate import generate_text
 from runtime.step import StepInputs
 from export.checks import random_step_inputs
 
-POLICIES = ["none", "decode", "window", "block", "dual+parallel", "adaptive", "decode+early", "decode:cache_steps=1"]
+POLICIES = ["none", "decode", "delayed", "block", "dual+parallel", "adaptive", "decode+early", "decode:cache_steps=1"]
 
 
 def _prompts(family: str) -> tuple[list[str], dict]:

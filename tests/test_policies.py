@@ -11,17 +11,14 @@ from hypothesis import strategies as st
 from runtime.backends import make_backend
 from runtime.generate import dream_generate, generate_text, llada_generate
 from runtime.policies import (NEVER, AdaptiveCache, BlockCache, DecodeState, DelayedCache, DKVDecode, DKVGreedy,
-                              DKVPD, DKVPrefill, NoCache, WindowCache, dream_cached_rows, parse_policy, rows_of,
-                              window_positions, window_tokens)
+                              DKVPD, DKVPrefill, NoCache, dream_cached_rows, parse_policy, rows_of, window_tokens)
 from runtime.step import StepOutputs
 
 PROMPTS = ["a much longer prompt here", "hi", "medium one"]
 CACHED = {"dream": ["decode", "decode:cache_steps=2,shift=un_right", "decode:shift=right", "prefill", "pd",
-                    "pd:cache_steps=2,shift=un_right", "block", "dual", "adaptive", "adaptive:tol=0.5", "delayed",
-                    "window", "window:window=2,delay=1"],
-          "llada": ["decode", "decode:cache_steps=2", "block", "dual", "adaptive", "adaptive:tol=0.5", "delayed",
-                    "window", "window:window=2,delay=1"]}
-MODIFIED = [p + m for p in ["none", "decode", "window", "dual"] for m in ["+parallel", "+early",
+                    "pd:cache_steps=2,shift=un_right", "block", "dual", "adaptive", "adaptive:tol=0.5", "delayed"],
+          "llada": ["decode", "decode:cache_steps=2", "block", "dual", "adaptive", "adaptive:tol=0.5", "delayed"]}
+MODIFIED = [p + m for p in ["none", "decode", "delayed", "dual"] for m in ["+parallel", "+early",
                                                                           "+parallel:threshold=0.5+early"]]
 
 
@@ -57,7 +54,7 @@ class Recorder:
        new=st.sampled_from([4, 6, 8, 12]), steps_div=st.sampled_from([1, 2]), seed=st.integers(0, 2**16),
        alg=st.sampled_from(["maskgit_plus", "topk_margin", "entropy"]), blocks=st.sampled_from([1, 2]),
        spec=st.sampled_from(["decode:cache_steps=1", "decode:cache_steps=1,shift=right", "adaptive:cache_steps=1",
-                             "delayed:cache_steps=1", "window:cache_steps=1"]))
+                             "delayed:cache_steps=1"]))
 def test_refresh_every_step_is_token_identical_to_no_cache(backends, family, lengths, new, steps_div, seed, alg,
                                                            blocks, spec):
     """Over random canvases (prompt lengths, left padding, batch) and schedules: a cache refreshed at every
@@ -206,7 +203,7 @@ def states(draw):
 
 POLICY_OBJECTS = [NoCache(), DKVDecode(3), DKVDecode(2, "right"), DKVDecode(4, "un_right"), DKVPrefill(),
                   DKVPD(3), DKVGreedy(2, 2), DKVGreedy(3, 0), BlockCache(False), BlockCache(True),
-                  AdaptiveCache(0.1, 4), DelayedCache(3), WindowCache(2, 2, 0), WindowCache(3, 1, 1)]
+                  AdaptiveCache(0.1, 4), DelayedCache(3)]
 
 
 @settings(max_examples=200, deadline=None)
@@ -244,19 +241,3 @@ def test_window_tokens_follow_dkv_greedy_search():
     chosen[4] = True
     window_tokens(chosen, [4], masked, 3)  # left 3, right 5, left 2 is unmasked -> skipped, then right 6 (no) ...
     assert chosen.nonzero().flatten().tolist() == [1, 3, 4, 5]
-
-
-@settings(max_examples=150, deadline=None)
-@given(states(), st.integers(0, 4))
-def test_window_holds_the_expected_next_positions(s, window):
-    pos = window_positions(s.masked, s.confidence, s.quota, window)
-    assert not (pos & ~s.masked).any()
-    for b in range(pos.shape[0]):
-        n = int(s.masked[b].sum())
-        if n == 0:
-            assert not pos[b].any()
-            continue
-        q = max(1, min(int(s.quota[b]), n))
-        top = torch.topk(s.confidence[b].masked_fill(~s.masked[b], -torch.inf), q).values.min()
-        assert pos[b][s.confidence[b] > top].all() or q == n
-        assert q <= int(pos[b].sum()) <= min(n, q * (window + 1))

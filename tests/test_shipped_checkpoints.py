@@ -67,9 +67,9 @@ def test_cli_eval_rejects_bad_task_before_loading(tmp_path):
 # figures of bench/results/policies-*-cuda.json, so that sampling noise does not fail CI but a policy that
 # breaks decoding (chance level is ~0) does.
 POLICY_FLOORS = {
-    "sudoku4:clues=8-12": {"none": 0.8, "decode": 0.8, "window": 0.75, "block": 0.8, "dual": 0.75,
+    "sudoku4:clues=8-12": {"none": 0.8, "decode": 0.8, "delayed": 0.8, "block": 0.8, "dual": 0.75,
                            "adaptive": 0.8, "none+parallel": 0.75, "decode+parallel+early": 0.7},
-    "countdown:numbers=3": {"decode": 0.4, "window": 0.25, "dual": 0.4, "adaptive": 0.4, "dual+parallel": 0.4},
+    "countdown:numbers=3": {"decode": 0.4, "delayed": 0.4, "dual": 0.4, "adaptive": 0.4, "dual+parallel": 0.4},
 }
 
 
