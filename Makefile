@@ -12,6 +12,8 @@ $(STAMP): requirements-ci.txt pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements-ci.txt 2>&1 \
 		| { grep -v "is ignored: it is neither a file nor a directory" || true; }
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps -e . 2>&1 \
+		| { grep -v "is ignored: it is neither a file nor a directory" || true; }
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -129,7 +129,7 @@ def emit(kind: str, **data) -> None:
 
 def preset_args(preset: str):
     """ModelArgs of the preset, with the special ids of the tiny tokenizer that is shipped with it."""
-    from models.tiny import TOKEN_ROLES, build_tokenizer, shaped_like
+    from dlmtrt.models.tiny import TOKEN_ROLES, build_tokenizer, shaped_like
     tok = build_tokenizer("dream")
     ids = {k.removesuffix("_token"): tok.token_to_id(v) for k, v in TOKEN_ROLES["dream"].items() if v is not None}
     args = shaped_like("dream", mask_token_id=ids["mask"], eos_token_id=ids["eos"], pad_token_id=ids["pad"],
@@ -165,9 +165,9 @@ def write_checkpoint(out: Path, preset: str, seed: int = 0) -> dict:
     generation config, tokenizer). Tensors are written one fp32 chunk at a time, never held whole."""
     import torch
 
-    from models.families import FAMILIES
-    from models.tiny import _save_tokenizer
-    from models.transformer import DiffusionLM
+    from dlmtrt.models.families import FAMILIES
+    from dlmtrt.models.tiny import _save_tokenizer
+    from dlmtrt.models.transformer import DiffusionLM
     args, tok = preset_args(preset)
     fam = FAMILIES["dream"]
     with torch.device("meta"):
@@ -234,8 +234,8 @@ def export_child(ckpt: Path, out: Path, dtype: str, numeric_check: bool, force_e
     import onnx_ir  # noqa: F401
     import onnxscript  # noqa: F401
 
-    import export.checks  # noqa: F401
-    import export.onnx_export as oe
+    import dlmtrt.export.checks  # noqa: F401
+    import dlmtrt.export.onnx_export as oe
     s_base = proc_status()
     if force_external:
         oe.EXTERNAL_DATA_BYTES = 0  # tiny preset: take the side-file path that 7b takes
@@ -342,8 +342,9 @@ def verify(export_dir: Path, ckpt: Path, dtype: str, weight_bytes: int, expect_e
     import torch
     from onnx import TensorProto
 
-    from export.onnx_export import DATA_FILE, EXPORT_DTYPES, ONNX_FILE
-    from models.loading import open_checkpoint, read_tensor, tensor_index
+    from dlmtrt.dtypes import DTYPES
+    from dlmtrt.export.onnx_export import DATA_FILE, ONNX_FILE
+    from dlmtrt.models.loading import open_checkpoint, read_tensor, tensor_index
     t0 = time.perf_counter()
     onnx_path, data_path = export_dir / ONNX_FILE, export_dir / DATA_FILE
     files = sorted(p.name for p in export_dir.iterdir())
@@ -365,7 +366,7 @@ def verify(export_dir: Path, ckpt: Path, dtype: str, weight_bytes: int, expect_e
         if t is None:
             spot.append({"name": name, "found": False, "equal": False})
             continue
-        want = read_tensor(index[name], EXPORT_DTYPES[dtype]).contiguous()
+        want = read_tensor(index[name], DTYPES[dtype]).contiguous()
         got = np.frombuffer(_initializer_bytes(t, export_dir), dtype=np.uint8)
         exp = want.view(torch.uint8).numpy().reshape(-1)
         spot.append({"name": name, "found": True, "external": t.data_location == TensorProto.EXTERNAL,
@@ -412,7 +413,7 @@ def machine_info() -> dict:
 
 
 def numeric_check_fits(args, weight_bytes: int) -> bool:
-    from export.checks import available_memory, memory_needed
+    from dlmtrt.export.checks import available_memory, memory_needed
     return memory_needed(args, weight_bytes) <= available_memory()
 
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
-from models.loading import load
-from models.tiny import make_tiny
-from runtime.backends.torch_backend import TorchBackend
-from runtime.generate import dream_generate, llada_generate
+from dlmtrt.models.loading import load
+from dlmtrt.models.tiny import make_tiny
+from dlmtrt.runtime.backends.torch_backend import TorchBackend
+from dlmtrt.runtime.generate import dream_generate, llada_generate
 
 
 def main() -> None:

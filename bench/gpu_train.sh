@@ -12,7 +12,7 @@ if [ "$SMOKE" = 1 ]; then
   cat "$OUT/gpu_smoke.json"
 fi
 for fam in $FAMILIES; do
-  python3 -m bench.train --family "$fam" --out "$CK/tiny-$fam-tasks" --minutes "$MINUTES" --workers $((14 / $(echo $FAMILIES | wc -w))) 2>&1 \
+  python3 -m dlmtrt.evals.train --family "$fam" --out "$CK/tiny-$fam-tasks" --minutes "$MINUTES" --workers $((14 / $(echo $FAMILIES | wc -w))) 2>&1 \
     | tr '\r' '\n' | grep -v '^\s*$' | awk 'NR<=3 || /saved/ || NR%40==0' > "$OUT/train_$fam.log" &
 done
 wait

@@ -67,7 +67,7 @@ def make(out: Path, layers: int, shard_bytes: int) -> dict:
     so only one bf16 copy of the model (plus one fp32 tensor) is ever held; save_file writes from it in place."""
     import torch
 
-    from models.tiny import random_state_dict, save_checkpoint, shaped_like
+    from dlmtrt.models.tiny import random_state_dict, save_checkpoint, shaped_like
     args = shaped_like("dream", num_layers=layers, max_position_embeddings=32768, **SIZES)
     t0 = time.perf_counter()
     sd = random_state_dict(args, seed=0, dtype=torch.bfloat16)
@@ -80,7 +80,8 @@ def measure(path: Path, dtype: str) -> dict:
     """Load once in this (fresh) process and report memory and time."""
     import torch
 
-    from models.loading import DTYPES, load_weights, open_checkpoint
+    from dlmtrt.dtypes import DTYPES
+    from dlmtrt.models.loading import load_weights, open_checkpoint
     base = status()
     sampler = Sampler()
     sampler.start()

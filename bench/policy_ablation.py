@@ -19,9 +19,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from bench.evaluate import evaluate
-from runtime.backends import make_backend
-from runtime.policies import DecodePlan, DecodeState, DKVDecode, _all, _exact
+from dlmtrt.evals.evaluate import evaluate
+from dlmtrt.runtime.backends import make_backend
+from dlmtrt.runtime.policies import DecodePlan, DecodeState, DKVDecode, _all, _exact
 
 
 @dataclass

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from runtime.policies import CACHE_POLICIES
+from dlmtrt.runtime.policies import CACHE_POLICIES
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -27,9 +27,9 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from bench.evaluate import evaluate, parse_task
-from bench.tasks import get_task
-from runtime.backends import make_backend
+from dlmtrt.evals.evaluate import evaluate
+from dlmtrt.evals.tasks import get_task, parse_task
+from dlmtrt.runtime.backends import make_backend
 
 MODS = ["", "+parallel", "+early", "+parallel+early"]
 # (blocks, remasking, policies) per family; blocks None = Dream's own schedule

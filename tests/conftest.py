@@ -1,15 +1,11 @@
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from models.tiny import make_tiny  # noqa: E402
+from dlmtrt.models.tiny import make_tiny
 
 FAMILIES = ["dream", "llada"]
 
@@ -37,7 +33,7 @@ def _deterministic():
 def exported(tmp_path_factory):
     """Session-wide ONNX exports of the shipped task checkpoints (each costs ~20 s of tracing):
     exported('dream', dtype='float32', attention='standard') -> export directory."""
-    from export.onnx_export import export_step
+    from dlmtrt.export.onnx_export import export_step
     cache: dict[tuple, Path] = {}
 
     def get(family: str, dtype: str = "float32", attention: str = "standard") -> Path:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from models.transformer import DiffusionLM
+from dlmtrt.models.transformer import DiffusionLM
 
 
 def hf_model(model: DiffusionLM) -> torch.nn.Module:

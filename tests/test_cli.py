@@ -6,7 +6,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from cli import main
+from dlmtrt.cli import main
 
 
 @pytest.fixture()

@@ -17,10 +17,11 @@ import pytest
 from click.testing import CliRunner
 from onnx import numpy_helper
 
-from cli import main
-from export.polygraphy_data import TOLERANCES, feeds_from_env, parse_tolerances, split_policies
-from export.step_graph import input_names, output_names
-from export.trajectory import describe, load_feeds, spread
+from dlmtrt.cli import main
+from dlmtrt.evals.compare import TOLERANCES, parse_tolerances
+from dlmtrt.evals.polygraphy_data import feeds_from_env, split_policies
+from dlmtrt.runtime.contract import input_names, output_names
+from dlmtrt.evals.trajectory import describe, load_feeds, spread
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ("dream", "llada")
@@ -51,7 +52,7 @@ def export_dir(request, tmp_path_factory):
             if shared is not None:
                 cache[family] = shared(family)
             else:
-                from export.onnx_export import export_step
+                from dlmtrt.export.onnx_export import export_step
                 out = tmp_path_factory.mktemp(f"compare_onnx_{family}") / "export"
                 export_step(f"tiny-{family}-tasks", out, numeric_check=False, log=lambda m: None)
                 cache[family] = out
@@ -184,7 +185,7 @@ def test_polygraphy_run_with_the_shipped_data_loader(compare_run, export_dir):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DLMTRT_MODEL": "tiny-dream-tasks",
            "DLMTRT_POLICIES": "none;decode;dual+parallel"}
     cmd = [str(exe), "run", str(export_dir("dream") / "model.onnx"), "--onnxrt",
-           "--data-loader-script", "export/polygraphy_data.py:load_data",
+           "--data-loader-script", "dlmtrt/evals/polygraphy_data.py:load_data",
            "--load-outputs", str(d / "torch_outputs.json"),
            "--rtol", "1e-3", "present_valid:0", "--atol", "1e-4", "logits:1e-3", "present_valid:0"]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -11,13 +11,13 @@ import torch
 from click.testing import CliRunner
 from onnx import numpy_helper
 
-import cli
-from export import attention as attn
-from export.checks import CASES, numeric_check, random_step_inputs
-from export.metadata import onnx_metadata, read_metadata
-from export.onnx_export import ExportError, checkpoint_sha256, export_step
-from export.step_graph import input_names, output_names
-from models.loading import load, open_checkpoint, read_tensor, tensor_index
+from dlmtrt import cli
+from dlmtrt.export import attention as attn
+from dlmtrt.export.checks import CASES, numeric_check, random_step_inputs
+from dlmtrt.runtime.contract import onnx_metadata, read_metadata
+from dlmtrt.export.onnx_export import ExportError, checkpoint_sha256, export_step
+from dlmtrt.runtime.contract import input_names, output_names
+from dlmtrt.models.loading import load, open_checkpoint, read_tensor, tensor_index
 
 
 def _dims(v):
@@ -137,7 +137,7 @@ def test_plugin_node_has_the_semantics_of_the_standard_graph(exported):
 
 
 def test_plugin_attention_is_the_model_attention_in_eager_mode():
-    from models.transformer import cached_attention
+    from dlmtrt.models.transformer import cached_attention
     q, k, v = torch.randn(2, 8, 3, 16), torch.randn(2, 2, 7, 16), torch.randn(2, 2, 7, 16)
     valid = torch.rand(2, 7) < 0.6
     valid[:, 0] = True
@@ -190,7 +190,7 @@ def test_non_empty_output_needs_overwrite(tmp_path):
 
 
 def test_model_that_does_not_load(tmp_path, tiny_dir):
-    from models.loading import CheckpointError
+    from dlmtrt.models.loading import CheckpointError
     with pytest.raises(CheckpointError, match="tiny-gpt-none"):
         export_step("tiny-gpt-none", tmp_path / "out")
     import shutil
@@ -204,7 +204,7 @@ def test_model_that_does_not_load(tmp_path, tiny_dir):
 
 
 def test_mismatched_tokenizer(tmp_path):
-    from models.loading import SHIPPED_ALIASES
+    from dlmtrt.models.loading import SHIPPED_ALIASES
     with pytest.raises(ExportError, match="does not match .*mask token .*--tokenizer"):
         export_step("tiny-llada-tasks", tmp_path / "out", tokenizer=str(SHIPPED_ALIASES["tiny-dream-tasks"]))
     with pytest.raises(ExportError, match="no tokenizer.json"):
@@ -213,7 +213,7 @@ def test_mismatched_tokenizer(tmp_path):
 
 
 def test_failed_check_leaves_the_old_export_and_no_partial_files(tmp_path, monkeypatch):
-    import export.checks as checks
+    import dlmtrt.export.checks as checks
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("previous export")

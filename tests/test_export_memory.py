@@ -65,7 +65,7 @@ def test_streamed_checkpoint_loads(tmp_path):
     layout's sharding (index) and a tokenizer whose ids match the config."""
     import torch
 
-    from models.loading import load_tokenizer, load_weights, open_checkpoint
+    from dlmtrt.models.loading import load_tokenizer, load_weights, open_checkpoint
     made = em.write_checkpoint(tmp_path / "ck", "tiny")
     ck = open_checkpoint(str(tmp_path / "ck"))
     assert made["shards"] > 1 and (tmp_path / "ck" / "model.safetensors.index.json").exists()

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hf_reference import hf_logits, hf_model
-from models.loading import load
+from dlmtrt.models.loading import load
 
 FAMILIES = ["dream", "llada"]
 TOL = 1e-5

@@ -8,14 +8,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import cli
-from bench.evaluate import decode_params
-from bench.tasks import get_task
-from runtime.backends import describe_model, make_backend
-from runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
-from runtime.generate import generate_text
-from runtime.step import StepInputs
-from export.checks import random_step_inputs
+from dlmtrt import cli
+from dlmtrt.runtime.params import greedy_params
+from dlmtrt.evals.tasks import get_task
+from dlmtrt.runtime.backends import describe_model, make_backend
+from dlmtrt.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+from dlmtrt.runtime.generate import generate_text
+from dlmtrt.runtime.contract import StepInputs
+from dlmtrt.export.checks import random_step_inputs
 
 POLICIES = ["none", "decode", "delayed", "block", "dual+parallel", "adaptive", "decode+early", "decode:cache_steps=1"]
 
@@ -24,7 +24,7 @@ def _prompts(family: str) -> tuple[list[str], dict]:
     """Countdown prompts differ in length, so the batch is left-padded."""
     task = get_task("countdown")
     probs = task.problems(4, seed=7, numbers=(3, 4))
-    params = decode_params(family, task.answer_tokens, blocks=None if family == "dream" else 2)
+    params = greedy_params(family, task.answer_tokens, blocks=None if family == "dream" else 2)
     return [p.prompt for p in probs], params
 
 
@@ -79,7 +79,7 @@ def test_fp16_export_decodes_on_cpu(exported):
     assert be.info.dtype == torch.float16 and src.dtype == "float16"
     task = get_task("sudoku4")
     probs = task.problems(8, seed=3, clues=(8, 12))
-    g = generate_text(be, tok, [p.prompt for p in probs], **decode_params("llada", task.answer_tokens))
+    g = generate_text(be, tok, [p.prompt for p in probs], **greedy_params("llada", task.answer_tokens))
     assert sum(task.check(p, t) for p, t in zip(probs, g.texts)) >= 7
 
 

@@ -6,9 +6,9 @@ import json
 import pytest
 from click.testing import CliRunner
 
-import cli
+from dlmtrt import cli
 
-from bench.tasks import get_task
+from dlmtrt.evals.tasks import get_task
 
 SHIFT = get_task("shift128").problems(1, seed=5)[0]
 PROMPT = {"dream": (SHIFT.prompt, ["-n", "129", "--steps", "129"]),

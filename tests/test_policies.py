@@ -8,11 +8,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runtime.backends import make_backend
-from runtime.generate import dream_generate, generate_text, llada_generate
-from runtime.policies import (NEVER, AdaptiveCache, BlockCache, DecodeState, DelayedCache, DKVDecode, DKVGreedy,
+from dlmtrt.runtime.backends import make_backend
+from dlmtrt.runtime.generate import dream_generate, generate_text, llada_generate
+from dlmtrt.runtime.policies import (NEVER, AdaptiveCache, BlockCache, DecodeState, DelayedCache, DKVDecode, DKVGreedy,
                               DKVPD, DKVPrefill, NoCache, dream_cached_rows, parse_policy, rows_of, window_tokens)
-from runtime.step import StepOutputs
+from dlmtrt.runtime.contract import StepOutputs
 
 PROMPTS = ["a much longer prompt here", "hi", "medium one"]
 CACHED = {"dream": ["decode", "decode:cache_steps=2,shift=un_right", "decode:shift=right", "prefill", "pd",
@@ -24,7 +24,7 @@ MODIFIED = [p + m for p in ["none", "decode", "delayed", "dual"] for m in ["+par
 
 @pytest.fixture(scope="module")
 def backends(tmp_path_factory):
-    from models.tiny import make_tiny
+    from dlmtrt.models.tiny import make_tiny
     return {fam: make_backend("torch", str(make_tiny(fam, tmp_path_factory.mktemp(fam) / "ck", seed=3)))
             for fam in ("dream", "llada")}
 

@@ -4,15 +4,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runtime.backends import make_backend
-from runtime.decode import pack_rows, source_rows
-from runtime.generate import dream_generate, generate_text, llada_generate
-from runtime.unmasking import DreamRule, LLaDARule, num_transfer_tokens
+from dlmtrt.runtime.backends import make_backend
+from dlmtrt.runtime.decode import pack_rows, source_rows
+from dlmtrt.runtime.generate import dream_generate, generate_text, llada_generate
+from dlmtrt.runtime.unmasking import DreamRule, LLaDARule, num_transfer_tokens
 
 
 @pytest.fixture(scope="module")
 def backends(tmp_path_factory):
-    from models.tiny import make_tiny
+    from dlmtrt.models.tiny import make_tiny
     out = {}
     for fam in ("dream", "llada"):
         out[fam] = make_backend("torch", str(make_tiny(fam, tmp_path_factory.mktemp(fam) / "ck", seed=3)))
@@ -87,7 +87,7 @@ def test_llada_block_order_with_spy(backends):
     ids = torch.randint(0, 200, (1, 5))
     rule = LLaDARule(steps=6, gen_length=12, block_length=4, prompt_length=5)
     x = torch.nn.functional.pad(ids, (0, 12), value=mask)
-    from runtime.decode import denoise
+    from dlmtrt.runtime.decode import denoise
     snapshots = []
     orig = rule.commit
 
@@ -137,7 +137,7 @@ def test_llada_cfg_combines_logits_like_reference(backends):
 
 
 def test_decode_answer_stops_at_eos(backends):
-    from runtime.generate import decode_answer
+    from dlmtrt.runtime.generate import decode_answer
     _, tok, ck = backends["dream"]
     ids = tok("abc")["input_ids"] + [ck.args.eos_token_id] + tok("zzz")["input_ids"]
     assert decode_answer(tok, torch.tensor(ids), ck.args.eos_token_id) == "abc"

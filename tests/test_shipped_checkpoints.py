@@ -7,11 +7,11 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from bench.evaluate import evaluate
-from bench.model_card import card
-from cli import main
-from models.loading import SHIPPED_ALIASES, load
-from runtime.backends import make_backend
+from dlmtrt.evals.evaluate import evaluate
+from dlmtrt.evals.model_card import card
+from dlmtrt.cli import main
+from dlmtrt.models.loading import SHIPPED_ALIASES, load
+from dlmtrt.runtime.backends import make_backend
 
 # Accuracy floors at small N, far above chance (a random 4x4 grid fills 8 blanks right with p < 1e-4;
 # a random countdown chain or shifted string is essentially never right) and below the N=200 model-card
@@ -36,7 +36,7 @@ def test_shipped_checkpoints_fit_the_budget_and_load():
 def test_model_card_is_generated_from_current_results(name):
     text = (SHIPPED_ALIASES[name] / "README.md").read_text()
     body = card(name)
-    assert text.startswith(body), "model card is stale: run python -m bench.model_card " + name
+    assert text.startswith(body), "model card is stale: run python -m dlmtrt.evals.model_card " + name
 
 
 @pytest.mark.parametrize("name", sorted(FLOORS))

@@ -5,10 +5,10 @@ import random
 
 import pytest
 
-from bench.evaluate import parse_task
-from bench.tasks import TASKS, get_task
-from bench.tasks.shift import shifted
-from bench.tasks.sudoku import GRIDS
+from dlmtrt.evals.tasks import parse_task
+from dlmtrt.evals.tasks import TASKS, get_task
+from dlmtrt.evals.tasks.shift import shifted
+from dlmtrt.evals.tasks.sudoku import GRIDS
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))

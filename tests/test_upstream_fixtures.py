@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-from models.loading import load
-from runtime.backends.torch_backend import TorchBackend
-from runtime.generate import dream_generate, llada_generate
-from runtime.step import StepInputs, StepOutputs
+from dlmtrt.models.loading import load
+from dlmtrt.runtime.backends.torch_backend import TorchBackend
+from dlmtrt.runtime.generate import dream_generate, llada_generate
+from dlmtrt.runtime.contract import StepInputs, StepOutputs
 
 FIX = Path(__file__).parent / "fixtures" / "upstream"
 SUITES = ("dkv", "fastdllm")

@@ -1,0 +1,30 @@
+"""The `dlmtrt` command line (also `python cli.py` in a source checkout): one small file per command, each
+calling library functions."""
+from __future__ import annotations
+
+import click
+
+from dlmtrt import __version__
+
+from .compare import compare_cmd
+from .eval import eval_cmd
+from .export import export_cmd
+from .generate import generate
+from .make_tiny import make_tiny_cmd
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="dlmtrt")
+def main():
+    """Deploy diffusion language models (Dream, LLaDA): checkpoints, generation, export.
+
+    \b
+    Quick start (CPU, no downloads):
+      dlmtrt make-tiny --arch dream --out tiny/dream
+      dlmtrt generate --model tiny/dream --prompt "Hello" --chat
+    (in a source checkout `python cli.py` is the same as `dlmtrt`)
+    """
+
+
+for _cmd in (make_tiny_cmd, generate, export_cmd, eval_cmd, compare_cmd):
+    main.add_command(_cmd)

@@ -1,0 +1,94 @@
+"""`dlmtrt generate`: answers for prompts, with the run's statistics."""
+from __future__ import annotations
+
+import time
+
+import click
+from rich.table import Table
+
+from ._common import friendly_errors, out, progress
+
+
+@click.command()
+@click.option("--model", "-m", required=True, help="Checkpoint directory, alias (dream-7b, llada-8b, ...) or cached repo id.")
+@click.option("--prompt", "-p", "prompts", multiple=True, required=True, help="Prompt text; repeat for a batch.")
+@click.option("--chat/--no-chat", default=False, help="Wrap each prompt in the model's chat template.")
+@click.option("--max-new-tokens", "-n", type=int, default=None,
+              help="Tokens to generate (LLaDA: gen_length) [default: the family's, Dream 20, LLaDA 128].")
+@click.option("--steps", "-s", type=int, default=None, help="Denoising steps [default: the family's, Dream 512, LLaDA 128].")
+@click.option("--temperature", "-t", type=float, default=None,
+              help="Sampling temperature; 0 is greedy [default: the family's, Dream 1.0 (as upstream), LLaDA 0].")
+@click.option("--alg", type=click.Choice(["origin", "maskgit_plus", "topk_margin", "entropy"]), default=None,
+              help="Dream: unmasking order [default: origin, as upstream].")
+@click.option("--alg-temp", type=float, default=None, help="Dream: temperature of the confidence-based order.")
+@click.option("--eps", type=float, default=None, help="Dream: final timestep of the schedule [default: 1e-3].")
+@click.option("--top-p", type=float, default=None, help="Dream: nucleus sampling threshold [default: off].")
+@click.option("--top-k", type=int, default=None,
+              help="Dream: keep the k largest logits before confidences [default: 50, as upstream; 0 turns it off].")
+@click.option("--block-length", type=int, default=None,
+              help="LLaDA: semi-autoregressive block [default: 128, or the whole answer when shorter]. Dream: "
+                   "Fast-dLLM's block decoding with this block length [default: off, Dream's own schedule].")
+@click.option("--remasking", type=click.Choice(["low_confidence", "random"]), default=None,
+              help="LLaDA: which predictions to commit [default: low_confidence].")
+@click.option("--cfg-scale", type=float, default=None, help="LLaDA: classifier-free guidance scale [default: 0].")
+@click.option("--policy", default="none", show_default=True, metavar="SPEC",
+              help="Cache policy and modifiers: none | decode | prefill | pd | greedy | block | dual | adaptive | "
+                   "delayed | window, options as name:key=value,..., modifiers joined by '+': "
+                   "decode:cache_steps=4,shift=un+parallel:threshold=0.9+early.")
+@click.option("--backend", type=click.Choice(["torch", "onnxruntime"]), default="torch", show_default=True,
+              help="torch runs a checkpoint; onnxruntime runs an export directory (dlmtrt export).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--dtype", default=None, help="float32, float16 or bfloat16 [default: float32; for onnxruntime the "
+                                           "exported dtype].")
+@click.option("--seed", default=0, show_default=True, help="Seed of the global RNG (sampling, origin, random).")
+@click.option("--json", "as_json", is_flag=True, help="Print answers and statistics as JSON on stdout.")
+@friendly_errors
+def generate(model, prompts, chat, max_new_tokens, steps, temperature, alg, alg_temp, eps, top_p, top_k,
+             block_length, remasking, cfg_scale, policy, backend, device, dtype, seed, as_json):
+    """Generate answers for one or more prompts and print the statistics of the run.
+
+    Unset parameters take the family's upstream defaults (Dream's diffusion_generate, LLaDA's generate)."""
+    import json
+
+    import torch
+
+    from dlmtrt.runtime.backends import describe_model, make_backend
+    from dlmtrt.runtime.generate import generate_text
+    from dlmtrt.runtime.params import family_params
+    from dlmtrt.runtime.policies import parse_policy
+
+    plan = parse_policy(policy)
+    ck = describe_model(backend, model)
+    dream_only = {"--alg": alg, "--alg-temp": alg_temp, "--eps": eps, "--top-p": top_p, "--top-k": top_k}
+    llada_only = {"--remasking": remasking, "--cfg-scale": cfg_scale}
+    wrong = [k for k, v in (llada_only if ck.family == "dream" else dream_only).items() if v is not None]
+    if wrong:
+        raise click.UsageError(f"{', '.join(wrong)} do(es) not apply to {ck.family} models")
+    explicit = dict(max_new_tokens=max_new_tokens, steps=steps, temperature=temperature, alg=alg, alg_temp=alg_temp,
+                    eps=eps, top_p=top_p, top_k=top_k, block_length=block_length, remasking=remasking,
+                    cfg_scale=cfg_scale)
+    params = family_params(ck.family, ck.path, **{k: v for k, v in explicit.items() if v is not None})
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    be, tok, ck = make_backend(backend, model, dtype=dtype, device=device)
+    load_s = time.perf_counter() - t0
+    with progress() as prog:
+        task = prog.add_task("denoising", total=params["steps"])
+        res = generate_text(be, tok, list(prompts), chat=chat, max_positions=ck.args.max_position_embeddings,
+                            policy=plan, on_step=lambda i, n: prog.update(task, completed=i), **params)
+        prog.update(task, completed=res.stats.steps, total=res.stats.steps)
+    s = res.stats
+    if as_json:
+        out.print_json(json.dumps({"answers": res.texts, "stats": s.to_dict(), "load_s": load_s, "params": params,
+                                   "policy": plan.spec}))
+        return
+    for i, (p, a) in enumerate(zip(prompts, res.texts)):
+        out.print(f"[bold cyan]prompt {i}:[/] {p}")
+        out.print(f"[bold green]answer {i}:[/] {a!r}" if not a.isprintable() else f"[bold green]answer {i}:[/] {a}")
+    t = Table(title=f"{ck.family} · {be.name} · {device} · {ck.dtype} · policy {plan.spec}")
+    for col in ("batch", "new", "steps", "NFE", "rows", "rows/full", "early", "load s", "wall s", "tok/s"):
+        t.add_column(col, justify="right")
+    t.add_row(str(s.batch), str(s.new_tokens), str(s.steps), str(s.forward_passes), str(s.rows_computed),
+              f"{s.rows_fraction:.2f}", str(s.early_committed), f"{load_s:.2f}", f"{s.wall_s:.3f}",
+              f"{s.tokens_per_s:.1f}")
+    out.print(t)

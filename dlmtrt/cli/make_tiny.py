@@ -1,0 +1,31 @@
+"""`dlmtrt make-tiny`: a tiny random checkpoint in the real Hugging Face layout."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from dlmtrt.dtypes import DTYPE_NAMES
+
+from ._common import console, friendly_errors
+
+
+@click.command("make-tiny")
+@click.option("--arch", type=click.Choice(["dream", "llada"]), required=True, help="Model family to imitate.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="New directory for the checkpoint (must not exist or be empty).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the random weights.")
+@click.option("--dtype", type=click.Choice(DTYPE_NAMES), default="float32", show_default=True,
+              help="Dtype the weights are stored in.")
+@click.option("--layers", default=2, show_default=True, help="Number of transformer blocks.")
+@click.option("--hidden", default=64, show_default=True, help="Hidden size.")
+@click.option("--shard-bytes", type=int, default=None, help="Split the weights into shards of at most this many bytes.")
+@friendly_errors
+def make_tiny_cmd(arch, out, seed, dtype, layers, hidden, shard_bytes):
+    """Write a tiny random checkpoint in the real Hugging Face layout (config, safetensors, tokenizer)."""
+    from dlmtrt.dtypes import DTYPES
+    from dlmtrt.models.tiny import make_tiny
+    path = make_tiny(arch, out, seed=seed, dtype=DTYPES[dtype], max_shard_bytes=shard_bytes,
+                     num_layers=layers, hidden_size=hidden, intermediate_size=2 * hidden, head_dim=hidden // 4)
+    files = sorted(p.name for p in path.iterdir())
+    console.print(f"[green]wrote[/] {arch} checkpoint to {path}: {', '.join(files)}")

@@ -1,0 +1,11 @@
+"""The one base class of errors a user can fix: the CLI prints them as one line; anything else is a bug
+and keeps its traceback."""
+from __future__ import annotations
+
+
+class DlmtrtError(Exception):
+    """A problem with the user's input or environment, with a message that says what to do."""
+
+
+class UsageError(DlmtrtError, ValueError):
+    """A bad parameter, option or policy spec (also a ValueError, as Python code expects of bad values)."""

@@ -1,0 +1,94 @@
+"""Quality harness: accuracy and work of decoding policies on the task generators.
+
+For each policy it decodes the same N problems and reports accuracy (exact checkers), mean forward passes
+per problem, the mean fraction of canvas rows computed per step (the compute proxy of a cache policy),
+wall time and tokens/s. Used by `python cli.py eval` and by the cache-policy benchmarks.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from dlmtrt.errors import UsageError
+from dlmtrt.evals.tasks import Problem, get_task, parse_task
+from dlmtrt.runtime.generate import generate_text
+from dlmtrt.runtime.params import greedy_params
+from dlmtrt.runtime.policies import parse_policy
+
+
+def schedule_name(family: str, blocks: int | None, remasking: str | None = None) -> str:
+    """How a row of results was decoded, for tables: Dream's own schedule, or blocks (and LLaDA's remasking)."""
+    if family == "dream":
+        return "dream" if blocks is None else f"fast-dllm blocks={blocks}"
+    return f"blocks={blocks or 1}" + (f" {remasking}" if remasking and remasking != "low_confidence" else "")
+
+
+@dataclass
+class PolicyResult:
+    task: str
+    policy: str
+    schedule: str
+    n: int
+    accuracy: float
+    forward_passes: float  # mean per problem of the steps at which it still had masks (its own NFE)
+    rows_fraction: float
+    rows_per_token: float  # canvas rows computed per generated token (batch padding of the active set included)
+    early_committed: float  # mean tokens per problem committed by early commit
+    wall_s: float
+    tokens_per_s: float
+    correct: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def evaluate(backend, tokenizer, task_spec: str, n: int, policies: list[str], *, seed: int = 1234,
+             batch_size: int = 64, steps: int | None = None, blocks: int | None = None, remasking: str | None = None,
+             progress=None) -> tuple[list[PolicyResult], list[dict]]:
+    """Run every policy on the same problems; returns the summary rows and per-problem records."""
+    if n < 1 or batch_size < 1:
+        raise UsageError(f"n and batch_size must be >= 1, got {n} and {batch_size}")
+    name, diff = parse_task(task_spec)
+    task = get_task(name)
+    problems = task.problems(n, seed, **diff)
+    family = backend.info.family
+    params = greedy_params(family, task.answer_tokens, steps=steps, blocks=blocks, remasking=remasking)
+    schedule = schedule_name(family, blocks, remasking)
+    results, records = [], []
+    for spec in policies:
+        policy = parse_policy(spec)
+        spec = policy.spec
+        correct, fwd, rows, rows_full, wall, toks, early = 0, 0, 0, 0, 0.0, 0, 0
+        for start in range(0, n, batch_size):
+            chunk: list[Problem] = problems[start:start + batch_size]
+            t0 = time.perf_counter()
+            g = generate_text(backend, tokenizer, [p.prompt for p in chunk], policy=policy, **params)
+            wall += time.perf_counter() - t0
+            st = g.stats
+            fwd += st.seq_forward_passes
+            rows += st.rows_computed
+            rows_full += st.rows_full
+            toks += st.batch * st.new_tokens
+            early += st.early_committed
+            for p, out in zip(chunk, g.texts):
+                ok = task.check(p, out)
+                correct += ok
+                records.append({"task": task_spec, "policy": spec, "schedule": schedule, "prompt": p.prompt, "output": out, "correct": ok,
+                                **{k: v for k, v in p.meta.items() if isinstance(v, (int, str))}})
+            if progress is not None:
+                progress(len(chunk))
+        results.append(PolicyResult(task_spec, spec, schedule, n, correct / n, fwd / n, rows / max(rows_full, 1),
+                                    rows / max(toks, 1), early / n, wall,
+                                    toks / wall if wall else float("nan"), correct))
+    return results, records
+
+
+def write_results(path: Path, model: str, results: list[PolicyResult], extra: dict | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"model": model, "torch": torch.__version__, "device": extra.get("device") if extra else None,
+           "results": [r.to_dict() for r in results], **(extra or {})}
+    path.write_text(json.dumps(doc, indent=1) + "\n")

@@ -1,0 +1,174 @@
+"""Masked-diffusion training of the tiny task models (Dream-style with logits shift, or LLaDA-style).
+
+Objective (LLaDA / Dream SFT): per sequence t ~ U(0, 1); every answer token (EOS padding included) is
+masked with probability t; cross-entropy on the masked answer tokens, weighted 1/t, normalised by the
+answer length. The prompt is never masked. Problems are drawn fresh from the task generators, so the
+models never see a fixed training set. Reproducible with --seed; one run is bounded by --minutes.
+
+    python -m dlmtrt.evals.train --family dream --out checkpoints/tiny-dream-tasks --minutes 8
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import click
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from dlmtrt.evals.tasks import TASKS
+from dlmtrt.models.tiny import build_tokenizer, save_checkpoint, tiny_args, TOKEN_ROLES
+from dlmtrt.models.transformer import DiffusionLM
+
+console = Console()
+MIX = {"sudoku4": 0.15, "countdown": 0.5, "shift128": 0.35}
+SIZES = dict(hidden_size=256, intermediate_size=768, num_layers=6, num_heads=8, head_dim=32)
+
+
+class Encoder:
+    """Byte-level encoding of task text with the tiny tokenizer (every byte is one token)."""
+
+    def __init__(self, family: str):
+        self.tok = build_tokenizer(family)
+        ids = {k.removesuffix("_token"): self.tok.token_to_id(v) for k, v in TOKEN_ROLES[family].items() if v}
+        self.ids = ids
+        self.vocab = int(math.ceil(self.tok.get_vocab_size() / 8) * 8)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+
+def make_batch(enc: Encoder, task, rng: random.Random, batch: int, device) -> tuple[torch.Tensor, ...]:
+    """(x0 [B, P+A], attention_mask, answer_mask) with prompts left-padded and answers EOS-padded to A."""
+    A = task.answer_tokens
+    rows = []
+    for _ in range(batch):
+        p = task.sample(rng)
+        a = enc.encode(p.answer)[:A]
+        rows.append((enc.encode(p.prompt), a + [enc.ids["eos"]] * (A - len(a))))
+    P = max(len(r[0]) for r in rows)
+    x = torch.full((batch, P + A), enc.ids["pad"], dtype=torch.long)
+    am = torch.zeros(batch, P + A, dtype=torch.bool)
+    for i, (pr, an) in enumerate(rows):
+        x[i, P - len(pr): P] = torch.tensor(pr)
+        x[i, P:] = torch.tensor(an)
+        am[i, P - len(pr):] = True
+    ans = torch.zeros_like(am)
+    ans[:, P:] = True
+    return x.to(device), am.to(device), ans.to(device)
+
+
+class Batches(torch.utils.data.IterableDataset):
+    """Endless batches of freshly generated problems; each DataLoader worker draws from its own seed."""
+
+    def __init__(self, family: str, batch: int, seed: int):
+        self.family, self.batch, self.seed = family, batch, seed
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        rng = random.Random(f"{self.seed}:{info.id if info else 0}")
+        enc = Encoder(self.family)
+        names, weights = list(MIX), list(MIX.values())
+        while True:
+            task = TASKS[rng.choices(names, weights)[0]]
+            yield (*make_batch(enc, task, rng, self.batch, "cpu"), task.name)
+
+
+def diffusion_loss(logits_fn, shift: bool, x0, am, ans, mask_id: int, g: torch.Generator) -> torch.Tensor:
+    """`logits_fn` is the model's cache-free full pass (`DiffusionLM.full_logits`, possibly compiled)."""
+    B, L = x0.shape
+    t = torch.rand(B, 1, device=x0.device, generator=g).clamp_min(1e-3)
+    masked = (torch.rand(B, L, device=x0.device, generator=g) < t) & ans
+    xt = torch.where(masked, torch.full_like(x0, mask_id), x0)
+    logits = logits_fn(xt, am)
+    if shift:  # row p-1 predicts token p
+        logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+    ce = F.cross_entropy(logits.float().transpose(1, 2), x0, reduction="none")
+    return ((ce * masked / t).sum(1) / ans.sum(1)).mean()
+
+
+@click.command()
+@click.option("--family", type=click.Choice(["dream", "llada"]), required=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+@click.option("--minutes", default=8.0, show_default=True, help="Wall-clock budget of the training loop.")
+@click.option("--max-steps", default=100_000, show_default=True)
+@click.option("--batch", default=1024, show_default=True)
+@click.option("--lr", default=2e-3, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--device", default="cuda", show_default=True)
+@click.option("--workers", default=8, show_default=True, help="Processes generating problems.")
+@click.option("--compile/--no-compile", "compile_", default=True, show_default=True,
+              help="torch.compile the training pass on CUDA (falls back to eager if compilation fails).")
+def main(family, out, minutes, max_steps, batch, lr, seed, device, workers, compile_):
+    """Train one tiny task model and save it (bf16, HF layout, with tokenizer) to OUT."""
+    torch.manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)
+    enc = Encoder(family)
+    args = tiny_args(family, enc.vocab, enc.ids, max_position_embeddings=512, **SIZES)
+    model = DiffusionLM(args).to(device)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.dim() == 2:
+                torch.nn.init.normal_(p, std=0.02)
+            elif "bias" in n:
+                p.zero_()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    loader = iter(torch.utils.data.DataLoader(Batches(family, batch, seed), batch_size=None, num_workers=workers,
+                                              prefetch_factor=4 if workers else None, persistent_workers=bool(workers)))
+    logits_fn = model.full_logits
+    if compile_ and torch.device(device).type == "cuda":
+        logits_fn = torch.compile(model.full_logits, dynamic=True)
+    budget = minutes * 60
+    warmup = 300
+    log, t0, step = [], time.perf_counter(), 0
+    console.print(f"[bold]{family}[/]: {args.param_count / 1e6:.2f} M parameters, batch {batch}, budget {minutes} min")
+    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console) as prog:
+        bar = prog.add_task("training", total=budget)
+        while step < max_steps:
+            elapsed = time.perf_counter() - t0
+            if elapsed > budget:
+                break
+            frac = min(1.0, elapsed / budget)
+            cur = lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+            for group in opt.param_groups:
+                group["lr"] = cur
+            x0, am, ans, task_name = next(loader)
+            x0, am, ans = x0.to(device, non_blocking=True), am.to(device), ans.to(device)
+            with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
+                                enabled=torch.device(device).type == "cuda"):
+                try:
+                    loss = diffusion_loss(logits_fn, args.logits_shift, x0, am, ans, args.mask_token_id, g)
+                except Exception as e:  # noqa: BLE001
+                    if logits_fn is model.full_logits:
+                        raise
+                    console.print(f"[yellow]torch.compile failed ({type(e).__name__}: {e}); training eagerly")
+                    logits_fn = model.full_logits
+                    loss = diffusion_loss(logits_fn, args.logits_shift, x0, am, ans, args.mask_token_id, g)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            step += 1
+            if step % 100 == 0:
+                log.append({"step": step, "s": round(elapsed, 1), "task": task_name, "loss": round(loss.item(), 4),
+                            "lr": cur})
+                prog.update(bar, completed=elapsed, description=f"step {step} loss {loss.item():.3f}")
+    train_s = time.perf_counter() - t0
+    sd = {k: v.detach().to("cpu", torch.bfloat16) for k, v in model.state_dict().items() if k != "inv_freq"}
+    save_checkpoint(out, args, sd, enc.tok)
+    info = {"family": family, "params": args.param_count, "steps": step, "batch": batch, "lr": lr, "seed": seed,
+            "train_seconds": round(train_s, 1), "mix": MIX, "sizes": SIZES,
+            "compiled": logits_fn is not model.full_logits,
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "torch": torch.__version__, "log": log}
+    (Path(out) / "training.json").write_text(json.dumps(info, indent=1) + "\n")
+    console.print(f"saved {out}: {step} steps in {train_s:.0f} s, last loss {log[-1]['loss'] if log else 'n/a'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,279 @@
+"""Export one denoising step (the step contract) of a checkpoint to ONNX.
+
+Why the dynamo exporter (`torch.onnx.export(..., dynamo=True)`, torch.export + onnxscript): it gives a flat,
+readable graph with symbolic `batch`/`active`/`canvas` dims straight from `torch.export.Dim`, keeps parameter
+names as initializer names, and can trace a model whose weights are never materialised. The TorchScript
+exporter is deprecated in this PyTorch and needs real weights to trace.
+
+Memory: the model is built on the meta device and traced without weights; each initializer is then a lazy
+tensor that reads its bytes from the safetensors shard (converted to the export dtype) only when the file is
+written, one tensor at a time. Peak memory is therefore far below the weight bytes, which is what lets a
+7B checkpoint export on a 24 GB machine. The graph optimizer is told not to fold anything that touches a
+weight (it would materialise transposed copies).
+
+Files are written to a temporary directory next to the output and renamed into place only after every check
+passed, so a failed export leaves nothing behind.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx_ir as ir
+import torch
+
+from dlmtrt.dtypes import DTYPES
+from dlmtrt.errors import DlmtrtError
+
+from dlmtrt.models.loading import Checkpoint, load_tokenizer, open_checkpoint, read_tensor, tensor_index
+from dlmtrt.models.transformer import DiffusionLM, rope_inv_freq
+
+from . import attention as attn
+from .checks import available_memory, check_structure, memory_needed
+from .checks import numeric_check as run_numeric_check
+from .metadata import write_metadata
+from dlmtrt.runtime.contract import input_names, output_names
+
+from .step_graph import StepGraph, dynamic_shapes, example_inputs
+
+SUPPORTED_OPSETS = range(18, 24)
+DEFAULT_OPSET = 18
+EXTERNAL_DATA_BYTES = 2 * 2 ** 30  # protobuf's limit: above it the weights go to one side file
+ONNX_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "config.json", "generation_config.json")
+
+
+class ExportError(DlmtrtError, RuntimeError):
+    """The export cannot proceed or its checks failed; the message says what to do."""
+
+    def __init__(self, message: str, report=None):
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    onnx_path: Path
+    data_path: Path | None
+    dtype: str
+    opset: int
+    attention: str
+    weight_bytes: int
+    seconds: dict[str, float] = field(default_factory=dict)
+    checks: object | None = None  # export.checks.NumericReport when the numeric check ran
+
+
+def _dlmtrt_version() -> str:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        return subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def checkpoint_sha256(ck: Checkpoint, progress=None) -> str:
+    """sha256 over config.json and the weight files (names and bytes): identifies the exact source weights.
+    Files in the Hugging Face cache are named by their sha256 already; those are not re-hashed."""
+    h = hashlib.sha256()
+    for f in [ck.path / "config.json", *ck.weight_files]:
+        real = f.resolve()
+        h.update(f.name.encode())
+        if real.parent.name == "blobs" and len(real.name) == 64:
+            h.update(real.name.encode())
+            continue
+        with open(real, "rb") as fh:
+            while chunk := fh.read(16 * 2 ** 20):
+                h.update(chunk)
+                if progress is not None:
+                    progress(len(chunk))
+    return h.hexdigest()
+
+
+def check_tokenizer(tok, ck: Checkpoint, where: Path) -> None:
+    """A tokenizer that does not belong to the model produces garbage silently; refuse it."""
+    a = ck.args
+    mask_id = tok.convert_tokens_to_ids(tok.mask_token) if tok.mask_token else None
+    if mask_id != a.mask_token_id:
+        raise ExportError(f"tokenizer in {where} does not match {ck.path}: its mask token is {tok.mask_token!r} "
+                          f"(id {mask_id}) but the model's mask_token_id is {a.mask_token_id}; pass the tokenizer "
+                          "shipped with the weights (--tokenizer)")
+    if len(tok) > a.vocab_size:
+        raise ExportError(f"tokenizer in {where} has {len(tok)} tokens but the model's vocabulary has {a.vocab_size} "
+                          "rows; pass the tokenizer shipped with the weights (--tokenizer)")
+    eos = tok.convert_tokens_to_ids(tok.eos_token) if tok.eos_token else None
+    if eos is not None and eos != a.eos_token_id and tok.convert_ids_to_tokens(a.eos_token_id) is None:
+        raise ExportError(f"tokenizer in {where} has no token with the model's eos id {a.eos_token_id}; pass the "
+                          "tokenizer shipped with the weights (--tokenizer)")
+
+
+def _prepare_out_dir(out: Path, overwrite: bool) -> Path:
+    """Validate the destination before any work, and make the temporary directory beside it."""
+    out = out.expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"output path {out} exists and is not a directory; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ExportError(f"output directory {out} is not empty; choose a new --out or pass --overwrite")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make the export private to its writer
+        return tmp
+    except OSError as e:
+        raise ExportError(f"cannot write the export to {out}: {e.strerror or e} ({e.filename or out.parent}); "
+                          "choose a writable --out") from None
+
+
+def _lazy_weights(model: ir.Model, ck: Checkpoint, index: dict, dtype: torch.dtype, prefix: str) -> int:
+    """Give every initializer its weight as a lazy tensor read from the checkpoint; rename `prefix`.x to x.
+    Returns the weight bytes in the export dtype."""
+    a = ck.args
+    total = 0
+    for name, value in list(model.graph.initializers.items()):
+        ours = name.removeprefix(prefix)
+        if ours == "inv_freq":
+            fn = lambda: ir.tensor(rope_inv_freq(a))  # noqa: E731
+        else:
+            ref = index.get(ours) or (index.get("model.embed_tokens.weight") if ours == "lm_head.weight"
+                                      and a.tie_word_embeddings else None)
+            if ref is None:
+                raise ExportError(f"internal: exported initializer {name} has no checkpoint tensor")
+            fn = lambda ref=ref: ir.tensor(read_tensor(ref, dtype))  # noqa: E731
+        value.const_value = ir.LazyTensor(fn, dtype=value.dtype, shape=value.shape)
+        total += int(math.prod(value.shape.dims) * value.dtype.itemsize)
+        if ours != name:
+            model.graph.initializers.pop(name)
+            value.name = ours
+            model.graph.initializers[ours] = value
+    return total
+
+
+def _optimize(model: ir.Model) -> None:
+    """onnxscript's cleanup (constant folding of shape arithmetic, CSE, dead code), never touching weights."""
+    import onnxscript.optimizer
+    weights = {v.name for v in model.graph.initializers.values() if math.prod(v.shape.dims) > 1024}
+
+    def should_fold(node: ir.Node) -> bool | None:
+        return False if any(i is not None and i.name in weights for i in node.inputs) else None
+
+    onnxscript.optimizer.optimize_ir(model, should_fold=should_fold)
+
+
+def trace_step(ck: Checkpoint, dtype: torch.dtype, opset: int, attention: str,
+               index: dict | None = None) -> tuple[ir.Model, int]:
+    """The step graph of `ck` with lazy weights: (model, weight bytes). `index`: `tensor_index(ck)` if known."""
+    a = ck.args
+    with torch.device("meta"):
+        m = DiffusionLM(a).to(dtype)
+        m.register_buffer("inv_freq", rope_inv_freq(a), persistent=False)
+    m.tie_weights()
+    if attention == "plugin":
+        for layer in m.model.layers:
+            layer.self_attn.attend = attn.plugin_attention
+    n = a.num_layers
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)  # torchvision absent
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(StepGraph(m).eval(), example_inputs(a, dtype, "meta"), dynamo=True, optimize=False,
+                                 dynamic_shapes=dynamic_shapes(n), input_names=input_names(n),
+                                 output_names=output_names(n), opset_version=opset,
+                                 custom_translation_table=attn.translation_table() if attention == "plugin" else None, verbose=bool(os.environ.get("DLMTRT_EXPORT_VERBOSE")))
+    model = prog.model
+    nbytes = _lazy_weights(model, ck, index if index is not None else tensor_index(ck), dtype, "m.")
+    _optimize(model)
+    return model, nbytes
+
+
+def export_step(model: str, out: Path, *, dtype: str = "float32", opset: int = DEFAULT_OPSET,
+                attention: str = "standard", tokenizer: str | None = None, overwrite: bool = False,
+                numeric_check: bool = True, log=print) -> ExportResult:
+    """Export, check, and move into `out`: model.onnx (+ model.onnx.data above 2 GB), tokenizer and configs."""
+    if opset not in SUPPORTED_OPSETS:
+        raise ExportError(f"opset {opset} is not supported: choose one of {SUPPORTED_OPSETS.start}.."
+                          f"{SUPPORTED_OPSETS.stop - 1} (default {DEFAULT_OPSET})")
+    if dtype not in DTYPES:
+        raise ExportError(f"dtype {dtype!r} is not supported: choose one of {', '.join(DTYPES)}")
+    if attention not in ("standard", "plugin"):
+        raise ExportError(f"attention {attention!r} is not supported: choose standard or plugin")
+    out = Path(out)
+    ck = open_checkpoint(model)
+    tok_dir = Path(tokenizer).expanduser() if tokenizer else ck.path
+    if tokenizer:
+        from transformers import PreTrainedTokenizerFast
+        if not (tok_dir / "tokenizer.json").exists():
+            raise ExportError(f"no tokenizer.json in {tok_dir}; pass a directory with the model's tokenizer files")
+        tok = PreTrainedTokenizerFast.from_pretrained(str(tok_dir))
+    else:
+        tok = load_tokenizer(ck)
+    check_tokenizer(tok, ck, tok_dir)
+    index = tensor_index(ck)  # validates the weights before any heavy work
+    tmp = _prepare_out_dir(out, overwrite)
+    times: dict[str, float] = {}
+    try:
+        t0 = time.perf_counter()
+        log(f"tracing the {ck.family} step graph ({ck.args.num_layers} layers, {dtype}, opset {opset}, "
+            f"{attention} attention)")
+        graph, nbytes = trace_step(ck, DTYPES[dtype], opset, attention, index)
+        times["trace"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        write_metadata(graph, ck, dtype=dtype, attention=attention, opset=opset,
+                       source_sha256=checkpoint_sha256(ck), dlmtrt=_dlmtrt_version())
+        times["hash"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        path = tmp / ONNX_FILE
+        external = nbytes > EXTERNAL_DATA_BYTES
+        log(f"writing {nbytes / 2**20:.1f} MiB of weights" + (f" to {DATA_FILE}" if external else ""))
+        ir.save(graph, path, external_data=DATA_FILE if external else None)
+        del graph
+        for name in TOKENIZER_FILES:
+            if (tok_dir / name).exists():
+                shutil.copy2(tok_dir / name, tmp / name)
+            elif name in ("config.json", "generation_config.json") and (ck.path / name).exists():
+                shutil.copy2(ck.path / name, tmp / name)
+        times["write"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        log("checking: onnx.checker (full), shape inference, step contract inputs/outputs")
+        check_structure(path, ck.args.num_layers)
+        times["structure_check"] = time.perf_counter() - t0
+        report = None
+        if numeric_check:
+            need, have = memory_needed(ck.args, nbytes), available_memory()
+            if need > have:
+                raise ExportError(f"the numeric check needs about {need / 2**30:.1f} GiB (fp32 reference model + "
+                                  f"ONNX Runtime) but {have / 2**30:.1f} GiB are available; pass --no-numeric-check "
+                                  "(the structural checks still run) or check on a larger machine with "
+                                  "`cli.py compare`")
+            log("checking: ONNX Runtime vs PyTorch fp32 on random step inputs")
+            t0 = time.perf_counter()
+            report = run_numeric_check(path, ck, dtype, attention)
+            times["numeric_check"] = time.perf_counter() - t0
+            if not report.ok:
+                raise ExportError("ONNX Runtime disagrees with PyTorch beyond tolerance (outputs out of tolerance "
+                                  "below); nothing was written.\n" + report.render_text(), report)
+        if out.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            out.rename(trash / out.name)
+            tmp.rename(out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    data = out / DATA_FILE
+    return ExportResult(out, out / ONNX_FILE, data if data.exists() else None, dtype, opset, attention, nbytes, times,
+                        report)

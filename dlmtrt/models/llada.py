@@ -1,0 +1,141 @@
+"""LLaDA family (LLaMA-style, OLMo code base): LLaDA-8B-Base/Instruct and their fine-tunes.
+
+LLaMA layout without biases, multi-head attention, no logits shift (row i predicts token i).
+The checkpoints use OLMo weight names (`model.transformer.blocks.{i}.ff_proj`, ...), renamed here.
+"""
+from __future__ import annotations
+
+import re
+
+from dlmtrt.errors import UsageError
+
+from .transformer import ModelArgs
+
+FAMILY = "llada"
+ARCHITECTURES = ("LLaDAModelLM",)
+MODEL_TYPES = ("llada", "LLaDA")
+
+_BLOCK = {
+    "attn_norm": "input_layernorm",
+    "q_proj": "self_attn.q_proj",
+    "k_proj": "self_attn.k_proj",
+    "v_proj": "self_attn.v_proj",
+    "attn_out": "self_attn.o_proj",
+    "ff_norm": "post_attention_layernorm",
+    "ff_proj": "mlp.gate_proj",
+    "up_proj": "mlp.up_proj",
+    "ff_out": "mlp.down_proj",
+}
+_TOP = {
+    "model.transformer.wte.weight": "model.embed_tokens.weight",
+    "model.transformer.ln_f.weight": "model.norm.weight",
+    "model.transformer.ff_out.weight": "lm_head.weight",
+}
+_BLOCK_INV = {v: k for k, v in _BLOCK.items()}
+_TOP_INV = {v: k for k, v in _TOP.items()}
+_UNSUPPORTED = {  # config key -> value our forward implements
+    "alibi": False, "scale_logits": False, "attention_layer_norm": False, "block_type": "llama",
+    "layer_norm_type": "rms", "activation_type": "silu", "include_bias": False, "input_emb_norm": False,
+}
+
+
+def args_from_config(cfg: dict, gen: dict | None = None) -> ModelArgs:
+    gen = gen or {}
+    for key, ok in _UNSUPPORTED.items():
+        if key in cfg and cfg[key] != ok:
+            raise UsageError(f"LLaDA config has {key}={cfg[key]!r}; only {key}={ok!r} is supported")
+    heads = cfg["n_heads"]
+    hidden = cfg["d_model"]
+    eos = gen.get("eos_token_id", cfg.get("eos_token_id"))
+    eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+    return ModelArgs(
+        family=FAMILY,
+        vocab_size=cfg.get("embedding_size") or cfg["vocab_size"],
+        hidden_size=hidden,
+        intermediate_size=cfg.get("mlp_hidden_size") or cfg["mlp_ratio"] * hidden,
+        num_layers=cfg["n_layers"],
+        num_heads=heads,
+        num_kv_heads=cfg.get("n_kv_heads") or heads,
+        head_dim=hidden // heads,
+        rms_norm_eps=cfg.get("rms_norm_eps", 1e-5),
+        rope_theta=float(cfg.get("rope_theta", 10000.0)),
+        qkv_bias=bool(cfg.get("include_qkv_bias", False)),
+        tie_word_embeddings=bool(cfg.get("weight_tying", False)),
+        logits_shift=False,
+        mask_token_id=gen.get("mask_token_id", cfg.get("mask_token_id", 126336)),
+        eos_token_id=eos,
+        pad_token_id=gen.get("pad_token_id", cfg.get("pad_token_id", eos)),
+        bos_token_id=cfg.get("bos_token_id"),
+        max_position_embeddings=cfg.get("max_sequence_length", 4096),
+    )
+
+
+def checkpoint_to_ours(name: str) -> str:
+    if name in _TOP:
+        return _TOP[name]
+    m = re.fullmatch(r"model\.transformer\.blocks\.(\d+)\.(\w+)\.(weight|bias)", name)
+    if m and m.group(2) in _BLOCK:
+        return f"model.layers.{m.group(1)}.{_BLOCK[m.group(2)]}.{m.group(3)}"
+    return name
+
+
+def ours_to_checkpoint(name: str) -> str:
+    if name in _TOP_INV:
+        return _TOP_INV[name]
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", name)
+    if m and m.group(2) in _BLOCK_INV:
+        return f"model.transformer.blocks.{m.group(1)}.{_BLOCK_INV[m.group(2)]}.{m.group(3)}"
+    return name
+
+
+def make_config(a: ModelArgs) -> dict:
+    """config.json with the keys of GSAI-ML/LLaDA-8B-Instruct."""
+    return {
+        "architectures": ["LLaDAModelLM"],
+        "model_type": "llada",
+        "activation_type": "silu",
+        "alibi": False,
+        "attention_dropout": 0.0,
+        "attention_layer_norm": False,
+        "block_type": "llama",
+        "d_model": a.hidden_size,
+        "embedding_dropout": 0.0,
+        "embedding_size": a.vocab_size,
+        "eos_token_id": a.eos_token_id,
+        "pad_token_id": a.pad_token_id,
+        "mask_token_id": a.mask_token_id,
+        "include_bias": False,
+        "include_qkv_bias": a.qkv_bias,
+        "input_emb_norm": False,
+        "layer_norm_type": "rms",
+        "layer_norm_with_affine": True,
+        "max_sequence_length": a.max_position_embeddings,
+        "mlp_hidden_size": a.intermediate_size,
+        "mlp_ratio": max(1, a.intermediate_size // a.hidden_size),
+        "n_heads": a.num_heads,
+        "n_kv_heads": a.num_kv_heads,
+        "n_layers": a.num_layers,
+        "rms_norm_eps": a.rms_norm_eps,
+        "rope": True,
+        "rope_full_precision": True,
+        "rope_theta": a.rope_theta,
+        "scale_logits": False,
+        "torch_dtype": "bfloat16",
+        "use_cache": False,
+        "vocab_size": a.vocab_size,
+        "weight_tying": a.tie_word_embeddings,
+    }
+
+
+def make_generation_config(a: ModelArgs) -> dict:
+    return {
+        "bos_token_id": a.bos_token_id,
+        "eos_token_id": a.eos_token_id,
+        "pad_token_id": a.pad_token_id,
+        "mask_token_id": a.mask_token_id,
+        "steps": 128,
+        "gen_length": 128,
+        "block_length": 32,
+        "temperature": 0.0,
+        "remasking": "low_confidence",
+    }

@@ -1,0 +1,241 @@
+"""The bidirectional transformer behind every supported DLM, written against the step contract.
+
+Dream (Qwen2-style) and LLaDA (LLaMA-style) differ only in their config keys, weight names, q/k/v biases
+and whether row i predicts token i or i+1; those live in `dream.py` and `llada.py`, which map their
+checkpoints onto the one module below. Module names follow the Hugging Face Qwen2/Llama layout
+(`model.layers.{i}.self_attn.q_proj`, ...), so Dream checkpoints load with no renaming.
+
+The step contract (docs/ARCHITECTURE.md) makes the K/V cache explicit: a step computes only the *active* rows,
+writes their fresh K/V into the past at `position_ids`, and lets every active query attend bidirectionally
+to every row that is valid after the write (`present_valid & attention_mask`).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """Architecture and special tokens, independent of the checkpoint's own config format."""
+
+    family: str  # "dream" or "llada"
+    vocab_size: int  # rows of the embedding and of the output head
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    qkv_bias: bool
+    tie_word_embeddings: bool
+    logits_shift: bool  # True for Dream: row i's logits predict token i+1
+    mask_token_id: int
+    eos_token_id: int
+    pad_token_id: int
+    bos_token_id: int | None = None
+    max_position_embeddings: int = 4096
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def param_count(self) -> int:
+        h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        attn = h * q + 2 * h * kv + q * h + ((q + 2 * kv) if self.qkv_bias else 0)
+        layer = attn + 3 * h * i + 2 * h
+        head = 0 if self.tie_word_embeddings else v * h
+        return v * h + self.num_layers * layer + h + head
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(a: ModelArgs, device=None) -> Tensor:
+    return 1.0 / (a.rope_theta ** (torch.arange(0, a.head_dim, 2, dtype=torch.float, device=device) / a.head_dim))
+
+
+def rope_cos_sin(positions: Tensor, inv_freq: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos/sin for integer positions [B, A], computed in fp32 as the HF reference does, then cast."""
+    freqs = positions.float()[..., None] * inv_freq.float()
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+def cached_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor) -> Tensor:
+    """softmax(q k^T / sqrt(D), keys where `valid`) v with grouped-query heads: q [B, H, A, D], k/v
+    [B, Hkv, L, D], valid [B, L] bool -> [B, H, A, D]. The ONNX export emits exactly this, either as standard
+    operators or as one `dlmtrt::CachedAttention` node (export/attention.py) that the TensorRT plugin implements."""
+    B, H, A, D = q.shape
+    Hkv = k.shape[1]
+    kk = k[:, :, None].expand(B, Hkv, H // Hkv, *k.shape[2:]).reshape(B, H, -1, D)
+    vv = v[:, :, None].expand(B, Hkv, H // Hkv, *v.shape[2:]).reshape(B, H, -1, D)
+    return F.scaled_dot_product_attention(q, kk, vv, attn_mask=valid[:, None, None, :])
+
+
+class Attention(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.a = a
+        self.attend = cached_attention  # swapped by the exporter for the plugin node
+        self.q_proj = nn.Linear(a.hidden_size, a.num_heads * a.head_dim, bias=a.qkv_bias)
+        self.k_proj = nn.Linear(a.hidden_size, a.num_kv_heads * a.head_dim, bias=a.qkv_bias)
+        self.v_proj = nn.Linear(a.hidden_size, a.num_kv_heads * a.head_dim, bias=a.qkv_bias)
+        self.o_proj = nn.Linear(a.num_heads * a.head_dim, a.hidden_size, bias=False)
+
+    def qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q [B, H, A, D] and k, v [B, Hkv, A, D] of rows `x`, RoPE applied to q and k."""
+        B, A, _ = x.shape
+        H, Hkv, D = self.a.num_heads, self.a.num_kv_heads, self.a.head_dim
+        q = self.q_proj(x).view(B, A, H, D).transpose(1, 2)
+        k = self.k_proj(x).view(B, A, Hkv, D).transpose(1, 2)
+        v = self.v_proj(x).view(B, A, Hkv, D).transpose(1, 2)
+        return apply_rope(q, cos[:, None], sin[:, None]), apply_rope(k, cos[:, None], sin[:, None]), v
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, write_idx: Tensor, past_k: Tensor, past_v: Tensor,
+                valid: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        B, A, _ = x.shape
+        H, Hkv, D = self.a.num_heads, self.a.num_kv_heads, self.a.head_dim
+        q, k, v = self.qkv(x, cos, sin)
+        k_old = past_k.gather(2, write_idx)
+        present_k = past_k.scatter(2, write_idx, k.to(past_k.dtype))
+        present_v = past_v.scatter(2, write_idx, v.to(past_v.dtype))
+        o = self.attend(q, present_k, present_v, valid)
+        o = self.o_proj(o.transpose(1, 2).reshape(B, A, H * D))
+        dk = (k.float() - k_old.float()).pow(2).sum(dim=(1, 3))
+        k0 = k_old.float().pow(2).sum(dim=(1, 3))
+        return o, present_k, present_v, dk, k0
+
+
+    def forward_full(self, x: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor) -> Tensor:
+        """All rows at once with no cache: the training pass (same weights, same numbers as `forward`
+        with every row active, without the cache scatter and drift bookkeeping)."""
+        B, L, _ = x.shape
+        H, Hkv, D = self.a.num_heads, self.a.num_kv_heads, self.a.head_dim
+        q, k, v = self.qkv(x, cos, sin)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, enable_gqa=H != Hkv)
+        return self.o_proj(o.transpose(1, 2).reshape(B, L, H * D))
+
+
+class MLP(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.self_attn = Attention(a)
+        self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.mlp = MLP(a)
+
+
+class Backbone(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
+        self.layers = nn.ModuleList(Block(a) for _ in range(a.num_layers))
+        self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+
+
+class DiffusionLM(nn.Module):
+    """One denoising step of a masked-diffusion LM over an explicit K/V cache (the step contract)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = Backbone(args)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+
+    def tie_weights(self) -> None:
+        if self.args.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def empty_cache(self, batch: int, length: int, device=None, dtype=None) -> tuple[list[Tensor], list[Tensor]]:
+        """Zeroed past K/V, shape [B, Hkv, L, D] per layer."""
+        a = self.args
+        p = self.lm_head.weight
+        shape = (batch, a.num_kv_heads, length, a.head_dim)
+        mk = lambda: torch.zeros(shape, device=device or p.device, dtype=dtype or p.dtype)  # noqa: E731
+        return [mk() for _ in range(a.num_layers)], [mk() for _ in range(a.num_layers)]
+
+    def full_logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Logits of every row of a canvas in one pass, without K/V in or out: what training needs.
+        Equal to `forward` with all rows active and nothing stable (tested)."""
+        rope_pos = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        cos, sin = rope_cos_sin(rope_pos, self.inv_freq, self.lm_head.weight.dtype)
+        key_mask = attention_mask[:, None, None, :]
+        x = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            x = x + layer.self_attn.forward_full(layer.input_layernorm(x), cos, sin, key_mask)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.lm_head(self.model.norm(x))
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor, past_keys: list[Tensor], past_values: list[Tensor],
+                stable_mask: Tensor, attention_mask: Tensor):
+        """Returns (logits [B,A,V], present_keys, present_values, present_valid [B,L], kv_drift [B,A]).
+
+        RoPE positions are the count of attended rows before each row (cumsum of `attention_mask` - 1),
+        the Hugging Face convention for left padding, so a left-padded row decodes exactly like the
+        unpadded sequence. `position_ids` are canvas slots: where the fresh K/V are written.
+        `kv_drift` is ||K_new - K_past|| / ||K_past|| over all layers and heads, for active rows whose
+        past was valid (`stable_mask` true at their slot); the fresh K/V always replace the past.
+        """
+        a = self.args
+        B, A = input_ids.shape
+        D = a.head_dim
+        rope_pos = (attention_mask.long().cumsum(-1) - 1).clamp_min(0).gather(1, position_ids)
+        cos, sin = rope_cos_sin(rope_pos, self.inv_freq, self.lm_head.weight.dtype)
+        written = torch.zeros_like(stable_mask).scatter(1, position_ids, torch.ones_like(position_ids, dtype=torch.bool))
+        present_valid = stable_mask | written
+        key_mask = present_valid & attention_mask
+        write_idx = position_ids[:, None, :, None].expand(B, a.num_kv_heads, A, D)
+
+        x = self.model.embed_tokens(input_ids)
+        dk = torch.zeros(B, A, device=x.device)
+        k0 = torch.zeros(B, A, device=x.device)
+        present_keys, present_values = [], []
+        for layer, pk, pv in zip(self.model.layers, past_keys, past_values):
+            h, nk, nv, dki, k0i = layer.self_attn(layer.input_layernorm(x), cos, sin, write_idx, pk, pv, key_mask)
+            x = x + h
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            present_keys.append(nk)
+            present_values.append(nv)
+            dk, k0 = dk + dki, k0 + k0i
+        logits = self.lm_head(self.model.norm(x))
+        had_past = stable_mask.gather(1, position_ids)
+        kv_drift = torch.where(had_past, dk.sqrt() / k0.sqrt().clamp_min(1e-12), torch.zeros_like(dk))
+        return logits, present_keys, present_values, present_valid, kv_drift

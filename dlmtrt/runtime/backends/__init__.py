@@ -1,0 +1,53 @@
+"""Step backends, one file each. `make_backend` is the only place that knows them all."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from dlmtrt.errors import UsageError
+from dlmtrt.models.transformer import ModelArgs
+
+BACKENDS = ("torch", "onnxruntime")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What a backend runs, described without loading it: where it is, its family and its architecture."""
+
+    path: Path
+    family: str
+    args: ModelArgs
+    dtype: str | None = None  # fixed by the file for exported graphs; chosen at load time for checkpoints
+
+
+def describe_model(backend: str, model: str) -> ModelSource:
+    """Cheap description for validating options before the (possibly slow) load."""
+    if backend == "torch":
+        from dlmtrt.models.loading import open_checkpoint
+        ck = open_checkpoint(model)
+        return ModelSource(ck.path, ck.family, ck.args)
+    if backend == "onnxruntime":
+        from .onnxruntime_backend import describe
+        path, args, meta = describe(model)
+        return ModelSource(path.parent, args.family, args, meta["dtype"])
+    raise UsageError(f"unknown backend '{backend}'; available: {', '.join(BACKENDS)}")
+
+
+def make_backend(name: str, model: str, dtype: str | None = None, device: str | None = "cpu", progress=None):
+    """(backend, tokenizer, ModelSource) for a backend name and a model: a checkpoint directory, alias or repo id
+    for `torch`; an export directory (`cli.py export`) for `onnxruntime`. `dtype` None means the default
+    (float32 for checkpoints, the exported dtype for graphs)."""
+    if name == "torch":
+        from dlmtrt.models.loading import load
+
+        from .torch_backend import TorchBackend
+        m, tok, ck = load(model, dtype=dtype or "float32", device=device, progress=progress)
+        return TorchBackend(m), tok, ModelSource(ck.path, ck.family, ck.args, str(m.lm_head.weight.dtype).split(".")[1])
+    if name == "onnxruntime":
+        from .onnxruntime_backend import OnnxRuntimeBackend, load_tokenizer
+        be = OnnxRuntimeBackend(model, device=device or "cpu")
+        if dtype is not None and dtype != be.meta["dtype"]:
+            raise UsageError(f"{be.path} was exported as {be.meta['dtype']}, not {dtype}: pass --dtype "
+                             f"{be.meta['dtype']} (or leave it out), or export again with --dtype {dtype}")
+        return be, load_tokenizer(be), ModelSource(be.path.parent, be.args.family, be.args, be.meta["dtype"])
+    raise UsageError(f"unknown backend '{name}'; available: {', '.join(BACKENDS)}")

@@ -1,0 +1,445 @@
+"""Unmasking rules: given predictions at masked positions, decide which tokens to commit this step.
+
+Each rule is one published schedule, reproduced token for token against the authors' code on fixtures
+(tests/test_upstream_fixtures.py): Dream's `diffusion_generate` (`DreamRule`), Fast-dLLM's block decoding
+of Dream (`DreamBlockRule`) and LLaDA's `generate` (`LLaDARule`), each with Fast-dLLM's confidence-threshold
+parallel decoding in the form its authors wrote for that schedule. A rule owns its schedule (how many steps,
+how many tokens per step) and says which canvas positions it needs predictions for; the decode loop turns
+that into active rows for the backend. Rules never see K/V or backends, so every cache policy combines with
+every rule. A rule object holds the state of one generation (one batch of requests): make one per call.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dlmtrt.errors import UsageError
+
+from .sampling import add_gumbel_noise, sample_tokens
+
+DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
+LLADA_REMASKING = ("low_confidence", "random")
+
+
+def _positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise UsageError(f"{name} must be a positive integer, got {value!r}")
+
+
+@dataclass
+class DreamRule:
+    """Dream's `diffusion_generate` (its generation_utils `_sample`): a linear timestep schedule from 1 to
+    `eps`; at step i a fraction 1 - s/t of the batch's mean masked count is committed (the most confident
+    by `alg`; `origin` commits each masked token with that probability), everything left at the last step.
+
+    With `parallel` (Fast-dLLM's `alg='confidence_threshold'` for Dream): each step may commit up to
+    max_new_tokens/steps tokens plus the ones it declined before; it always commits the most confident and
+    declines the others below the threshold; at the last step a declined token adds a step.
+
+    Positions whose predicting row was not computed (a cache policy kept it stable) get logits of -inf, as
+    upstream's dKV-Cache fills them: that is what makes its `shift=right` commit token 0 there."""
+
+    mask_token_id: int
+    steps: int
+    eps: float = 1e-3
+    alg: str = "origin"
+    alg_temp: float | None = None
+    temperature: float = 1.0
+    top_p: float | None = None
+    top_k: int | None = 50
+    parallel: float | None = None  # confidence threshold, or None
+
+    def __post_init__(self):
+        if self.alg not in DREAM_ALGS:
+            raise UsageError(f"unknown alg '{self.alg}'; choose from {', '.join(DREAM_ALGS)}")
+        _positive("steps", self.steps)
+        if not 0 < self.eps < 1:
+            raise UsageError(f"eps must be in (0, 1), got {self.eps}")
+        self.timesteps = torch.linspace(1, self.eps, self.steps + 1)
+        self._left: Tensor | None = None  # parallel: tokens declined so far, per sequence
+        self._steps: Tensor | None = None  # parallel: each sequence's step count (grows when the last step declines)
+
+    @property
+    def num_steps(self) -> int:
+        if self.parallel is None or self._steps is None:
+            return self.steps
+        return int(self._steps.max())
+
+    def needed(self, i: int, mask_index: Tensor) -> Tensor:
+        return mask_index
+
+    def block(self, i: int) -> tuple[int, int] | None:
+        return None  # one block: the whole answer
+
+    def block_step(self, i: int) -> int:
+        return i
+
+    def needs_all(self, i: int) -> bool:
+        return self.parallel is None and i == self.steps - 1
+
+    def quota(self, i: int, needed: Tensor) -> Tensor:
+        """Tokens per sequence this step commits (parallel: at least): a fraction 1 - s/t of its masked tokens,
+        all of them at the last step. Upstream computes one count from the batch mean, which is the same
+        thing while every sequence has the same number of masks (it always has, upstream); per sequence,
+        sequences that early commit moved ahead keep a schedule of their own."""
+        num_mask = needed.sum(1)
+        if self.parallel is not None:
+            return torch.ones_like(num_mask)
+        if self.needs_all(i):
+            return num_mask
+        t, s = self.timesteps[i], self.timesteps[i + 1]
+        return (num_mask * (1 - s / t)).long()
+
+    def commit(self, i: int, x: Tensor, needed: Tensor, logits: Tensor, computed: Tensor | None = None,
+               rows: Tensor | None = None) -> Tensor:
+        """`logits` [N, V] are the predictions at the `computed` positions (default: all `needed`) in
+        row-major order; returns the new canvas. Needed positions that were not computed get -inf logits,
+        as upstream's dKV-Cache fills them."""
+        computed = needed if computed is None else computed
+        if not torch.equal(computed, needed):
+            logits = _fill_missing(needed, computed, logits)
+        kw = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+        if self.parallel is not None:
+            return self._commit_parallel(i, x, needed, logits, kw)
+        t, s = self.timesteps[i], self.timesteps[i + 1]
+        last = i == self.steps - 1
+        if self.alg == "origin":
+            p_transfer = 1 if last else 1 - s / t
+            x0 = torch.zeros_like(x[needed]) + self.mask_token_id
+            transfer = torch.rand(*x0.shape, device=x.device) < p_transfer
+            _, x0[transfer] = sample_tokens(logits[transfer], **kw)
+            x = x.clone()
+            x[needed] = x0
+            return x
+        confidence, x0 = sample_tokens(logits, margin_confidence=self.alg == "topk_margin",
+                                       neg_entropy=self.alg == "entropy", **kw)
+        return _commit_top(x, needed, x0, confidence, self.quota(i, needed), self.alg_temp, logits.dtype)
+
+    def _commit_parallel(self, i: int, x: Tensor, needed: Tensor, logits: Tensor, kw: dict) -> Tensor:
+        B = x.shape[0]
+        if self._left is None:
+            total = needed.sum(1)
+            if bool((total % self.steps).any()):
+                raise UsageError(f"parallel decoding of Dream without blocks commits max_new_tokens / steps tokens "
+                                 f"per step, so max_new_tokens ({int(total.max())}) must be a multiple of steps "
+                                 f"({self.steps}); pass --steps dividing it, or --block-length for block decoding")
+            self._per_step = total // self.steps
+            self._left = torch.zeros_like(total)
+            self._steps = torch.full_like(total, self.steps)
+        confidence, x0 = sample_tokens(logits, **kw)
+        conf = torch.full(x.shape, -torch.inf, dtype=logits.dtype, device=x.device)
+        conf[needed] = confidence
+        cand = torch.full_like(x, self.mask_token_id)
+        cand[needed] = x0
+        take = torch.zeros_like(needed)
+        for b in range(B):
+            cur = int(self._per_step[b] + self._left[b])
+            self._left[b] = 0
+            cur = min(cur, int(needed[b].sum()))
+            if cur <= 0:
+                continue
+            vals, idx = torch.topk(conf[b], cur)
+            take[b, idx[0]] = True
+            for k in range(1, cur):
+                if vals[k] < self.parallel:
+                    self._left[b] += 1
+                    if i >= int(self._steps[b]) - 1:
+                        self._per_step[b] = 0
+                        self._steps[b] += 1
+                else:
+                    take[b, idx[k]] = True
+        x = x.clone()
+        x[take] = cand[take]
+        return x
+
+
+def _fill_missing(needed: Tensor, computed: Tensor, logits: Tensor) -> Tensor:
+    """Logits for every needed position in row-major order: the computed ones, -inf rows for the others."""
+    full = torch.full((int(needed.sum()), logits.shape[-1]), -torch.inf, dtype=logits.dtype, device=logits.device)
+    full[computed[needed]] = logits
+    return full
+
+
+def _commit_top(x: Tensor, where: Tensor, x0: Tensor, confidence: Tensor, n: Tensor, alg_temp: float | None,
+                dtype: torch.dtype) -> Tensor:
+    """Dream's transfer: per row the `n[b]` highest confidences (over the whole row; positions outside
+    `where` carry -inf), or `n[b]` draws from softmax(confidence / alg_temp). One batched call when every
+    row takes the same number, as upstream makes it."""
+    full_conf = torch.full(x.shape, -torch.inf, dtype=dtype, device=x.device)
+    full_conf[where] = confidence
+    cand = torch.full_like(x, -1)
+    cand[where] = x0
+    take = torch.zeros_like(where)
+    groups = [(torch.arange(x.shape[0], device=x.device), int(n[0]))] if bool((n == n[0]).all()) else \
+        [(torch.tensor([b], device=x.device), int(n[b])) for b in range(x.shape[0])]
+    for rows, k in groups:
+        if k <= 0:
+            continue
+        conf = full_conf[rows]
+        if not alg_temp:
+            idx = torch.topk(conf, k).indices
+        else:
+            idx = torch.multinomial(F.softmax(conf / alg_temp, dim=-1), num_samples=k)
+        take[rows[:, None].expand_as(idx), idx] = True
+    take &= where  # upstream would write the mask id back over a prompt position here; we skip it
+    x = x.clone()
+    x[take] = cand[take]
+    return x
+
+
+@dataclass
+class DreamBlockRule:
+    """Fast-dLLM's block decoding of Dream (its generation_utils_block `_sample`): the answer is split into
+    blocks of `block_length` decoded left to right, `steps / num_blocks` steps each. A block's first step
+    commits only its first position (the most probable token); the remaining steps follow Dream's linear
+    schedule over the block's own timesteps, committing the most confident by `alg` (upstream fixes `alg`
+    to entropy here whatever the caller asked; we honour maskgit_plus and topk_margin, and use entropy for
+    `origin`, which has no block form: identical to upstream for entropy and origin). With `parallel`, after the
+    first step each step commits the block's most confident token and every other one at or above the
+    threshold, until the block is done."""
+
+    mask_token_id: int
+    steps: int
+    gen_length: int
+    block_length: int
+    prompt_length: int
+    eps: float = 1e-3
+    alg: str = "entropy"
+    alg_temp: float | None = None
+    temperature: float = 1.0
+    top_p: float | None = None
+    top_k: int | None = 50
+    parallel: float | None = None
+
+    def __post_init__(self):
+        if self.alg not in DREAM_ALGS:
+            raise UsageError(f"unknown alg '{self.alg}'; choose from {', '.join(DREAM_ALGS)}")
+        if self.alg == "origin":  # upstream's block decoder has no origin variant: it uses entropy for it
+            self.alg = "entropy"
+        _positive("block_length", self.block_length)
+        _positive("steps", self.steps)
+        if self.gen_length % self.block_length:
+            raise UsageError(f"max_new_tokens ({self.gen_length}) must be a multiple of block_length "
+                             f"({self.block_length})")
+        self.num_blocks = self.gen_length // self.block_length
+        if self.steps % self.num_blocks:
+            raise UsageError(f"steps ({self.steps}) must be a multiple of the number of blocks ({self.num_blocks})")
+        self.steps_per_block = self.steps // self.num_blocks
+        if self.parallel is None and self.steps_per_block < 2:
+            raise UsageError(f"block decoding needs at least 2 steps per block (the first commits one token), "
+                             f"got {self.steps_per_block}: pass more steps or a longer block_length")
+        self.timesteps = torch.linspace(1, self.eps, self.steps_per_block + 1)
+        self._blk, self._blk_start = 0, 0
+
+    @property
+    def num_steps(self) -> int:
+        return self.steps if self.parallel is None else self.gen_length + self.num_blocks
+
+    def _range(self) -> tuple[int, int]:
+        start = self.prompt_length + self._blk * self.block_length
+        return start, start + self.block_length
+
+    def needed(self, i: int, mask_index: Tensor) -> Tensor:
+        if i == 0:
+            self._blk, self._blk_start = 0, 0
+        start, end = self._range()
+        while self._blk < self.num_blocks - 1 and not mask_index[:, start:end].any():
+            self._blk, self._blk_start = self._blk + 1, i
+            start, end = self._range()
+        needed = torch.zeros_like(mask_index)
+        if i == self._blk_start:
+            needed[:, start] = mask_index[:, start]
+        else:
+            needed[:, start:end] = mask_index[:, start:end]
+        return needed
+
+    def block(self, i: int) -> tuple[int, int]:
+        return self._range()
+
+    def block_step(self, i: int) -> int:
+        return i - self._blk_start
+
+    def needs_all(self, i: int) -> bool:
+        return self.parallel is None and self.block_step(i) == self.steps_per_block - 1
+
+    def quota(self, i: int, needed: Tensor) -> Tensor:
+        num_mask = needed.sum(1)
+        k = self.block_step(i)
+        if k == 0 or self.parallel is not None:
+            return torch.ones_like(num_mask)
+        if k >= self.steps_per_block - 1:
+            return num_mask
+        t, s = self.timesteps[k], self.timesteps[k + 1]
+        return (num_mask * (1 - s / t)).long()
+
+    def commit(self, i: int, x: Tensor, needed: Tensor, logits: Tensor, computed: Tensor | None = None,
+               rows: Tensor | None = None) -> Tensor:
+        computed = needed if computed is None else computed
+        if not torch.equal(computed, needed):
+            logits = _fill_missing(needed, computed, logits)
+        kw = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+        if self.block_step(i) == 0:
+            _, x0 = sample_tokens(logits, **kw)
+            x = x.clone()
+            x[needed] = x0
+            return x
+        if self.parallel is not None:
+            confidence, x0 = sample_tokens(logits, **kw)
+            return commit_above(x, needed, x0, confidence, self.parallel)
+        confidence, x0 = sample_tokens(logits, margin_confidence=self.alg == "topk_margin",
+                                       neg_entropy=self.alg == "entropy", **kw)
+        return _commit_top(x, needed, x0, confidence, self.quota(i, needed), self.alg_temp, logits.dtype)
+
+
+def commit_above(x: Tensor, computed: Tensor, x0: Tensor, confidence: Tensor, threshold: float) -> Tensor:
+    """Fast-dLLM's confidence-threshold parallel decoding: commit the computed positions whose confidence
+    reaches `threshold`, and in every sequence with a computed position at least the most confident one."""
+    conf = torch.full(x.shape, -torch.inf, dtype=confidence.dtype, device=x.device)
+    conf[computed] = confidence
+    take = conf >= threshold
+    best = conf.argmax(1)
+    has = computed.any(1)
+    take[has, best[has]] = True
+    take &= computed
+    cand = x.clone()
+    cand[computed] = x0
+    x = x.clone()
+    x[take] = cand[take]
+    return x
+
+
+@dataclass
+class LLaDARule:
+    """LLaDA's `generate`: the answer is split into blocks decoded left to right (semi-autoregressive when
+    block_length < gen_length); each block gets steps/num_blocks steps with an equal share of its masked
+    tokens per step (remainder first), committing the most confident (`low_confidence`, float64 softmax as
+    dKV-Cache and Fast-dLLM compute it) or random ones (`random`: a uniform draw over the rows the step
+    computed, as upstream draws it).
+
+    `order='block'` draws the random scores once when a block starts and commits in that order: the form
+    dKV-Cache-Greedy uses, because it lets the cache policy know the rows decoded next. With `parallel`
+    (Fast-dLLM), each step commits the block's best token and every other one at or above the threshold,
+    and a block runs until it has no mask left."""
+
+    steps: int
+    gen_length: int
+    block_length: int
+    prompt_length: int
+    temperature: float = 0.0
+    remasking: str = "low_confidence"
+    parallel: float | None = None
+    order: str = "step"
+    scores: Tensor | None = field(default=None, init=False)  # order='block': this block's commit order
+
+    def __post_init__(self):
+        if self.remasking not in LLADA_REMASKING:
+            raise UsageError(f"unknown remasking '{self.remasking}'; choose from {', '.join(LLADA_REMASKING)}")
+        _positive("gen_length", self.gen_length)
+        _positive("block_length", self.block_length)
+        _positive("steps", self.steps)
+        if self.gen_length % self.block_length:
+            raise UsageError(f"gen_length ({self.gen_length}) must be a multiple of block_length ({self.block_length})")
+        self.num_blocks = self.gen_length // self.block_length
+        if self.steps % self.num_blocks:
+            raise UsageError(f"steps ({self.steps}) must be a multiple of the number of blocks "
+                             f"({self.num_blocks} = gen_length / block_length)")
+        if self.order not in ("step", "block") or (self.order == "block" and self.remasking != "random"):
+            raise UsageError("order='block' applies to remasking='random' only")
+        self.steps_per_block = self.steps // self.num_blocks
+        self._transfer: Tensor | None = None
+        self._blk, self._blk_start = 0, 0
+
+    @property
+    def num_steps(self) -> int:
+        return self.steps if self.parallel is None else self.gen_length + self.num_blocks
+
+    def _range(self) -> tuple[int, int]:
+        start = self.prompt_length + self._blk * self.block_length
+        return start, start + self.block_length
+
+    def _enter(self, mask_index: Tensor) -> None:
+        start, end = self._range()
+        self._transfer = num_transfer_tokens(mask_index[:, start:end], self.steps_per_block)
+        if self.order == "block":
+            s = torch.rand(mask_index.shape, device=mask_index.device)
+            s[:, end:] = -torch.inf
+            s[:, :start] = -torch.inf
+            self.scores = s
+
+    def needed(self, i: int, mask_index: Tensor) -> Tensor:
+        """Masked positions of the current block: the first block that still has masks (a block can end
+        before its step budget when parallel decoding or early commit finished it)."""
+        if i == 0:
+            self._blk, self._blk_start = 0, 0
+            self._enter(mask_index)
+        start, end = self._range()
+        while self._blk < self.num_blocks - 1 and not mask_index[:, start:end].any():
+            self._blk, self._blk_start = self._blk + 1, i
+            self._enter(mask_index)
+            start, end = self._range()
+        needed = torch.zeros_like(mask_index)
+        needed[:, start:end] = mask_index[:, start:end]
+        return needed
+
+    def block(self, i: int) -> tuple[int, int]:
+        return self._range()
+
+    def block_step(self, i: int) -> int:
+        return i - self._blk_start
+
+    def needs_all(self, i: int) -> bool:
+        return self.parallel is None and self.block_step(i) >= self.steps_per_block - 1
+
+    def quota(self, i: int, needed: Tensor) -> Tensor:
+        if self.parallel is not None:
+            return torch.ones_like(needed.sum(1))
+        k = self.block_step(i)
+        if k >= self.steps_per_block:
+            return needed.sum(1)
+        return self._transfer[:, k]
+
+    def commit(self, i: int, x: Tensor, needed: Tensor, logits: Tensor, computed: Tensor | None = None,
+               rows: Tensor | None = None) -> Tensor:
+        """`rows` [B, A]: the canvas rows this step computed, in the order the random draw follows. A needed
+        position that was not computed is never committed (upstream gives it -inf confidence)."""
+        computed = needed if computed is None else computed
+        x0 = torch.argmax(add_gumbel_noise(logits, self.temperature), dim=-1)
+        if self.remasking == "low_confidence":
+            p = F.softmax(logits.to(torch.float64), dim=-1)
+            conf = torch.full(x.shape, -torch.inf, dtype=torch.float64, device=x.device)
+            conf[computed] = torch.gather(p, -1, x0[:, None]).squeeze(-1)
+        elif self.order == "block":
+            conf = torch.where(computed, self.scores, torch.full_like(self.scores, -torch.inf))
+        else:
+            rows = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1) if rows is None else rows
+            r = torch.rand(rows.shape, device=x.device)
+            conf = torch.full(x.shape, -torch.inf, device=x.device).scatter(1, rows, r)
+            conf = torch.where(computed, conf, torch.full_like(conf, -torch.inf))
+        cand = x.clone()
+        cand[computed] = x0
+        if self.parallel is not None:
+            return commit_above(x, computed, cand[computed], conf[computed], self.parallel)
+        if self.order == "block":  # commit in the drawn order, whether or not the row was computed
+            conf = torch.where(needed, self.scores, torch.full_like(self.scores, -torch.inf))
+        quota = self.quota(i, needed)
+        transfer = torch.zeros_like(needed)
+        for j in range(x.shape[0]):
+            k = min(int(quota[j]), int((conf[j] > -torch.inf).sum()))
+            _, sel = torch.topk(conf[j], k=k)
+            transfer[j, sel] = True
+        transfer &= computed
+        x = x.clone()
+        x[transfer] = cand[transfer]
+        return x
+
+
+def num_transfer_tokens(block_mask: Tensor, steps: int) -> Tensor:
+    """[B, steps] tokens to commit per step: an equal share of the block's masks, remainder first (LLaDA)."""
+    n = block_mask.sum(dim=1, keepdim=True)
+    out = torch.zeros(block_mask.size(0), steps, dtype=torch.int64, device=block_mask.device) + n // steps
+    for j in range(block_mask.size(0)):
+        out[j, : int(n[j, 0] % steps)] += 1
+    return out
