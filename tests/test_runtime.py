@@ -7,6 +7,7 @@ import torch
 from dlmtrt.runtime.backends import make_backend
 from dlmtrt.runtime.decode import pack_rows, source_rows
 from dlmtrt.runtime.generate import dream_generate, generate_text, llada_generate
+from dlmtrt.runtime.params import DreamParams, LLaDAParams
 from dlmtrt.runtime.unmasking import DreamRule, LLaDARule, num_transfer_tokens
 
 
@@ -60,7 +61,7 @@ def test_dream_steps_commit_schedule(backends):
         def plan(self, s):
             seen.append(int(s.needed_rows.sum()))
             return torch.ones_like(s.needed_rows), torch.zeros_like(s.needed_rows)
-    rule = DreamRule(ck.args.mask_token_id, steps=4, alg="maskgit_plus")
+    rule = DreamRule(ck.args.mask_token_id, DreamParams(steps=4, alg="maskgit_plus"))
     dream_generate(be, ids, max_new_tokens=20, steps=4, alg="maskgit_plus", temperature=0.0, policy=Spy())
     remaining, expect = 20, []
     for i in range(4):
@@ -85,7 +86,7 @@ def test_llada_block_order_with_spy(backends):
     be, _, ck = backends["llada"]
     mask = ck.args.mask_token_id
     ids = torch.randint(0, 200, (1, 5))
-    rule = LLaDARule(steps=6, gen_length=12, block_length=4, prompt_length=5)
+    rule = LLaDARule(LLaDAParams(steps=6, gen_length=12, block_length=4), prompt_length=5)
     x = torch.nn.functional.pad(ids, (0, 12), value=mask)
     from dlmtrt.runtime.decode import denoise
     snapshots = []

@@ -89,10 +89,7 @@ def make_config(a: ModelArgs) -> dict:
 
 def make_generation_config(a: ModelArgs) -> dict:
     return {
-        "bos_token_id": a.bos_token_id,
-        "eos_token_id": a.eos_token_id,
-        "pad_token_id": a.pad_token_id,
-        "mask_token_id": a.mask_token_id,
+        **a.token_ids(),
         "alg": "entropy",
         "alg_temp": 0.0,
         "steps": 128,

@@ -70,22 +70,26 @@ def args_from_config(cfg: dict, gen: dict | None = None) -> ModelArgs:
     )
 
 
-def checkpoint_to_ours(name: str) -> str:
-    if name in _TOP:
-        return _TOP[name]
-    m = re.fullmatch(r"model\.transformer\.blocks\.(\d+)\.(\w+)\.(weight|bias)", name)
-    if m and m.group(2) in _BLOCK:
-        return f"model.layers.{m.group(1)}.{_BLOCK[m.group(2)]}.{m.group(3)}"
+_THEIRS = (r"model\.transformer\.blocks\.(\d+)\.(\w+)\.(weight|bias)", "model.transformer.blocks.{}.{}.{}")
+_OURS = (r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", "model.layers.{}.{}.{}")
+
+
+def _rename(name: str, top: dict, block: dict, src: tuple[str, str], dst: tuple[str, str]) -> str:
+    """One weight name from one layout to the other; names neither table knows pass through."""
+    if name in top:
+        return top[name]
+    m = re.fullmatch(src[0], name)
+    if m and m.group(2) in block:
+        return dst[1].format(m.group(1), block[m.group(2)], m.group(3))
     return name
+
+
+def checkpoint_to_ours(name: str) -> str:
+    return _rename(name, _TOP, _BLOCK, _THEIRS, _OURS)
 
 
 def ours_to_checkpoint(name: str) -> str:
-    if name in _TOP_INV:
-        return _TOP_INV[name]
-    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", name)
-    if m and m.group(2) in _BLOCK_INV:
-        return f"model.transformer.blocks.{m.group(1)}.{_BLOCK_INV[m.group(2)]}.{m.group(3)}"
-    return name
+    return _rename(name, _TOP_INV, _BLOCK_INV, _OURS, _THEIRS)
 
 
 def make_config(a: ModelArgs) -> dict:
@@ -129,10 +133,7 @@ def make_config(a: ModelArgs) -> dict:
 
 def make_generation_config(a: ModelArgs) -> dict:
     return {
-        "bos_token_id": a.bos_token_id,
-        "eos_token_id": a.eos_token_id,
-        "pad_token_id": a.pad_token_id,
-        "mask_token_id": a.mask_token_id,
+        **a.token_ids(),
         "steps": 128,
         "gen_length": 128,
         "block_length": 32,

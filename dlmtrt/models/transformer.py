@@ -44,6 +44,11 @@ class ModelArgs:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def token_ids(self) -> dict:
+        """The special ids as generation_config.json spells them."""
+        return {"bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
+                "pad_token_id": self.pad_token_id, "mask_token_id": self.mask_token_id}
+
     @property
     def param_count(self) -> int:
         h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size

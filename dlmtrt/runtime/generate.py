@@ -45,13 +45,10 @@ def dream_generate(backend: StepBackend, input_ids: Tensor, attention_mask: Tens
     if attention_mask is not None:
         am[:, : input_ids.shape[1]] = attention_mask.bool()
     threshold = plan.parallel.threshold if plan.parallel is not None else None
-    common = dict(eps=p.eps, alg_temp=p.alg_temp, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
-                  parallel=threshold)
     if block_length is None:
-        rule = DreamRule(info.mask_token_id, p.steps, alg=p.alg, **common)
+        rule = DreamRule(info.mask_token_id, p, threshold)
     else:
-        rule = DreamBlockRule(info.mask_token_id, p.steps, max_new_tokens, block_length, input_ids.shape[1],
-                              alg=p.alg, **common)
+        rule = DreamBlockRule(info.mask_token_id, p, input_ids.shape[1], threshold)
     return denoise(backend, x, am, rule, policy=plan, on_step=on_step)
 
 
@@ -63,12 +60,11 @@ def llada_generate(backend: StepBackend, prompt: Tensor, attention_mask: Tensor 
 
     LLaDA's published model code applies no attention mask, so upstream attends to left padding: pass
     `attention_mask=None` to reproduce that; with a mask, padding is never attended."""
-    LLaDAParams(gen_length, steps, block_length, temperature, cfg_scale, remasking).validate()
+    p = LLaDAParams(gen_length, steps, block_length, temperature, cfg_scale, remasking).validate()
     plan = parse_policy(policy)
     info = backend.info
     _check_length(backend, prompt.shape[1] + gen_length, max_positions)
-    rule = LLaDARule(steps, gen_length, block_length, prompt.shape[1], temperature, remasking,
-                     parallel=plan.parallel.threshold if plan.parallel is not None else None,
+    rule = LLaDARule(p, prompt.shape[1], parallel=plan.parallel.threshold if plan.parallel is not None else None,
                      order=getattr(plan.cache, "order", "step") if remasking == "random" else "step")
     x = F.pad(prompt, (0, gen_length), value=info.mask_token_id)
     am = torch.ones_like(x, dtype=torch.bool)

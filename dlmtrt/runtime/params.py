@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass, fields
 
 from dlmtrt.errors import UsageError
 
-from .unmasking import DREAM_ALGS, LLADA_REMASKING
+DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
+LLADA_REMASKING = ("low_confidence", "random")
 
 # What transformers 4.46's PretrainedConfig carries for every model and Dream's generation config inherits.
 _PRETRAINED_GENERATION_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 50}
@@ -63,7 +64,7 @@ class DreamParams:
         if self.alg_temp is not None and float(self.alg_temp) < 0:
             raise UsageError(f"alg_temp must be >= 0, got {self.alg_temp}")
         if self.block_length is not None:
-            _positive_int("block_length", self.block_length)
+            check_blocks("max_new_tokens", self.max_new_tokens, self.block_length, self.steps)
         return self
 
     def to_dict(self) -> dict:
@@ -82,14 +83,7 @@ class LLaDAParams:
     def validate(self) -> "LLaDAParams":
         _positive_int("gen_length", self.gen_length)
         _positive_int("steps", self.steps)
-        _positive_int("block_length", self.block_length)
-        if self.gen_length % self.block_length:
-            raise UsageError(f"gen_length ({self.gen_length}) must be a multiple of block_length "
-                             f"({self.block_length}); pass --block-length dividing it")
-        blocks = self.gen_length // self.block_length
-        if self.steps % blocks:
-            raise UsageError(f"steps ({self.steps}) must be a multiple of the number of blocks ({blocks} = "
-                             f"gen_length / block_length)")
+        check_blocks("gen_length", self.gen_length, self.block_length, self.steps)
         if float(self.temperature) < 0:
             raise UsageError(f"temperature must be >= 0, got {self.temperature}")
         if float(self.cfg_scale) < 0:
@@ -107,6 +101,18 @@ PARAMS = {"dream": DreamParams, "llada": LLaDAParams}
 
 def param_names(family: str) -> tuple[str, ...]:
     return tuple(f.name for f in fields(PARAMS[family]))
+
+
+def check_blocks(what: str, length: int, block_length, steps: int) -> None:
+    """Blocks of `block_length` must tile the answer, and the steps must split evenly over the blocks."""
+    _positive_int("block_length", block_length)
+    if length % block_length:
+        raise UsageError(f"{what} ({length}) must be a multiple of block_length ({block_length}); pass "
+                         "--block-length dividing it")
+    blocks = length // block_length
+    if steps % blocks:
+        raise UsageError(f"steps ({steps}) must be a multiple of the number of blocks ({blocks} = {what} / "
+                         "block_length)")
 
 
 def _positive_int(name: str, value) -> None:

@@ -159,18 +159,12 @@ class DKVPrefill:
 
 
 @dataclass
-class DKVPD:
+class DKVPD(DKVDecode):
     """dKV-Cache-PD (Dream): Prefill and Decode together: the prompt rows are cached after the first step and
     never recomputed; decoded rows are cached as in Decode, and the periodic refresh recomputes every row
     except the prompt's."""
 
-    cache_steps: int = 4
-    shift: str = "un"
     name: str = field(default="pd", init=False)
-
-    def __post_init__(self):
-        _check_steps(self.name, self.cache_steps)
-        _check_shift(self.name, self.shift)
 
     def plan(self, s: DecodeState) -> tuple[Tensor, Tensor]:
         if s.i == 0:

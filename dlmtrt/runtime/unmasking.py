@@ -18,22 +18,61 @@ from torch import Tensor
 
 from dlmtrt.errors import UsageError
 
+from .params import DreamParams, LLaDAParams
 from .sampling import add_gumbel_noise, sample_tokens
 
-DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
-LLADA_REMASKING = ("low_confidence", "random")
+
+class BlockCursor:
+    """Where a block-wise schedule stands: blocks of `block_length` after the prompt, decoded left to right,
+    `steps / num_blocks` steps each; a block ends when it has no mask left, possibly before its step budget
+    (parallel decoding, early commit). Shared by LLaDA's schedule and Fast-dLLM's block decoding of Dream."""
+
+    def __init__(self, prompt_length: int, gen_length: int, block_length: int, steps: int):
+        self.prompt_length, self.block_length = prompt_length, block_length
+        self.num_blocks = gen_length // block_length  # the params checked that blocks and steps divide evenly
+        self.steps_per_block = steps // self.num_blocks
+        self.blk, self.start = 0, 0
+
+    def range(self) -> tuple[int, int]:
+        start = self.prompt_length + self.blk * self.block_length
+        return start, start + self.block_length
+
+    def advance(self, i: int, mask_index: Tensor) -> bool:
+        """Move to the first block that still has masks; True when step i starts a block."""
+        if i == 0:
+            self.blk, self.start = 0, 0
+            return True
+        entered = False
+        start, end = self.range()
+        while self.blk < self.num_blocks - 1 and not mask_index[:, start:end].any():
+            self.blk, self.start, entered = self.blk + 1, i, True
+            start, end = self.range()
+        return entered
+
+    def step(self, i: int) -> int:
+        return i - self.start
 
 
-def _positive(name: str, value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise UsageError(f"{name} must be a positive integer, got {value!r}")
+class Blockwise:
+    """What a block-wise rule answers from its `cursor` (and `parallel`, `steps_per_block`)."""
+
+    cursor: BlockCursor
+
+    def block(self, i: int) -> tuple[int, int]:
+        return self.cursor.range()
+
+    def block_step(self, i: int) -> int:
+        return self.cursor.step(i)
+
+    def needs_all(self, i: int) -> bool:
+        return self.parallel is None and self.block_step(i) >= self.steps_per_block - 1
 
 
 @dataclass
 class DreamRule:
     """Dream's `diffusion_generate` (its generation_utils `_sample`): a linear timestep schedule from 1 to
-    `eps`; at step i a fraction 1 - s/t of the batch's mean masked count is committed (the most confident
-    by `alg`; `origin` commits each masked token with that probability), everything left at the last step.
+    `eps`; at step i a fraction 1 - s/t of the masked tokens is committed (the most confident by `alg`;
+    `origin` commits each masked token with that probability), everything left at the last step.
 
     With `parallel` (Fast-dLLM's `alg='confidence_threshold'` for Dream): each step may commit up to
     max_new_tokens/steps tokens plus the ones it declined before; it always commits the most confident and
@@ -43,22 +82,14 @@ class DreamRule:
     upstream's dKV-Cache fills them: that is what makes its `shift=right` commit token 0 there."""
 
     mask_token_id: int
-    steps: int
-    eps: float = 1e-3
-    alg: str = "origin"
-    alg_temp: float | None = None
-    temperature: float = 1.0
-    top_p: float | None = None
-    top_k: int | None = 50
+    p: DreamParams
     parallel: float | None = None  # confidence threshold, or None
 
     def __post_init__(self):
-        if self.alg not in DREAM_ALGS:
-            raise UsageError(f"unknown alg '{self.alg}'; choose from {', '.join(DREAM_ALGS)}")
-        _positive("steps", self.steps)
-        if not 0 < self.eps < 1:
-            raise UsageError(f"eps must be in (0, 1), got {self.eps}")
-        self.timesteps = torch.linspace(1, self.eps, self.steps + 1)
+        p = self.p.validate()
+        self.steps, self.alg, self.alg_temp = p.steps, p.alg, p.alg_temp
+        self.sampling = dict(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k)
+        self.timesteps = torch.linspace(1, p.eps, p.steps + 1)
         self._left: Tensor | None = None  # parallel: tokens declined so far, per sequence
         self._steps: Tensor | None = None  # parallel: each sequence's step count (grows when the last step declines)
 
@@ -101,7 +132,7 @@ class DreamRule:
         computed = needed if computed is None else computed
         if not torch.equal(computed, needed):
             logits = _fill_missing(needed, computed, logits)
-        kw = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+        kw = self.sampling
         if self.parallel is not None:
             return self._commit_parallel(i, x, needed, logits, kw)
         t, s = self.timesteps[i], self.timesteps[i + 1]
@@ -191,79 +222,46 @@ def _commit_top(x: Tensor, where: Tensor, x0: Tensor, confidence: Tensor, n: Ten
 
 
 @dataclass
-class DreamBlockRule:
+class DreamBlockRule(Blockwise):
     """Fast-dLLM's block decoding of Dream (its generation_utils_block `_sample`): the answer is split into
     blocks of `block_length` decoded left to right, `steps / num_blocks` steps each. A block's first step
     commits only its first position (the most probable token); the remaining steps follow Dream's linear
     schedule over the block's own timesteps, committing the most confident by `alg` (upstream fixes `alg`
     to entropy here whatever the caller asked; we honour maskgit_plus and topk_margin, and use entropy for
-    `origin`, which has no block form: identical to upstream for entropy and origin). With `parallel`, after the
-    first step each step commits the block's most confident token and every other one at or above the
+    `origin`, which has no block form: identical to upstream for entropy and origin). With `parallel`, after
+    the first step each step commits the block's most confident token and every other one at or above the
     threshold, until the block is done."""
 
     mask_token_id: int
-    steps: int
-    gen_length: int
-    block_length: int
+    p: DreamParams
     prompt_length: int
-    eps: float = 1e-3
-    alg: str = "entropy"
-    alg_temp: float | None = None
-    temperature: float = 1.0
-    top_p: float | None = None
-    top_k: int | None = 50
     parallel: float | None = None
 
     def __post_init__(self):
-        if self.alg not in DREAM_ALGS:
-            raise UsageError(f"unknown alg '{self.alg}'; choose from {', '.join(DREAM_ALGS)}")
-        if self.alg == "origin":  # upstream's block decoder has no origin variant: it uses entropy for it
-            self.alg = "entropy"
-        _positive("block_length", self.block_length)
-        _positive("steps", self.steps)
-        if self.gen_length % self.block_length:
-            raise UsageError(f"max_new_tokens ({self.gen_length}) must be a multiple of block_length "
-                             f"({self.block_length})")
-        self.num_blocks = self.gen_length // self.block_length
-        if self.steps % self.num_blocks:
-            raise UsageError(f"steps ({self.steps}) must be a multiple of the number of blocks ({self.num_blocks})")
-        self.steps_per_block = self.steps // self.num_blocks
+        p = self.p.validate()
+        self.alg = "entropy" if p.alg == "origin" else p.alg  # upstream's block decoder has no origin variant
+        self.alg_temp, self.steps = p.alg_temp, p.steps
+        self.sampling = dict(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k)
+        self.cursor = BlockCursor(self.prompt_length, p.max_new_tokens, p.block_length, p.steps)
+        self.steps_per_block = self.cursor.steps_per_block
         if self.parallel is None and self.steps_per_block < 2:
             raise UsageError(f"block decoding needs at least 2 steps per block (the first commits one token), "
                              f"got {self.steps_per_block}: pass more steps or a longer block_length")
-        self.timesteps = torch.linspace(1, self.eps, self.steps_per_block + 1)
-        self._blk, self._blk_start = 0, 0
+        self.timesteps = torch.linspace(1, p.eps, self.steps_per_block + 1)
 
     @property
     def num_steps(self) -> int:
-        return self.steps if self.parallel is None else self.gen_length + self.num_blocks
-
-    def _range(self) -> tuple[int, int]:
-        start = self.prompt_length + self._blk * self.block_length
-        return start, start + self.block_length
+        return self.steps if self.parallel is None else self.p.max_new_tokens + self.cursor.num_blocks
 
     def needed(self, i: int, mask_index: Tensor) -> Tensor:
-        if i == 0:
-            self._blk, self._blk_start = 0, 0
-        start, end = self._range()
-        while self._blk < self.num_blocks - 1 and not mask_index[:, start:end].any():
-            self._blk, self._blk_start = self._blk + 1, i
-            start, end = self._range()
+        self.cursor.advance(i, mask_index)
+        start, end = self.cursor.range()
         needed = torch.zeros_like(mask_index)
-        if i == self._blk_start:
+        if i == self.cursor.start:
             needed[:, start] = mask_index[:, start]
         else:
             needed[:, start:end] = mask_index[:, start:end]
         return needed
-
-    def block(self, i: int) -> tuple[int, int]:
-        return self._range()
-
-    def block_step(self, i: int) -> int:
-        return i - self._blk_start
-
-    def needs_all(self, i: int) -> bool:
-        return self.parallel is None and self.block_step(i) == self.steps_per_block - 1
 
     def quota(self, i: int, needed: Tensor) -> Tensor:
         num_mask = needed.sum(1)
@@ -280,7 +278,7 @@ class DreamBlockRule:
         computed = needed if computed is None else computed
         if not torch.equal(computed, needed):
             logits = _fill_missing(needed, computed, logits)
-        kw = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+        kw = self.sampling
         if self.block_step(i) == 0:
             _, x0 = sample_tokens(logits, **kw)
             x = x.clone()
@@ -312,7 +310,7 @@ def commit_above(x: Tensor, computed: Tensor, x0: Tensor, confidence: Tensor, th
 
 
 @dataclass
-class LLaDARule:
+class LLaDARule(Blockwise):
     """LLaDA's `generate`: the answer is split into blocks decoded left to right (semi-autoregressive when
     block_length < gen_length); each block gets steps/num_blocks steps with an equal share of its masked
     tokens per step (remainder first), committing the most confident (`low_confidence`, float64 softmax as
@@ -324,74 +322,39 @@ class LLaDARule:
     (Fast-dLLM), each step commits the block's best token and every other one at or above the threshold,
     and a block runs until it has no mask left."""
 
-    steps: int
-    gen_length: int
-    block_length: int
+    p: LLaDAParams
     prompt_length: int
-    temperature: float = 0.0
-    remasking: str = "low_confidence"
     parallel: float | None = None
     order: str = "step"
     scores: Tensor | None = field(default=None, init=False)  # order='block': this block's commit order
 
     def __post_init__(self):
-        if self.remasking not in LLADA_REMASKING:
-            raise UsageError(f"unknown remasking '{self.remasking}'; choose from {', '.join(LLADA_REMASKING)}")
-        _positive("gen_length", self.gen_length)
-        _positive("block_length", self.block_length)
-        _positive("steps", self.steps)
-        if self.gen_length % self.block_length:
-            raise UsageError(f"gen_length ({self.gen_length}) must be a multiple of block_length ({self.block_length})")
-        self.num_blocks = self.gen_length // self.block_length
-        if self.steps % self.num_blocks:
-            raise UsageError(f"steps ({self.steps}) must be a multiple of the number of blocks "
-                             f"({self.num_blocks} = gen_length / block_length)")
-        if self.order not in ("step", "block") or (self.order == "block" and self.remasking != "random"):
+        p = self.p.validate()
+        if self.order not in ("step", "block") or (self.order == "block" and p.remasking != "random"):
             raise UsageError("order='block' applies to remasking='random' only")
-        self.steps_per_block = self.steps // self.num_blocks
+        self.remasking, self.temperature = p.remasking, p.temperature
+        self.cursor = BlockCursor(self.prompt_length, p.gen_length, p.block_length, p.steps)
+        self.steps_per_block = self.cursor.steps_per_block
         self._transfer: Tensor | None = None
-        self._blk, self._blk_start = 0, 0
 
     @property
     def num_steps(self) -> int:
-        return self.steps if self.parallel is None else self.gen_length + self.num_blocks
-
-    def _range(self) -> tuple[int, int]:
-        start = self.prompt_length + self._blk * self.block_length
-        return start, start + self.block_length
-
-    def _enter(self, mask_index: Tensor) -> None:
-        start, end = self._range()
-        self._transfer = num_transfer_tokens(mask_index[:, start:end], self.steps_per_block)
-        if self.order == "block":
-            s = torch.rand(mask_index.shape, device=mask_index.device)
-            s[:, end:] = -torch.inf
-            s[:, :start] = -torch.inf
-            self.scores = s
+        return self.p.steps if self.parallel is None else self.p.gen_length + self.cursor.num_blocks
 
     def needed(self, i: int, mask_index: Tensor) -> Tensor:
-        """Masked positions of the current block: the first block that still has masks (a block can end
-        before its step budget when parallel decoding or early commit finished it)."""
-        if i == 0:
-            self._blk, self._blk_start = 0, 0
-            self._enter(mask_index)
-        start, end = self._range()
-        while self._blk < self.num_blocks - 1 and not mask_index[:, start:end].any():
-            self._blk, self._blk_start = self._blk + 1, i
-            self._enter(mask_index)
-            start, end = self._range()
+        """Masked positions of the current block: the first block that still has masks."""
+        entered = self.cursor.advance(i, mask_index)
+        start, end = self.cursor.range()
+        if entered:
+            self._transfer = num_transfer_tokens(mask_index[:, start:end], self.steps_per_block)
+            if self.order == "block":
+                s = torch.rand(mask_index.shape, device=mask_index.device)
+                s[:, end:] = -torch.inf
+                s[:, :start] = -torch.inf
+                self.scores = s
         needed = torch.zeros_like(mask_index)
         needed[:, start:end] = mask_index[:, start:end]
         return needed
-
-    def block(self, i: int) -> tuple[int, int]:
-        return self._range()
-
-    def block_step(self, i: int) -> int:
-        return i - self._blk_start
-
-    def needs_all(self, i: int) -> bool:
-        return self.parallel is None and self.block_step(i) >= self.steps_per_block - 1
 
     def quota(self, i: int, needed: Tensor) -> Tensor:
         if self.parallel is not None:
