@@ -20,16 +20,16 @@ setup: $(STAMP)
 
 demo: setup
 	rm -rf out/demo
-	$(BIN)/python cli.py make-tiny --arch dream --out out/demo/dream
-	$(BIN)/python cli.py generate --model out/demo/dream --chat --prompt "What is 2+2?" --prompt "Name a colour." \
+	$(BIN)/dlmtrt make-tiny --arch dream --out out/demo/dream
+	$(BIN)/dlmtrt generate --model out/demo/dream --chat --prompt "What is 2+2?" --prompt "Name a colour." \
 		--max-new-tokens 32 --steps 16
-	$(BIN)/python cli.py make-tiny --arch llada --out out/demo/llada
-	$(BIN)/python cli.py generate --model out/demo/llada --chat --prompt "What is 2+2?" \
+	$(BIN)/dlmtrt make-tiny --arch llada --out out/demo/llada
+	$(BIN)/dlmtrt generate --model out/demo/llada --chat --prompt "What is 2+2?" \
 		--max-new-tokens 32 --steps 16 --block-length 16
-	$(BIN)/python cli.py generate --model tiny-llada-tasks --prompt $$'sudoku\n0120\n4231\n2000\n0040\n' \
+	$(BIN)/dlmtrt generate --model tiny-llada-tasks --prompt $$'sudoku\n0120\n4231\n2000\n0040\n' \
 		--max-new-tokens 20 --steps 20 --block-length 20 --policy dual+parallel
-	$(BIN)/python cli.py export --model tiny-llada-tasks --out out/demo/llada-onnx
-	$(BIN)/python cli.py generate --model out/demo/llada-onnx --backend onnxruntime \
+	$(BIN)/dlmtrt export --model tiny-llada-tasks --out out/demo/llada-onnx
+	$(BIN)/dlmtrt generate --model out/demo/llada-onnx --backend onnxruntime \
 		--prompt $$'sudoku\n0120\n4231\n2000\n0040\n' --max-new-tokens 20 --steps 20 --block-length 20 --policy decode
 
 test: setup

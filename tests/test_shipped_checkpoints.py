@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from dlmtrt.evals.evaluate import evaluate
-from dlmtrt.evals.model_card import card
+from bench.model_card import card
 from dlmtrt.cli import main
 from dlmtrt.models.loading import SHIPPED_ALIASES, load
 from dlmtrt.runtime.backends import make_backend
@@ -36,7 +36,7 @@ def test_shipped_checkpoints_fit_the_budget_and_load():
 def test_model_card_is_generated_from_current_results(name):
     text = (SHIPPED_ALIASES[name] / "README.md").read_text()
     body = card(name)
-    assert text.startswith(body), "model card is stale: run python -m dlmtrt.evals.model_card " + name
+    assert text.startswith(body), "model card is stale: run python -m bench.model_card " + name
 
 
 @pytest.mark.parametrize("name", sorted(FLOORS))

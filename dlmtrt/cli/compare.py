@@ -8,7 +8,7 @@ from rich.table import Table
 
 from dlmtrt.dtypes import DTYPE_NAMES
 
-from ._common import console, friendly_errors, out
+from ._common import SEED, console, friendly_errors, out, positive
 
 
 @click.command("compare")
@@ -22,11 +22,11 @@ from ._common import console, friendly_errors, out
                    "compared with; one that cannot run here is skipped with its reason.")
 @click.option("--policy", "policies", multiple=True, metavar="SPEC",
               help="Cache policy of a recorded trajectory, repeatable [default: none, decode, dual+parallel].")
-@click.option("--steps-per-policy", default=6, show_default=True,
+@click.option("--steps-per-policy", type=click.IntRange(min=0), default=6, show_default=True,
               help="Steps kept per policy, evenly spaced over its trajectory; 0 keeps them all.")
-@click.option("--max-feeds", type=int, default=None,
+@click.option("--max-feeds", type=positive(), default=None,
               help="Cap on the number of step inputs compared (evenly spaced over the recorded ones).")
-@click.option("--seed", default=0, show_default=True, help="Seed of the task problems and of the RNG.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the task problems and of the RNG.")
 @click.option("--rtol", multiple=True, metavar="[OUTPUT:]VALUE",
               help="Relative tolerance, repeatable: a bare VALUE for every output not named, or per output name "
                    "or kind (logits, present, present_valid, kv_drift) [default: by the graph's dtype].")
@@ -52,7 +52,7 @@ def compare_cmd(model, onnx_path, backends, policies, steps_per_policy, max_feed
     \b
     Every output of the step graph is compared with its own tolerance (present_valid exactly); exits
     non-zero when any output of any step is out of tolerance.
-      python cli.py compare -m tiny-dream-tasks --onnx out/dream-onnx --save-outputs torch_outputs.json
+      dlmtrt compare -m tiny-dream-tasks --onnx out/dream-onnx --save-outputs torch_outputs.json
     """
     from dlmtrt.evals.compare import check_backends, compare_backends
     from dlmtrt.errors import UsageError

@@ -6,41 +6,42 @@ import time
 import click
 from rich.table import Table
 
-from ._common import friendly_errors, out, progress
+from ._common import (NONNEGATIVE, POSITIVE_TOKENS, SEED, check_device, dtype_choice, friendly_errors, out,
+                      progress)
 
 
 @click.command()
 @click.option("--model", "-m", required=True, help="Checkpoint directory, alias (dream-7b, llada-8b, ...) or cached repo id.")
 @click.option("--prompt", "-p", "prompts", multiple=True, required=True, help="Prompt text; repeat for a batch.")
 @click.option("--chat/--no-chat", default=False, help="Wrap each prompt in the model's chat template.")
-@click.option("--max-new-tokens", "-n", type=int, default=None,
+@click.option("--max-new-tokens", "-n", type=POSITIVE_TOKENS, default=None,
               help="Tokens to generate (LLaDA: gen_length) [default: the family's, Dream 20, LLaDA 128].")
-@click.option("--steps", "-s", type=int, default=None, help="Denoising steps [default: the family's, Dream 512, LLaDA 128].")
-@click.option("--temperature", "-t", type=float, default=None,
+@click.option("--steps", "-s", type=POSITIVE_TOKENS, default=None, help="Denoising steps [default: the family's, Dream 512, LLaDA 128].")
+@click.option("--temperature", "-t", type=NONNEGATIVE, default=None,
               help="Sampling temperature; 0 is greedy [default: the family's, Dream 1.0 (as upstream), LLaDA 0].")
 @click.option("--alg", type=click.Choice(["origin", "maskgit_plus", "topk_margin", "entropy"]), default=None,
               help="Dream: unmasking order [default: origin, as upstream].")
-@click.option("--alg-temp", type=float, default=None, help="Dream: temperature of the confidence-based order.")
-@click.option("--eps", type=float, default=None, help="Dream: final timestep of the schedule [default: 1e-3].")
-@click.option("--top-p", type=float, default=None, help="Dream: nucleus sampling threshold [default: off].")
-@click.option("--top-k", type=int, default=None,
+@click.option("--alg-temp", type=NONNEGATIVE, default=None, help="Dream: temperature of the confidence-based order.")
+@click.option("--eps", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None, help="Dream: final timestep of the schedule [default: 1e-3].")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None, help="Dream: nucleus sampling threshold [default: off].")
+@click.option("--top-k", type=click.IntRange(min=0), default=None,
               help="Dream: keep the k largest logits before confidences [default: 50, as upstream; 0 turns it off].")
-@click.option("--block-length", type=int, default=None,
+@click.option("--block-length", type=POSITIVE_TOKENS, default=None,
               help="LLaDA: semi-autoregressive block [default: 128, or the whole answer when shorter]. Dream: "
                    "Fast-dLLM's block decoding with this block length [default: off, Dream's own schedule].")
 @click.option("--remasking", type=click.Choice(["low_confidence", "random"]), default=None,
               help="LLaDA: which predictions to commit [default: low_confidence].")
-@click.option("--cfg-scale", type=float, default=None, help="LLaDA: classifier-free guidance scale [default: 0].")
+@click.option("--cfg-scale", type=NONNEGATIVE, default=None, help="LLaDA: classifier-free guidance scale [default: 0].")
 @click.option("--policy", default="none", show_default=True, metavar="SPEC",
               help="Cache policy and modifiers: none | decode | prefill | pd | greedy | block | dual | adaptive | "
                    "delayed | window, options as name:key=value,..., modifiers joined by '+': "
                    "decode:cache_steps=4,shift=un+parallel:threshold=0.9+early.")
 @click.option("--backend", type=click.Choice(["torch", "onnxruntime"]), default="torch", show_default=True,
               help="torch runs a checkpoint; onnxruntime runs an export directory (dlmtrt export).")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
-@click.option("--dtype", default=None, help="float32, float16 or bfloat16 [default: float32; for onnxruntime the "
+@click.option("--device", default="cpu", show_default=True, callback=check_device, help="cpu, cuda, cuda:N or auto.")
+@click.option("--dtype", type=dtype_choice(), default=None, help="float32, float16 or bfloat16 [default: float32; for onnxruntime the "
                                            "exported dtype].")
-@click.option("--seed", default=0, show_default=True, help="Seed of the global RNG (sampling, origin, random).")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the global RNG (sampling, origin, random).")
 @click.option("--json", "as_json", is_flag=True, help="Print answers and statistics as JSON on stdout.")
 @friendly_errors
 def generate(model, prompts, chat, max_new_tokens, steps, temperature, alg, alg_temp, eps, top_p, top_k,
@@ -68,6 +69,11 @@ def generate(model, prompts, chat, max_new_tokens, steps, temperature, alg, alg_
                     eps=eps, top_p=top_p, top_k=top_k, block_length=block_length, remasking=remasking,
                     cfg_scale=cfg_scale)
     params = family_params(ck.family, ck.path, **{k: v for k, v in explicit.items() if v is not None})
+    plan.check(ck.family, params.get("remasking"))
+    new = params.get("max_new_tokens") or params["gen_length"]
+    if new >= ck.args.max_position_embeddings:
+        raise click.BadParameter(f"{new} new tokens do not fit the model's {ck.args.max_position_embeddings} "
+                                 "positions with any prompt; ask for fewer", param_hint="--max-new-tokens")
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     be, tok, ck = make_backend(backend, model, dtype=dtype, device=device)

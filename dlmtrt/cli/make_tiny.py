@@ -7,19 +7,26 @@ import click
 
 from dlmtrt.dtypes import DTYPE_NAMES
 
-from ._common import console, friendly_errors
+from ._common import SEED, console, friendly_errors, positive
+
+
+def _multiple_of_16(ctx, param, value):
+    if value % 16:
+        raise click.BadParameter(f"{value} is not a multiple of 16 (4 heads whose size is even, for RoPE)")
+    return value
 
 
 @click.command("make-tiny")
 @click.option("--arch", type=click.Choice(["dream", "llada"]), required=True, help="Model family to imitate.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="New directory for the checkpoint (must not exist or be empty).")
-@click.option("--seed", default=0, show_default=True, help="Seed of the random weights.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the random weights.")
 @click.option("--dtype", type=click.Choice(DTYPE_NAMES), default="float32", show_default=True,
               help="Dtype the weights are stored in.")
-@click.option("--layers", default=2, show_default=True, help="Number of transformer blocks.")
-@click.option("--hidden", default=64, show_default=True, help="Hidden size.")
-@click.option("--shard-bytes", type=int, default=None, help="Split the weights into shards of at most this many bytes.")
+@click.option("--layers", type=positive(64), default=2, show_default=True, help="Number of transformer blocks (1-64).")
+@click.option("--hidden", type=click.IntRange(16, 4096), default=64, show_default=True, callback=_multiple_of_16,
+              help="Hidden size: a multiple of 16 in 16-4096 (4 heads of an even size).")
+@click.option("--shard-bytes", type=positive(), default=None, help="Split the weights into shards of at most this many bytes.")
 @friendly_errors
 def make_tiny_cmd(arch, out, seed, dtype, layers, hidden, shard_bytes):
     """Write a tiny random checkpoint in the real Hugging Face layout (config, safetensors, tokenizer)."""

@@ -252,10 +252,13 @@ def compare_backends(model: str, *, onnx_path: Path | None = None, backends="tor
 
     from .trajectory import describe, load_feeds, record_feeds, save_feeds, spread
 
+    from dlmtrt.models.loading import open_checkpoint
+
     names = check_backends(backends)
     policies = list(policies or DEFAULT_POLICIES)
+    family = open_checkpoint(model).family
     for p in policies:
-        parse_policy(p)
+        parse_policy(p).check(family, "low_confidence")
     t0 = time.perf_counter()
     log(f"loading {model} (fp32)")
     m, tok, ck = load(model, dtype="float32", device="cpu")

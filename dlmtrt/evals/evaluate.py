@@ -2,7 +2,7 @@
 
 For each policy it decodes the same N problems and reports accuracy (exact checkers), mean forward passes
 per problem, the mean fraction of canvas rows computed per step (the compute proxy of a cache policy),
-wall time and tokens/s. Used by `python cli.py eval` and by the cache-policy benchmarks.
+wall time and tokens/s. Used by `dlmtrt eval` and by the cache-policy benchmarks.
 """
 from __future__ import annotations
 

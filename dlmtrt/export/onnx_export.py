@@ -256,7 +256,7 @@ def export_step(model: str, out: Path, *, dtype: str = "float32", opset: int = D
                 raise ExportError(f"the numeric check needs about {need / 2**30:.1f} GiB (fp32 reference model + "
                                   f"ONNX Runtime) but {have / 2**30:.1f} GiB are available; pass --no-numeric-check "
                                   "(the structural checks still run) or check on a larger machine with "
-                                  "`cli.py compare`")
+                                  "`dlmtrt compare`")
             log("checking: ONNX Runtime vs PyTorch fp32 on random step inputs")
             t0 = time.perf_counter()
             report = run_numeric_check(path, ck, dtype, attention)

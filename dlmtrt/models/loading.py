@@ -62,8 +62,9 @@ def resolve_path(model: str) -> Path:
         raise CheckpointError(f"{model} is a file; pass the checkpoint directory that holds config.json")
     if model in SHIPPED_ALIASES:
         if not SHIPPED_ALIASES[model].is_dir():
-            raise CheckpointError(f"'{model}' ships with the repository at {SHIPPED_ALIASES[model]}, which is missing; "
-                                  "restore it with `git checkout -- checkpoints/`")
+            raise CheckpointError(f"'{model}' ships inside the dlmtrt package at {SHIPPED_ALIASES[model]}, which is "
+                                  "missing: reinstall dlmtrt (`pip install --force-reinstall --no-deps dlmtrt`, or "
+                                  "`git checkout -- dlmtrt/checkpoints/` in a source checkout)")
         return SHIPPED_ALIASES[model]
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
@@ -78,7 +79,7 @@ def resolve_path(model: str) -> Path:
     if not looks_like_repo:
         raise CheckpointError(
             f"'{model}' is neither a directory nor a known alias ({', '.join([*ALIASES, *SHIPPED_ALIASES])}) nor an 'org/name' repo id. "
-            "Pass a checkpoint directory (for a test model: python cli.py make-tiny --arch dream --out DIR).")
+            "Pass a checkpoint directory (for a test model: dlmtrt make-tiny --arch dream --out DIR).")
     cache = constants.HF_HUB_CACHE  # read by huggingface_hub at import time from HF_HUB_CACHE / HF_HOME
     try:
         return Path(snapshot_download(repo, local_files_only=True, cache_dir=cache))

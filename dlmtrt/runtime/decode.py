@@ -97,7 +97,7 @@ class DecodeSession:
     def __init__(self, backend: StepBackend, x: Tensor, attention_mask: Tensor, rule: Rule, plan: DecodePlan,
                  *, cfg_scale: float = 0.0, prompt_index: Tensor | None = None):
         info = backend.info
-        plan.check(info.family, rule)
+        plan.check(info.family, getattr(rule, "remasking", None))
         if cfg_scale > 0 and prompt_index is None:
             raise ValueError("cfg_scale > 0 needs prompt_index (the positions to mask in the unconditional copy)")
         self.backend, self.rule, self.plan, self.info = backend, rule, plan, info

@@ -48,8 +48,8 @@ class DecodeState:
 
 
 class CachePolicy(Protocol):
-    """Chooses (active, stable) rows for a step. `requires(rule)` may refuse a rule it cannot serve, and
-    `observe` (optional) sees each step's kv_drift."""
+    """Chooses (active, stable) rows for a step. `requires(family, remasking, parallel)` may refuse a schedule it
+    cannot serve, and `observe` (optional) sees each step's kv_drift."""
 
     name: str
 
@@ -137,7 +137,7 @@ class DKVDecode:
             return _all(s)
         return _exact(s, dream_cached_rows(s.decoded_at, s.i - 2, self.shift))
 
-    def requires(self, family: str, rule) -> None:
+    def requires(self, family: str, remasking: str | None, parallel: float | None) -> None:
         if family != "dream" and self.shift != "un":
             raise UsageError("decode: shift applies to Dream (its logits shift); LLaDA's Decode has no shift option")
 
@@ -154,7 +154,7 @@ class DKVPrefill:
             return _all(s)
         return _exact(s, dream_cached_rows(s.decoded_at, -1, "un"))
 
-    def requires(self, family: str, rule) -> None:
+    def requires(self, family: str, remasking: str | None, parallel: float | None) -> None:
         _dream_only(self.name, family)
 
 
@@ -172,7 +172,7 @@ class DKVPD(DKVDecode):
         j = -1 if s.i % self.cache_steps == 0 else s.i - 2
         return _exact(s, dream_cached_rows(s.decoded_at, j, self.shift))
 
-    def requires(self, family: str, rule) -> None:
+    def requires(self, family: str, remasking: str | None, parallel: float | None) -> None:
         _dream_only(self.name, family)
 
 
@@ -212,12 +212,12 @@ class DKVGreedy:
                 window_tokens(compute[b], nxt.tolist(), was_masked[b], self.window)
         return _exact(s, ~compute)
 
-    def requires(self, family: str, rule) -> None:
-        if family != "llada" or getattr(rule, "remasking", None) != "random":
+    def requires(self, family: str, remasking: str | None, parallel: float | None) -> None:
+        if family != "llada" or remasking != "random":
             raise UsageError("greedy: dKV-Cache-Greedy is defined for LLaDA with --remasking random (it decodes "
                              "each block in an order drawn when the block starts); for Dream, or with "
                              "low_confidence, use decode")
-        if getattr(rule, "parallel", None) is not None:
+        if parallel is not None:
             raise UsageError("greedy decodes a fixed number of tokens per step in a drawn order; it does not "
                              "combine with +parallel")
 
@@ -408,10 +408,11 @@ class DecodePlan:
     early: EarlyCommit | None = None
     spec: str = "none"
 
-    def check(self, family: str, rule) -> None:
-        """Refuse a combination the policy's definition does not cover, before any work."""
+    def check(self, family: str, remasking: str | None = None) -> None:
+        """Refuse a combination the policy's definition does not cover, before any work (LLaDA's
+        `remasking` matters to Greedy)."""
         if hasattr(self.cache, "requires"):
-            self.cache.requires(family, rule)
+            self.cache.requires(family, remasking, self.parallel.threshold if self.parallel is not None else None)
 
 
 def parse_policy(spec) -> DecodePlan:

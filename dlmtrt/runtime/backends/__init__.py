@@ -35,7 +35,7 @@ def describe_model(backend: str, model: str) -> ModelSource:
 
 def make_backend(name: str, model: str, dtype: str | None = None, device: str | None = "cpu", progress=None):
     """(backend, tokenizer, ModelSource) for a backend name and a model: a checkpoint directory, alias or repo id
-    for `torch`; an export directory (`cli.py export`) for `onnxruntime`. `dtype` None means the default
+    for `torch`; an export directory (`dlmtrt export`) for `onnxruntime`. `dtype` None means the default
     (float32 for checkpoints, the exported dtype for graphs)."""
     if name == "torch":
         from dlmtrt.models.loading import load

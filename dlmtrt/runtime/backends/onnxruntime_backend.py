@@ -1,4 +1,4 @@
-"""ONNX Runtime backend: runs an exported step graph (`cli.py export`) from the .onnx file and its tokenizer alone.
+"""ONNX Runtime backend: runs an exported step graph (`dlmtrt export`) from the .onnx file and its tokenizer alone.
 
 Every input and output is bound to a torch tensor through IO binding, so ONNX Runtime reads the past K/V from,
 and writes the present K/V into, memory the decode loop already owns: nothing is copied between steps, and
@@ -11,14 +11,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dlmtrt.dtypes import DTYPES
 from dlmtrt.errors import UsageError
 
-from ..contract import named_inputs, onnx_metadata, read_metadata
+from ..contract import ArtifactError, named_inputs, onnx_metadata, read_metadata
 from dlmtrt.models.transformer import ModelArgs
 
 from ..contract import ModelInfo, StepInputs, StepOutputs
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _ORT_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(bfloat16)": torch.bfloat16,
               "tensor(int64)": torch.long, "tensor(bool)": torch.bool}
 _NP = {torch.float32: np.float32, torch.float16: np.float16, torch.long: np.int64, torch.bool: np.bool_}
@@ -32,7 +32,7 @@ def onnx_path(model: str | Path) -> Path:
         p = p / "model.onnx"
     if not p.is_file():
         raise UsageError(f"no exported model at {model}: the onnxruntime backend takes the directory written by "
-                         "`python cli.py export --model M --out DIR` (or its model.onnx); run the export first")
+                         "`dlmtrt export --model M --out DIR` (or its model.onnx); run the export first")
     return p
 
 
@@ -54,7 +54,7 @@ class OnnxRuntimeBackend:
         if self.meta.get("attention") == "plugin":
             raise UsageError(f"{self.path} uses the dlmtrt::CachedAttention plugin node, which only the TensorRT "
                              "plugin implements; export with --attention standard for onnxruntime")
-        dtype = _DTYPES[self.meta["dtype"]]
+        dtype = DTYPES[self.meta["dtype"]]
         providers = providers or [PROVIDERS.get(dev.type, "")]
         missing = [p for p in providers if p not in ort.get_available_providers()]
         if missing:
@@ -68,7 +68,12 @@ class OnnxRuntimeBackend:
         so = ort.SessionOptions()
         if threads:
             so.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(self.path), so, providers=providers)
+        try:
+            self.session = ort.InferenceSession(str(self.path), so, providers=providers)
+        except Exception as e:  # ONNX Runtime raises its own Fail/InvalidGraph/... types for unreadable files
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ArtifactError(f"ONNX Runtime cannot load {self.path} ({first[:300]}): the export is incomplete "
+                                "or corrupt; export the checkpoint again with `dlmtrt export`") from None
         self.device = dev
         self.out_types = {o.name: _ORT_TYPES[o.type] for o in self.session.get_outputs()}
         a = self.args
@@ -115,8 +120,13 @@ def load_tokenizer(be: OnnxRuntimeBackend):
     d = be.path.parent
     if not (d / "tokenizer.json").exists():
         raise UsageError(f"tokenizer.json missing next to {be.path}; copy the model's tokenizer files into {d} "
-                         "(cli.py export does this)")
-    tok = PreTrainedTokenizerFast.from_pretrained(str(d))
+                         "(dlmtrt export does this)")
+    try:
+        tok = PreTrainedTokenizerFast.from_pretrained(str(d))
+    except Exception as e:  # tokenizers raises bare Exceptions on malformed JSON
+        raise ArtifactError(f"the tokenizer files in {d} cannot be read ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200] if str(e) else 'corrupt'}); copy the model's tokenizer "
+                            "files there again (dlmtrt export does this)") from None
     mask_id = tok.convert_tokens_to_ids(tok.mask_token) if tok.mask_token else None
     if mask_id != be.args.mask_token_id:
         raise UsageError(f"the tokenizer in {d} does not match the graph: mask token id {mask_id}, graph metadata "

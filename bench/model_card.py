@@ -1,6 +1,6 @@
 """Write the model card (README.md) of a shipped task checkpoint from its training.json and eval results.
 
-    python -m dlmtrt.evals.model_card tiny-dream-tasks
+    python -m bench.model_card tiny-dream-tasks
 
 Every figure in the card is read from files under the checkpoint and bench/results/, never typed by hand.
 """
@@ -39,7 +39,7 @@ def card(name: str, notes: str = "") -> str:
         f"A {tr['params'] / 1e6:.2f} M-parameter masked-diffusion LM in the **{fam}** layout "
         f"({cfg['architectures'][0]}; {'row p-1 predicts token p' if fam == 'dream' else 'row p predicts token p'}), "
         "trained by this project to give the cache-policy benchmarks a model whose confidences mean something. "
-        "Loaded by alias: `python cli.py eval -m " + name + " --task sudoku4`.",
+        "Loaded by alias: `dlmtrt eval -m " + name + " --task sudoku4`.",
         "",
         "## Model",
         f"- hidden {s['hidden_size']}, {s['num_layers']} layers, {s['num_heads']} heads of {s['head_dim']} "
@@ -65,7 +65,7 @@ def card(name: str, notes: str = "") -> str:
         "",
         "## Accuracy",
         "Greedy confidence-ordered decoding of the whole answer in one block, one step per answer token, no cache "
-        f"(`bench/evaluate.py`), seed 1234 of the problem generator.",
+        f"(`dlmtrt/evals/evaluate.py`), seed 1234 of the problem generator.",
         "",
     ]
     cpu = [RESULTS / f"eval-{name}-cpu.json", RESULTS / f"eval-{name}-cpu-long.json"]
