@@ -9,3 +9,7 @@ class DlmtrtError(Exception):
 
 class UsageError(DlmtrtError, ValueError):
     """A bad parameter, option or policy spec (also a ValueError, as Python code expects of bad values)."""
+
+
+class OutputExistsError(DlmtrtError, FileExistsError):
+    """An output path is in the way (also a FileExistsError)."""

@@ -153,6 +153,16 @@ def test_corrupt_exports_are_one_line(corrupt_exports, tmp_path, monkeypatch, ki
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("content", ["{junk", "[1, 2]", ""])
+def test_compare_refuses_a_bad_inputs_file(tmp_path, content):
+    f = tmp_path / "feeds.json"
+    f.write_text(content)
+    r = CliRunner().invoke(main, ["compare", "-m", "tiny-llada-tasks", "--backends", "torch,onnxruntime",
+                                  "--load-inputs", str(f)])
+    assert r.exit_code == 1 and "Traceback" not in r.output and "--save-inputs" in r.output, r.output
+    assert "exporting" not in r.output and [p.name for p in tmp_path.iterdir()] == ["feeds.json"]
+
+
 def test_eval_writes_results_to_the_current_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     r = CliRunner().invoke(main, ["eval", "-m", "tiny-llada-tasks", "--task", "sudoku4", "--n", "2",

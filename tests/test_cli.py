@@ -80,3 +80,17 @@ def test_generate_with_policy_reports_work_saved(runner, tiny_dir):
 def test_generate_bad_policy_is_one_clean_error(runner, tiny_dir):
     r = runner.invoke(main, ["generate", "-m", str(tiny_dir("dream")), "-p", "x", "--policy", "decode:cache_steps=0"])
     assert r.exit_code != 0 and "cache_steps must be an integer >= 1" in r.output and "Traceback" not in r.output
+
+
+def test_source_checkout_entry_point_and_console_script_are_the_same_tool():
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "cli.py", "--help"], cwd=root, capture_output=True, text=True)
+    assert r.returncode == 0 and "make-tiny" in r.stdout and "compare" in r.stdout
+    script = shutil.which("dlmtrt", path=str(Path(sys.executable).parent))
+    assert script is not None, "the dlmtrt console script is not installed next to this python"
+    r2 = subprocess.run([script, "--help"], capture_output=True, text=True)
+    assert r2.returncode == 0 and r2.stdout.replace("dlmtrt", "cli.py") == r.stdout.replace("dlmtrt", "cli.py")

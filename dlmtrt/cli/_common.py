@@ -15,13 +15,13 @@ out = Console(width=None if sys.stdout.isatty() else 160)  # tables piped to a f
 
 
 def friendly_errors(fn):
-    """A user-facing error (`DlmtrtError`, or an output directory in the way) becomes one clean error line;
-    anything else is a bug and keeps its traceback."""
+    """A user-facing error (`DlmtrtError`) becomes one clean error line; anything else is a bug and keeps its
+    traceback."""
     @functools.wraps(fn)
     def wrapper(*a, **kw):
         try:
             return fn(*a, **kw)
-        except (DlmtrtError, FileExistsError) as e:
+        except DlmtrtError as e:
             raise click.ClickException(str(e)) from None
     return wrapper
 

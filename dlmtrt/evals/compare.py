@@ -259,6 +259,7 @@ def compare_backends(model: str, *, onnx_path: Path | None = None, backends="tor
     family = open_checkpoint(model).family
     for p in policies:
         parse_policy(p).check(family, "low_confidence")
+    loaded = load_feeds(load_inputs) if load_inputs is not None else None  # a bad file fails before any work
     t0 = time.perf_counter()
     log(f"loading {model} (fp32)")
     m, tok, ck = load(model, dtype="float32", device="cpu")
@@ -284,8 +285,8 @@ def compare_backends(model: str, *, onnx_path: Path | None = None, backends="tor
         rtols = parse_tolerances(rtol, n_layers, graph_dtype, "rtol")
         atols = parse_tolerances(atol, n_layers, graph_dtype, "atol")
 
-        if load_inputs is not None:
-            feeds, source = load_feeds(load_inputs), str(load_inputs)
+        if loaded is not None:
+            feeds, source = loaded, str(load_inputs)
         else:
             log("recording denoising trajectories")
             feeds = record_feeds(TorchBackend(m), tok, ck, policies=policies, seed=seed,

@@ -151,7 +151,11 @@ def save_feeds(path: str | Path, feeds: list) -> Path:
 
 def load_feeds(path: str | Path) -> list[OrderedDict]:
     from polygraphy.json import load_json
-    feeds = load_json(str(path), description="dlmtrt trajectory step inputs")
+    try:
+        feeds = load_json(str(path), description="dlmtrt trajectory step inputs")
+    except (ValueError, TypeError, KeyError, OSError) as e:  # json.JSONDecodeError is a ValueError
+        raise UsageError(f"{path} is not a readable step-inputs file ({type(e).__name__}: {str(e)[:200]}); write "
+                         "it with `dlmtrt compare --save-inputs`") from None
     if not isinstance(feeds, list) or not all(isinstance(f, dict) for f in feeds):
         raise UsageError(f"{path} does not hold a list of feed dicts (write it with `dlmtrt compare "
                          "--save-inputs` or dlmtrt.evals.trajectory.save_feeds)")

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from dlmtrt.errors import UsageError
+from dlmtrt.errors import OutputExistsError, UsageError
 
 from .families import FAMILIES
 from .transformer import DiffusionLM, ModelArgs
@@ -98,7 +98,7 @@ def save_checkpoint(out: Path, args: ModelArgs, state_dict: dict[str, torch.Tens
     fam = FAMILIES[args.family]
     out = Path(out)
     if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty; choose a new --out or remove it")
+        raise OutputExistsError(f"{out} exists and is not empty; choose a new --out or remove it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
