@@ -6,6 +6,7 @@ import click
 
 from dlmtrt import __version__
 
+from .bench import bench_cmd
 from .compare import compare_cmd
 from .eval import eval_cmd
 from .export import export_cmd
@@ -26,5 +27,9 @@ def main():
     """
 
 
-for _cmd in (make_tiny_cmd, generate, export_cmd, eval_cmd, compare_cmd):
+for _cmd in (make_tiny_cmd, generate, export_cmd, eval_cmd, compare_cmd, bench_cmd):
     main.add_command(_cmd)
+
+
+if __name__ == "__main__":
+    main()

@@ -25,7 +25,7 @@ from ._common import (MAX_PROBLEMS, POSITIVE_TOKENS, SEED, check_device, console
               help="LLaDA: which predictions to commit [default: low_confidence].")
 @click.option("--batch-size", type=positive(MAX_PROBLEMS), default=64, show_default=True)
 @click.option("--seed", type=SEED, default=1234, show_default=True, help="Seed of the problem generator.")
-@click.option("--backend", type=click.Choice(["torch", "onnxruntime"]), default="torch", show_default=True,
+@click.option("--backend", type=click.Choice(["torch", "torch-graph", "onnxruntime"]), default="torch", show_default=True,
               help="torch runs a checkpoint; onnxruntime runs an export directory (dlmtrt export).")
 @click.option("--device", default="cpu", show_default=True, callback=check_device, help="cpu, cuda, cuda:N or auto.")
 @click.option("--dtype", type=dtype_choice(), default=None, help="[default: float32; for onnxruntime the exported dtype]")

@@ -123,13 +123,17 @@ class Attention(nn.Module):
         return apply_rope(q, cos[:, None], sin[:, None]), apply_rope(k, cos[:, None], sin[:, None]), v
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, write_idx: Tensor, past_k: Tensor, past_v: Tensor,
-                valid: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                valid: Tensor, inplace: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         B, A, _ = x.shape
         H, Hkv, D = self.a.num_heads, self.a.num_kv_heads, self.a.head_dim
         q, k, v = self.qkv(x, cos, sin)
         k_old = past_k.gather(2, write_idx)
-        present_k = past_k.scatter(2, write_idx, k.to(past_k.dtype))
-        present_v = past_v.scatter(2, write_idx, v.to(past_v.dtype))
+        if inplace:  # the cache buffer is the present: no copy of the whole canvas per step
+            present_k = past_k.scatter_(2, write_idx, k.to(past_k.dtype))
+            present_v = past_v.scatter_(2, write_idx, v.to(past_v.dtype))
+        else:
+            present_k = past_k.scatter(2, write_idx, k.to(past_k.dtype))
+            present_v = past_v.scatter(2, write_idx, v.to(past_v.dtype))
         o = self.attend(q, present_k, present_v, valid)
         o = self.o_proj(o.transpose(1, 2).reshape(B, A, H * D))
         dk = (k.float() - k_old.float()).pow(2).sum(dim=(1, 3))
@@ -210,8 +214,12 @@ class DiffusionLM(nn.Module):
         return self.lm_head(self.model.norm(x))
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, past_keys: list[Tensor], past_values: list[Tensor],
-                stable_mask: Tensor, attention_mask: Tensor):
+                stable_mask: Tensor, attention_mask: Tensor, inplace: bool = False, logit_index: Tensor | None = None):
         """Returns (logits [B,A,V], present_keys, present_values, present_valid [B,L], kv_drift [B,A]).
+
+        `inplace` writes the fresh K/V into `past_keys`/`past_values` themselves (the fast path's one cache
+        buffer) instead of returning updated copies. `logit_index` [B, R] (positions among the A active rows)
+        applies the output head to those rows only: logits [B, R, V].
 
         RoPE positions are the count of attended rows before each row (cumsum of `attention_mask` - 1),
         the Hugging Face convention for left padding, so a left-padded row decodes exactly like the
@@ -234,12 +242,15 @@ class DiffusionLM(nn.Module):
         k0 = torch.zeros(B, A, device=x.device)
         present_keys, present_values = [], []
         for layer, pk, pv in zip(self.model.layers, past_keys, past_values):
-            h, nk, nv, dki, k0i = layer.self_attn(layer.input_layernorm(x), cos, sin, write_idx, pk, pv, key_mask)
+            h, nk, nv, dki, k0i = layer.self_attn(layer.input_layernorm(x), cos, sin, write_idx, pk, pv, key_mask,
+                                                  inplace)
             x = x + h
             x = x + layer.mlp(layer.post_attention_layernorm(x))
             present_keys.append(nk)
             present_values.append(nv)
             dk, k0 = dk + dki, k0 + k0i
+        if logit_index is not None:
+            x = x.gather(1, logit_index[..., None].expand(-1, -1, x.shape[-1]))
         logits = self.lm_head(self.model.norm(x))
         had_past = stable_mask.gather(1, position_ids)
         kv_drift = torch.where(had_past, dk.sqrt() / k0.sqrt().clamp_min(1e-12), torch.zeros_like(dk))

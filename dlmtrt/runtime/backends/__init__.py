@@ -7,7 +7,7 @@ from pathlib import Path
 from dlmtrt.errors import UsageError
 from dlmtrt.models.transformer import ModelArgs
 
-BACKENDS = ("torch", "onnxruntime")
+BACKENDS = ("torch", "torch-graph", "onnxruntime")
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,7 @@ class ModelSource:
 
 def describe_model(backend: str, model: str) -> ModelSource:
     """Cheap description for validating options before the (possibly slow) load."""
-    if backend == "torch":
+    if backend in ("torch", "torch-graph"):
         from dlmtrt.models.loading import open_checkpoint
         ck = open_checkpoint(model)
         return ModelSource(ck.path, ck.family, ck.args)
@@ -35,14 +35,21 @@ def describe_model(backend: str, model: str) -> ModelSource:
 
 def make_backend(name: str, model: str, dtype: str | None = None, device: str | None = "cpu", progress=None):
     """(backend, tokenizer, ModelSource) for a backend name and a model: a checkpoint directory, alias or repo id
-    for `torch`; an export directory (`dlmtrt export`) for `onnxruntime`. `dtype` None means the default
+    for `torch` and `torch-graph` (the fast path: in-place cache, row buckets, CUDA graphs on a GPU); an
+    export directory (`dlmtrt export`) for `onnxruntime`. `dtype` None means the default
     (float32 for checkpoints, the exported dtype for graphs)."""
-    if name == "torch":
+    if name in ("torch", "torch-graph"):
+        from dlmtrt.dtypes import dtype_name
         from dlmtrt.models.loading import load
 
-        from .torch_backend import TorchBackend
         m, tok, ck = load(model, dtype=dtype or "float32", device=device, progress=progress)
-        return TorchBackend(m), tok, ModelSource(ck.path, ck.family, ck.args, str(m.lm_head.weight.dtype).split(".")[1])
+        if name == "torch":
+            from .torch_backend import TorchBackend
+            be = TorchBackend(m)
+        else:
+            from .torch_graph_backend import TorchGraphBackend
+            be = TorchGraphBackend(m)
+        return be, tok, ModelSource(ck.path, ck.family, ck.args, dtype_name(m.lm_head.weight.dtype))
     if name == "onnxruntime":
         from .onnxruntime_backend import OnnxRuntimeBackend, load_tokenizer
         be = OnnxRuntimeBackend(model, device=device or "cpu")

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# One device call: the fast path's correctness check on the tiny checkpoints, then `dlmtrt bench` at Dream-7B
+# shape (random bf16 weights) for the eager and the graph backend, B=1 and B=8. Usage (repo root):
+#   OUT=dir bash bench/gpu_fastpath.sh        [BATCHES="1 8"] [BACKENDS="torch torch-graph"] [POLICIES="none decode dual"]
+set -uo pipefail
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+OUT=${OUT:-out/gpu}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python3 bench/gpu_graph_check.py "$OUT/graph_check.json" 2>&1 | tail -n 40
+for b in ${BATCHES:-1 8}; do
+  for be in ${BACKENDS:-torch torch-graph}; do
+    args=(); for p in ${POLICIES:-none decode dual}; do args+=(--policy "$p"); done
+    python3 -m dlmtrt.cli bench --shape ${SHAPE:-dream-7b} --device cuda --backend "$be" --batch "$b" \
+      --prompt 512 --answer 256 "${args[@]}" --out "$OUT/bench-${SHAPE:-dream-7b}-$be-b$b.json" 2>&1 \
+      | grep -v -E '^\s*$' | tail -n 14
+  done
+done

@@ -1,0 +1,56 @@
+"""`dlmtrt bench`: speed of every policy at a named model shape with random weights, against the weight-read floor."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from dlmtrt.dtypes import DTYPE_NAMES
+
+from ._common import POSITIVE_TOKENS, SEED, check_device, console, friendly_errors, out, positive
+
+
+@click.command("bench")
+@click.option("--shape", type=click.Choice(["dream-7b", "llada-8b", "tiny-dream", "tiny-llada"]), default="tiny-dream",
+              show_default=True, help="Model shape, built with random weights (nothing is downloaded).")
+@click.option("--device", default="cpu", show_default=True, callback=check_device, help="cpu, cuda, cuda:N or auto.")
+@click.option("--dtype", type=click.Choice(DTYPE_NAMES), default=None,
+              help="[default: bfloat16 on a GPU, float32 on the CPU]")
+@click.option("--backend", type=click.Choice(["torch-graph", "torch"]), default="torch-graph", show_default=True,
+              help="torch-graph: in-place cache, row buckets, CUDA graphs on a GPU; torch: the eager step.")
+@click.option("--batch", type=positive(1024), default=1, show_default=True)
+@click.option("--prompt", "prompt_len", type=POSITIVE_TOKENS, default=512, show_default=True, help="Prompt tokens.")
+@click.option("--answer", type=POSITIVE_TOKENS, default=256, show_default=True, help="New tokens.")
+@click.option("--steps", type=POSITIVE_TOKENS, default=None, help="Denoising steps [default: --answer].")
+@click.option("--block-length", type=POSITIVE_TOKENS, default=32, show_default=True,
+              help="Block of block/dual (Fast-dLLM's block decoding for Dream) and of LLaDA.")
+@click.option("--policy", "policies", multiple=True, default=["none", "decode", "dual"], show_default=True,
+              metavar="SPEC", help="Policy spec, repeatable.")
+@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="JSON results [default: bench-<shape>-<device>-b<batch>.json in the current directory].")
+@friendly_errors
+def bench_cmd(shape, device, dtype, backend, batch, prompt_len, answer, steps, block_length, policies, seed, out_path):
+    """Tokens/s, median step time, rows per step and peak memory of each policy, with the weight-read floor
+    measured in the same process (the device's copy bandwidth)."""
+    from dlmtrt.evals.speed import bench
+    dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    out_path = out_path or Path.cwd() / f"bench-{shape}-{device.split(':')[0]}-b{batch}.json"
+    rep = bench(shape, device=device, dtype=dtype, backend=backend, batch=batch, prompt=prompt_len, answer=answer,
+                steps=steps, policies=list(policies), block_length=block_length, seed=seed, log=console.log)
+    t = Table(title=f"bench · {shape} · {rep.gpu or device} · {dtype} · {rep.backend} · B={batch} · prompt {prompt_len}"
+                    f" · answer {answer}")
+    for col in ("policy", "schedule", "steps", "tok/s", "ms/step (median)", "rows/step", "peak GiB", "x floor"):
+        t.add_column(col, justify="left" if col in ("policy", "schedule") else "right")
+    for r in rep.runs:
+        t.add_row(r.policy, r.schedule, str(r.steps), f"{r.tokens_per_s:.1f}", f"{r.step_ms_median:.2f}",
+                  f"{r.rows_per_step:.1f}", f"{r.peak_bytes / 2**30:.2f}", f"{r.floor_ratio:.2f}")
+    out.print(t)
+    gb = rep.weight_bytes / 1e9
+    out.print(f"weights {gb:.2f} GB, K/V {rep.kv_bytes / 1e9:.3f} GB; copy bandwidth {rep.copy_bytes_per_s / 1e12:.2f} "
+              f"TB/s -> weight-read floor {rep.floor_ms:.2f} ms; one-active-row step {rep.single_row_step_ms:.2f} ms "
+              f"({rep.single_row_step_ms / rep.floor_ms:.2f}x floor)")
+    out_path.write_text(json.dumps(rep.to_dict(), indent=1) + "\n")
+    console.print(f"results: {out_path}")

@@ -1,0 +1,225 @@
+"""Speed at a named model shape with random weights (nothing downloaded): the library behind `dlmtrt bench`.
+
+For each policy it runs one whole generation (batch, prompt, answer and steps as asked; greedy, temperature
+0) and reports tokens/s, the median time of a step, rows computed per step and the peak memory; beside
+them, measured in the same process, the device's copy bandwidth and the *weight-read floor*: the time to read
+every weight once at that bandwidth, which no step can beat at batch 1. The step times come from CUDA events
+recorded at every step, so measuring adds no synchronisation to the loop.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+
+from dlmtrt.dtypes import DTYPES
+from dlmtrt.errors import UsageError
+from dlmtrt.models.tiny import DEFAULT_SIZES, shaped_like, tiny_args
+from dlmtrt.models.transformer import DiffusionLM, ModelArgs, rope_inv_freq
+
+SHAPES = ("dream-7b", "llada-8b", "tiny-dream", "tiny-llada")
+
+
+def shape_args(shape: str) -> ModelArgs:
+    if shape not in SHAPES:
+        raise UsageError(f"unknown shape '{shape}'; choose from {', '.join(SHAPES)}")
+    family = shape.split("-")[-1] if shape.startswith("tiny") else shape.split("-")[0]
+    if shape.startswith("tiny"):
+        ids = {"mask": 259, "eos": 256, "pad": 256} if family == "dream" else {"mask": 261, "eos": 257, "pad": 257}
+        return tiny_args(family, 264, ids, **DEFAULT_SIZES)
+    return shaped_like(family)
+
+
+def random_model(args: ModelArgs, device: str, dtype: torch.dtype, seed: int = 0) -> DiffusionLM:
+    """Random weights straight on the device in the target dtype: built on the meta device, allocated once,
+    filled in place (no second copy, no fp32 detour)."""
+    with torch.device("meta"):
+        m = DiffusionLM(args).to(dtype)
+    m = m.to_empty(device=device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if n.endswith("norm.weight") or n.endswith("layernorm.weight"):
+                p.fill_(1.0)
+            elif n.endswith(".bias"):
+                p.normal_(0, 0.02, generator=g)
+            else:
+                p.normal_(0, 0.02, generator=g)
+    m.inv_freq = rope_inv_freq(args, device=device)
+    return m.eval()
+
+
+def copy_bandwidth(device: str, nbytes: int = 2 * 2**30, repeats: int = 20) -> float:
+    """Bytes per second of a device-to-device copy, counting the bytes read and the bytes written (median)."""
+    if not str(device).startswith("cuda"):
+        return float("nan")
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    src.random_()
+    times = []
+    for k in range(repeats + 3):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        torch.cuda.synchronize()
+        if k >= 3:
+            times.append(a.elapsed_time(b) / 1e3)
+    del src, dst
+    return 2 * nbytes / statistics.median(times)
+
+
+@dataclass
+class RunResult:
+    policy: str
+    schedule: str
+    batch: int
+    new_tokens: int
+    steps: int
+    tokens_per_s: float
+    step_ms_median: float
+    rows_per_step: float
+    peak_bytes: int
+    floor_ratio: float  # median step time over the weight-read floor
+
+
+@dataclass
+class BenchReport:
+    shape: str
+    device: str
+    gpu: str | None
+    dtype: str
+    backend: str
+    torch: str
+    params: int
+    weight_bytes: int
+    kv_bytes: int
+    copy_bytes_per_s: float
+    floor_ms: float
+    single_row_step_ms: float | None = None
+    runs: list[RunResult] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _sync(device: str) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def step_ms(backend, B: int, active: int, length: int, repeats: int = 30) -> float:
+    """Median time of one backend step with `active` rows over a canvas of `length` rows, the rest stable."""
+    from dlmtrt.runtime.contract import StepInputs
+    dev = backend.info.device
+    keys, values = backend.new_cache(B, length)
+    ids = torch.randint(0, 200, (B, active), device=dev)
+    pos = torch.arange(length - active, length, device=dev).expand(B, active).contiguous()
+    stable = torch.ones(B, length, dtype=torch.bool, device=dev)
+    stable[:, length - active:] = False
+    am = torch.ones(B, length, dtype=torch.bool, device=dev)
+    s = StepInputs(ids, pos, keys, values, stable, am)
+    times = []
+    for k in range(repeats + 3):
+        t0 = time.perf_counter()
+        if dev.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            backend.step(s)
+            b.record()
+            torch.cuda.synchronize()
+            dt = a.elapsed_time(b)
+        else:
+            backend.step(s)
+            dt = (time.perf_counter() - t0) * 1e3
+        if k >= 3:
+            times.append(dt)
+    return statistics.median(times)
+
+
+def run_policy(backend, family: str, B: int, prompt: int, answer: int, steps: int, policy: str,
+               block_length: int | None, seed: int = 0) -> RunResult:
+    """One whole generation of random prompts; tokens/s over its wall time, per-step times from events."""
+    from dlmtrt.runtime.generate import dream_generate, llada_generate
+    dev = backend.info.device
+    cuda = dev.type == "cuda"
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 250, (B, prompt), generator=g).to(dev)
+    events: list = []
+
+    def mark(i, n):
+        if cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            events.append(e)
+        else:
+            events.append(time.perf_counter())
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    _sync(dev)
+    start = torch.cuda.Event(enable_timing=True) if cuda else None
+    if cuda:
+        start.record()
+    t0 = time.perf_counter()
+    if family == "dream":
+        _, st = dream_generate(backend, ids, max_new_tokens=answer, steps=steps, alg="maskgit_plus", temperature=0.0,
+                               block_length=block_length, policy=policy, on_step=mark)
+    else:
+        _, st = llada_generate(backend, ids, steps=steps, gen_length=answer, block_length=block_length or answer,
+                               policy=policy, on_step=mark)
+    _sync(dev)
+    wall = time.perf_counter() - t0
+    if cuda:
+        marks = [start] + events
+        durs = [a.elapsed_time(b) for a, b in zip(marks[:-1], marks[1:])]
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        marks = [t0] + events
+        durs = [(b - a) * 1e3 for a, b in zip(marks[:-1], marks[1:])]
+        peak = 0
+    schedule = "dream" if family == "dream" and block_length is None else f"blocks of {block_length or answer}"
+    return RunResult(policy, schedule, B, answer, st.steps, B * answer / wall, statistics.median(durs),
+                     st.rows_computed / max(st.steps, 1), peak, float("nan"))
+
+
+def bench(shape: str, *, device: str = "cpu", dtype: str = "float32", backend: str = "torch-graph", batch: int = 1,
+          prompt: int = 512, answer: int = 256, steps: int | None = None, policies=("none", "decode", "dual"),
+          block_length: int | None = 32, seed: int = 0, log=print) -> BenchReport:
+    """Build the shape with random weights on `device`, measure the floor, then every policy."""
+    from dlmtrt.runtime.backends.torch_backend import TorchBackend
+    from dlmtrt.runtime.backends.torch_graph_backend import TorchGraphBackend
+    from dlmtrt.runtime.policies import parse_policy
+
+    args = shape_args(shape)
+    steps = steps or answer
+    if prompt + answer > args.max_position_embeddings:
+        raise UsageError(f"prompt + answer = {prompt + answer} exceeds the shape's {args.max_position_embeddings} "
+                         "positions")
+    for p in policies:
+        parse_policy(p).check(args.family, "low_confidence")
+    log(f"building {shape} ({args.param_count / 1e9:.2f} B parameters) with random {dtype} weights on {device}")
+    model = random_model(args, device, DTYPES[dtype], seed)
+    be = TorchGraphBackend(model) if backend == "torch-graph" else TorchBackend(model)
+    elem = DTYPES[dtype].itemsize
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    L = prompt + answer
+    kv_bytes = 2 * args.num_layers * batch * args.num_kv_heads * L * args.head_dim * elem
+    log("measuring the device copy bandwidth")
+    bw = copy_bandwidth(device)
+    floor_ms = weight_bytes / bw * 1e3 if bw == bw else float("nan")
+    gpu = torch.cuda.get_device_name(device) if str(device).startswith("cuda") else None
+    rep = BenchReport(shape, device, gpu, dtype, be.name, torch.__version__, args.param_count, weight_bytes,
+                      kv_bytes, bw, floor_ms)
+    log("timing a one-active-row step")
+    rep.single_row_step_ms = step_ms(be, batch, 1, L)
+    for p in policies:
+        fam_blocks = block_length if p.split("+")[0].split(":")[0] in ("block", "dual") else None
+        if args.family == "llada":
+            fam_blocks = block_length
+        log(f"running {p}")
+        run_policy(be, args.family, batch, prompt, answer, steps, p, fam_blocks, seed)  # warm-up: captures graphs
+        r = run_policy(be, args.family, batch, prompt, answer, steps, p, fam_blocks, seed)
+        rep.runs.append(replace(r, floor_ratio=r.step_ms_median / floor_ms if floor_ms == floor_ms else float("nan")))
+    return rep
