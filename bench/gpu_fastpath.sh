@@ -10,7 +10,7 @@ python3 bench/gpu_graph_check.py "$OUT/graph_check.json" 2>&1 | tail -n 40
 for b in ${BATCHES:-1 8}; do
   for be in ${BACKENDS:-torch torch-graph}; do
     args=(); for p in ${POLICIES:-none decode dual}; do args+=(--policy "$p"); done
-    python3 -m dlmtrt.cli bench --shape ${SHAPE:-dream-7b} --device cuda --backend "$be" --batch "$b" \
+    python3 cli.py bench --shape ${SHAPE:-dream-7b} --device cuda --backend "$be" --batch "$b" \
       --prompt 512 --answer 256 "${args[@]}" --out "$OUT/bench-${SHAPE:-dream-7b}-$be-b$b.json" 2>&1 \
       | grep -v -E '^\s*$' | tail -n 14
   done

@@ -29,7 +29,3 @@ def main():
 
 for _cmd in (make_tiny_cmd, generate, export_cmd, eval_cmd, compare_cmd, bench_cmd):
     main.add_command(_cmd)
-
-
-if __name__ == "__main__":
-    main()
