@@ -194,11 +194,10 @@ def states(draw):
     valid = (torch.rand(B, L, generator=g) < 0.8) & (i > 0)
     needed = masked & am
     needed_rows = rows_of(needed, shift) & am
-    conf = torch.where(needed, torch.rand(B, L, generator=g), torch.full((B, L), -torch.inf))
     quota = torch.minimum(needed.sum(1), torch.randint(1, 4, (B,), generator=g))
     order = torch.where(torch.arange(L) >= P, torch.rand(B, L, generator=g), torch.full((B, L), -torch.inf))
-    return DecodeState(i, draw(st.integers(0, i)), needed_rows, quota, valid, am, decoded_at, computed_at, conf,
-                       needed, (P, L), shift, order)
+    return DecodeState(i, draw(st.integers(0, i)), needed_rows, quota, valid, am, decoded_at, computed_at, needed,
+                       (P, L), shift, order)
 
 
 POLICY_OBJECTS = [NoCache(), DKVDecode(3), DKVDecode(2, "right"), DKVDecode(4, "un_right"), DKVPrefill(),

@@ -92,8 +92,8 @@ def test_llada_block_order_with_spy(backends):
     snapshots = []
     orig = rule.commit
 
-    def commit(i, x_, needed, logits, computed=None, rows=None):
-        new = orig(i, x_, needed, logits, computed, rows)
+    def commit(i, x_, preds, rows):
+        new = orig(i, x_, preds, rows)
         snapshots.append(new.clone())
         return new
     rule.commit = commit

@@ -14,7 +14,7 @@ from typing import Callable, Protocol
 import torch
 from torch import Tensor
 
-from .policies import NEVER, DecodePlan, DecodeState, parse_policy, positions_of, rows_of
+from .policies import NEVER, DecodePlan, DecodeState, parse_policy, rows_of
 from .contract import StepBackend, StepInputs, StepOutputs
 
 
@@ -64,15 +64,17 @@ class Rule(Protocol):
 
     def quota(self, i: int, needed: Tensor) -> Tensor: ...
 
-    def commit(self, i: int, x: Tensor, needed: Tensor, logits: Tensor, computed: Tensor | None = None,
-               rows: Tensor | None = None) -> Tensor: ...
+    @property
+    def max_needed(self) -> int: ...  # the most positions one sequence can want at a step
+
+    def commit(self, i: int, x: Tensor, preds: "Predictions", rows: Tensor) -> Tensor: ...
 
 
-def pack_rows(active: Tensor) -> Tensor:
+def pack_rows(active: Tensor, A: int | None = None) -> Tensor:
     """Canvas slots of the active rows, [B, A] ascending; shorter rows repeat their last slot (an idempotent
-    rewrite of the same row) so the batch stays rectangular."""
+    rewrite of the same row) so the batch stays rectangular. `A` is the largest count, when known."""
     counts = active.sum(1)
-    A = int(counts.max())
+    A = int(counts.max()) if A is None else A
     order = torch.argsort((~active).to(torch.int8), dim=1, stable=True)[:, :A]
     last = order.gather(1, (counts - 1).clamp_min(0)[:, None])
     pad = torch.arange(A, device=active.device)[None] >= counts[:, None]
@@ -84,11 +86,52 @@ def source_rows(positions: Tensor, shift: bool) -> Tensor:
     return (positions - 1).clamp_min(0) if shift else positions
 
 
+@dataclass
+class Predictions:
+    """The step's predictions for the positions the rule wants, in a fixed shape: candidate rows [B, R]
+    (R bounded by what the rule can want), the logits of each [B, R, V], the position each predicts, and
+    which candidates are real (`ok`). `index` says which active row each candidate is. Nothing here reads
+    the device back, so a step can queue its whole commit behind the backend's work."""
+
+    logits: Tensor  # [B, R, V]
+    pos: Tensor  # [B, R] predicted positions (valid where ok)
+    ok: Tensor  # [B, R] bool
+    index: Tensor  # [B, R] index into the step's active rows
+    needed: Tensor  # [B, L] positions the rule wanted this step
+
+    def full(self, values: Tensor, fill, missing=None) -> Tensor:
+        """[B, L] with `values` [B, R] at the predicted positions, `missing` at needed positions nobody
+        predicted (a cache kept their row stable), `fill` elsewhere."""
+        B, L = self.needed.shape
+        idx = torch.where(self.ok, self.pos, L)
+        out = torch.full((B, L + 1), fill, dtype=values.dtype, device=values.device).scatter(1, idx, values)[:, :L]
+        if missing is not None:
+            covered = torch.zeros(B, L + 1, dtype=torch.bool, device=idx.device).scatter(1, idx, True)[:, :L]
+            out = torch.where(self.needed & ~covered, torch.full_like(out, missing), out)
+        return out
+
+    @property
+    def computed(self) -> Tensor:
+        """[B, L] needed positions whose prediction was computed."""
+        B, L = self.needed.shape
+        idx = torch.where(self.ok, self.pos, L)
+        return torch.zeros(B, L + 1, dtype=torch.bool, device=idx.device).scatter(1, idx, True)[:, :L]
+
+    def flat(self) -> Tensor:
+        """Logits of the computed positions in row-major position order [N, V] (reads the count back)."""
+        return self.logits[self.ok]
+
+
 class DecodeSession:
     """One generation (a batch of sequences that decode together): the canvas, the K/V cache it owns, the
     rule with its schedule state, the policy's per-generation memory and the statistics. Policies are
     stateless, so one `DecodePlan` serves any number of sessions at once; a server advances many sessions
     one `step()` at a time.
+
+    A step reads the device back once: the number of active rows (which also says whether anything is left),
+    because the backend's shapes depend on it. Everything after the backend is queued without waiting, except
+    for the schedules that draw a random number per masked token (Dream's `origin` and sampling, LLaDA's
+    per-step random order), which follow upstream's draws and read the count back.
 
     `plan` picks the rows each step recomputes and whether parallel decoding and early commit apply. With
     `cfg_scale` > 0 (LLaDA's unsupervised classifier-free guidance) every step also runs an unconditional copy
@@ -114,13 +157,19 @@ class DecodeSession:
         self.valid = torch.zeros(B, L, dtype=torch.bool, device=dev)
         self.decoded_at = torch.where(self.answer, NEVER, -1)
         self.computed_at = torch.full((B, L), -1, dtype=torch.long, device=dev)
-        self.confidence = torch.full((B, L), -torch.inf, device=dev)
         self.memory: dict = {}
         self.i = 0
+        self.finished = self.stats.new_tokens == 0
+        self._seq_fwd = torch.zeros((), dtype=torch.long, device=dev)  # device-side counters, read at the end
+        self._early = torch.zeros((), dtype=torch.long, device=dev)
+        if hasattr(rule, "lockstep"):  # blocks end on schedule unless something can finish them early
+            rule.lockstep = plan.early is None and getattr(rule, "parallel", None) is None
+        # upstream breaks the -inf/NaN ties of uncomputed positions with torch.topk: keep its exact path then
+        rule.exact_ties = getattr(plan.cache, "skips_needed_rows", False)
 
     @property
     def done(self) -> bool:
-        return self.i >= self.rule.num_steps or not (self.x == self.info.mask_token_id).any()
+        return self.finished or self.i >= self.rule.num_steps
 
     def step(self) -> None:
         """One denoising step: plan the rows, run the backend, commit tokens, keep the cache."""
@@ -130,55 +179,73 @@ class DecodeSession:
         dev = x.device
         mask_index = x == info.mask_token_id
         needed = rule.needed(i, mask_index)
-        needed_rows = rows_of(needed, shift)
-        state = DecodeState(i, rule.block_step(i), needed_rows, rule.quota(i, needed), self.valid, self.am,
-                            self.decoded_at, self.computed_at, self.confidence, needed,
-                            rule.block(i) or (self.answer_start, L), shift, getattr(rule, "scores", None), self.memory)
+        state = DecodeState(i, rule.block_step(i), rows_of(needed, shift), rule.quota(i, needed), self.valid, self.am,
+                            self.decoded_at, self.computed_at, needed, rule.block(i) or (self.answer_start, L), shift,
+                            getattr(rule, "scores", None), self.memory)
         active, stable = plan.cache.plan(state)
         running = mask_index.any(1)
         active = active & running[:, None]  # a finished sequence computes nothing (its rows stay valid)
-        pos = pack_rows(active)
+        counts = active.sum(1)
+        A = int(counts.max())  # the step's one read-back: the backend's shapes depend on it
+        if A == 0:
+            self.finished = True
+            return
+        pos = pack_rows(active, A)
         known = stable | (active & self.valid)  # active rows with a valid past: kv_drift is measured against it
         x_in = x
         if cfg:
             x_in = torch.cat([x, torch.where(self.prompt_index, torch.full_like(x, info.mask_token_id), x)])
-            pos, known = torch.cat([pos, pos]), torch.cat([known, known])
-        out: StepOutputs = self.backend.step(StepInputs(x_in.gather(1, pos), pos, self.keys, self.values, known,
-                                                        self.am_in))
+            pos_in, known_in = torch.cat([pos, pos]), torch.cat([known, known])
+        else:
+            pos_in, known_in = pos, known
+        out: StepOutputs = self.backend.step(StepInputs(x_in.gather(1, pos_in), pos_in, self.keys, self.values,
+                                                        known_in, self.am_in))
         self.keys, self.values = out.present_keys, out.present_values
         self.valid = out.present_valid[:B]
-        slot = torch.full((pos.shape[0], L), -1, dtype=torch.long, device=dev)
-        slot.scatter_(1, pos, torch.arange(pos.shape[1], device=dev).expand_as(pos))
         logits = out.logits
         if cfg:
             cond, uncond = logits.chunk(2)
             logits = uncond + (self.cfg_scale + 1) * (cond - uncond)
-        computed = needed & positions_of(active, shift)
-        b_idx, p_idx = computed.nonzero(as_tuple=True)
-        pred = logits[b_idx, slot[:B][b_idx, source_rows(p_idx, shift)]]
-        probs = torch.softmax(pred.float(), dim=-1)
-        self.confidence = self.confidence.clone()
-        self.confidence[b_idx, p_idx] = probs.max(-1).values
-        new_x = rule.commit(i, x, needed, pred, computed, pos[:B])
+        preds = self._predictions(logits, pos, counts, needed, A)
+        new_x = rule.commit(i, x, preds, pos)
         if plan.early is not None:
-            new_x = _early_commit(plan.early, new_x, needed, computed, probs, self.answer, info.mask_token_id,
-                                  self.stats)
+            new_x = _early_commit(plan.early, new_x, preds, self.answer, info.mask_token_id, self)
         committed = (new_x != info.mask_token_id) & mask_index
         self.decoded_at = torch.where(committed, i, self.decoded_at)
         self.computed_at = torch.where(active, i, self.computed_at)
         if hasattr(plan.cache, "observe"):
-            drift = torch.zeros(B, L, device=dev).scatter(1, pos[:B], out.kv_drift[:B].float())
-            plan.cache.observe(self.memory, active, drift, known[:B], committed)
+            drift = torch.zeros(B, L, device=dev).scatter(1, pos, out.kv_drift[:B].float())
+            plan.cache.observe(self.memory, active, drift, known, committed)
         self.x = new_x
-        n_rows = pos.shape[0] * pos.shape[1]
+        n_rows = pos_in.shape[0] * A
         st = self.stats
         st.steps += 1
         st.forward_passes += 1
-        st.seq_forward_passes += int(running.sum())
+        self._seq_fwd += running.sum()
         st.rows_computed += n_rows
-        st.rows_full += pos.shape[0] * L
+        st.rows_full += pos_in.shape[0] * L
         st.per_step_rows.append(n_rows)
         self.i += 1
+
+    def _predictions(self, logits: Tensor, pos: Tensor, counts: Tensor, needed: Tensor, A: int) -> Predictions:
+        """The candidate rows: active rows whose predicted position the rule wants, at most as many as it can
+        want (`rule.max_needed`), gathered in position order."""
+        B, L = needed.shape
+        shift = self.info.logits_shift
+        pred_pos = pos + 1 if shift else pos  # Dream: row p predicts p + 1 (row 0's own position is never masked)
+        in_canvas = pred_pos < L
+        pp = pred_pos.clamp_max(L - 1)
+        first = torch.arange(A, device=pos.device)[None] < counts[:, None]  # padding repeats the last row
+        ok = in_canvas & first & needed.gather(1, pp)
+        R = min(A, self.rule.max_needed)
+        cand = torch.sort((~ok).to(torch.int8), dim=1, stable=True).indices[:, :R]
+        return Predictions(logits.gather(1, cand[..., None].expand(-1, -1, logits.shape[-1])), pp.gather(1, cand),
+                           ok.gather(1, cand), cand, needed)
+
+    def finish(self) -> GenerationStats:
+        self.stats.seq_forward_passes = int(self._seq_fwd)
+        self.stats.early_committed = int(self._early)
+        return self.stats
 
 
 def denoise(backend: StepBackend, x: Tensor, attention_mask: Tensor, rule: Rule, *,
@@ -190,29 +257,28 @@ def denoise(backend: StepBackend, x: Tensor, attention_mask: Tensor, rule: Rule,
                             prompt_index=prompt_index)
     t0 = time.perf_counter()
     while not session.done:
+        i = session.i
         session.step()
-        if on_step is not None:
+        if on_step is not None and session.i > i:
             on_step(session.i, max(session.i, rule.num_steps))
     if x.device.type == "cuda":
         torch.cuda.synchronize(x.device)
-    session.stats.wall_s = time.perf_counter() - t0
-    return session.x, session.stats
+    stats = session.finish()
+    stats.wall_s = time.perf_counter() - t0
+    return session.x, stats
 
 
-def _early_commit(early, x: Tensor, needed: Tensor, computed: Tensor, probs: Tensor, answer: Tensor,
-                  mask_id: int, stats: GenerationStats) -> Tensor:
+def _early_commit(early, x: Tensor, preds: Predictions, answer: Tensor, mask_id: int, session) -> Tensor:
     """Commit every still-masked needed position of the sequences whose top-2 gap is large everywhere."""
-    if probs.shape[0] == 0:
-        return x
+    probs = torch.softmax(preds.logits.float(), dim=-1)
     top2 = probs.topk(2, dim=-1).values if probs.shape[-1] > 1 else torch.cat([probs, 0 * probs], -1)
-    gap = torch.full(x.shape, -1.0, device=x.device)
-    gap[computed] = top2[:, 0] - top2[:, 1]
-    argmax = torch.full_like(x, mask_id)
-    argmax[computed] = probs.argmax(-1)
+    gap = preds.full(top2[..., 0] - top2[..., 1], -1.0)
+    argmax = preds.full(probs.argmax(-1), mask_id)
+    computed = preds.computed
     progress = 1 - (x == mask_id).logical_and(answer).sum(1).float() / answer.sum(1).clamp_min(1)
-    rest = needed & (x == mask_id)
+    rest = preds.needed & (x == mask_id)
     gap_ok = torch.where(rest, gap >= early.thresholds(progress)[:, None], True).all(1)
     fire = rest.any(1) & ~(rest & ~computed).any(1) & gap_ok
     take = rest & fire[:, None]
-    stats.early_committed += int(take.sum())
+    session._early += take.sum()
     return torch.where(take, argmax, x)

@@ -39,7 +39,6 @@ class DecodeState:
     attention_mask: Tensor
     decoded_at: Tensor  # step whose commit decoded the row's input token; -1 prompt; NEVER still masked
     computed_at: Tensor  # last step the row was recomputed; -1 never
-    confidence: Tensor  # per position: last known top-1 probability; -inf where never predicted
     masked: Tensor  # positions still masked that the rule wants predictions for
     block: tuple[int, int]  # [start, end) canvas positions of the rule's current block
     shift: bool  # Dream's logits shift: row p-1 predicts position p
@@ -127,6 +126,11 @@ class DKVDecode:
     def __post_init__(self):
         _check_steps(self.name, self.cache_steps)
         _check_shift(self.name, self.shift)
+
+    @property
+    def skips_needed_rows(self) -> bool:
+        """`right` caches rows whose logits a masked position still needs (upstream then fills -inf)."""
+        return self.shift == "right"
 
     def plan(self, s: DecodeState) -> tuple[Tensor, Tensor]:
         if not s.shift:

@@ -61,3 +61,10 @@ def add_gumbel_noise(logits: Tensor, temperature: float) -> Tensor:
     logits = logits.to(torch.float64)
     noise = torch.rand_like(logits, dtype=torch.float64)
     return logits.exp() / (-torch.log(noise)) ** temperature
+
+
+def top_n(conf: Tensor, n: Tensor) -> Tensor:
+    """[B, L] bool: per row the `n[b]` largest entries (NaN counts as largest, as torch.topk has it)."""
+    order = torch.sort(conf, dim=1, descending=True, stable=True).indices
+    rank_ok = torch.arange(conf.shape[1], device=conf.device)[None] < n[:, None]
+    return torch.zeros_like(rank_ok).scatter(1, order, rank_ok)

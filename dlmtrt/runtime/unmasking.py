@@ -19,7 +19,7 @@ from torch import Tensor
 from dlmtrt.errors import UsageError
 
 from .params import DreamParams, LLaDAParams
-from .sampling import add_gumbel_noise, sample_tokens
+from .sampling import add_gumbel_noise, sample_tokens, top_n
 
 
 class BlockCursor:
@@ -37,11 +37,19 @@ class BlockCursor:
         start = self.prompt_length + self.blk * self.block_length
         return start, start + self.block_length
 
-    def advance(self, i: int, mask_index: Tensor) -> bool:
-        """Move to the first block that still has masks; True when step i starts a block."""
+    def advance(self, i: int, mask_index: Tensor, lockstep: bool = False) -> bool:
+        """Move to the first block that still has masks; True when step i starts a block. In `lockstep` (no
+        parallel decoding or early commit) every block takes exactly its steps, so the block follows from i
+        without reading the canvas back."""
         if i == 0:
             self.blk, self.start = 0, 0
             return True
+        if lockstep:
+            blk = min(i // self.steps_per_block, self.num_blocks - 1)
+            entered = blk != self.blk
+            if entered:
+                self.blk, self.start = blk, i
+            return entered
         entered = False
         start, end = self.range()
         while self.blk < self.num_blocks - 1 and not mask_index[:, start:end].any():
@@ -57,6 +65,7 @@ class Blockwise:
     """What a block-wise rule answers from its `cursor` (and `parallel`, `steps_per_block`)."""
 
     cursor: BlockCursor
+    lockstep = False  # the decode session sets it when nothing can end a block before its steps are done
 
     def block(self, i: int) -> tuple[int, int]:
         return self.cursor.range()
@@ -84,6 +93,7 @@ class DreamRule:
     mask_token_id: int
     p: DreamParams
     parallel: float | None = None  # confidence threshold, or None
+    exact_ties: bool = False  # set by the decode session when a policy leaves needed rows uncomputed
 
     def __post_init__(self):
         p = self.p.validate()
@@ -124,15 +134,32 @@ class DreamRule:
         t, s = self.timesteps[i], self.timesteps[i + 1]
         return (num_mask * (1 - s / t)).long()
 
-    def commit(self, i: int, x: Tensor, needed: Tensor, logits: Tensor, computed: Tensor | None = None,
-               rows: Tensor | None = None) -> Tensor:
-        """`logits` [N, V] are the predictions at the `computed` positions (default: all `needed`) in
-        row-major order; returns the new canvas. Needed positions that were not computed get -inf logits,
-        as upstream's dKV-Cache fills them."""
-        computed = needed if computed is None else computed
+    @property
+    def max_needed(self) -> int:
+        return self.p.max_new_tokens
+
+    @property
+    def deterministic(self) -> bool:
+        """Greedy by confidence: commits without reading the device back (the other forms follow upstream's
+        random draws, whose number depends on how many positions are masked)."""
+        return self.sampling["temperature"] == 0 and self.alg != "origin" and not self.alg_temp and \
+            self.parallel is None and not self.exact_ties
+
+    def commit(self, i: int, x: Tensor, preds, rows: Tensor) -> Tensor:
+        """The new canvas from the step's predictions (`decode.Predictions`). Needed positions whose predicting
+        row stayed cached get -inf logits, as upstream's dKV-Cache fills them."""
+        needed = preds.needed
+        kw = self.sampling
+        if self.deterministic:
+            B = x.shape[0]
+            conf, x0 = sample_tokens(preds.logits.flatten(0, 1), margin_confidence=self.alg == "topk_margin",
+                                     neg_entropy=self.alg == "entropy", **kw)
+            full_conf = preds.full(conf.view(B, -1), -torch.inf, missing=torch.nan)
+            take = top_n(full_conf, self.quota(i, needed)) & needed
+            return torch.where(take, preds.full(x0.view(B, -1), -1, missing=0), x)
+        computed, logits = preds.computed, preds.flat()
         if not torch.equal(computed, needed):
             logits = _fill_missing(needed, computed, logits)
-        kw = self.sampling
         if self.parallel is not None:
             return self._commit_parallel(i, x, needed, logits, kw)
         t, s = self.timesteps[i], self.timesteps[i + 1]
@@ -236,6 +263,7 @@ class DreamBlockRule(Blockwise):
     p: DreamParams
     prompt_length: int
     parallel: float | None = None
+    exact_ties: bool = False
 
     def __post_init__(self):
         p = self.p.validate()
@@ -254,7 +282,7 @@ class DreamBlockRule(Blockwise):
         return self.steps if self.parallel is None else self.p.max_new_tokens + self.cursor.num_blocks
 
     def needed(self, i: int, mask_index: Tensor) -> Tensor:
-        self.cursor.advance(i, mask_index)
+        self.cursor.advance(i, mask_index, self.lockstep)
         start, end = self.cursor.range()
         needed = torch.zeros_like(mask_index)
         if i == self.cursor.start:
@@ -273,12 +301,28 @@ class DreamBlockRule(Blockwise):
         t, s = self.timesteps[k], self.timesteps[k + 1]
         return (num_mask * (1 - s / t)).long()
 
-    def commit(self, i: int, x: Tensor, needed: Tensor, logits: Tensor, computed: Tensor | None = None,
-               rows: Tensor | None = None) -> Tensor:
-        computed = needed if computed is None else computed
+    @property
+    def max_needed(self) -> int:
+        return self.p.block_length
+
+    def commit(self, i: int, x: Tensor, preds, rows: Tensor) -> Tensor:
+        needed, kw = preds.needed, self.sampling
+        if kw["temperature"] == 0 and not self.alg_temp and not self.exact_ties:  # fixed shapes, no read-back
+            B = x.shape[0]
+            plain = self.block_step(i) == 0 or self.parallel is not None
+            conf, x0 = sample_tokens(preds.logits.flatten(0, 1), margin_confidence=not plain and self.alg == "topk_margin",
+                                     neg_entropy=not plain and self.alg == "entropy", **kw)
+            full_x0 = preds.full(x0.view(B, -1), -1, missing=0)
+            if self.block_step(i) == 0:
+                return torch.where(needed, full_x0, x)
+            full_conf = preds.full(conf.view(B, -1), -torch.inf, missing=torch.nan)
+            if self.parallel is not None:
+                return commit_above_full(x, needed, full_x0, full_conf, self.parallel)
+            take = top_n(full_conf, self.quota(i, needed)) & needed
+            return torch.where(take, full_x0, x)
+        computed, logits = preds.computed, preds.flat()
         if not torch.equal(computed, needed):
             logits = _fill_missing(needed, computed, logits)
-        kw = self.sampling
         if self.block_step(i) == 0:
             _, x0 = sample_tokens(logits, **kw)
             x = x.clone()
@@ -290,6 +334,14 @@ class DreamBlockRule(Blockwise):
         confidence, x0 = sample_tokens(logits, margin_confidence=self.alg == "topk_margin",
                                        neg_entropy=self.alg == "entropy", **kw)
         return _commit_top(x, needed, x0, confidence, self.quota(i, needed), self.alg_temp, logits.dtype)
+
+
+def commit_above_full(x: Tensor, computed: Tensor, x0: Tensor, conf: Tensor, threshold: float) -> Tensor:
+    """`commit_above` on full [B, L] confidences and tokens (-inf where not computed), without read-back."""
+    take = (conf >= threshold) & computed
+    best = torch.zeros_like(take).scatter(1, conf.argmax(1, keepdim=True), True)
+    take |= best & computed.any(1, keepdim=True)
+    return torch.where(take & computed, x0, x)
 
 
 def commit_above(x: Tensor, computed: Tensor, x0: Tensor, confidence: Tensor, threshold: float) -> Tensor:
@@ -326,6 +378,7 @@ class LLaDARule(Blockwise):
     prompt_length: int
     parallel: float | None = None
     order: str = "step"
+    exact_ties: bool = False
     scores: Tensor | None = field(default=None, init=False)  # order='block': this block's commit order
 
     def __post_init__(self):
@@ -343,7 +396,7 @@ class LLaDARule(Blockwise):
 
     def needed(self, i: int, mask_index: Tensor) -> Tensor:
         """Masked positions of the current block: the first block that still has masks."""
-        entered = self.cursor.advance(i, mask_index)
+        entered = self.cursor.advance(i, mask_index, self.lockstep)
         start, end = self.cursor.range()
         if entered:
             self._transfer = num_transfer_tokens(mask_index[:, start:end], self.steps_per_block)
@@ -364,11 +417,33 @@ class LLaDARule(Blockwise):
             return needed.sum(1)
         return self._transfer[:, k]
 
-    def commit(self, i: int, x: Tensor, needed: Tensor, logits: Tensor, computed: Tensor | None = None,
-               rows: Tensor | None = None) -> Tensor:
-        """`rows` [B, A]: the canvas rows this step computed, in the order the random draw follows. A needed
-        position that was not computed is never committed (upstream gives it -inf confidence)."""
-        computed = needed if computed is None else computed
+    @property
+    def max_needed(self) -> int:
+        return self.p.block_length
+
+    def commit(self, i: int, x: Tensor, preds, rows: Tensor) -> Tensor:
+        """`rows` [B, A]: the canvas rows this step computed, in the order upstream's random draw follows. A
+        needed position that was not computed is never committed (upstream gives it -inf confidence)."""
+        needed = preds.needed
+        if self.temperature == 0:  # argmax tokens: fixed shapes, no read-back
+            B = x.shape[0]
+            x0 = torch.argmax(preds.logits, dim=-1)
+            computed = preds.computed
+            full_x0 = preds.full(x0, -1)
+            if self.remasking == "low_confidence":
+                p = torch.gather(F.softmax(preds.logits.to(torch.float64), dim=-1), -1, x0[..., None]).squeeze(-1)
+                conf = preds.full(p, -torch.inf)
+            elif self.order == "block":
+                conf = torch.where(needed, self.scores, torch.full_like(self.scores, -torch.inf))
+            else:
+                r = torch.rand(rows.shape, device=x.device)  # upstream: one draw per computed row
+                conf = preds.full(r.gather(1, preds.index), -torch.inf)
+            if self.parallel is not None:
+                return commit_above_full(x, computed, full_x0, torch.where(computed, conf, -torch.inf),
+                                         self.parallel)
+            take = top_n(conf, self.quota(i, needed).expand(B)) & computed
+            return torch.where(take, full_x0, x)
+        computed, logits = preds.computed, preds.flat()
         x0 = torch.argmax(add_gumbel_noise(logits, self.temperature), dim=-1)
         if self.remasking == "low_confidence":
             p = F.softmax(logits.to(torch.float64), dim=-1)
@@ -377,7 +452,6 @@ class LLaDARule(Blockwise):
         elif self.order == "block":
             conf = torch.where(computed, self.scores, torch.full_like(self.scores, -torch.inf))
         else:
-            rows = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1) if rows is None else rows
             r = torch.rand(rows.shape, device=x.device)
             conf = torch.full(x.shape, -torch.inf, device=x.device).scatter(1, rows, r)
             conf = torch.where(computed, conf, torch.full_like(conf, -torch.inf))
@@ -387,22 +461,11 @@ class LLaDARule(Blockwise):
             return commit_above(x, computed, cand[computed], conf[computed], self.parallel)
         if self.order == "block":  # commit in the drawn order, whether or not the row was computed
             conf = torch.where(needed, self.scores, torch.full_like(self.scores, -torch.inf))
-        quota = self.quota(i, needed)
-        transfer = torch.zeros_like(needed)
-        for j in range(x.shape[0]):
-            k = min(int(quota[j]), int((conf[j] > -torch.inf).sum()))
-            _, sel = torch.topk(conf[j], k=k)
-            transfer[j, sel] = True
-        transfer &= computed
-        x = x.clone()
-        x[transfer] = cand[transfer]
-        return x
+        take = top_n(conf, self.quota(i, needed).expand(x.shape[0])) & computed
+        return torch.where(take, cand, x)
 
 
 def num_transfer_tokens(block_mask: Tensor, steps: int) -> Tensor:
     """[B, steps] tokens to commit per step: an equal share of the block's masks, remainder first (LLaDA)."""
     n = block_mask.sum(dim=1, keepdim=True)
-    out = torch.zeros(block_mask.size(0), steps, dtype=torch.int64, device=block_mask.device) + n // steps
-    for j in range(block_mask.size(0)):
-        out[j, : int(n[j, 0] % steps)] += 1
-    return out
+    return n // steps + (torch.arange(steps, device=block_mask.device)[None] < n % steps).long()
