@@ -6,12 +6,14 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-out/gpu}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-python3 bench/gpu_graph_check.py "$OUT/graph_check.json" 2>&1 | tail -n 40
+[ -n "${SKIP_CHECK:-}" ] || PYTHONPATH=. python3 bench/gpu_graph_check.py "$OUT/graph_check.json" 2>&1 | tail -n 45
+# configurations: backend[:compile]
 for b in ${BATCHES:-1 8}; do
-  for be in ${BACKENDS:-torch torch-graph}; do
+  for cfg in ${CONFIGS:-torch-graph:compile torch-graph torch}; do
+    be=${cfg%%:*}; extra=(); [ "$cfg" != "${cfg%:compile}" ] && extra=(--compile)
     args=(); for p in ${POLICIES:-none decode dual}; do args+=(--policy "$p"); done
-    python3 cli.py bench --shape ${SHAPE:-dream-7b} --device cuda --backend "$be" --batch "$b" \
-      --prompt 512 --answer 256 "${args[@]}" --out "$OUT/bench-${SHAPE:-dream-7b}-$be-b$b.json" 2>&1 \
-      | grep -v -E '^\s*$' | tail -n 14
+    python3 cli.py bench --shape ${SHAPE:-dream-7b} --device cuda --backend "$be" "${extra[@]}" --batch "$b" \
+      --prompt 512 --answer 256 "${args[@]}" --out "$OUT/bench-${SHAPE:-dream-7b}-${cfg/:/-}-b$b.json" 2>&1 \
+      | grep -v -E '^\s*$' | tail -n 9
   done
 done

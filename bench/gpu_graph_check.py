@@ -45,5 +45,28 @@ def main(out: str) -> int:
     return 1 if bad else 0
 
 
+
+
+def count_syncs(out: str) -> None:
+    """Device read-backs per step of the loop with the graph backend (torch's sync debug mode warns at each)."""
+    import warnings
+    res = {}
+    for fam, pol in (("dream", "decode"), ("dream", "dual"), ("llada", "decode"), ("llada", "dual+parallel")):
+        be, tok, _ = make_backend("torch-graph", f"tiny-{fam}-tasks", dtype="bfloat16", device="cuda")
+        p = greedy_params(fam, 20, blocks=None if fam == "dream" else 2)
+        generate_text(be, tok, PROMPTS, policy=pol, **p)  # capture first
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            g = generate_text(be, tok, PROMPTS, policy=pol, **p)
+            torch.cuda.set_sync_debug_mode("default")
+        n = sum("synchroniz" in str(x.message) for x in w)
+        res[f"{fam} {pol}"] = {"syncs": n, "steps": g.stats.steps, "per_step": n / g.stats.steps}
+        print(f"syncs {fam} {pol}: {n} over {g.stats.steps} steps ({n / g.stats.steps:.2f} per step)")
+    json.dump(res, open(out, "w"), indent=1)
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else "graph_check.json"))
+    path = sys.argv[1] if len(sys.argv) > 1 else "graph_check.json"
+    count_syncs(path.replace(".json", "-syncs.json"))
+    sys.exit(main(path))

@@ -56,12 +56,12 @@ def test_llada_greedy_and_sampling_paths_too(pairs):
 
 
 def test_buckets_and_in_place_cache(pairs):
-    assert buckets_for(768) == [8, 16, 32, 64, 128, 256, 512, 768]
-    assert buckets_for(5) == [5] and buckets_for(8) == [8]
+    assert buckets_for(768) == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 768]
+    assert buckets_for(768, 8)[0] == 8 and buckets_for(5) == [1, 2, 4, 5]
     _, fast, _ = pairs["dream"]
     keys, values = fast.new_cache(2, 24)
     assert all(k.data_ptr() == fast.kv[i, 0].data_ptr() for i, k in enumerate(keys))
-    assert fast._bucket(1, 24) == 8 and fast._bucket(9, 24) == 16 and fast._bucket(17, 24) == 24
+    assert fast._bucket(1, 24) == 1 and fast._bucket(9, 24) == 16 and fast._bucket(17, 24) == 24
     with pytest.raises(ValueError, match="its own new_cache"):
         from dlmtrt.runtime.contract import StepInputs
         other = [torch.zeros_like(k) for k in keys]

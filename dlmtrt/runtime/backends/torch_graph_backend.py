@@ -11,6 +11,8 @@ same static-buffer, bucketed, in-place path runs without capture, so it is teste
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -20,13 +22,13 @@ from dlmtrt.models.transformer import DiffusionLM
 from ..contract import ModelInfo, StepInputs, StepOutputs
 
 
-def gqa_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor) -> Tensor:
-    """`models.transformer.cached_attention` without materialising the grouped K/V heads."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :],
-                                          enable_gqa=q.shape[1] != k.shape[1])
+def gqa_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, gqa: bool = False) -> Tensor:
+    """`models.transformer.cached_attention` without materialising the grouped K/V heads (`gqa` is fixed per
+    model, so a compiled graph does not depend on it)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :], enable_gqa=gqa)
 
 
-def buckets_for(length: int, smallest: int = 8) -> list[int]:
+def buckets_for(length: int, smallest: int = 1) -> list[int]:
     """Row buckets for a canvas of `length` rows: powers of two from `smallest`, then the whole canvas."""
     out, b = [], smallest
     while b < length:
@@ -38,7 +40,8 @@ def buckets_for(length: int, smallest: int = 8) -> list[int]:
 class TorchGraphBackend:
     name = "torch-graph"
 
-    def __init__(self, model: DiffusionLM, *, graphs: bool | None = None, smallest_bucket: int = 8):
+    def __init__(self, model: DiffusionLM, *, graphs: bool | None = None, smallest_bucket: int = 1,
+                 compile: bool = False):
         self.model = model.eval()
         a = model.args
         w = model.lm_head.weight
@@ -46,8 +49,9 @@ class TorchGraphBackend:
                               head_dim=a.head_dim, vocab_size=a.vocab_size, mask_token_id=a.mask_token_id,
                               eos_token_id=a.eos_token_id, pad_token_id=a.pad_token_id, logits_shift=a.logits_shift,
                               dtype=w.dtype, device=w.device)
+        attend = functools.partial(gqa_attention, gqa=a.num_heads != a.num_kv_heads)
         for layer in model.model.layers:
-            layer.self_attn.attend = gqa_attention
+            layer.self_attn.attend = attend
         self.graphs = (w.device.type == "cuda") if graphs is None else graphs
         if self.graphs and w.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device")
@@ -57,6 +61,9 @@ class TorchGraphBackend:
         self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
         self.captures = 0
         self.replays = 0
+        self._fn = self._eager
+        if compile:  # fuses the step's many small element-wise kernels; one graph for every bucket (dynamic rows)
+            self._fn = torch.compile(self._eager, fullgraph=True, dynamic=True)
 
     def new_cache(self, batch: int, length: int):
         """Views into one zeroed buffer [layers, 2, B, Hkv, L, D]; steps write into it in place."""
@@ -74,10 +81,13 @@ class TorchGraphBackend:
     def _bucket(self, active: int, length: int) -> int:
         return next(b for b in buckets_for(length, self.smallest) if b >= active)
 
+    def _eager(self, ids, pos, keys, values, stable, am):
+        logits, _, _, valid, drift = self.model(ids, pos, keys, values, stable, am, inplace=True)
+        return logits, valid, drift
+
     def _forward(self, st: dict) -> None:
-        logits, _, _, valid, drift = self.model(st["ids"], st["pos"], st["keys"], st["values"], st["stable"],
-                                                st["am"], inplace=True)
-        st["logits"], st["valid"], st["drift"] = logits, valid, drift
+        st["logits"], st["valid"], st["drift"] = self._fn(st["ids"], st["pos"], st["keys"], st["values"],
+                                                          st["stable"], st["am"])
 
     def _static_for(self, B: int, A: int, L: int) -> dict:
         key = (B, A, L)
