@@ -82,3 +82,53 @@ def test_bench_runs_at_tiny_shape(tmp_path, monkeypatch, shape):
     assert by["none"]["rows_per_step"] == 32 and by["decode"]["rows_per_step"] < 32 and by["dual"]["rows_per_step"] < 32
     assert all(run["steps"] == 16 and run["tokens_per_s"] > 0 for run in rep["runs"])
     assert rep["params"] > 0 and rep["weight_bytes"] > 0 and rep["single_row_step_ms"] > 0
+
+
+def test_fused_projections_and_selected_logit_rows_match_the_plain_step():
+    """q|k|v and gate|up fused, the head on chosen rows only, drift skipped: the same numbers as the plain
+    model's step (fp32, 1e-5), and the fused model's weights are the unfused ones (no extra copy kept)."""
+    from dlmtrt.evals.speed import random_model, shape_args
+    from dlmtrt.runtime.contract import StepInputs
+    from dlmtrt.runtime.backends.torch_backend import TorchBackend
+    for shape in ("tiny-dream", "tiny-llada"):
+        plain = random_model(shape_args(shape), "cpu", torch.float32, seed=1)
+        fused = random_model(shape_args(shape), "cpu", torch.float32, seed=1)
+        n_before = sum(p.numel() for p in fused.parameters())
+        fast = TorchGraphBackend(fused)
+        assert sum(p.numel() for p in fused.parameters()) == n_before
+        assert fused.model.layers[0].self_attn.qkv_proj is not None and not hasattr(fused.model.layers[0].mlp, "up_proj")
+        ref = TorchBackend(plain)
+        B, L, A = 2, 20, 6
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, 250, (B, A), generator=g)
+        pos = torch.stack([torch.randperm(L, generator=g)[:A].sort().values for _ in range(B)])
+        stable = torch.rand(B, L, generator=g) < 0.5
+        am = torch.ones(B, L, dtype=torch.bool)
+        am[1, :3] = False
+        rows = torch.tensor([[5, 0, 2], [1, 1, 4]])
+        kr, vr = ref.new_cache(B, L)
+        kf, vf = fast.new_cache(B, L)
+        for k, v, k2, v2 in zip(kr, vr, kf, vf):
+            k.normal_(generator=g), v.normal_(generator=g)
+            k2.copy_(k), v2.copy_(v)
+        a = ref.step(StepInputs(ids, pos, kr, vr, stable, am))
+        b = fast.step(StepInputs(ids, pos, kf, vf, stable, am, logit_rows=rows, need_drift=False))
+        want = a.logits.gather(1, rows[..., None].expand(-1, -1, a.logits.shape[-1]))
+        assert b.logits.shape == want.shape
+        assert ((b.logits - want).norm() / want.norm()) < 1e-5
+        for x, y in zip(a.present_keys + a.present_values, b.present_keys + b.present_values):
+            assert ((x - y).norm() / x.norm()) < 1e-5
+        assert torch.equal(a.present_valid, b.present_valid) and not b.kv_drift.any()
+        for k, v, k2, v2 in zip(kr, vr, kf, vf):  # the in-place step overwrote the rows: restore the past
+            k2.copy_(k), v2.copy_(v)
+        c = fast.step(StepInputs(ids, pos, kf, vf, stable, am, logit_rows=rows, need_drift=True))
+        assert torch.allclose(c.kv_drift, a.kv_drift, rtol=1e-5) and c.kv_drift[stable.gather(1, pos)].gt(0).all()
+
+
+def test_graph_backend_with_classifier_free_guidance(pairs):
+    ref, fast, tok = pairs["llada"]
+    from dlmtrt.runtime.generate import llada_generate
+    ids = torch.tensor([tok.encode("countdown 3 4 5 -> 17\n")])
+    a, _ = llada_generate(ref, ids, steps=8, gen_length=8, block_length=4, cfg_scale=1.5, policy="none")
+    b, _ = llada_generate(fast, ids, steps=8, gen_length=8, block_length=4, cfg_scale=1.5, policy="none")
+    assert torch.equal(a, b)

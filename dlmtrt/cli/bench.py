@@ -44,11 +44,12 @@ def bench_cmd(shape, device, dtype, backend, compile_, batch, prompt_len, answer
                 steps=steps, policies=list(policies), block_length=block_length, seed=seed, log=console.log)
     t = Table(title=f"bench · {shape} · {rep.gpu or device} · {dtype} · {rep.backend} · B={batch} · prompt {prompt_len}"
                     f" · answer {answer}")
-    for col in ("policy", "schedule", "steps", "tok/s", "ms/step (median)", "rows/step", "peak GiB", "x floor"):
+    for col in ("policy", "schedule", "steps", "tok/s", "ms/step (median)", "rows/step", "peak GiB", "peak / (W+KV)", "x floor"):
         t.add_column(col, justify="left" if col in ("policy", "schedule") else "right")
     for r in rep.runs:
         t.add_row(r.policy, r.schedule, str(r.steps), f"{r.tokens_per_s:.1f}", f"{r.step_ms_median:.2f}",
-                  f"{r.rows_per_step:.1f}", f"{r.peak_bytes / 2**30:.2f}", f"{r.floor_ratio:.2f}")
+                  f"{r.rows_per_step:.1f}", f"{r.peak_bytes / 2**30:.2f}",
+                  f"{r.peak_bytes / (rep.weight_bytes + rep.kv_bytes):.3f}" if r.peak_bytes else "-", f"{r.floor_ratio:.2f}")
     out.print(t)
     gb = rep.weight_bytes / 1e9
     out.print(f"weights {gb:.2f} GB, K/V {rep.kv_bytes / 1e9:.3f} GB; copy bandwidth {rep.copy_bytes_per_s / 1e12:.2f} "

@@ -120,7 +120,8 @@ def step_ms(backend, B: int, active: int, length: int, repeats: int = 30) -> flo
     stable = torch.ones(B, length, dtype=torch.bool, device=dev)
     stable[:, length - active:] = False
     am = torch.ones(B, length, dtype=torch.bool, device=dev)
-    s = StepInputs(ids, pos, keys, values, stable, am)
+    rows = torch.zeros(B, 1, dtype=torch.long, device=dev) if getattr(backend, "selects_logit_rows", False) else None
+    s = StepInputs(ids, pos, keys, values, stable, am, logit_rows=rows, need_drift=False)
     times = []
     for k in range(repeats + 3):
         t0 = time.perf_counter()

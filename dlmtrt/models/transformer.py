@@ -112,22 +112,28 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(a.hidden_size, a.num_kv_heads * a.head_dim, bias=a.qkv_bias)
         self.v_proj = nn.Linear(a.hidden_size, a.num_kv_heads * a.head_dim, bias=a.qkv_bias)
         self.o_proj = nn.Linear(a.num_heads * a.head_dim, a.hidden_size, bias=False)
+        self.qkv_proj: nn.Linear | None = None  # set by `DiffusionLM.fuse_projections`
 
     def qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """q [B, H, A, D] and k, v [B, Hkv, A, D] of rows `x`, RoPE applied to q and k."""
         B, A, _ = x.shape
         H, Hkv, D = self.a.num_heads, self.a.num_kv_heads, self.a.head_dim
-        q = self.q_proj(x).view(B, A, H, D).transpose(1, 2)
-        k = self.k_proj(x).view(B, A, Hkv, D).transpose(1, 2)
-        v = self.v_proj(x).view(B, A, Hkv, D).transpose(1, 2)
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, A, H, D).transpose(1, 2)
+        k = k.view(B, A, Hkv, D).transpose(1, 2)
+        v = v.view(B, A, Hkv, D).transpose(1, 2)
         return apply_rope(q, cos[:, None], sin[:, None]), apply_rope(k, cos[:, None], sin[:, None]), v
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, write_idx: Tensor, past_k: Tensor, past_v: Tensor,
-                valid: Tensor, inplace: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                valid: Tensor, inplace: bool = False, drift: bool = True
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
         B, A, _ = x.shape
         H, Hkv, D = self.a.num_heads, self.a.num_kv_heads, self.a.head_dim
         q, k, v = self.qkv(x, cos, sin)
-        k_old = past_k.gather(2, write_idx)
+        k_old = past_k.gather(2, write_idx) if drift else None
         if inplace:  # the cache buffer is the present: no copy of the whole canvas per step
             present_k = past_k.scatter_(2, write_idx, k.to(past_k.dtype))
             present_v = past_v.scatter_(2, write_idx, v.to(past_v.dtype))
@@ -136,6 +142,8 @@ class Attention(nn.Module):
             present_v = past_v.scatter(2, write_idx, v.to(past_v.dtype))
         o = self.attend(q, present_k, present_v, valid)
         o = self.o_proj(o.transpose(1, 2).reshape(B, A, H * D))
+        if not drift:
+            return o, present_k, present_v, None, None
         dk = (k.float() - k_old.float()).pow(2).sum(dim=(1, 3))
         k0 = k_old.float().pow(2).sum(dim=(1, 3))
         return o, present_k, present_v, dk, k0
@@ -157,8 +165,12 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=False)
         self.up_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=False)
         self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=False)
+        self.gate_up_proj: nn.Linear | None = None  # set by `DiffusionLM.fuse_projections`
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -193,6 +205,30 @@ class DiffusionLM(nn.Module):
         if self.args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    @torch.no_grad()
+    def fuse_projections(self) -> None:
+        """One q|k|v and one gate|up matrix per layer (the separate ones are dropped, so memory stays flat):
+        at one active row a step is a chain of matrix-vector products, and fewer, larger ones run closer to
+        the memory bandwidth. Checkpoint loading and export use the unfused names, so fuse after loading."""
+        for layer in self.model.layers:
+            at, mlp = layer.self_attn, layer.mlp
+            if at.qkv_proj is None:
+                ps = (at.q_proj, at.k_proj, at.v_proj)
+                fused = nn.Linear(at.q_proj.in_features, sum(p.out_features for p in ps), bias=at.q_proj.bias is not None,
+                                  device=at.q_proj.weight.device, dtype=at.q_proj.weight.dtype)
+                fused.weight.copy_(torch.cat([p.weight for p in ps]))
+                if fused.bias is not None:
+                    fused.bias.copy_(torch.cat([p.bias for p in ps]))
+                at.qkv_proj = fused
+                del at.q_proj, at.k_proj, at.v_proj
+            if mlp.gate_up_proj is None:
+                ps = (mlp.gate_proj, mlp.up_proj)
+                fused = nn.Linear(mlp.gate_proj.in_features, 2 * mlp.gate_proj.out_features, bias=False,
+                                  device=mlp.gate_proj.weight.device, dtype=mlp.gate_proj.weight.dtype)
+                fused.weight.copy_(torch.cat([p.weight for p in ps]))
+                mlp.gate_up_proj = fused
+                del mlp.gate_proj, mlp.up_proj
+
     def empty_cache(self, batch: int, length: int, device=None, dtype=None) -> tuple[list[Tensor], list[Tensor]]:
         """Zeroed past K/V, shape [B, Hkv, L, D] per layer."""
         a = self.args
@@ -214,7 +250,8 @@ class DiffusionLM(nn.Module):
         return self.lm_head(self.model.norm(x))
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, past_keys: list[Tensor], past_values: list[Tensor],
-                stable_mask: Tensor, attention_mask: Tensor, inplace: bool = False, logit_index: Tensor | None = None):
+                stable_mask: Tensor, attention_mask: Tensor, inplace: bool = False, logit_index: Tensor | None = None,
+                drift: bool = True):
         """Returns (logits [B,A,V], present_keys, present_values, present_valid [B,L], kv_drift [B,A]).
 
         `inplace` writes the fresh K/V into `past_keys`/`past_values` themselves (the fast path's one cache
@@ -225,7 +262,8 @@ class DiffusionLM(nn.Module):
         the Hugging Face convention for left padding, so a left-padded row decodes exactly like the
         unpadded sequence. `position_ids` are canvas slots: where the fresh K/V are written.
         `kv_drift` is ||K_new - K_past|| / ||K_past|| over all layers and heads, for active rows whose
-        past was valid (`stable_mask` true at their slot); the fresh K/V always replace the past.
+        past was valid (`stable_mask` true at their slot); the fresh K/V always replace the past. With
+        `drift=False` it is not computed (zeros): only the adaptive policy reads it.
         """
         a = self.args
         B, A = input_ids.shape
@@ -243,12 +281,13 @@ class DiffusionLM(nn.Module):
         present_keys, present_values = [], []
         for layer, pk, pv in zip(self.model.layers, past_keys, past_values):
             h, nk, nv, dki, k0i = layer.self_attn(layer.input_layernorm(x), cos, sin, write_idx, pk, pv, key_mask,
-                                                  inplace)
+                                                  inplace, drift)
             x = x + h
             x = x + layer.mlp(layer.post_attention_layernorm(x))
             present_keys.append(nk)
             present_values.append(nv)
-            dk, k0 = dk + dki, k0 + k0i
+            if drift:
+                dk, k0 = dk + dki, k0 + k0i
         if logit_index is not None:
             x = x.gather(1, logit_index[..., None].expand(-1, -1, x.shape[-1]))
         logits = self.lm_head(self.model.norm(x))

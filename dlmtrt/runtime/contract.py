@@ -28,11 +28,15 @@ class StepInputs:
     past_values: list[Tensor]
     stable_mask: Tensor  # [B, L] bool
     attention_mask: Tensor  # [B, L] bool
+    # Optional, for backends that declare `selects_logit_rows`: the active rows [B, R] whose logits the rule
+    # needs (the output head then runs on R rows, not A), and whether kv_drift is read at all.
+    logit_rows: Tensor | None = None
+    need_drift: bool = True
 
 
 @dataclass
 class StepOutputs:
-    logits: Tensor  # [B, A, V]
+    logits: Tensor  # [B, A, V], or [B, R, V] in `logit_rows` order when the backend selected them
     present_keys: list[Tensor]
     present_values: list[Tensor]
     present_valid: Tensor  # [B, L] bool
@@ -59,6 +63,8 @@ class ModelInfo:
 class StepBackend(Protocol):
     info: ModelInfo
     name: str
+    # backends that honour StepInputs.logit_rows / need_drift set this True (see TorchGraphBackend)
+    selects_logit_rows: bool = False
 
     def new_cache(self, batch: int, length: int) -> tuple[list[Tensor], list[Tensor]]:
         """Zeroed past K/V for a canvas of `length` rows."""

@@ -192,21 +192,26 @@ class DecodeSession:
             return
         pos = pack_rows(active, A)
         known = stable | (active & self.valid)  # active rows with a valid past: kv_drift is measured against it
+        cand = self._candidates(pos, counts, needed, A)
         x_in = x
         if cfg:
             x_in = torch.cat([x, torch.where(self.prompt_index, torch.full_like(x, info.mask_token_id), x)])
-            pos_in, known_in = torch.cat([pos, pos]), torch.cat([known, known])
+            pos_in, known_in, cand_in = torch.cat([pos, pos]), torch.cat([known, known]), torch.cat([cand[0], cand[0]])
         else:
-            pos_in, known_in = pos, known
-        out: StepOutputs = self.backend.step(StepInputs(x_in.gather(1, pos_in), pos_in, self.keys, self.values,
-                                                        known_in, self.am_in))
+            pos_in, known_in, cand_in = pos, known, cand[0]
+        selects = getattr(self.backend, "selects_logit_rows", False)
+        out: StepOutputs = self.backend.step(StepInputs(
+            x_in.gather(1, pos_in), pos_in, self.keys, self.values, known_in, self.am_in,
+            logit_rows=cand_in if selects else None, need_drift=hasattr(plan.cache, "observe")))
         self.keys, self.values = out.present_keys, out.present_values
         self.valid = out.present_valid[:B]
         logits = out.logits
         if cfg:
             cond, uncond = logits.chunk(2)
             logits = uncond + (self.cfg_scale + 1) * (cond - uncond)
-        preds = self._predictions(logits, pos, counts, needed, A)
+        if not selects:
+            logits = logits.gather(1, cand[0][..., None].expand(-1, -1, logits.shape[-1]))
+        preds = Predictions(logits, cand[1], cand[2], cand[0], needed)
         new_x = rule.commit(i, x, preds, pos)
         if plan.early is not None:
             new_x = _early_commit(plan.early, new_x, preds, self.answer, info.mask_token_id, self)
@@ -227,9 +232,10 @@ class DecodeSession:
         st.per_step_rows.append(n_rows)
         self.i += 1
 
-    def _predictions(self, logits: Tensor, pos: Tensor, counts: Tensor, needed: Tensor, A: int) -> Predictions:
-        """The candidate rows: active rows whose predicted position the rule wants, at most as many as it can
-        want (`rule.max_needed`), gathered in position order."""
+    def _candidates(self, pos: Tensor, counts: Tensor, needed: Tensor, A: int) -> tuple[Tensor, Tensor, Tensor]:
+        """The candidate rows (index [B, R] into the active rows, predicted position, real or padding): active
+        rows whose predicted position the rule wants, at most as many as it can want (`rule.max_needed`), in
+        position order. Known before the step, so a backend can run the output head on these rows only."""
         B, L = needed.shape
         shift = self.info.logits_shift
         pred_pos = pos + 1 if shift else pos  # Dream: row p predicts p + 1 (row 0's own position is never masked)
@@ -239,8 +245,7 @@ class DecodeSession:
         ok = in_canvas & first & needed.gather(1, pp)
         R = min(A, self.rule.max_needed)
         cand = torch.sort((~ok).to(torch.int8), dim=1, stable=True).indices[:, :R]
-        return Predictions(logits.gather(1, cand[..., None].expand(-1, -1, logits.shape[-1])), pp.gather(1, cand),
-                           ok.gather(1, cand), cand, needed)
+        return cand, pp.gather(1, cand), ok.gather(1, cand)
 
     def finish(self) -> GenerationStats:
         self.stats.seq_forward_passes = int(self._seq_fwd)

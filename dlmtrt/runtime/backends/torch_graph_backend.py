@@ -6,8 +6,11 @@ every layer's cache per step), so computing fewer rows buys nothing at batch 1. 
 one read of the weights plus the rows' arithmetic, which is what makes a cache policy's saved rows saved time.
 
 Rows are padded by repeating the last active slot (an idempotent rewrite of the same row, as the decode loop
-already does across a batch); the padded rows' outputs are cut off before they are returned. On the CPU the
-same static-buffer, bucketed, in-place path runs without capture, so it is tested where CI runs.
+already does across a batch); the padded rows' outputs are cut off before they are returned. The output head
+runs only on the rows whose logits the rule needs (`StepInputs.logit_rows`), q|k|v and gate|up are one
+matrix each (fewer, larger matrix-vector products at one row), and the K/V drift is computed only for
+policies that read it. On the CPU the same static-buffer, bucketed, in-place path runs without capture, so it
+is tested where CI runs.
 """
 from __future__ import annotations
 
@@ -39,10 +42,13 @@ def buckets_for(length: int, smallest: int = 1) -> list[int]:
 
 class TorchGraphBackend:
     name = "torch-graph"
+    selects_logit_rows = True
 
     def __init__(self, model: DiffusionLM, *, graphs: bool | None = None, smallest_bucket: int = 1,
-                 compile: bool = False):
+                 compile: bool = False, fuse: bool = True):
         self.model = model.eval()
+        if fuse:
+            model.fuse_projections()
         a = model.args
         w = model.lm_head.weight
         self.info = ModelInfo(family=a.family, num_layers=a.num_layers, num_kv_heads=a.num_kv_heads,
@@ -81,16 +87,17 @@ class TorchGraphBackend:
     def _bucket(self, active: int, length: int) -> int:
         return next(b for b in buckets_for(length, self.smallest) if b >= active)
 
-    def _eager(self, ids, pos, keys, values, stable, am):
-        logits, _, _, valid, drift = self.model(ids, pos, keys, values, stable, am, inplace=True)
-        return logits, valid, drift
+    def _eager(self, ids, pos, keys, values, stable, am, rows, drift: bool):
+        logits, _, _, valid, kv_drift = self.model(ids, pos, keys, values, stable, am, inplace=True,
+                                                   logit_index=rows, drift=drift)
+        return logits, valid, kv_drift
 
     def _forward(self, st: dict) -> None:
         st["logits"], st["valid"], st["drift"] = self._fn(st["ids"], st["pos"], st["keys"], st["values"],
-                                                          st["stable"], st["am"])
+                                                          st["stable"], st["am"], st["rows"], st["need_drift"])
 
-    def _static_for(self, B: int, A: int, L: int) -> dict:
-        key = (B, A, L)
+    def _static_for(self, B: int, A: int, L: int, R: int | None, drift: bool) -> dict:
+        key = (B, A, L, R, drift)
         st = self._static.get(key)
         if st is not None:
             return st
@@ -98,6 +105,8 @@ class TorchGraphBackend:
         a = self.model.args
         st = {"ids": torch.zeros(B, A, dtype=torch.long, device=dev),
               "pos": torch.arange(A, device=dev).expand(B, A).contiguous(),
+              "rows": None if R is None else torch.zeros(B, R, dtype=torch.long, device=dev),
+              "need_drift": drift,
               "stable": torch.zeros(B, L, dtype=torch.bool, device=dev),
               "am": torch.ones(B, L, dtype=torch.bool, device=dev),
               "keys": [self.kv[i, 0] for i in range(a.num_layers)],
@@ -128,7 +137,8 @@ class TorchGraphBackend:
                 s.past_keys[0].data_ptr() != self.kv[0, 0].data_ptr():
             raise ValueError("the torch-graph backend steps over the cache its own new_cache() returned")
         bucket = self._bucket(A, L)
-        st = self._static_for(B, bucket, L)
+        rows = s.logit_rows
+        st = self._static_for(B, bucket, L, None if rows is None else rows.shape[1], s.need_drift)
         pad = bucket - A
         ids, pos = s.input_ids, s.position_ids
         if pad:
@@ -138,11 +148,15 @@ class TorchGraphBackend:
         st["pos"].copy_(pos)
         st["stable"].copy_(s.stable_mask)
         st["am"].copy_(s.attention_mask)
+        if rows is not None:
+            st["rows"].copy_(rows)
         if self.graphs:
             st["graph"].replay()
             self.replays += 1
         else:
             self._forward(st)
         a = self.model.args
-        return StepOutputs(st["logits"][:, :A], [self.kv[i, 0] for i in range(a.num_layers)],
-                           [self.kv[i, 1] for i in range(a.num_layers)], st["valid"].clone(), st["drift"][:, :A])
+        drift = st["drift"][:, :A] if s.need_drift else torch.zeros(B, A, device=self.info.device)
+        return StepOutputs(st["logits"] if rows is not None else st["logits"][:, :A],
+                           [self.kv[i, 0] for i in range(a.num_layers)], [self.kv[i, 1] for i in range(a.num_layers)],
+                           st["valid"].clone(), drift)
