@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call: the fast path's correctness check on the tiny checkpoints, then `dlmtrt bench` at Dream-7B
 # shape (random bf16 weights) for the eager and the graph backend, B=1 and B=8. Usage (repo root):
-#   OUT=dir bash bench/gpu_fastpath.sh        [BATCHES="1 8"] [BACKENDS="torch torch-graph"] [POLICIES="none decode dual"]
+#   OUT=dir bash bench/gpu_fastpath.sh        [BATCHES="1 8"] [CONFIGS="torch-graph:compile torch-graph torch"]
+#     [POLICIES="none decode dual"] [SKIP_CHECK=1] [PROFILE=1: bench/profile_step.py afterwards]
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-out/gpu}; mkdir -p "$OUT"
@@ -17,3 +18,5 @@ for b in ${BATCHES:-1 8}; do
       | grep -v -E '^\s*$' | tail -n 9
   done
 done
+[ -z "${PROFILE:-}" ] || PYTHONPATH=. python3 bench/profile_step.py "$OUT/profile-dream-7b.json" 2>&1 \
+  | grep -v -E 'USDT|^\s*$|Warning|warn' | tail -n 60
