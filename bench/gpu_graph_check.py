@@ -83,5 +83,5 @@ def count_syncs(out: str) -> int:
 
 if __name__ == "__main__":
     path = sys.argv[1] if len(sys.argv) > 1 else "graph_check.json"
-    bad_syncs = count_syncs(path.replace(".json", "-syncs.json"))
-    sys.exit(main(path) or bad_syncs)
+    bad = main(path)
+    sys.exit(count_syncs(path.replace(".json", "-syncs.json")) or bad)

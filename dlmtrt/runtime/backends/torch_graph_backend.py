@@ -78,6 +78,8 @@ class TorchGraphBackend:
         shape = (a.num_layers, 2, batch, a.num_kv_heads, length, a.head_dim)
         if self.kv is None or self.kv.shape != shape:
             self._static.clear()  # their graphs point into the old buffer
+            if self.graphs:  # a pool whose graphs are all gone cannot take new captures (allocator assert)
+                self._pool = torch.cuda.graph_pool_handle()
             self.kv = None
             self.kv = torch.zeros(shape, dtype=w.dtype, device=w.device)
         else:
