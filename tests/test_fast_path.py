@@ -132,3 +132,23 @@ def test_graph_backend_with_classifier_free_guidance(pairs):
     a, _ = llada_generate(ref, ids, steps=8, gen_length=8, block_length=4, cfg_scale=1.5, policy="none")
     b, _ = llada_generate(fast, ids, steps=8, gen_length=8, block_length=4, cfg_scale=1.5, policy="none")
     assert torch.equal(a, b)
+
+
+def test_a_generation_captures_a_few_shapes_and_holds_one_logits_buffer(pairs):
+    """Dream's candidates are every masked row, so their count changes at each step: padded to buckets, a
+    64-step generation keys at most (row bucket, logit bucket) pairs, and every key's logits live in one
+    shared buffer (a graph per step, each holding [B, R, V] logits, was 74 GiB at 7B and B=8)."""
+    _, fast, tok = pairs["dream"]
+    fast._drop_graphs()
+    p = greedy_params("dream", 64)
+    out = generate_text(fast, tok, PROMPTS, policy="decode", **p)
+    assert out.stats.steps == 64
+    keys = list(fast._static)
+    L = keys[0][2]
+    n_buckets = len(buckets_for(L))
+    assert len(keys) <= 2 * n_buckets, keys
+    assert all(r is not None and r <= a and r in buckets_for(L) for _, a, _, r, _ in keys)
+    ptrs = {st["logits"].data_ptr() for st in fast._static.values()}
+    assert ptrs == {fast._logits.data_ptr()}
+    R = max(r for *_, r, _ in keys)
+    assert fast._logits.numel() == len(PROMPTS) * R * fast.info.vocab_size

@@ -9,7 +9,9 @@ Rows are padded by repeating the last active slot (an idempotent rewrite of the 
 already does across a batch); the padded rows' outputs are cut off before they are returned. The output head
 runs only on the rows whose logits the rule needs (`StepInputs.logit_rows`), q|k|v and gate|up are one
 matrix each (fewer, larger matrix-vector products at one row), and the K/V drift is computed only for
-policies that read it. On the CPU the same static-buffer, bucketed, in-place path runs without capture, so it
+policies that read it. The logit rows are padded to a bucket too (at most as large as the active rows'), and
+every graph writes its logits into one shared buffer, so a generation captures a handful of graphs and holds
+one set of logits, not one per graph. On the CPU the same static-buffer, bucketed, in-place path runs without capture, so it
 is tested where CI runs.
 """
 from __future__ import annotations
@@ -63,7 +65,8 @@ class TorchGraphBackend:
             raise ValueError("CUDA graphs need the model on a CUDA device")
         self.smallest = smallest_bucket
         self.kv: Tensor | None = None
-        self._static: dict[tuple[int, int, int], dict] = {}
+        self._static: dict[tuple, dict] = {}
+        self._logits: Tensor | None = None  # flat; each graph's logits are a view of its start
         self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
         self.captures = 0
         self.replays = 0
@@ -77,14 +80,26 @@ class TorchGraphBackend:
         w = self.model.lm_head.weight
         shape = (a.num_layers, 2, batch, a.num_kv_heads, length, a.head_dim)
         if self.kv is None or self.kv.shape != shape:
-            self._static.clear()  # their graphs point into the old buffer
-            if self.graphs:  # a pool whose graphs are all gone cannot take new captures (allocator assert)
-                self._pool = torch.cuda.graph_pool_handle()
+            self._drop_graphs()  # they point into the old buffer
             self.kv = None
             self.kv = torch.zeros(shape, dtype=w.dtype, device=w.device)
         else:
             self.kv.zero_()
         return [self.kv[i, 0] for i in range(a.num_layers)], [self.kv[i, 1] for i in range(a.num_layers)]
+
+    def _drop_graphs(self) -> None:
+        self._static.clear()
+        if self.graphs:  # a pool whose graphs are all gone cannot take new captures (allocator assert)
+            self._pool = torch.cuda.graph_pool_handle()
+
+    def _logits_view(self, B: int, R: int) -> Tensor:
+        """[B, R, V] at the start of the shared logits buffer, grown (and the graphs dropped) when too small."""
+        n = B * R * self.info.vocab_size
+        if self._logits is None or self._logits.numel() < n:
+            self._drop_graphs()
+            self._logits = None
+            self._logits = torch.empty(n, dtype=self.info.dtype, device=self.info.device)
+        return self._logits[:n].view(B, R, self.info.vocab_size)
 
     def _bucket(self, active: int, length: int) -> int:
         return next(b for b in buckets_for(length, self.smallest) if b >= active)
@@ -95,8 +110,9 @@ class TorchGraphBackend:
         return logits, valid, kv_drift
 
     def _forward(self, st: dict) -> None:
-        st["logits"], st["valid"], st["drift"] = self._fn(st["ids"], st["pos"], st["keys"], st["values"],
-                                                          st["stable"], st["am"], st["rows"], st["need_drift"])
+        logits, st["valid"], st["drift"] = self._fn(st["ids"], st["pos"], st["keys"], st["values"], st["stable"],
+                                                    st["am"], st["rows"], st["need_drift"])
+        st["logits"].copy_(logits)
 
     def _static_for(self, B: int, A: int, L: int, R: int | None, drift: bool) -> dict:
         key = (B, A, L, R, drift)
@@ -105,7 +121,8 @@ class TorchGraphBackend:
             return st
         dev = self.info.device
         a = self.model.args
-        st = {"ids": torch.zeros(B, A, dtype=torch.long, device=dev),
+        logits = self._logits_view(B, A if R is None else R)
+        st = {"logits": logits,"ids": torch.zeros(B, A, dtype=torch.long, device=dev),
               "pos": torch.arange(A, device=dev).expand(B, A).contiguous(),
               "rows": None if R is None else torch.zeros(B, R, dtype=torch.long, device=dev),
               "need_drift": drift,
@@ -140,7 +157,9 @@ class TorchGraphBackend:
             raise ValueError("the torch-graph backend steps over the cache its own new_cache() returned")
         bucket = self._bucket(A, L)
         rows = s.logit_rows
-        st = self._static_for(B, bucket, L, None if rows is None else rows.shape[1], s.need_drift)
+        R = None if rows is None else rows.shape[1]
+        r_bucket = None if rows is None else min(self._bucket(R, L), bucket)
+        st = self._static_for(B, bucket, L, r_bucket, s.need_drift)
         pad = bucket - A
         ids, pos = s.input_ids, s.position_ids
         if pad:
@@ -151,6 +170,8 @@ class TorchGraphBackend:
         st["stable"].copy_(s.stable_mask)
         st["am"].copy_(s.attention_mask)
         if rows is not None:
+            if r_bucket > R:
+                rows = torch.cat([rows, rows[:, -1:].expand(B, r_bucket - R)], 1)
             st["rows"].copy_(rows)
         if self.graphs:
             st["graph"].replay()
@@ -159,6 +180,6 @@ class TorchGraphBackend:
             self._forward(st)
         a = self.model.args
         drift = st["drift"][:, :A] if s.need_drift else torch.zeros(B, A, device=self.info.device)
-        return StepOutputs(st["logits"] if rows is not None else st["logits"][:, :A],
+        return StepOutputs(st["logits"][:, :A if R is None else R],
                            [self.kv[i, 0] for i in range(a.num_layers)], [self.kv[i, 1] for i in range(a.num_layers)],
                            st["valid"].clone(), drift)
