@@ -6,7 +6,21 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test clean
+.PHONY: setup plugin demo test clean
+
+# The cached-attention kernel and its C-ABI launcher (plugins/cached_attention), for every datacenter and edge
+# architecture we target plus PTX for newer ones; loaded by dlmtrt/plugins/launcher.py.
+NVCC ?= nvcc
+PLUGIN_LIB := dlmtrt/plugins/lib/libdlmtrt_cached_attention.so
+ARCHS := -gencode arch=compute_80,code=sm_80 -gencode arch=compute_86,code=sm_86 \
+	-gencode arch=compute_89,code=sm_89 -gencode arch=compute_90,code=sm_90 \
+	-gencode arch=compute_120,code=sm_120 -gencode arch=compute_120,code=compute_120
+
+$(PLUGIN_LIB): plugins/cached_attention/cached_attention.cu
+	mkdir -p $(dir $@)
+	$(NVCC) -O3 -std=c++17 -shared -Xcompiler -fPIC -cudart static $(ARCHS) -o $@ $<
+
+plugin: $(PLUGIN_LIB)
 
 $(STAMP): requirements-ci.txt pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -32,8 +46,8 @@ demo: setup
 	$(BIN)/dlmtrt generate --model out/demo/llada-onnx --backend onnxruntime \
 		--prompt $$'sudoku\n0120\n4231\n2000\n0040\n' --max-new-tokens 20 --steps 20 --block-length 20 --policy decode
 
-test: setup
+test: setup plugin
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) out
+	rm -rf $(VENV) out $(dir $(PLUGIN_LIB))

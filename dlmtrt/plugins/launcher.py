@@ -1,0 +1,67 @@
+"""ctypes binding of the kernel's C ABI (plugins/cached_attention/cached_attention.cu).
+
+Why ctypes and not a torch C++ extension: the library depends on the CUDA runtime only (linked statically), so
+one build serves torch 2.11 and 2.13, the TensorRT plugin and any other caller, and nothing has to be compiled
+against a particular torch's headers. Every caller goes through `launch_ptrs`, so what the GPU test measures is
+what the plugin runs.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+from pathlib import Path
+
+from dlmtrt.errors import DlmtrtError
+
+LIB_NAME = "libdlmtrt_cached_attention.so"
+DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
+ABI_VERSION = 1
+
+
+class PluginError(DlmtrtError, RuntimeError):
+    """The kernel library is missing or refused a launch; the message says what to do."""
+
+
+def library_path() -> Path:
+    """$DLMTRT_PLUGIN_LIB, else the library `make plugin` builds inside the package."""
+    env = os.environ.get("DLMTRT_PLUGIN_LIB")
+    path = Path(env) if env else Path(__file__).resolve().parent / "lib" / LIB_NAME
+    if not path.is_file():
+        raise PluginError(f"the cached-attention kernel library is not built ({path} is missing): run `make plugin` "
+                          "in the repository (needs nvcc), or point DLMTRT_PLUGIN_LIB at a built "
+                          f"{LIB_NAME}")
+    return path
+
+
+def library_sha256() -> str | None:
+    """sha256 of the built library (engine manifests record it), None when it is not built."""
+    try:
+        path = library_path()
+    except PluginError:
+        return None
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@functools.cache
+def _lib() -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(library_path()))
+    lib.dlmtrt_cached_attention.restype = ctypes.c_int
+    lib.dlmtrt_cached_attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_int,
+                                                                                         ctypes.c_void_p]
+    lib.dlmtrt_cached_attention_error.restype = ctypes.c_char_p
+    lib.dlmtrt_cached_attention_abi_version.restype = ctypes.c_int
+    if lib.dlmtrt_cached_attention_abi_version() != ABI_VERSION:
+        raise PluginError(f"{library_path()} has ABI version {lib.dlmtrt_cached_attention_abi_version()}, this "
+                          f"package expects {ABI_VERSION}: rebuild it with `make plugin`")
+    return lib
+
+
+def launch_ptrs(q: int, k: int, v: int, valid: int, o: int, B: int, H: int, Hkv: int, A: int, L: int, D: int,
+                scale: float, dtype_code: int, stream: int) -> None:
+    """Enqueue the kernel on `stream` with raw device pointers (layouts in the .cu file); raises PluginError."""
+    lib = _lib()
+    rc = lib.dlmtrt_cached_attention(q, k, v, valid, o, B, H, Hkv, A, L, D, scale, dtype_code, stream or None)
+    if rc:
+        raise PluginError(f"cached attention: {lib.dlmtrt_cached_attention_error().decode()}")

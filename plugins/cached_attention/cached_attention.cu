@@ -1,0 +1,181 @@
+// Cached bidirectional attention, exactly the ONNX node dlmtrt::CachedAttention (dlmtrt/export/attention.py):
+//   o[b,h,a] = sum_l softmax_l(scale * q[b,h,a] . k[b,g(h),l] over valid[b,l]) * v[b,g(h),l],  g(h) = h / (H/Hkv)
+// with probability 0 for invalid keys and o = 0 for a query with no valid key.
+//
+// Why this shape of kernel: a denoising step has anywhere from 1 to L active rows. One warp owns one query row
+// and walks the keys 32 at a time with an online softmax (lane j scores key j; each lane accumulates D/32 output
+// dims), fp32 throughout. A block has 8 warps; with few active rows the warps split the keys of the same rows
+// instead (flash-decoding inside the block) and combine their partial softmaxes at the end, so a one-row step
+// still puts 8 warps on every head.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <math_constants.h>
+#include <stdint.h>
+#include <stdio.h>
+
+namespace {
+
+constexpr int kWarps = 8;
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+__device__ __forceinline__ float warp_max(float x) {
+  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+__device__ __forceinline__ float warp_sum(float x) {
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+// grid (ceil(A / rows), H, B); block kWarps * 32. `rows` query rows per block, kWarps / rows key stripes per row.
+template <typename T, int D>
+__global__ void __launch_bounds__(kWarps * 32)
+cached_attention_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                        const uint8_t* __restrict__ valid, T* __restrict__ o, int H, int Hkv, int A, int L,
+                        float scale, int rows) {
+  constexpr int P = D / 32;  // output dims per lane
+  __shared__ float qs[kWarps][D];
+  __shared__ float part_m[kWarps], part_l[kWarps];
+  __shared__ float part_o[kWarps][D];
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int stripes = kWarps / rows;
+  const int r = warp % rows, stripe = warp / rows;
+  const int b = blockIdx.z, h = blockIdx.y, a = blockIdx.x * rows + r;
+  const int g = h / (H / Hkv);
+  const bool live = a < A;
+
+  const T* qrow = q + (((size_t)b * H + h) * A + (live ? a : 0)) * D;
+  for (int d = lane; d < D; d += 32) qs[warp][d] = live ? to_f(qrow[d]) * scale : 0.f;
+  __syncwarp();
+
+  const T* kb = k + ((size_t)b * Hkv + g) * (size_t)L * D;
+  const T* vb = v + ((size_t)b * Hkv + g) * (size_t)L * D;
+  const uint8_t* vm = valid + (size_t)b * L;
+
+  float m = -CUDART_INF_F, l = 0.f, acc[P];
+#pragma unroll
+  for (int i = 0; i < P; ++i) acc[i] = 0.f;
+
+  const int tiles = (L + 31) / 32;
+  for (int t = stripe; live && t < tiles; t += stripes) {
+    const int key = t * 32 + lane;
+    float s = -CUDART_INF_F;
+    if (key < L && vm[key]) {
+      const T* kr = kb + (size_t)key * D;
+      float dot = 0.f;
+#pragma unroll 16
+      for (int d = 0; d < D; ++d) dot += qs[warp][d] * to_f(kr[d]);
+      s = dot;
+    }
+    const float m_new = fmaxf(m, warp_max(s));
+    if (m_new == -CUDART_INF_F) continue;  // nothing valid yet
+    const float corr = __expf(m - m_new);  // m = -inf -> 0
+    const float p = (s == -CUDART_INF_F) ? 0.f : __expf(s - m_new);
+    l = l * corr + warp_sum(p);
+#pragma unroll
+    for (int i = 0; i < P; ++i) acc[i] *= corr;
+    const int n = min(32, L - t * 32);
+    for (int j = 0; j < n; ++j) {
+      const float pj = __shfl_sync(0xffffffffu, p, j);
+      if (pj == 0.f) continue;  // warp-uniform
+      const T* vr = vb + (size_t)(t * 32 + j) * D + lane * P;
+#pragma unroll
+      for (int i = 0; i < P; ++i) acc[i] += pj * to_f(vr[i]);
+    }
+    m = m_new;
+  }
+
+  if (lane == 0) { part_m[warp] = m; part_l[warp] = l; }
+#pragma unroll
+  for (int i = 0; i < P; ++i) part_o[warp][lane * P + i] = acc[i];
+  __syncthreads();
+  if (stripe != 0 || !live) return;
+
+  float M = -CUDART_INF_F;
+  for (int s2 = 0; s2 < stripes; ++s2) M = fmaxf(M, part_m[s2 * rows + r]);
+  float Lsum = 0.f, out[P];
+#pragma unroll
+  for (int i = 0; i < P; ++i) out[i] = 0.f;
+  if (M != -CUDART_INF_F) {
+    for (int s2 = 0; s2 < stripes; ++s2) {
+      const int w = s2 * rows + r;
+      const float f = __expf(part_m[w] - M);
+      Lsum += part_l[w] * f;
+#pragma unroll
+      for (int i = 0; i < P; ++i) out[i] += part_o[w][lane * P + i] * f;
+    }
+  }
+  const float inv = Lsum > 0.f ? 1.f / Lsum : 0.f;
+  T* orow = o + (((size_t)b * H + h) * A + a) * D + lane * P;
+#pragma unroll
+  for (int i = 0; i < P; ++i) orow[i] = from_f<T>(out[i] * inv);
+}
+
+template <typename T, int D>
+cudaError_t launch(const void* q, const void* k, const void* v, const uint8_t* valid, void* o, int B, int H, int Hkv,
+                   int A, int L, float scale, cudaStream_t stream) {
+  const int rows = A >= 8 ? 8 : A >= 4 ? 4 : A >= 2 ? 2 : 1;
+  dim3 grid((A + rows - 1) / rows, H, B);
+  cached_attention_kernel<T, D><<<grid, kWarps * 32, 0, stream>>>(
+      static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), valid, static_cast<T*>(o), H,
+      Hkv, A, L, scale, rows);
+  return cudaGetLastError();
+}
+
+thread_local char g_error[256] = "";
+
+}  // namespace
+
+extern "C" {
+
+// The C ABI every caller uses (the torch op through ctypes, the TensorRT plugin's enqueue). Contiguous layouts:
+// q, o [B, H, A, D]; k, v [B, Hkv, L, D]; valid [B, L] one byte per key. dtype: 0 fp32, 1 fp16, 2 bf16.
+// Returns 0, or a nonzero code with dlmtrt_cached_attention_error() saying why.
+int dlmtrt_cached_attention(const void* q, const void* k, const void* v, const void* valid, void* o, int B, int H,
+                            int Hkv, int A, int L, int D, float scale, int dtype, void* stream) {
+  if (B < 0 || H <= 0 || Hkv <= 0 || A < 0 || L < 0 || H % Hkv != 0) {
+    snprintf(g_error, sizeof g_error, "bad shape: B=%d H=%d Hkv=%d A=%d L=%d (H must be a multiple of Hkv)", B, H,
+             Hkv, A, L);
+    return 1;
+  }
+  if (B == 0 || A == 0) return 0;
+  if (D != 64 && D != 128) {
+    snprintf(g_error, sizeof g_error, "head_dim %d is not supported (64 or 128)", D);
+    return 2;
+  }
+  const uint8_t* m = static_cast<const uint8_t*>(valid);
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  cudaError_t e;
+#define DLMTRT_CASE(T)                                                               \
+  e = D == 64 ? launch<T, 64>(q, k, v, m, o, B, H, Hkv, A, L, scale, s)             \
+              : launch<T, 128>(q, k, v, m, o, B, H, Hkv, A, L, scale, s)
+  switch (dtype) {
+    case 0: DLMTRT_CASE(float); break;
+    case 1: DLMTRT_CASE(__half); break;
+    case 2: DLMTRT_CASE(__nv_bfloat16); break;
+    default:
+      snprintf(g_error, sizeof g_error, "dtype code %d is not supported (0 fp32, 1 fp16, 2 bf16)", dtype);
+      return 3;
+  }
+#undef DLMTRT_CASE
+  if (e != cudaSuccess) {
+    snprintf(g_error, sizeof g_error, "kernel launch failed: %s", cudaGetErrorString(e));
+    return 4;
+  }
+  return 0;
+}
+
+const char* dlmtrt_cached_attention_error(void) { return g_error; }
+
+int dlmtrt_cached_attention_abi_version(void) { return 1; }
+
+}  // extern "C"

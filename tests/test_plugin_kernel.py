@@ -1,0 +1,69 @@
+"""The cached-attention kernel library on a machine without a GPU: `make plugin` built it, it loads, exports the
+C ABI the plugin and the torch op call, and refuses bad launches with a clear reason before touching the GPU.
+Its numerics run on the GPU (bench/gpu_attention.py, figures in the README)."""
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from dlmtrt.plugins import launcher
+from dlmtrt.plugins.launcher import PluginError, launch_ptrs, library_path, library_sha256
+from dlmtrt.plugins.torch_op import cached_attention_cuda
+
+
+def test_the_library_is_built_with_the_c_abi_and_every_target_architecture():
+    path = library_path()
+    lib = ctypes.CDLL(str(path))
+    for name in ("dlmtrt_cached_attention", "dlmtrt_cached_attention_error", "dlmtrt_cached_attention_abi_version"):
+        assert hasattr(lib, name)
+    assert len(library_sha256()) == 64
+    if shutil.which("cuobjdump"):  # not in every CUDA install (the nvcc-only one here lacks it)
+        archs = subprocess.run(["cuobjdump", "--list-elf", str(path)], capture_output=True, text=True, check=True)
+        for sm in ("sm_80", "sm_86", "sm_89", "sm_90", "sm_120"):
+            assert sm in archs.stdout
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(H=28, Hkv=5), "H must be a multiple of Hkv"),
+    (dict(D=96), "head_dim 96 is not supported (64 or 128)"),
+    (dict(dtype=7), "dtype code 7 is not supported"),
+    (dict(A=-1), "bad shape"),
+])
+def test_bad_launches_are_refused_with_the_reason(kw, message):
+    args = dict(B=1, H=28, Hkv=4, A=1, L=8, D=128, dtype=2) | kw
+    with pytest.raises(PluginError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        launch_ptrs(0, 0, 0, 0, 0, args["B"], args["H"], args["Hkv"], args["A"], args["L"], args["D"], 0.1,
+                    args["dtype"], 0)
+
+
+def test_an_empty_launch_is_a_no_op():
+    launch_ptrs(0, 0, 0, 0, 0, 0, 28, 4, 1, 8, 128, 0.1, 2, 0)
+    launch_ptrs(0, 0, 0, 0, 0, 2, 28, 4, 0, 8, 128, 0.1, 2, 0)
+
+
+def test_missing_library_names_the_fix(monkeypatch, tmp_path):
+    monkeypatch.setenv("DLMTRT_PLUGIN_LIB", str(tmp_path / "nope.so"))
+    with pytest.raises(PluginError, match="run `make plugin`"):
+        library_path()
+    assert library_sha256() is None
+
+
+def test_torch_op_shapes_and_cpu_refusal():
+    q, k = torch.empty(2, 28, 3, 128, device="meta"), torch.empty(2, 4, 40, 128, device="meta")
+    out = torch.ops.dlmtrt.cached_attention_cuda(q, k, k, torch.empty(2, 40, dtype=torch.bool, device="meta"))
+    assert out.shape == q.shape and out.device.type == "meta"
+    with pytest.raises(PluginError, match="takes CUDA tensors"):
+        cached_attention_cuda(torch.zeros(1, 2, 1, 64), torch.zeros(1, 1, 4, 64), torch.zeros(1, 1, 4, 64),
+                              torch.ones(1, 4, dtype=torch.bool))
+
+
+def test_abi_version_is_checked(monkeypatch):
+    launcher._lib.cache_clear()
+    monkeypatch.setattr(launcher, "ABI_VERSION", 99)
+    with pytest.raises(PluginError, match="rebuild it with `make plugin`"):
+        launcher._lib()
+    launcher._lib.cache_clear()
