@@ -36,8 +36,10 @@ from ._common import (NONNEGATIVE, POSITIVE_TOKENS, SEED, check_device, dtype_ch
               help="Cache policy and modifiers: none | decode | prefill | pd | greedy | block | dual | adaptive | "
                    "delayed | window, options as name:key=value,..., modifiers joined by '+': "
                    "decode:cache_steps=4,shift=un+parallel:threshold=0.9+early.")
-@click.option("--backend", type=click.Choice(["torch", "torch-graph", "onnxruntime"]), default="torch", show_default=True,
-              help="torch runs a checkpoint; onnxruntime runs an export directory (dlmtrt export).")
+@click.option("--backend", type=click.Choice(["torch", "torch-graph", "onnxruntime", "tensorrt"]), default="torch",
+              show_default=True,
+              help="torch / torch-graph run a checkpoint; onnxruntime runs an export directory (dlmtrt export); "
+                   "tensorrt runs an engine file (dlmtrt build-engine) on a GPU (--device cuda).")
 @click.option("--device", default="cpu", show_default=True, callback=check_device, help="cpu, cuda, cuda:N or auto.")
 @click.option("--dtype", type=dtype_choice(), default=None, help="float32, float16 or bfloat16 [default: float32; for onnxruntime the "
                                            "exported dtype].")

@@ -7,7 +7,7 @@ from pathlib import Path
 from dlmtrt.errors import UsageError
 from dlmtrt.models.transformer import ModelArgs
 
-BACKENDS = ("torch", "torch-graph", "onnxruntime")
+BACKENDS = ("torch", "torch-graph", "onnxruntime", "tensorrt")
 
 
 @dataclass(frozen=True)
@@ -30,13 +30,24 @@ def describe_model(backend: str, model: str) -> ModelSource:
         from .onnxruntime_backend import describe
         path, args, meta = describe(model)
         return ModelSource(path.parent, args.family, args, meta["dtype"])
+    if backend == "tensorrt":
+        from .tensorrt_backend import describe as describe_engine
+        path, args, meta = describe_engine(model)
+        return ModelSource(export_dir_of(path), args.family, args, meta["dtype"])
     raise UsageError(f"unknown backend '{backend}'; available: {', '.join(BACKENDS)}")
+
+
+def export_dir_of(engine: Path) -> Path:
+    """The export directory an engine was built from (its config and tokenizer), else the engine's folder."""
+    from .tensorrt_backend import read_manifest
+    d = Path(read_manifest(engine)[1].get("onnx", {}).get("dir", ""))
+    return d if d.is_dir() and (d / "config.json").exists() else Path(engine).parent
 
 
 def make_backend(name: str, model: str, dtype: str | None = None, device: str | None = "cpu", progress=None):
     """(backend, tokenizer, ModelSource) for a backend name and a model: a checkpoint directory, alias or repo id
     for `torch` and `torch-graph` (the fast path: in-place cache, row buckets, CUDA graphs on a GPU); an
-    export directory (`dlmtrt export`) for `onnxruntime`. `dtype` None means the default
+    export directory (`dlmtrt export`) for `onnxruntime`; an engine file (`dlmtrt build-engine`) for `tensorrt`. `dtype` None means the default
     (float32 for checkpoints, the exported dtype for graphs)."""
     if name in ("torch", "torch-graph"):
         from dlmtrt.dtypes import dtype_name
@@ -57,4 +68,14 @@ def make_backend(name: str, model: str, dtype: str | None = None, device: str | 
             raise UsageError(f"{be.path} was exported as {be.meta['dtype']}, not {dtype}: pass --dtype "
                              f"{be.meta['dtype']} (or leave it out), or export again with --dtype {dtype}")
         return be, load_tokenizer(be), ModelSource(be.path.parent, be.args.family, be.args, be.meta["dtype"])
+    if name == "tensorrt":
+        from .tensorrt_backend import TensorRTBackend
+        from .tensorrt_backend import load_tokenizer as engine_tokenizer
+        from .tensorrt_backend import read_manifest
+        _, _, _, meta = read_manifest(model)
+        if dtype is not None and dtype != meta["dtype"]:
+            raise UsageError(f"{model} was built from a {meta['dtype']} export, not {dtype}: leave --dtype out")
+        be = TensorRTBackend(model, device=device or "cuda")
+        return be, engine_tokenizer(be), ModelSource(export_dir_of(be.path), be.args.family, be.args,
+                                                     be.meta["dtype"])
     raise UsageError(f"unknown backend '{name}'; available: {', '.join(BACKENDS)}")
