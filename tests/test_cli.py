@@ -60,7 +60,7 @@ def test_generate_missing_alias_says_how_to_download(runner, tmp_path, monkeypat
 
 def test_help_lists_commands_and_options(runner):
     r = runner.invoke(main, ["--help"])
-    assert r.exit_code == 0 and "make-tiny" in r.output and "generate" in r.output
+    assert r.exit_code == 0 and "make-tiny" in r.output and "generate" in r.output and "build-engine" in r.output
     r = runner.invoke(main, ["generate", "--help"])
     assert "--max-new-tokens" in r.output and "--block-length" in r.output and "--alg" in r.output
 

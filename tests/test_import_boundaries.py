@@ -12,7 +12,9 @@ import dlmtrt
 
 PKG = Path(dlmtrt.__file__).resolve().parent
 # left to right; the top-level modules (errors, dtypes) are below every stage
-STAGES = ["models", "runtime", "export", "engine", "plugins", "calibration", "serve", "evals", "cli"]
+# plugins sits right after models: the kernel and its torch op / TensorRT plugin need nothing but the model
+# code, and runtime backends and engine builds use them
+STAGES = ["models", "plugins", "runtime", "export", "engine", "calibration", "serve", "evals", "cli"]
 RANK = {s: k for k, s in enumerate(STAGES)}
 FOUNDATION = {"errors", "dtypes", ""}  # `import dlmtrt` itself: __version__
 

@@ -7,6 +7,7 @@ import click
 from dlmtrt import __version__
 
 from .bench import bench_cmd
+from .build_engine import build_engine_cmd
 from .compare import compare_cmd
 from .eval import eval_cmd
 from .export import export_cmd
@@ -17,7 +18,7 @@ from .make_tiny import make_tiny_cmd
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="dlmtrt")
 def main():
-    """Deploy diffusion language models (Dream, LLaDA): checkpoints, generation, export.
+    """Deploy diffusion language models (Dream, LLaDA): checkpoints, generation, export, engines.
 
     \b
     Quick start (CPU, no downloads):
@@ -27,5 +28,5 @@ def main():
     """
 
 
-for _cmd in (make_tiny_cmd, generate, export_cmd, eval_cmd, compare_cmd, bench_cmd):
+for _cmd in (make_tiny_cmd, generate, export_cmd, build_engine_cmd, eval_cmd, compare_cmd, bench_cmd):
     main.add_command(_cmd)

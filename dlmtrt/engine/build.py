@@ -1,17 +1,45 @@
 """Build TensorRT engines of the exported step graph.
 
 `tensorrt` is used where it is importable, else `tensorrt_rtx` (TensorRT for RTX: the same Python API, and its
-ONNX parser and builder run on a machine without a GPU). Polygraphy drives the build so that its loaders,
-profiles and runners are the ones the comparison tools already use.
+ONNX parser and builder run on a machine without a GPU); `plugins.flavour` decides, so the CachedAttention
+plugin subclasses the very module that builds. `build_engine` is `dlmtrt build-engine`: export directory in,
+serialized engine plus a JSON manifest out, with the TensorRT API directly (a strongly typed network, one
+optimization profile per `--profile`, a timing cache, a progress monitor). `engine_from_onnx` is the
+Polygraphy build the comparison tools use.
+
+TensorRT-RTX 1.7's ONNX parser, when it meets a plugin node, dlopen()s `libtensorrt_rtx.so` by that bare name
+(to reach the builder's private plugin API), but the wheel ships only `libtensorrt_rtx.so.1`: in a plain
+process the parser then calls std::terminate. The dynamic loader reads its search path once, at process start,
+so a build of a plugin graph under TensorRT-RTX runs in a child process (`_child_main`) whose
+LD_LIBRARY_PATH holds a symlink of that name to the wheel's library; everything else runs in-process.
 """
 from __future__ import annotations
 
-import importlib.util
+import ctypes
+import hashlib
+import json
+import os
+import platform
+import re
+import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from dlmtrt.errors import DlmtrtError
+from dlmtrt.errors import DlmtrtError, OutputExistsError, UsageError
+from dlmtrt.plugins.flavour import TensorRTMissingError, import_trt
+from dlmtrt.plugins.flavour import flavour as _flavour
+
+MANIFEST_FORMAT = "1"
+AXES = ("batch", "active", "canvas")
+PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+DEFAULT_CANVAS_CAP = 2048  # default max canvas when the model's positions allow more (pass --profile for longer)
+
+Events = Callable[[dict], None]
 
 
 class EngineError(DlmtrtError, RuntimeError):
@@ -20,11 +48,10 @@ class EngineError(DlmtrtError, RuntimeError):
 
 def flavour() -> str:
     """'tensorrt' or 'tensorrt_rtx', whichever is installed (the full TensorRT first)."""
-    if importlib.util.find_spec("tensorrt") is not None:
-        return "tensorrt"
-    if importlib.util.find_spec("tensorrt_rtx") is not None:
-        return "tensorrt_rtx"
-    raise EngineError("neither the tensorrt nor the tensorrt_rtx Python package is installed")
+    try:
+        return _flavour()
+    except TensorRTMissingError as e:
+        raise EngineError(str(e)) from None
 
 
 def _polygraphy_trt(rtx: bool):
@@ -49,11 +76,459 @@ def profile_from_shapes(feeds: Sequence[Mapping]) -> dict[str, tuple[tuple, tupl
 
 def engine_from_onnx(path: str | Path, shapes: Mapping[str, tuple[tuple, tuple, tuple]]):
     """A built (in-memory) engine of `path` with one optimization profile of `shapes`, strongly typed so the
-    graph's own dtypes are kept."""
+    graph's own dtypes are kept. A plugin graph gets the CachedAttention plugin registered first."""
     name = flavour()
+    if _plugin_node_count(Path(path)):
+        from dlmtrt.plugins.trt_plugin import register
+        if not parser_can_import_plugins(name):
+            raise EngineError(_RTX_LOADER_NOTE)
+        register()
     trt = _polygraphy_trt(name == "tensorrt_rtx")
     profile = trt.Profile()
     for n, (lo, opt, hi) in shapes.items():
         profile.add(n, min=lo, opt=opt, max=hi)
     return trt.engine_from_network(trt.NetworkFromOnnxPath(str(path), strongly_typed=True),
                                    config=trt.CreateConfig(profiles=[profile]))
+
+
+# ---- the TensorRT-RTX loader problem (module docstring)
+
+_RTX_LIB = "libtensorrt_rtx.so"
+_RTX_LOADER_NOTE = (f"TensorRT-RTX's ONNX parser needs {_RTX_LIB} on the dynamic loader's path to import a plugin "
+                    "node, and this process cannot load it (the wheel ships only libtensorrt_rtx.so.1); build with "
+                    "`dlmtrt build-engine`, which runs such builds in a child process with that path set")
+
+
+def parser_can_import_plugins(trt_name: str) -> bool:
+    """Whether this process's ONNX parser can add plugin layers (always for the full TensorRT)."""
+    if trt_name != "tensorrt_rtx":
+        return True
+    try:
+        ctypes.CDLL(_RTX_LIB)
+        return True
+    except OSError:
+        return False
+
+
+def _rtx_library_file() -> Path:
+    """The libtensorrt_rtx.so.1 this interpreter loads (from the wheel's tensorrt_rtx_libs)."""
+    import_trt()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        path = line.split()[-1] if len(line.split()) >= 6 else ""
+        if Path(path).name.startswith(_RTX_LIB + "."):
+            return Path(path)
+    import importlib.util
+    spec = importlib.util.find_spec("tensorrt_rtx_libs")
+    if spec and spec.submodule_search_locations:
+        for d in spec.submodule_search_locations:
+            for f in sorted(Path(d).glob(_RTX_LIB + ".*")):
+                return f
+    raise EngineError(f"cannot find the {_RTX_LIB}.* that tensorrt_rtx loads; reinstall tensorrt-rtx")
+
+
+# ---- optimization profiles over the export's dynamic axes
+
+def default_axes(meta: Mapping[str, str]) -> dict[str, tuple[int, int, int]]:
+    """(min, opt, max) per dynamic axis from the export's metadata: batch 1:1:8; canvas 1:min(512, cap):cap where
+    cap = min(max_position_embeddings, 2048); active rows 1:min(32, cap):cap (32: a typical block)."""
+    cap = max(1, min(int(meta.get("max_position_embeddings") or DEFAULT_CANVAS_CAP), DEFAULT_CANVAS_CAP))
+    return {"batch": (1, 1, 8), "active": (1, min(32, cap), cap), "canvas": (1, min(512, cap), cap)}
+
+
+def parse_profile(spec: str, defaults: Mapping[str, tuple[int, int, int]]) -> dict[str, tuple[int, int, int]]:
+    """'batch=1:2:8,canvas=1:256:512' (an axis left out keeps its default; N alone means N:N:N) -> axes."""
+    axes = dict(defaults)
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, eq, value = part.partition("=")
+        name = name.strip()
+        if not eq or name not in AXES:
+            raise UsageError(f"--profile {spec!r}: {part!r} is not AXIS=MIN:OPT:MAX with AXIS one of "
+                             f"{', '.join(AXES)}")
+        try:
+            nums = tuple(int(v) for v in value.split(":"))
+        except ValueError:
+            raise UsageError(f"--profile {spec!r}: {name}={value} is not MIN:OPT:MAX in integers") from None
+        if len(nums) == 1:
+            nums = nums * 3
+        if len(nums) != 3 or not 1 <= nums[0] <= nums[1] <= nums[2]:
+            raise UsageError(f"--profile {spec!r}: {name} needs 1 <= MIN <= OPT <= MAX (or one value N), got {value}")
+        axes[name] = nums
+    return axes
+
+
+def input_shapes(inputs: Sequence[tuple[str, list]], axes: Mapping[str, tuple[int, int, int]]) -> dict[str, dict]:
+    """{input: {min, opt, max}} for graph inputs given as (name, dims), a dim a size or an axis name."""
+    out = {}
+    for name, dims in inputs:
+        shape = {}
+        for k, which in enumerate(("min", "opt", "max")):
+            s = []
+            for d in dims:
+                if isinstance(d, int):
+                    s.append(d)
+                elif d in axes:
+                    s.append(axes[d][k])
+                else:
+                    raise EngineError(f"input {name} has the dynamic dimension {d!r}, which is none of the export's "
+                                      f"axes ({', '.join(AXES)}); re-export the model with `dlmtrt export`")
+            shape[which] = s
+        out[name] = shape
+    return out
+
+
+# ---- the export directory
+
+@dataclass
+class ExportInfo:
+    onnx_path: Path
+    meta: dict[str, str]  # the dlmtrt metadata without its prefix
+    props: dict[str, str]  # metadata_props as stored (what runtime.contract.read_metadata reads)
+    inputs: list[tuple[str, str, list]]  # (name, dtype, dims: ints and axis names)
+    outputs: list[tuple[str, str, list]]
+    plugin_nodes: int
+    files: list[Path]
+
+
+def _onnx_dtype(elem: int) -> str:
+    import onnx
+    name = onnx.TensorProto.DataType.Name(elem).lower()
+    return {"float": "float32", "double": "float64"}.get(name, name)
+
+
+def _plugin_node_count(path: Path) -> int:
+    import onnx
+    m = onnx.load(str(path), load_external_data=False)
+    return sum(1 for n in m.graph.node if n.domain == "dlmtrt" and n.op_type == "CachedAttention")
+
+
+def read_export(onnx_dir: str | Path) -> ExportInfo:
+    """What a build needs from an export directory (or its model.onnx), without loading external weights."""
+    import onnx
+    from dlmtrt.runtime.contract import ArtifactError, read_metadata
+    p = Path(onnx_dir).expanduser()
+    if not p.exists():
+        raise ArtifactError(f"--onnx {onnx_dir}: no such directory; pass the directory `dlmtrt export --out DIR` "
+                            "wrote")
+    path = p / "model.onnx" if p.is_dir() else p
+    if not path.is_file():
+        raise ArtifactError(f"--onnx {onnx_dir} is not an export: it has no model.onnx; run `dlmtrt export --model M "
+                            "--out DIR` and pass DIR")
+    from google.protobuf.message import DecodeError
+    try:
+        m = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, OSError, ValueError, RuntimeError) as e:
+        raise ArtifactError(f"{path} is not a readable ONNX model ({type(e).__name__}); export the checkpoint "
+                            "again with `dlmtrt export`") from None
+    props = {q.key: q.value for q in m.metadata_props}
+    _, meta = read_metadata(props, path)
+
+    def io(values):
+        return [(v.name, _onnx_dtype(v.type.tensor_type.elem_type),
+                 [d.dim_param if d.dim_param else int(d.dim_value) for d in v.type.tensor_type.shape.dim])
+                for v in values]
+    init = {t.name for t in m.graph.initializer}
+    files = [path] + [path.parent / f for f in sorted({e.value for t in m.graph.initializer for e in t.external_data
+                                                       if e.key == "location"})]
+    plugin = sum(1 for n in m.graph.node if n.domain == "dlmtrt" and n.op_type == "CachedAttention")
+    inputs = io([v for v in m.graph.input if v.name not in init])
+    return ExportInfo(path, meta, props, inputs, io(m.graph.output), plugin, files)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(16 * 2 ** 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---- the TensorRT calls (in this process or in the child)
+
+def _trt_dtype(dt) -> str:
+    return {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT64": "int64", "INT32": "int32",
+            "BOOL": "bool", "INT8": "int8", "UINT8": "uint8"}.get(dt.name, dt.name.lower())
+
+
+def _layer_report(text: str) -> list[dict]:
+    """Layers (name, type) from the builder's verbose layer report: TensorRT-RTX writes
+    'Name: X, LayerType: T, ...' lines, TensorRT 'Layer(T): X, ...' lines."""
+    rows = []
+    for line in text.splitlines():
+        if m := re.match(r"\s*Name: ([^,]+), LayerType: ([^,]+),", line):
+            rows.append({"name": m.group(1), "type": m.group(2)})
+        elif m := re.match(r"\s*Layer\(([^)]+)\): ([^,]+),", line):
+            rows.append({"name": m.group(2), "type": m.group(1)})
+    return rows
+
+
+def _build(onnx_path: str, engine_path: str, profiles: list[dict], timing_cache: str | None, events: Events) -> dict:
+    """Parse, configure, build and write the serialized engine; returns what the manifest records."""
+    from dlmtrt.plugins.trt_plugin import register
+    trt = import_trt()
+    register(trt)
+
+    class Logger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.errors, self.warnings, self.layers = [], [], []
+
+        def log(self, severity, msg):
+            if severity in (trt.ILogger.ERROR, trt.ILogger.INTERNAL_ERROR):
+                self.errors.append(msg)
+            elif severity == trt.ILogger.WARNING:
+                self.warnings.append(msg)
+            elif msg.startswith(("Layers:", "Engine Layer Information")):
+                self.layers += _layer_report(msg)
+
+    class Monitor(trt.IProgressMonitor):
+        def __init__(self):
+            trt.IProgressMonitor.__init__(self)
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            events({"event": "phase_start", "phase": phase_name, "parent": parent_phase, "steps": int(num_steps)})
+
+        def step_complete(self, phase_name, step):
+            events({"event": "step", "phase": phase_name, "step": int(step)})
+            return True
+
+        def phase_finish(self, phase_name):
+            events({"event": "phase_finish", "phase": phase_name})
+
+    logger = Logger()
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    events({"event": "parse_start"})
+    t0 = time.perf_counter()
+    if not parser.parse_from_file(onnx_path):
+        errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors)) or "; ".join(logger.errors)
+        raise EngineError(f"{trt.__name__} cannot parse {onnx_path}: {errs[:600]}")
+    t_parse = time.perf_counter() - t0
+    events({"event": "parse_finish", "seconds": t_parse})
+
+    config = builder.create_builder_config()
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # layer report in the log and in the engine
+    config.progress_monitor = Monitor()
+    for axes_shapes in profiles:
+        prof = builder.create_optimization_profile()
+        for name, s in axes_shapes.items():
+            prof.set_shape(name, s["min"], s["opt"], s["max"])
+        config.add_optimization_profile(prof)
+    cache_info = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TensorRT-RTX: timing cache calls are no-ops
+        if timing_cache:
+            old = Path(timing_cache).read_bytes() if Path(timing_cache).is_file() else b""
+            cache = config.create_timing_cache(old)
+            config.set_timing_cache(cache, False)
+            cache_info = {"path": str(timing_cache), "reused": bool(old), "bytes_before": len(old)}
+    t0 = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    t_build = time.perf_counter() - t0
+    if serialized is None:
+        why = "; ".join(logger.errors)[:800] or "no reason given"
+        raise EngineError(f"{trt.__name__} could not build the engine: {why}")
+    data = memoryview(serialized)
+    with open(engine_path, "wb") as f:
+        f.write(data)
+    if cache_info is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            blob = bytes(memoryview(config.get_timing_cache().serialize()))
+        Path(timing_cache).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(f"{timing_cache}.tmp-{os.getpid()}")
+        tmp.write_bytes(blob)
+        os.replace(tmp, timing_cache)
+        cache_info["bytes_after"] = len(blob)
+
+    def tensors(n, get):
+        return [{"name": t.name, "dtype": _trt_dtype(t.dtype), "shape": list(t.shape)} for t in map(get, range(n))]
+    layer_types = {}
+    for i in range(network.num_layers):
+        ty = network.get_layer(i).type.name
+        layer_types[ty] = layer_types.get(ty, 0) + 1
+    plugin_layers = [network.get_layer(i).name for i in range(network.num_layers)
+                     if network.get_layer(i).type.name in ("PLUGIN_V3", "PLUGIN_V2", "PLUGIN")]
+    return {"flavour": trt.__name__, "version": trt.__version__, "engine_bytes": len(data),
+            "inputs": tensors(network.num_inputs, network.get_input),
+            "outputs": tensors(network.num_outputs, network.get_output),
+            "network_layers": network.num_layers, "network_layer_types": layer_types,
+            "network_plugin_layers": plugin_layers, "engine_layers": logger.layers,
+            "timing_cache": cache_info, "warnings": logger.warnings[:20],
+            "seconds": {"parse": t_parse, "build": t_build}}
+
+
+def _child_main() -> None:
+    """`python -c 'from dlmtrt.engine.build import _child_main; _child_main()'`: one `_build` whose request is
+    JSON on stdin; events and the result are JSON lines on stdout."""
+    req = json.loads(sys.stdin.read())
+
+    def emit(ev):
+        sys.stdout.write(json.dumps(ev) + "\n")
+        sys.stdout.flush()
+    try:
+        result = _build(req["onnx"], req["engine"], req["profiles"], req["timing_cache"], emit)
+    except DlmtrtError as e:
+        emit({"event": "error", "message": str(e)})
+        sys.exit(1)
+    emit({"event": "result", "result": result})
+
+
+def _build_in_child(req: dict, events: Events) -> dict:
+    """`_build` in a child process whose loader path has libtensorrt_rtx.so (module docstring)."""
+    with tempfile.TemporaryDirectory(prefix="dlmtrt-rtx-") as d:
+        (Path(d) / _RTX_LIB).symlink_to(_rtx_library_file())
+        env = dict(os.environ)
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [d, env.get("LD_LIBRARY_PATH")]))
+        env["DLMTRT_TENSORRT"] = "tensorrt_rtx"
+        with open(Path(d) / "stderr.txt", "w+") as err:  # a file, not a pipe: a full pipe would block the child
+            proc = subprocess.Popen([sys.executable, "-c",
+                                     "from dlmtrt.engine.build import _child_main; _child_main()"],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+            proc.stdin.write(json.dumps(req))
+            proc.stdin.close()
+            result, error = None, None
+            for line in proc.stdout:
+                try:
+                    ev = json.loads(line)
+                except ValueError:
+                    continue
+                if ev.get("event") == "result":
+                    result = ev["result"]
+                elif ev.get("event") == "error":
+                    error = ev["message"]
+                else:
+                    events(ev)
+            rc = proc.wait()
+            err.seek(0)
+            stderr = err.read()
+    if error is not None:
+        raise EngineError(error)
+    if rc != 0 or result is None:
+        tail = " | ".join(stderr.strip().splitlines()[-4:])
+        raise EngineError(f"the TensorRT-RTX build process failed (exit {rc}): {tail[-800:] or 'no output'}")
+    return result
+
+
+# ---- dlmtrt build-engine
+
+@dataclass
+class BuildResult:
+    engine_path: Path
+    manifest_path: Path
+    manifest: dict
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def manifest_path_for(engine: Path) -> Path:
+    return engine.with_name(engine.name + ".json")
+
+
+def build_engine(onnx_dir: str | Path, out: str | Path, *, precision: str | None = None,
+                 profiles: Sequence[str] = (), timing_cache: str | Path | None = None, overwrite: bool = False,
+                 events: Events | None = None) -> BuildResult:
+    """Build a serialized engine of an export directory into `out` and write `out`.json beside it (the
+    manifest: IO, profiles, TensorRT flavour and version, plugin library hash, and under "onnx" the export
+    directory, its files' sha256 and its metadata_props as stored, which the tensorrt backend reads).
+
+    precision: fp32 / fp16 / bf16 (or float32 / ...), which must be the export's dtype: the network is strongly
+    typed, so the graph's types are the engine's. profiles: `--profile` specs (parse_profile), one optimization
+    profile each; none gives one profile of `default_axes`. timing_cache: a file read if present and written
+    back after the build (default: none)."""
+    events = events or (lambda ev: None)
+    t_start = time.perf_counter()
+    info = read_export(onnx_dir)
+    out = Path(out).expanduser().absolute()
+    if out.is_dir():
+        raise OutputExistsError(f"--out {out} is a directory; give the engine's file name (e.g. "
+                                f"{out / 'model.engine'})")
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"--out {out} exists; choose another file or pass --overwrite")
+    dtype = info.meta.get("dtype", "float32")
+    if precision is not None:
+        wanted = PRECISIONS.get(precision, precision)
+        if wanted != dtype:
+            raise UsageError(f"--precision {precision} does not match the export, which is {dtype}: the engine is "
+                             f"strongly typed (the graph's types are kept), so re-export with `dlmtrt export --dtype "
+                             f"{wanted}` or leave --precision out")
+    defaults = default_axes(info.meta)
+    axes_list = [parse_profile(s, defaults) for s in profiles] or [dict(defaults)]
+    shapes_list = [input_shapes([(n, dims) for n, _, dims in info.inputs], axes) for axes in axes_list]
+    name = flavour()
+    if info.plugin_nodes:
+        from dlmtrt.plugins.launcher import library_path, library_sha256, PluginError
+        lib_sha = library_sha256()
+        try:
+            lib_file = str(library_path())
+        except PluginError:
+            lib_file = None
+    else:
+        lib_sha = lib_file = None
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        tmp.touch()
+    except OSError as e:
+        raise EngineError(f"cannot write the engine to {out}: {e.strerror or e}; choose a writable --out") from None
+    t_hash = time.perf_counter()
+    source_hashes = {f.name: _sha256(f) for f in info.files if f.is_file()}
+    t_hash = time.perf_counter() - t_hash
+    req = {"onnx": str(info.onnx_path), "engine": str(tmp), "profiles": shapes_list,
+           "timing_cache": str(Path(timing_cache).expanduser().absolute()) if timing_cache else None}
+    try:
+        if info.plugin_nodes and not parser_can_import_plugins(name):
+            res = _build_in_child(req, events)
+            where = "in a child process (TensorRT-RTX loader path)"
+        else:
+            res = _build(req["onnx"], req["engine"], req["profiles"], req["timing_cache"], events)
+            where = "in this process"
+        engine_sha = _sha256(tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+    from dlmtrt import __version__
+    dims = {n: d for n, _, d in info.inputs + info.outputs}
+    onnx_types = {n: t for n, t, _ in info.inputs + info.outputs}
+    io = {kind: [{"name": t["name"], "dtype": t["dtype"], "onnx_dtype": onnx_types.get(t["name"]),
+                  "shape": dims.get(t["name"], t["shape"])} for t in res[kind]] for kind in ("inputs", "outputs")}
+    plugin_engine_layers = [r["name"] for r in res["engine_layers"]
+                            if r["type"] in ("custom_layer", "PluginV3", "PluginV2") or "CachedAttention" in r["type"]]
+    manifest = {
+        "format_version": MANIFEST_FORMAT,
+        "engine": {"file": out.name, "bytes": res["engine_bytes"], "sha256": engine_sha},
+        "tensorrt": {"flavour": res["flavour"], "version": res["version"], "strongly_typed": True,
+                     "built": where, "host": {"machine": platform.machine(), "python": platform.python_version()}},
+        "precision": dtype,
+        **io,
+        "profiles": [{"axes": {a: list(v) for a, v in axes.items()}, "shapes": shapes}
+                     for axes, shapes in zip(axes_list, shapes_list)],
+        "plugin_library_sha256": lib_sha,
+        "plugin": None if not info.plugin_nodes else {
+            "name": "CachedAttention", "version": "1", "namespace": "", "onnx_nodes": info.plugin_nodes,
+            "network_layers": res["network_plugin_layers"], "engine_layers": plugin_engine_layers,
+            "python_module": "dlmtrt.plugins.trt_plugin", "library": lib_file, "library_sha256": lib_sha},
+        "layers": {"network": res["network_layers"], "network_types": res["network_layer_types"],
+                   "engine": len(res["engine_layers"]),
+                   "engine_types": _count(r["type"] for r in res["engine_layers"])},
+        "timing_cache": res["timing_cache"] and {
+            **res["timing_cache"],
+            **({"note": "timing cache calls are no-ops in TensorRT-RTX"} if res["flavour"] == "tensorrt_rtx" else {})},
+        "onnx": {"dir": str(info.onnx_path.parent.absolute()), "file": str(info.onnx_path.absolute()),
+                 "sha256": source_hashes, "metadata": info.props},
+        "dlmtrt": __version__,
+        "seconds": {"hash": round(t_hash, 3), **{k: round(v, 3) for k, v in res["seconds"].items()},
+                    "total": round(time.perf_counter() - t_start, 3)},
+    }
+    mpath = manifest_path_for(out)
+    mtmp = mpath.with_name(f".{mpath.name}.tmp-{os.getpid()}")
+    mtmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(mtmp, mpath)
+    return BuildResult(out, mpath, manifest, manifest["seconds"])
+
+
+def _count(items) -> dict[str, int]:
+    c: dict[str, int] = {}
+    for x in items:
+        c[x] = c.get(x, 0) + 1
+    return c
