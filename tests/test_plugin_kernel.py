@@ -67,3 +67,17 @@ def test_abi_version_is_checked(monkeypatch):
     with pytest.raises(PluginError, match="rebuild it with `make plugin`"):
         launcher._lib()
     launcher._lib.cache_clear()
+
+
+def test_the_graph_backend_can_run_attention_through_the_kernel_on_cuda_only():
+    from dlmtrt.evals.speed import random_model, shape_args
+    from dlmtrt.runtime.backends.torch_graph_backend import TorchGraphBackend
+    m = random_model(shape_args("tiny-dream"), "cpu", torch.float32)
+    with pytest.raises(ValueError, match="runs our CUDA kernel: put the model on a CUDA device"):
+        TorchGraphBackend(m, attention="kernel")
+    with pytest.raises(ValueError, match="'sdpa' or 'kernel'"):
+        TorchGraphBackend(m, attention="flash")
+    if torch.cuda.is_available():
+        from dlmtrt.plugins.torch_op import plugin_attend
+        be = TorchGraphBackend(random_model(shape_args("tiny-dream"), "cuda", torch.float32), attention="kernel")
+        assert all(layer.self_attn.attend is plugin_attend for layer in be.model.model.layers)

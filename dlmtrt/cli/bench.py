@@ -20,6 +20,9 @@ from ._common import POSITIVE_TOKENS, SEED, check_device, console, friendly_erro
               help="[default: bfloat16 on a GPU, float32 on the CPU]")
 @click.option("--backend", type=click.Choice(["torch-graph", "torch"]), default="torch-graph", show_default=True,
               help="torch-graph: in-place cache, row buckets, CUDA graphs on a GPU; torch: the eager step.")
+@click.option("--attention", type=click.Choice(["sdpa", "kernel"]), default="sdpa", show_default=True,
+              help="torch-graph: PyTorch's fused attention, or our cached-attention CUDA kernel (the TensorRT "
+                   "plugin's; needs `make plugin` and a GPU).")
 @click.option("--compile/--no-compile", "compile_", default=False, show_default=True,
               help="torch-graph: torch.compile the step (fuses its small kernels) before capturing it.")
 @click.option("--batch", type=positive(1024), default=1, show_default=True)
@@ -34,13 +37,13 @@ from ._common import POSITIVE_TOKENS, SEED, check_device, console, friendly_erro
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="JSON results [default: bench-<shape>-<device>-b<batch>.json in the current directory].")
 @friendly_errors
-def bench_cmd(shape, device, dtype, backend, compile_, batch, prompt_len, answer, steps, block_length, policies, seed, out_path):
+def bench_cmd(shape, device, dtype, backend, attention, compile_, batch, prompt_len, answer, steps, block_length, policies, seed, out_path):
     """Tokens/s, median step time, rows per step and peak memory of each policy, with the weight-read floor
     measured in the same process (the device's copy bandwidth)."""
     from dlmtrt.evals.speed import bench
     dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     out_path = out_path or Path.cwd() / f"bench-{shape}-{device.split(':')[0]}-{backend}-b{batch}.json"
-    rep = bench(shape, device=device, dtype=dtype, backend=backend, compile=compile_, batch=batch, prompt=prompt_len, answer=answer,
+    rep = bench(shape, device=device, dtype=dtype, backend=backend, attention=attention, compile=compile_, batch=batch, prompt=prompt_len, answer=answer,
                 steps=steps, policies=list(policies), block_length=block_length, seed=seed, log=console.log)
     t = Table(title=f"bench · {shape} · {rep.gpu or device} · {dtype} · {rep.backend} · B={batch} · prompt {prompt_len}"
                     f" · answer {answer}")

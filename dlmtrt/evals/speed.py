@@ -186,7 +186,7 @@ def run_policy(backend, family: str, B: int, prompt: int, answer: int, steps: in
 
 
 def bench(shape: str, *, device: str = "cpu", dtype: str = "float32", backend: str = "torch-graph",
-          compile: bool = False, batch: int = 1,
+          compile: bool = False, attention: str = "sdpa", batch: int = 1,
           prompt: int = 512, answer: int = 256, steps: int | None = None, policies=("none", "decode", "dual"),
           block_length: int | None = 32, seed: int = 0, log=print) -> BenchReport:
     """Build the shape with random weights on `device`, measure the floor, then every policy."""
@@ -203,7 +203,9 @@ def bench(shape: str, *, device: str = "cpu", dtype: str = "float32", backend: s
         parse_policy(p).check(args.family, "low_confidence")
     log(f"building {shape} ({args.param_count / 1e9:.2f} B parameters) with random {dtype} weights on {device}")
     model = random_model(args, device, DTYPES[dtype], seed)
-    be = TorchGraphBackend(model, compile=compile) if backend == "torch-graph" else TorchBackend(model)
+    if attention != "sdpa" and backend != "torch-graph":
+        raise UsageError("--attention kernel applies to the torch-graph backend")
+    be = TorchGraphBackend(model, compile=compile, attention=attention) if backend == "torch-graph" else TorchBackend(model)
     elem = DTYPES[dtype].itemsize
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     L = prompt + answer
@@ -212,7 +214,7 @@ def bench(shape: str, *, device: str = "cpu", dtype: str = "float32", backend: s
     bw = copy_bandwidth(device)
     floor_ms = weight_bytes / bw * 1e3 if bw == bw else float("nan")
     gpu = torch.cuda.get_device_name(device) if str(device).startswith("cuda") else None
-    rep = BenchReport(shape, device, gpu, dtype, be.name + ("+compile" if compile else ""), torch.__version__, args.param_count, weight_bytes,
+    rep = BenchReport(shape, device, gpu, dtype, be.name + ("+compile" if compile else "") + ("+kernel" if attention == "kernel" else ""), torch.__version__, args.param_count, weight_bytes,
                       kv_bytes, bw, floor_ms)
     log("timing a one-active-row step")
     rep.single_row_step_ms = step_ms(be, batch, 1, L)

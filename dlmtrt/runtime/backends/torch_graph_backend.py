@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dlmtrt.errors import UsageError
 from dlmtrt.models.transformer import DiffusionLM
 
 from ..contract import ModelInfo, StepInputs, StepOutputs
@@ -47,7 +48,14 @@ class TorchGraphBackend:
     selects_logit_rows = True
 
     def __init__(self, model: DiffusionLM, *, graphs: bool | None = None, smallest_bucket: int = 1,
-                 compile: bool = False, fuse: bool = True):
+                 compile: bool = False, fuse: bool = True, attention: str = "sdpa"):
+        """`attention`: "sdpa" (PyTorch's fused attention) or "kernel" (our cached-attention CUDA kernel, the one
+        the TensorRT plugin runs, through `torch.ops.dlmtrt.cached_attention_cuda`; CUDA only)."""
+        if attention not in ("sdpa", "kernel"):
+            raise UsageError(f"attention must be 'sdpa' or 'kernel', not {attention!r}")
+        if attention == "kernel" and model.lm_head.weight.device.type != "cuda":
+            raise UsageError("attention 'kernel' runs our CUDA kernel: put the model on a CUDA device (--device cuda), "
+                             "or use 'sdpa'")
         self.model = model.eval()
         if fuse:
             model.fuse_projections()
@@ -58,6 +66,8 @@ class TorchGraphBackend:
                               eos_token_id=a.eos_token_id, pad_token_id=a.pad_token_id, logits_shift=a.logits_shift,
                               dtype=w.dtype, device=w.device)
         attend = functools.partial(gqa_attention, gqa=a.num_heads != a.num_kv_heads)
+        if attention == "kernel":
+            from dlmtrt.plugins.torch_op import plugin_attend as attend
         for layer in model.model.layers:
             layer.self_attn.attend = attend
         self.graphs = (w.device.type == "cuda") if graphs is None else graphs
