@@ -16,6 +16,7 @@ import torch
 from dlmtrt.errors import UsageError
 from dlmtrt.evals.tasks import Problem, get_task, parse_task
 from dlmtrt.runtime.generate import generate_text
+from dlmtrt.runtime.prefix import PrefixStore
 from dlmtrt.runtime.params import greedy_params
 from dlmtrt.runtime.policies import parse_policy
 
@@ -41,6 +42,7 @@ class PolicyResult:
     wall_s: float
     tokens_per_s: float
     correct: int
+    prefix_rows_served: float | None = None  # share of prompt rows served by the prefix store (None: no store)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -48,8 +50,10 @@ class PolicyResult:
 
 def evaluate(backend, tokenizer, task_spec: str, n: int, policies: list[str], *, seed: int = 1234,
              batch_size: int = 64, steps: int | None = None, blocks: int | None = None, remasking: str | None = None,
-             progress=None) -> tuple[list[PolicyResult], list[dict]]:
-    """Run every policy on the same problems; returns the summary rows and per-problem records."""
+             progress=None, prefix_store_bytes: int = 0, prefix_block: int = 4) -> tuple[list[PolicyResult], list[dict]]:
+    """Run every policy on the same problems; returns the summary rows and per-problem records. With
+    `prefix_store_bytes` > 0 each policy gets a fresh prefix store (runtime/prefix.py) shared by its batches,
+    so later batches start from the prompt blocks earlier ones stored."""
     if n < 1 or batch_size < 1:
         raise UsageError(f"n and batch_size must be >= 1, got {n} and {batch_size}")
     name, diff = parse_task(task_spec)
@@ -63,10 +67,12 @@ def evaluate(backend, tokenizer, task_spec: str, n: int, policies: list[str], *,
         policy = parse_policy(spec)
         spec = policy.spec
         correct, fwd, rows, rows_full, wall, toks, early = 0, 0, 0, 0, 0.0, 0, 0
+        store = PrefixStore(prefix_store_bytes, prefix_block) if prefix_store_bytes > 0 else None
         for start in range(0, n, batch_size):
             chunk: list[Problem] = problems[start:start + batch_size]
             t0 = time.perf_counter()
-            g = generate_text(backend, tokenizer, [p.prompt for p in chunk], policy=policy, **params)
+            g = generate_text(backend, tokenizer, [p.prompt for p in chunk], policy=policy, prefix_store=store,
+                              **params)
             wall += time.perf_counter() - t0
             st = g.stats
             fwd += st.seq_forward_passes
@@ -83,7 +89,8 @@ def evaluate(backend, tokenizer, task_spec: str, n: int, policies: list[str], *,
                 progress(len(chunk))
         results.append(PolicyResult(task_spec, spec, schedule, n, correct / n, fwd / n, rows / max(rows_full, 1),
                                     rows / max(toks, 1), early / n, wall,
-                                    toks / wall if wall else float("nan"), correct))
+                                    toks / wall if wall else float("nan"), correct,
+                                    store.stats.hit_rows / max(store.stats.prompt_rows, 1) if store else None))
     return results, records
 
 

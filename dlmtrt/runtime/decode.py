@@ -14,6 +14,8 @@ from typing import Callable, Protocol
 import torch
 from torch import Tensor
 
+from dlmtrt.errors import UsageError
+
 from .policies import NEVER, DecodePlan, DecodeState, parse_policy, rows_of
 from .contract import StepBackend, StepInputs, StepOutputs
 
@@ -31,6 +33,7 @@ class GenerationStats:
     rows_computed: int = 0  # active rows summed over steps and sequences (CFG's extra batch included)
     rows_full: int = 0  # what recomputing every canvas row at every executed step would have cost
     early_committed: int = 0  # tokens committed by early commit (all sequences)
+    prefix_rows: int = 0  # prompt rows served from a prefix store instead of computed (runtime/prefix.py)
     wall_s: float = 0.0
     per_step_rows: list[int] = field(default_factory=list)
 
@@ -158,6 +161,7 @@ class DecodeSession:
         self.decoded_at = torch.where(self.answer, NEVER, -1)
         self.computed_at = torch.full((B, L), -1, dtype=torch.long, device=dev)
         self.memory: dict = {}
+        self.frozen = torch.zeros(B, L, dtype=torch.bool, device=dev)  # prefix rows served from a store (prefix.py)
         self.i = 0
         self.finished = self.stats.new_tokens == 0
         self._seq_fwd = torch.zeros((), dtype=torch.long, device=dev)  # device-side counters, read at the end
@@ -183,6 +187,7 @@ class DecodeSession:
                             self.decoded_at, self.computed_at, needed, rule.block(i) or (self.answer_start, L), shift,
                             getattr(rule, "scores", None), self.memory)
         active, stable = plan.cache.plan(state)
+        active, stable = active & ~self.frozen, stable | self.frozen
         running = mask_index.any(1)
         active = active & running[:, None]  # a finished sequence computes nothing (its rows stay valid)
         counts = active.sum(1)
@@ -255,15 +260,24 @@ class DecodeSession:
 
 def denoise(backend: StepBackend, x: Tensor, attention_mask: Tensor, rule: Rule, *,
             policy: str | DecodePlan | None = None, cfg_scale: float = 0.0, prompt_index: Tensor | None = None,
-            on_step: Callable[[int, int], None] | None = None) -> tuple[Tensor, GenerationStats]:
+            on_step: Callable[[int, int], None] | None = None, prefix_store=None) -> tuple[Tensor, GenerationStats]:
     """Run `rule` on canvas `x` [B, L] until it is done or nothing is masked; returns (x, stats). One
-    `DecodeSession` driven to the end."""
+    `DecodeSession` driven to the end. With a `prefix_store` (runtime/prefix.py) the prompts' stored prefixes
+    are served from it and the prompt blocks the first step computes are added to it."""
     session = DecodeSession(backend, x, attention_mask, rule, parse_policy(policy), cfg_scale=cfg_scale,
                             prompt_index=prompt_index)
+    if prefix_store is not None:
+        from .prefix import attach, capture
+        if cfg_scale > 0:
+            raise UsageError("prefix reuse does not apply with classifier-free guidance (its unconditional copy "
+                             "masks the prompt); leave cfg_scale at 0 or turn prefix reuse off")
+        session.stats.prefix_rows = attach(session, prefix_store)
     t0 = time.perf_counter()
     while not session.done:
         i = session.i
         session.step()
+        if prefix_store is not None and i == 0 and session.i > 0:
+            capture(session, prefix_store, 0)
         if on_step is not None and session.i > i:
             on_step(session.i, max(session.i, rule.num_steps))
     if x.device.type == "cuda":

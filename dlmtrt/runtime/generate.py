@@ -30,7 +30,7 @@ def dream_generate(backend: StepBackend, input_ids: Tensor, attention_mask: Tens
                    max_new_tokens: int = 20, steps: int = 512, eps: float = 1e-3, alg: str = "origin",
                    alg_temp: float | None = None, temperature: float = 1.0, top_p: float | None = None,
                    top_k: int | None = 50, block_length: int | None = None, policy: str | DecodePlan | None = None,
-                   on_step=None, max_positions: int | None = None) -> tuple[Tensor, GenerationStats]:
+                   on_step=None, max_positions: int | None = None, prefix_store=None) -> tuple[Tensor, GenerationStats]:
     """Dream's `diffusion_generate`; returns the full canvas [B, prompt + max_new_tokens].
 
     The defaults are upstream's effective ones (runtime/params.py): an unqualified call samples at
@@ -49,13 +49,13 @@ def dream_generate(backend: StepBackend, input_ids: Tensor, attention_mask: Tens
         rule = DreamRule(info.mask_token_id, p, threshold)
     else:
         rule = DreamBlockRule(info.mask_token_id, p, input_ids.shape[1], threshold)
-    return denoise(backend, x, am, rule, policy=plan, on_step=on_step)
+    return denoise(backend, x, am, rule, policy=plan, on_step=on_step, prefix_store=prefix_store)
 
 
 def llada_generate(backend: StepBackend, prompt: Tensor, attention_mask: Tensor | None = None, *, steps: int = 128,
                    gen_length: int = 128, block_length: int = 128, temperature: float = 0.0, cfg_scale: float = 0.0,
                    remasking: str = "low_confidence", policy: str | DecodePlan | None = None, on_step=None,
-                   max_positions: int | None = None) -> tuple[Tensor, GenerationStats]:
+                   max_positions: int | None = None, prefix_store=None) -> tuple[Tensor, GenerationStats]:
     """LLaDA's `generate` (blocks, low_confidence / random remasking, CFG); returns the canvas.
 
     LLaDA's published model code applies no attention mask, so upstream attends to left padding: pass
@@ -73,6 +73,7 @@ def llada_generate(backend: StepBackend, prompt: Tensor, attention_mask: Tensor 
     prompt_index = x != info.mask_token_id
     prompt_index[:, prompt.shape[1]:] = False
     return denoise(backend, x, am, rule, policy=plan, cfg_scale=cfg_scale, prompt_index=prompt_index,
+                   prefix_store=prefix_store,
                    on_step=on_step)
 
 
@@ -88,7 +89,7 @@ class Generation:
 
 def generate_text(backend: StepBackend, tokenizer, prompts: list[str], *, chat: bool = False,
                   policy: str | DecodePlan | None = None, on_step=None, max_positions: int | None = None,
-                  **params) -> Generation:
+                  prefix_store=None, **params) -> Generation:
     """Tokenize (left padding, optional chat template), generate, and decode each answer up to its EOS.
 
     `params` are the family's own: Dream's max_new_tokens/steps/eps/alg/alg_temp/temperature/top_p/top_k,
@@ -111,10 +112,10 @@ def generate_text(backend: StepBackend, tokenizer, prompts: list[str], *, chat: 
         raise UsageError("a prompt contains the mask token; remove it (the canvas uses it for unknown positions)")
     if family == "dream":
         x, stats = dream_generate(backend, ids, am, policy=policy, on_step=on_step, max_positions=max_positions,
-                                  **params)
+                                  prefix_store=prefix_store, **params)
     else:
         x, stats = llada_generate(backend, ids, am, policy=policy, on_step=on_step, max_positions=max_positions,
-                                  **params)
+                                  prefix_store=prefix_store, **params)
     P = ids.shape[1]
     return Generation([decode_answer(tokenizer, row[P:], backend.info.eos_token_id) for row in x], x, P, stats)
 
