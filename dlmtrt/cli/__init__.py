@@ -13,6 +13,7 @@ from .eval import eval_cmd
 from .export import export_cmd
 from .generate import generate
 from .make_tiny import make_tiny_cmd
+from .serve import serve_cmd, serve_trt_cmd
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -28,5 +29,6 @@ def main():
     """
 
 
-for _cmd in (make_tiny_cmd, generate, export_cmd, build_engine_cmd, eval_cmd, compare_cmd, bench_cmd):
+for _cmd in (make_tiny_cmd, generate, export_cmd, build_engine_cmd, eval_cmd, compare_cmd, bench_cmd,
+             serve_cmd, serve_trt_cmd):
     main.add_command(_cmd)

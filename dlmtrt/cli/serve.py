@@ -1,0 +1,109 @@
+"""`dlmtrt serve` / `dlmtrt serve-trt`: the OpenAI-compatible server (dlmtrt/serve)."""
+from __future__ import annotations
+
+import click
+
+from ._common import check_device, dtype_choice, friendly_errors, positive
+
+
+def _options(fn):
+    for opt in reversed([
+        click.option("--device", default=None, callback=check_device,
+                     help="cpu, cuda, cuda:N or auto [default: cpu; tensorrt: cuda]."),
+        click.option("--dtype", type=dtype_choice(), default=None,
+                     help="float32, float16 or bfloat16 [default: float32; exported graphs: their dtype]."),
+        click.option("--policy", default="none", show_default=True, metavar="SPEC",
+                     help="Default cache policy of requests that name none (as `dlmtrt generate --policy`)."),
+        click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on."),
+        click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
+                     help="Port (0 = any free port; the URL is printed)."),
+        click.option("--max-batch", type=positive(4096), default=32, show_default=True,
+                     help="Most requests in one cohort (one DecodeSession)."),
+        click.option("--max-cohorts", type=positive(1024), default=8, show_default=True,
+                     help="Most cohorts stepped round-robin at once (torch-graph and tensorrt: always 1)."),
+        click.option("--max-queue", type=click.IntRange(0, 1_000_000), default=256, show_default=True,
+                     help="Most accepted requests waiting for a cohort; beyond it requests get 429."),
+        click.option("--max-tokens-limit", type=positive(), default=None,
+                     help="Largest max_tokens a request may ask for [default: the model's positions - 1]."),
+        click.option("--max-steps-limit", type=positive(), default=1024, show_default=True,
+                     help="Largest steps a request may ask for (its default included: Dream's is 512)."),
+        click.option("--served-model-name", default=None, help="Model id in the API [default: the --model/--engine "
+                                                               "value]."),
+        click.option("--threads", type=positive(1024), default=None,
+                     help="torch CPU threads of the worker [default: torch's]."),
+        click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]),
+                     default="warning", show_default=True, help="uvicorn's log level (info: access log too)."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def run_server(model, backend, device, dtype, policy, host, port, max_batch, max_cohorts, max_queue, max_tokens_limit,
+               max_steps_limit, served_model_name, threads, log_level):
+    import time
+
+    from dlmtrt.runtime.backends import describe_model, make_backend
+    from dlmtrt.runtime.policies import parse_policy
+    try:
+        from dlmtrt.serve.app import ServeConfig, Served
+        from dlmtrt.serve.server import bind, serve
+    except ImportError as e:
+        raise click.ClickException(f"dlmtrt serve needs the 'serve' extra ({e.name} is missing): "
+                                   "pip install 'dlmtrt[serve]'") from None
+
+    if device is None:
+        device = "cuda" if backend == "tensorrt" else "cpu"
+    src = describe_model(backend, model)  # a missing model is one line, before anything binds or loads
+    parse_policy(policy)
+    if max_tokens_limit is not None and max_tokens_limit >= src.args.max_position_embeddings:
+        raise click.BadParameter(f"{max_tokens_limit} does not fit the model's {src.args.max_position_embeddings} "
+                                 "positions with any prompt", param_hint="--max-tokens-limit")
+    sock = bind(host, port)
+    if threads:
+        import torch
+        torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    be, tok, src = make_backend(backend, model, dtype=dtype, device=device)
+    cfg = ServeConfig(model_id=served_model_name or model, policy=policy, max_batch=max_batch, max_queue=max_queue,
+                      max_cohorts=max_cohorts, max_tokens_limit=max_tokens_limit, max_steps_limit=max_steps_limit,
+                      threads=threads)
+    served = Served(be, tok, src, cfg)
+    load_s = time.perf_counter() - t0
+
+    def announce(url):
+        cohorts = served.scheduler.max_cohorts
+        click.echo(f"dlmtrt serve: {src.family} model '{cfg.model_id}' ({be.name}, {device}, {src.dtype}; loaded in "
+                   f"{load_s:.1f} s) listening on {url}", nl=True)
+        click.echo(f"  POST {url}/v1/completions  {url}/v1/chat/completions   GET {url}/v1/models  {url}/health  "
+                   f"{url}/metrics  {url}/docs", nl=True)
+        click.echo(f"  cohorts of <= {max_batch} requests, <= {cohorts} running, queue <= {max_queue}; ctrl-C or "
+                   "SIGTERM finishes the accepted requests, then exits", nl=True)
+        import sys
+        sys.stdout.flush()
+
+    serve(served, sock, log_level=log_level, announce=announce)
+
+
+@click.command("serve")
+@click.option("--model", "-m", required=True,
+              help="Checkpoint directory, alias or cached repo id (torch, torch-graph); export directory "
+                   "(onnxruntime); engine file (tensorrt).")
+@click.option("--backend", type=click.Choice(["torch", "torch-graph", "onnxruntime", "tensorrt"]), default="torch",
+              show_default=True, help="Step backend (torch-graph and tensorrt run one cohort at a time).")
+@_options
+@friendly_errors
+def serve_cmd(model, backend, **kw):
+    """Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions).
+
+    Requests join a running batch at the next denoising step and leave when their answer is final; see the
+    README's 'Serving' section for the diffusion fields (steps, block_length, policy, ...)."""
+    run_server(model, backend, **kw)
+
+
+@click.command("serve-trt")
+@click.option("--engine", "-e", required=True, help="TensorRT engine file (dlmtrt build-engine).")
+@_options
+@friendly_errors
+def serve_trt_cmd(engine, **kw):
+    """`dlmtrt serve --backend tensorrt --model ENGINE`: serve a TensorRT engine (one cohort at a time)."""
+    run_server(engine, "tensorrt", **kw)

@@ -1,0 +1,381 @@
+"""The FastAPI app: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics.
+
+Every request is validated completely before it is queued (types, the family's parameters through
+runtime/params.py, the policy through runtime/policies.py, lengths against the model and the server's limits),
+so a bad request is a 4xx with OpenAI's error shape and never reaches the worker.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from dlmtrt import __version__
+from dlmtrt.errors import DlmtrtError
+from dlmtrt.runtime.params import LLaDAParams, DreamParams, family_params
+from dlmtrt.runtime.policies import parse_policy
+from dlmtrt.runtime.unmasking import DreamBlockRule, DreamRule, LLaDARule
+
+from .metrics import Metrics
+from .protocol import ApiError, ChatCompletionRequest, CompletionRequest, DiffusionFields
+from .scheduler import Job, QueueFull, Scheduler, ShuttingDown, draws_random
+
+DREAM_ONLY = ("alg", "alg_temp", "eps", "top_p", "top_k")
+LLADA_ONLY = ("remasking", "cfg_scale")
+SEED_LIMIT = 2 ** 64  # what torch.manual_seed takes, as `dlmtrt generate --seed`
+
+
+@dataclass
+class ServeConfig:
+    model_id: str
+    policy: str = "none"
+    max_batch: int = 32
+    max_queue: int = 256
+    max_cohorts: int = 8
+    max_tokens_limit: int | None = None  # default: the model's positions
+    max_steps_limit: int = 1024
+    threads: int | None = None
+
+
+class Served:
+    """The loaded model and everything the endpoints share."""
+
+    def __init__(self, backend, tokenizer, source, config: ServeConfig):
+        self.backend, self.tokenizer, self.source, self.config = backend, tokenizer, source, config
+        self.family = source.family
+        self.max_positions = source.args.max_position_embeddings
+        self.metrics = Metrics()
+        self.tok_lock = threading.Lock()
+        self.created = int(time.time())
+        parse_policy(config.policy)  # a misspelt --policy fails at startup; combinations are checked per request
+        self.scheduler = Scheduler(backend, tokenizer, self.family, max_positions=self.max_positions,
+                                   max_batch=config.max_batch, max_queue=config.max_queue,
+                                   max_cohorts=config.max_cohorts, metrics=self.metrics,
+                                   tokenizer_lock=self.tok_lock, threads=config.threads)
+
+    # ---- validation --------------------------------------------------------------------------------------
+    def params_of(self, req: DiffusionFields) -> tuple[dict, object, int]:
+        fam = self.family
+        for f, why in req.unsupported():
+            raise ApiError(400, why, param=f, code="unsupported_parameter")
+        if req.model is not None and req.model != self.config.model_id:
+            raise ApiError(404, f"model '{req.model}' is not served here; this server serves "
+                                f"'{self.config.model_id}' (GET /v1/models)", param="model", code="model_not_found")
+        other = LLADA_ONLY if fam == "dream" else DREAM_ONLY
+        wrong = [f for f in other if getattr(req, f) is not None]
+        if wrong:
+            raise ApiError(400, f"{', '.join(wrong)} do(es) not apply to {fam} models", param=wrong[0])
+        max_tokens = getattr(req, "max_completion_tokens", None)
+        if max_tokens is None:
+            max_tokens = req.max_tokens
+        explicit = dict(max_new_tokens=max_tokens, steps=req.steps, temperature=req.temperature, alg=req.alg,
+                        alg_temp=req.alg_temp, eps=req.eps, top_p=req.top_p, top_k=req.top_k,
+                        block_length=req.block_length, remasking=req.remasking, cfg_scale=req.cfg_scale)
+        explicit = {k: v for k, v in explicit.items() if v is not None}
+        try:
+            params = family_params(fam, self.source.path, **explicit)
+            plan = parse_policy(req.policy if req.policy is not None else self.config.policy)
+            plan.check(fam, params.get("remasking"))
+        except DlmtrtError as e:
+            raise ApiError(400, str(e), param=_param_of(str(e), req)) from None
+        new = params.get("max_new_tokens") or params["gen_length"]
+        limit = self.config.max_tokens_limit
+        if limit is not None and new > limit:
+            raise ApiError(400, f"max_tokens {new} exceeds this server's limit of {limit}", param="max_tokens")
+        if new >= self.max_positions:
+            raise ApiError(400, f"max_tokens {new} does not fit the model's {self.max_positions} positions with any "
+                                "prompt; ask for fewer", param="max_tokens")
+        if params["steps"] > self.config.max_steps_limit:
+            raise ApiError(400, f"steps {params['steps']} exceeds this server's limit of "
+                                f"{self.config.max_steps_limit}", param="steps")
+        seed = 0 if req.seed is None else req.seed
+        if not 0 <= seed < SEED_LIMIT:
+            raise ApiError(400, f"seed must be in [0, 2**64), got {seed}", param="seed")
+        return params, plan, seed
+
+    def tokenize(self, text: str, param: str) -> list[int]:
+        if not text:
+            raise ApiError(400, f"the {param} is empty", param=param)
+        with self.tok_lock:
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ApiError(400, f"the {param} has no tokens", param=param)
+        if self.backend.info.mask_token_id in ids:
+            raise ApiError(400, f"the {param} contains the mask token; remove it (the canvas uses it for unknown "
+                                "positions)", param=param)
+        return ids
+
+    def chat_text(self, req: ChatCompletionRequest) -> str:
+        if not req.messages:
+            raise ApiError(400, "messages is empty", param="messages")
+        msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+        try:
+            with self.tok_lock:
+                return self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        except Exception as e:
+            raise ApiError(400, f"the model's chat template cannot render these messages: {e}",
+                           param="messages") from None
+
+    def jobs_of(self, req: DiffusionFields, texts: list[str], param: str, sink) -> list[Job]:
+        params, plan, seed = self.params_of(req)
+        new = params.get("max_new_tokens") or params["gen_length"]
+        jobs = []
+        for k, text in enumerate(texts):
+            ids = self.tokenize(text, param)
+            if len(ids) + new > self.max_positions:
+                raise ApiError(400, f"prompt ({len(ids)} tokens) + max_tokens ({new}) exceeds the model's "
+                                    f"{self.max_positions} positions; shorten the prompt or ask for fewer tokens",
+                               param=param, code="context_length_exceeded")
+            self._check_rule(params, plan, len(ids))
+            jobs.append(Job(ids, params, plan, seed, draws_random(self.family, params), new, sink,
+                            stream=req.stream, canvas=req.dlmtrt_canvas, index=k))
+        return jobs
+
+    def _check_rule(self, params: dict, plan, prompt_length: int) -> None:
+        """Build the rule once, so that whatever it refuses is a 400 now rather than an error mid-stream."""
+        info = self.backend.info
+        threshold = plan.parallel.threshold if plan.parallel is not None else None
+        try:
+            if self.family == "dream":
+                p = DreamParams(**params).validate()
+                if p.block_length is None:
+                    DreamRule(info.mask_token_id, p, threshold)
+                else:
+                    DreamBlockRule(info.mask_token_id, p, prompt_length, threshold)
+            else:
+                p = LLaDAParams(**params).validate()
+                LLaDARule(p, prompt_length, parallel=threshold,
+                          order=getattr(plan.cache, "order", "step") if p.remasking == "random" else "step")
+        except DlmtrtError as e:
+            raise ApiError(400, str(e), param=_param_of(str(e), None)) from None
+
+
+def _param_of(message: str, req) -> str | None:
+    """The request field a runtime error message is about, as the client spells it."""
+    if "polic" in message or "modifier" in message:
+        return "policy"
+    word = message.split(" ", 1)[0].strip("'\"(")
+    word = {"max_new_tokens": "max_tokens", "gen_length": "max_tokens"}.get(word, word)
+    for name in ("alg", "remasking"):
+        if message.startswith(f"unknown {name} "):
+            return name
+    return word if word in DiffusionFields.model_fields else None
+
+
+def _error(e: ApiError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+def _sse(obj, event: str | None = None) -> str:
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client goes away (the body has been read: the next message is the disconnect)."""
+    while True:
+        msg = await request.receive()
+        if msg["type"] == "http.disconnect":
+            return
+
+
+def create_app(served: Served) -> FastAPI:
+    sched, metrics, cfg = served.scheduler, served.metrics, served.config
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        sched.start()
+        yield
+        await asyncio.get_running_loop().run_in_executor(None, sched.stop)
+
+    app = FastAPI(title="dlmtrt", version=__version__, lifespan=lifespan,
+                  description="OpenAI-compatible serving of diffusion language models (Dream, LLaDA). "
+                              "Fields marked dlmtrt are extensions; see README 'Serving'.")
+    app.state.served = served
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, e: ApiError):
+        return _error(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, e: RequestValidationError):
+        errs = e.errors()
+        first = errs[0] if errs else {}
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        kind = first.get("type", "")
+        if kind in ("json_invalid",) or not loc and kind != "missing":
+            msg = f"the body is not valid JSON: {first.get('msg', 'parse error')}" if kind == "json_invalid" else \
+                f"the body must be a JSON object: {first.get('msg', '')}"
+            return _error(ApiError(400, msg, code="invalid_body"))
+        where = ".".join(loc) or "body"
+        msg = first.get("msg", "invalid value")
+        if kind == "extra_forbidden":
+            msg = "unknown field (see GET /openapi.json for the fields this server takes)"
+        more = f" (and {len(errs) - 1} more problem(s))" if len(errs) > 1 else ""
+        return _error(ApiError(400, f"{where}: {msg}{more}", param=loc[0] if loc else None, code="invalid_value"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException):
+        typ = "invalid_request_error" if e.status_code < 500 else "server_error"
+        detail = e.detail if isinstance(e.detail, str) else json.dumps(e.detail)
+        if e.status_code == 400:
+            detail = f"the body cannot be read as JSON: {detail}"
+        return _error(ApiError(e.status_code, detail, type=typ, headers=getattr(e, "headers", None)))
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, e: Exception):
+        return _error(ApiError(500, f"internal error: {type(e).__name__}: {e}", type="server_error"))
+
+    @app.get("/health")
+    async def health():
+        state = "draining" if sched.draining else "ok"
+        return JSONResponse({"status": state, "model": cfg.model_id, "queue_depth": sched.queue_depth,
+                             "running_requests": sched.running_requests},
+                            status_code=503 if sched.draining else 200)
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    @app.get("/v1/models")
+    async def models():
+        src = served.source
+        return {"object": "list", "data": [{
+            "id": cfg.model_id, "object": "model", "created": served.created, "owned_by": "dlmtrt",
+            "dlmtrt": {"family": served.family, "backend": served.backend.name, "dtype": src.dtype,
+                       "max_positions": served.max_positions, "policy": cfg.policy,
+                       "max_tokens_limit": cfg.max_tokens_limit, "max_steps_limit": cfg.max_steps_limit,
+                       "path": str(Path(src.path))}}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        texts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+        if not texts:
+            raise ApiError(400, "prompt is an empty list", param="prompt")
+        return await _generate(request, body, texts, "prompt", chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        return await _generate(request, body, None, "messages", chat=True)
+
+    async def _generate(request: Request, body: DiffusionFields, texts, param: str, chat: bool):
+        endpoint = "chat" if chat else "completions"
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def sink(job, kind, payload):
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening any more
+                loop.call_soon_threadsafe(queue.put_nowait, (job.index, kind, payload))
+
+        try:
+            if chat:
+                texts = [served.chat_text(body)]
+            jobs = served.jobs_of(body, texts, param, sink)
+            try:
+                sched.submit(jobs)
+            except QueueFull:
+                raise ApiError(429, f"the queue is full ({cfg.max_queue} requests waiting); retry later",
+                               type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
+            except ShuttingDown:
+                raise ApiError(503, "the server is shutting down and accepts no new requests",
+                               type="server_error", code="shutting_down") from None
+        except ApiError as e:
+            metrics.requests.labels(endpoint, str(e.status)).inc()
+            raise
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        head = {"id": rid, "created": created, "model": cfg.model_id}
+        if body.stream:
+            metrics.requests.labels(endpoint, "200").inc()
+            return StreamingResponse(_stream(request, body, jobs, queue, head, chat), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        results: list[dict | None] = [None] * len(jobs)
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            while any(r is None for r in results):
+                get = asyncio.ensure_future(queue.get())
+                done, _ = await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if get not in done:
+                    get.cancel()
+                    metrics.requests.labels(endpoint, "499").inc()
+                    return Response(status_code=499)  # nobody reads it
+                idx, kind, payload = get.result()
+                if kind == "done":
+                    results[idx] = payload
+                elif kind == "error":
+                    status, msg = payload
+                    metrics.requests.labels(endpoint, str(status)).inc()
+                    raise ApiError(status, msg, type="server_error" if status >= 500 else "invalid_request_error")
+        finally:
+            gone.cancel()
+            sched.cancel(jobs)
+        metrics.requests.labels(endpoint, "200").inc()
+        prompt_tokens = sum(r["prompt_tokens"] for r in results)
+        completion_tokens = sum(r["completion_tokens"] for r in results)
+        if chat:
+            choices = [{"index": k, "message": {"role": "assistant", "content": r["text"]},
+                        "finish_reason": r["finish_reason"], "logprobs": None} for k, r in enumerate(results)]
+        else:
+            choices = [{"index": k, "text": r["text"], "finish_reason": r["finish_reason"], "logprobs": None}
+                       for k, r in enumerate(results)]
+        return {**head, "object": "chat.completion" if chat else "text_completion", "choices": choices,
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                          "total_tokens": prompt_tokens + completion_tokens},
+                "dlmtrt": [r["dlmtrt"] for r in results]}
+
+    async def _stream(request: Request, body: DiffusionFields, jobs: list[Job], queue: asyncio.Queue, head: dict,
+                      chat: bool):
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(index: int, text: str | None, finish: str | None, first: bool = False) -> dict:
+            if chat:
+                delta = {"role": "assistant", "content": text or ""} if first else \
+                    ({"content": text} if text is not None else {})
+                choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
+            else:
+                choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}
+            return {**head, "object": obj, "choices": [choice]}
+
+        left = len(jobs)
+        usage = [0, 0]
+        try:
+            if chat:
+                for j in jobs:
+                    yield _sse(chunk(j.index, "", None, first=True))
+            while left:
+                idx, kind, payload = await queue.get()
+                if kind == "delta":
+                    yield _sse(chunk(idx, payload, None))
+                elif kind == "canvas":
+                    yield _sse(payload, event="dlmtrt")
+                elif kind == "done":
+                    left -= 1
+                    usage[0] += payload["prompt_tokens"]
+                    usage[1] += payload["completion_tokens"]
+                    final = chunk(idx, None if chat else "", payload["finish_reason"])
+                    final["dlmtrt"] = payload["dlmtrt"]
+                    yield _sse(final)
+                elif kind == "error":
+                    status, msg = payload
+                    yield _sse(ApiError(status, msg, type="server_error" if status >= 500 else
+                                        "invalid_request_error").body())
+                    break
+            if body.stream_options is not None and body.stream_options.include_usage:
+                yield _sse({**head, "object": obj, "choices": [],
+                            "usage": {"prompt_tokens": usage[0], "completion_tokens": usage[1],
+                                      "total_tokens": usage[0] + usage[1]}})
+            yield "data: [DONE]\n\n"
+        finally:
+            sched.cancel(jobs)
+
+    return app

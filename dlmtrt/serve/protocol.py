@@ -1,0 +1,139 @@
+"""Request bodies of the OpenAI-compatible endpoints, the diffusion extensions, and OpenAI-shaped errors.
+
+Bodies are strict: a wrong type is a 400 (no silent "5" -> 5), an unknown field is a 400 (a misspelt extension
+field would otherwise be ignored), and OpenAI fields this server cannot honour are accepted only at their
+neutral value (`n` 1, `echo` false, penalties 0, ...), so that a client is never answered something other
+than what it asked for.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, Strict
+
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict()]
+Bool = Annotated[bool, Strict()]
+Str = Annotated[str, Strict()]
+
+
+class ApiError(Exception):
+    """An error answered as OpenAI does: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: Bool = False
+
+
+class DiffusionFields(BaseModel):
+    """The diffusion extensions, shared by both endpoints. Unset fields take the model family's defaults
+    (runtime/params.py: Dream's `diffusion_generate`, LLaDA's `generate`), exactly as `dlmtrt generate`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: Int | None = Field(None, description="dlmtrt: denoising steps [default: the family's, Dream 512, LLaDA 128].")
+    block_length: Int | None = Field(
+        None, description="dlmtrt: LLaDA's semi-autoregressive block (default 128, or the whole answer when shorter); "
+                          "Dream: Fast-dLLM block decoding with this block length (default off).")
+    policy: Str | None = Field(
+        None, description="dlmtrt: cache policy and modifiers, as `dlmtrt generate --policy` "
+                          "(none | decode | prefill | pd | greedy | block | dual | adaptive | delayed | window, "
+                          "e.g. 'dual+parallel:threshold=0.9') [default: the server's --policy].")
+    alg: Str | None = Field(None, description="dlmtrt, Dream: unmasking order: origin | maskgit_plus | topk_margin | "
+                                              "entropy [default: origin, as upstream].")
+    alg_temp: Float | None = Field(None, description="dlmtrt, Dream: temperature of the confidence-based order.")
+    eps: Float | None = Field(None, description="dlmtrt, Dream: final timestep of the schedule [default 1e-3].")
+    top_k: Int | None = Field(None, description="dlmtrt, Dream: keep the k largest logits (0 = off) [default 50].")
+    remasking: Str | None = Field(None, description="dlmtrt, LLaDA: low_confidence | random [default low_confidence].")
+    cfg_scale: Float | None = Field(None, description="dlmtrt, LLaDA: classifier-free guidance scale [default 0].")
+    dlmtrt_canvas: Bool = Field(False, description="dlmtrt, streaming only: after every step also send an "
+                                                   "`event: dlmtrt` with the whole canvas (mask positions null).")
+
+    # OpenAI fields every endpoint shares
+    model: Str | None = Field(None, description="The served model's id (GET /v1/models); omitted = that model.")
+    max_tokens: Int | None = Field(None, description="Tokens to generate, the diffusion canvas' answer length "
+                                                     "(LLaDA: gen_length) [default: the family's, Dream 20, LLaDA 128].")
+    temperature: Float | None = Field(None, description="0 is greedy [default: the family's: Dream 1.0 (samples, "
+                                                        "as upstream), LLaDA 0].")
+    top_p: Float | None = Field(None, description="Dream: nucleus sampling threshold in (0, 1] [default off].")
+    seed: Int | None = Field(None, description="Seed of this request's random draws [default 0, as `dlmtrt generate`].")
+    stream: Bool = False
+    stream_options: StreamOptions | None = None
+    n: Int | None = Field(None, description="Only 1.")
+    stop: Str | list[Str] | None = Field(None, description="Not supported yet: only null.")
+    presence_penalty: Float | None = Field(None, description="Only 0.")
+    frequency_penalty: Float | None = Field(None, description="Only 0.")
+    logit_bias: dict[str, Float] | None = Field(None, description="Only empty.")
+    user: Str | None = None
+
+    def unsupported(self) -> list[tuple[str, str]]:
+        """(field, why) for OpenAI fields set to something this server does not do."""
+        bad = []
+        if self.n not in (None, 1):
+            bad.append(("n", "n must be 1 (one choice per prompt)"))
+        if self.stop not in (None, [], ""):
+            bad.append(("stop", "stop sequences are not supported yet; the answer ends at the model's EOS"))
+        for f in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, f) not in (None, 0):
+                bad.append((f, f"{f} is not supported (only 0)"))
+        if self.logit_bias:
+            bad.append(("logit_bias", "logit_bias is not supported"))
+        return bad
+
+
+class CompletionRequest(DiffusionFields):
+    prompt: Str | list[Str] = Field(..., description="Text, or a list of texts (one choice each).")
+    echo: Bool = Field(False, description="Only false.")
+    suffix: Str | None = Field(None, description="Only null.")
+    logprobs: Int | None = Field(None, description="Only null.")
+    best_of: Int | None = Field(None, description="Only 1.")
+
+    def unsupported(self) -> list[tuple[str, str]]:
+        bad = super().unsupported()
+        if self.echo:
+            bad.append(("echo", "echo is not supported"))
+        if self.suffix:
+            bad.append(("suffix", "suffix (insertion) is not supported yet"))
+        if self.logprobs is not None:
+            bad.append(("logprobs", "logprobs are not supported"))
+        if self.best_of not in (None, 1):
+            bad.append(("best_of", "best_of must be 1"))
+        return bad
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: Str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Str | list[TextPart]
+    name: Str | None = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(DiffusionFields):
+    messages: list[Message] = Field(..., description="The conversation, rendered with the tokenizer's chat template.")
+    max_completion_tokens: Int | None = Field(None, description="Same as max_tokens.")
+    logprobs: Bool | None = Field(None, description="Only false.")
+
+    def unsupported(self) -> list[tuple[str, str]]:
+        bad = super().unsupported()
+        if self.logprobs:
+            bad.append(("logprobs", "logprobs are not supported"))
+        return bad
