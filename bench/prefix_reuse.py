@@ -1,5 +1,5 @@
 """What cross-request prefix reuse (runtime/prefix.py) costs and buys, on the CPU (`python -m bench.prefix_reuse`,
-about 3 minutes; writes bench/results/prefix-reuse-cpu.json and prints two tables).
+about 10 minutes; writes bench/results/prefix-reuse-cpu.json and prints two tables).
 
 1. Accuracy: the shipped trained tiny models on their tasks (n=200, batches of 50, so the first batch fills
    the store and the other three reuse its prompt blocks), with and without reuse, under the policies that
@@ -27,7 +27,7 @@ from dlmtrt.runtime.backends.torch_backend import TorchBackend
 from dlmtrt.runtime.generate import dream_generate
 from dlmtrt.runtime.prefix import PrefixStore
 
-TASKS = {"dream": ["sudoku4", "countdown", "shift128"], "llada": ["sudoku4", "countdown", "shift128"]}
+TASKS = {"dream": ["sudoku4", "countdown"], "llada": ["sudoku4", "countdown"]}  # shift128: 129 steps, too slow here
 POLICY = {"dream": "pd", "llada": "dual"}
 
 
@@ -85,7 +85,9 @@ def shared_prompt(requests: int = 12, prefix: int = 400, question: int = 40, ans
 
 
 def main(path: str) -> None:
-    res = {"device": "cpu", "torch": torch.__version__, "accuracy": accuracy(), "shared_prompt": shared_prompt()}
+    res = {"device": "cpu", "torch": torch.__version__, "shared_prompt": shared_prompt()}
+    Path(path).write_text(json.dumps(res, indent=1))
+    res["accuracy"] = accuracy()
     Path(path).write_text(json.dumps(res, indent=1))
     print(f"results: {path}")
 
