@@ -37,6 +37,9 @@ WORKLOADS = [
      dict(max_tokens=32, steps=32, temperature=0.0, alg="entropy", policy="decode")),
     ("dream decode, bf16", "dream", "bfloat16",
      dict(max_tokens=32, steps=32, temperature=0.0, alg="entropy", policy="decode")),
+    # sampling (Dream's defaults: temperature 1, alg origin), one seed per request: every request is its own
+    # cohort (exact seeded draws), so only the round-robin overlap is left
+    ("dream sampled, seed each", "dream", "float32", dict(max_tokens=32, steps=32, policy="none", seed="each")),
 ]
 
 
@@ -47,9 +50,11 @@ def prompts(n: int) -> list[str]:
         [p.prompt for p in TASKS["countdown"].problems(n - half, 11)]
 
 
-def start(model: str, dtype: str, threads: int, max_batch: int) -> tuple[subprocess.Popen, str]:
+def start(model: str, dtype: str, threads: int, max_batch: int, device: str, backend: str,
+          cohorts: int) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "serve", "-m", model, "--port", "0", "--threads",
-                             str(threads), "--max-batch", str(max_batch), "--max-queue", "4096", "--dtype", dtype],
+                             str(threads), "--max-batch", str(max_batch), "--max-queue", "4096", "--dtype", dtype,
+                             "--device", device, "--backend", backend, "--max-cohorts", str(cohorts)],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
     for line in proc.stdout:
         m = re.search(r"listening on (http://\S+)", line)
@@ -81,6 +86,27 @@ async def concurrent(url: str, bodies: list[dict]):
         return res, time.perf_counter() - t
 
 
+def verify(family: str, dtype: str, device: str, bodies: list[dict], answers: list[str]) -> int:
+    """How many answers equal `generate_text` for the same prompt, parameters and seed, one request at a time
+    (as `dlmtrt generate` runs it)."""
+    import torch
+
+    from dlmtrt.runtime.backends import make_backend
+    from dlmtrt.runtime.generate import generate_text
+    from dlmtrt.runtime.params import family_params
+    be, tok, src = make_backend("torch", f"tiny-{family}-tasks", dtype=dtype, device=device)
+    same = 0
+    for b, ans in zip(bodies, answers):
+        f = dict(b)
+        prompt, policy, seed = f.pop("prompt"), f.pop("policy", "none"), f.pop("seed", 0)
+        f["max_new_tokens"] = f.pop("max_tokens")
+        torch.manual_seed(seed)
+        res = generate_text(be, tok, [prompt], policy=policy, max_positions=src.args.max_position_embeddings,
+                            **family_params(family, src.path, **f))
+        same += res.texts[0] == ans
+    return same
+
+
 def metrics(url: str) -> dict[str, float]:
     text = httpx.get(url + "/metrics").text
     return {k: float(v) for k, v in re.findall(r"^(dlmtrt_\S+) (\S+)$", text, re.M)}
@@ -92,6 +118,12 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the server's worker")
     ap.add_argument("--only", default=None, help="run the workloads whose name contains this")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--backend", default="torch", choices=["torch", "torch-graph"])
+    ap.add_argument("--max-cohorts", type=int, default=128,
+                    help="the server's --max-cohorts (sampling requests need one cohort each)")
+    ap.add_argument("--verify", action="store_true",
+                    help="also compare every answer with generate_text run here, request by request")
     a = ap.parse_args()
     texts = prompts(a.clients)
     rows = []
@@ -105,9 +137,13 @@ def main() -> None:
                     proc.send_signal(signal.SIGTERM)
                     proc.wait(60)
                 servers.clear()
-                servers[family, dtype] = start(f"tiny-{family}-tasks", dtype, a.threads, a.clients)
+                servers[family, dtype] = start(f"tiny-{family}-tasks", dtype, a.threads, a.clients, a.device,
+                                               a.backend, a.max_cohorts)
             url = servers[family, dtype][1]
             bodies = [{"prompt": p, **fields} for p in texts]
+            for k, b in enumerate(bodies):
+                if b.get("seed") == "each":
+                    b["seed"] = k
             asyncio.run(sequential(url, bodies[:2]))  # warm-up
             seq, seq_s = asyncio.run(sequential(url, bodies))
             m0 = metrics(url)
@@ -129,22 +165,27 @@ def main() -> None:
                 "cohorts_concurrent": int(cohorts), "identical_answers": same,
                 "rows_fraction": round(seq[0][2]["rows_computed"] / seq[0][2]["rows_full"], 3),
             })
+            if a.verify:
+                rows[-1]["equal_to_generate_text"] = verify(family, dtype, a.device, bodies, [x[0] for x in seq])
             r = rows[-1]
-            print(f"{name:28s} seq {r['sequential_s']:7.2f} s  conc {r['concurrent_s']:6.2f} s  "
+            print(f"{name:28s} " + (f"generate_text-equal {r['equal_to_generate_text']}/{len(bodies)} "
+                                    if a.verify else "") + f"seq {r['sequential_s']:7.2f} s  conc {r['concurrent_s']:6.2f} s  "
                   f"ratio {r['throughput_ratio']:5.2f}x  cohorts {r['cohorts_concurrent']}  same {same}/{len(bodies)}",
                   flush=True)
     finally:
         for proc, _ in servers.values():
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
-    doc = {"what": "dlmtrt serve throughput: concurrent clients vs one request at a time (CPU, tiny checkpoints)",
-           "clients": a.clients, "server_threads": a.threads, "machine": platform.platform(),
+    doc = {"what": "dlmtrt serve throughput: concurrent clients vs one request at a time (tiny checkpoints)",
+           "clients": a.clients, "server_threads": a.threads, "device": a.device, "backend": a.backend,
+           "max_cohorts": a.max_cohorts, "machine": platform.platform(),
            "python": platform.python_version(), "cpus": __import__("os").cpu_count(), "rows": rows}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(doc, indent=1) + "\n")
     from rich.console import Console
     from rich.table import Table
-    t = Table(title=f"dlmtrt serve, {a.clients} concurrent clients vs one at a time (CPU, {a.threads} thread)")
+    t = Table(title=f"dlmtrt serve, {a.clients} concurrent clients vs one at a time ({a.device}, {a.backend}, "
+                    f"{a.threads} thread)")
     for col in ("workload", "rows/full", "one at a time", "concurrent", "req/s 1 -> N", "ratio", "cohorts",
                 "p50 latency 1 / N", "same answers"):
         t.add_column(col, justify="right")

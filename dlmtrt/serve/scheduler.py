@@ -3,8 +3,8 @@ worker thread that owns the backend.
 
 At every step boundary (after any cohort's step) the waiting requests are grouped by their compatibility key
 (family parameters, policy, answer length, prompt-length bucket) and each group, up to `max_batch`, becomes a
-new cohort: one `DecodeSession` whose batch is the group, prompts left-padded to the bucket as
-`generate_text` pads a batch. Running cohorts are stepped one step each in turn; a request is answered as soon
+new cohort: one `DecodeSession` whose batch is the group, prompts left-padded to the group's longest as
+`generate_text` pads a batch (a request alone is not padded at all: in bf16, padding alone can flip a near-tie). Running cohorts are stepped one step each in turn; a request is answered as soon
 as its answer is final (its committed prefix reaches EOS, or nothing is masked: committed tokens never change),
 and a cohort is dropped once none of its requests is waiting for it (all answered or gone).
 
@@ -283,9 +283,7 @@ class Scheduler:
     def _start_cohort(self, jobs: list[Job]) -> None:
         now = time.perf_counter()
         try:
-            P = max(len(j.ids) for j in jobs)
-            if not jobs[0].random:
-                P = bucket_of(P, (self.max_positions or 1 << 30) - jobs[0].new_tokens)
+            P = max(len(j.ids) for j in jobs)  # as generate_text pads a batch: to its longest prompt
             dev = self.info.device
             ids = torch.full((len(jobs), P), self.pad_id, dtype=torch.long)
             am = torch.zeros((len(jobs), P), dtype=torch.long)
