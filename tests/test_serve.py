@@ -73,6 +73,7 @@ def servers(tmp_path_factory):
                             "small": ["tiny-dream-tasks", "--max-queue", "2", "--max-cohorts", "1", "--max-batch",
                                       "1"],
                             "fuzz": ["tiny-dream-tasks", "--max-tokens-limit", "16", "--max-steps-limit", "16"],
+                            "prefix": ["tiny-dream-tasks", "--prefix-cache-mb", "64"],
                             }[name]
             started[name] = Server(model, *args, tmp=tmp)
         return started[name]
@@ -452,3 +453,20 @@ def test_scheduler_rules():
     assert draws_random("dream", {**dream, "alg_temp": 0.1})
     assert not draws_random("llada", dict(temperature=0.0, remasking="low_confidence"))
     assert draws_random("llada", dict(temperature=0.0, remasking="random"))
+
+
+def test_prefix_cache_serves_a_repeated_prompt_exactly(servers, offline):
+    """--prefix-cache-mb: the second identical request starts from the first one's prompt K/V (exact under `pd`,
+    which never recomputes prompt rows) and the metrics count the served rows and the store's bytes."""
+    srv = servers("prefix")
+    prompt = "sudoku\n0120\n4231\n2000\n0040\n"
+    body = {"prompt": prompt, "max_tokens": 16, "steps": 16, "temperature": 0, "alg": "entropy", "policy": "pd"}
+    first = httpx.post(srv.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+    m1 = srv.metrics()
+    second = httpx.post(srv.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+    m2 = srv.metrics()
+    want = offline("dream", prompt, policy="pd", max_new_tokens=16, steps=16, temperature=0.0, alg="entropy")
+    assert first == second == want
+    assert m1["dlmtrt_prefix_store_bytes"] > 0 and m1["dlmtrt_prefix_rows_served_total"] == 0
+    assert m2["dlmtrt_prefix_rows_served_total"] >= 16
+    assert m2["dlmtrt_rows_computed_total"] - m1["dlmtrt_rows_computed_total"] < m1["dlmtrt_rows_computed_total"]

@@ -27,6 +27,10 @@ def _options(fn):
                      help="Largest max_tokens a request may ask for [default: the model's positions - 1]."),
         click.option("--max-steps-limit", type=positive(), default=1024, show_default=True,
                      help="Largest steps a request may ask for (its default included: Dream's is 512)."),
+        click.option("--prefix-cache-mb", type=click.IntRange(0, 1 << 20), default=0, show_default=True,
+                     help="Cross-request prefix K/V reuse: MiB of prompt-prefix K/V kept on the device (0 = off). "
+                          "Exact only for identical prompts; an approximation for different continuations on "
+                          "bidirectional models (README: 'Cross-request prefix K/V reuse')."),
         click.option("--served-model-name", default=None, help="Model id in the API [default: the --model/--engine "
                                                                "value]."),
         click.option("--threads", type=positive(1024), default=None,
@@ -39,7 +43,7 @@ def _options(fn):
 
 
 def run_server(model, backend, device, dtype, policy, host, port, max_batch, max_cohorts, max_queue, max_tokens_limit,
-               max_steps_limit, served_model_name, threads, log_level):
+               max_steps_limit, prefix_cache_mb, served_model_name, threads, log_level):
     import time
 
     from dlmtrt.runtime.backends import describe_model, make_backend
@@ -66,7 +70,7 @@ def run_server(model, backend, device, dtype, policy, host, port, max_batch, max
     be, tok, src = make_backend(backend, model, dtype=dtype, device=device)
     cfg = ServeConfig(model_id=served_model_name or model, policy=policy, max_batch=max_batch, max_queue=max_queue,
                       max_cohorts=max_cohorts, max_tokens_limit=max_tokens_limit, max_steps_limit=max_steps_limit,
-                      threads=threads)
+                      threads=threads, prefix_cache_bytes=prefix_cache_mb << 20)
     served = Served(be, tok, src, cfg)
     load_s = time.perf_counter() - t0
 

@@ -24,6 +24,7 @@ from dlmtrt import __version__
 from dlmtrt.errors import DlmtrtError
 from dlmtrt.runtime.params import LLaDAParams, DreamParams, family_params
 from dlmtrt.runtime.policies import parse_policy
+from dlmtrt.runtime.prefix import PrefixStore
 from dlmtrt.runtime.unmasking import DreamBlockRule, DreamRule, LLaDARule
 
 from .metrics import Metrics
@@ -45,6 +46,8 @@ class ServeConfig:
     max_tokens_limit: int | None = None  # default: the model's positions
     max_steps_limit: int = 1024
     threads: int | None = None
+    prefix_cache_bytes: int = 0  # cross-request prefix K/V reuse (runtime/prefix.py); 0 = off
+    prefix_block: int = 16
 
 
 class Served:
@@ -61,7 +64,9 @@ class Served:
         self.scheduler = Scheduler(backend, tokenizer, self.family, max_positions=self.max_positions,
                                    max_batch=config.max_batch, max_queue=config.max_queue,
                                    max_cohorts=config.max_cohorts, metrics=self.metrics,
-                                   tokenizer_lock=self.tok_lock, threads=config.threads)
+                                   tokenizer_lock=self.tok_lock, threads=config.threads,
+                                   prefix_store=PrefixStore(config.prefix_cache_bytes, config.prefix_block)
+                                   if config.prefix_cache_bytes > 0 else None)
 
     # ---- validation --------------------------------------------------------------------------------------
     def params_of(self, req: DiffusionFields) -> tuple[dict, object, int]:

@@ -24,6 +24,11 @@ class Metrics:
         self.rows_computed = Counter("dlmtrt_rows_computed", "Canvas rows the backend computed", registry=r)
         self.rows_full = Counter("dlmtrt_rows_full",
                                  "Rows recomputing every canvas row at every step would have cost", registry=r)
+        self.prefix_rows = Counter("dlmtrt_prefix_rows_served", "Prompt rows served by the prefix store", registry=r)
+        self.prefix_prompt_rows = Counter("dlmtrt_prefix_prompt_rows", "Prompt rows looked up in the prefix store",
+                                          registry=r)
+        self.prefix_bytes = Gauge("dlmtrt_prefix_store_bytes", "Bytes of K/V held by the prefix store", registry=r)
+        self.prefix_blocks = Gauge("dlmtrt_prefix_store_blocks", "Blocks held by the prefix store", registry=r)
         self.requests = Counter("dlmtrt_requests", "HTTP generation requests by endpoint and status",
                                 ["endpoint", "status"], registry=r)
         self.latency = Histogram("dlmtrt_request_latency_seconds", "From acceptance to the answer, per prompt",

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from dlmtrt.errors import DlmtrtError
 from dlmtrt.runtime.decode import DecodeSession
+from dlmtrt.runtime.prefix import attach, capture
 from dlmtrt.runtime.params import DreamParams, LLaDAParams
 from dlmtrt.runtime.policies import DecodePlan
 from dlmtrt.runtime.unmasking import DreamBlockRule, DreamRule, LLaDARule
@@ -156,8 +157,10 @@ class Scheduler:
     touches torch runs on the worker."""
 
     def __init__(self, backend, tokenizer, family: str, *, max_positions: int | None, max_batch: int = 32,
-                 max_queue: int = 256, max_cohorts: int = 8, metrics=None, tokenizer_lock=None, threads: int | None = None):
+                 max_queue: int = 256, max_cohorts: int = 8, metrics=None, tokenizer_lock=None, threads: int | None = None,
+                 prefix_store=None):
         self.backend, self.tokenizer, self.family = backend, tokenizer, family
+        self.prefix_store = prefix_store  # runtime/prefix.PrefixStore, or None (off)
         self.max_positions = max_positions
         self.max_batch, self.max_queue = max_batch, max_queue
         self.max_cohorts = 1 if shares_cache(backend) else max_cohorts
@@ -298,6 +301,12 @@ class Scheduler:
                     g.manual_seed(jobs[0].seed)
                     rng["cuda"] = g.get_state()
             session = build_session(self.backend, self.family, ids.to(dev), am.to(dev), jobs[0].params, jobs[0].plan)
+            if self.prefix_store is not None and session.cfg_scale == 0:
+                before = self.prefix_store.stats.prompt_rows
+                session.stats.prefix_rows = attach(session, self.prefix_store)
+                if self.metrics is not None:
+                    self.metrics.prefix_rows.inc(session.stats.prefix_rows)
+                    self.metrics.prefix_prompt_rows.inc(self.prefix_store.stats.prompt_rows - before)
         except DlmtrtError as e:
             for j in jobs:
                 j.post("error", (400, str(e)))
@@ -334,7 +343,13 @@ class Scheduler:
                     torch.set_rng_state(cohort.rng["cpu"])
                     if "cuda" in cohort.rng:
                         torch.cuda.set_rng_state(cohort.rng["cuda"], dev)
+                first = s.i == 0
                 s.step()
+                if first and s.i == 1 and self.prefix_store is not None and s.cfg_scale == 0:
+                    capture(s, self.prefix_store, 0)
+                    if self.metrics is not None:
+                        self.metrics.prefix_bytes.set(self.prefix_store.bytes)
+                        self.metrics.prefix_blocks.set(len(self.prefix_store))
                 if cohort.rng is not None:
                     cohort.rng["cpu"] = torch.get_rng_state()
                     if "cuda" in cohort.rng:
