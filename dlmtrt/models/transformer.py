@@ -210,23 +210,22 @@ class DiffusionLM(nn.Module):
         """One q|k|v and one gate|up matrix per layer (the separate ones are dropped, so memory stays flat):
         at one active row a step is a chain of matrix-vector products, and fewer, larger ones run closer to
         the memory bandwidth. Checkpoint loading and export use the unfused names, so fuse after loading."""
+        def concat(ps: tuple[nn.Linear, ...]) -> nn.Linear:
+            w = ps[0].weight
+            fused = nn.Linear(ps[0].in_features, sum(p.out_features for p in ps), bias=ps[0].bias is not None,
+                              device=w.device, dtype=w.dtype)
+            fused.weight.copy_(torch.cat([p.weight for p in ps]))
+            if fused.bias is not None:
+                fused.bias.copy_(torch.cat([p.bias for p in ps]))
+            return fused
+
         for layer in self.model.layers:
             at, mlp = layer.self_attn, layer.mlp
             if at.qkv_proj is None:
-                ps = (at.q_proj, at.k_proj, at.v_proj)
-                fused = nn.Linear(at.q_proj.in_features, sum(p.out_features for p in ps), bias=at.q_proj.bias is not None,
-                                  device=at.q_proj.weight.device, dtype=at.q_proj.weight.dtype)
-                fused.weight.copy_(torch.cat([p.weight for p in ps]))
-                if fused.bias is not None:
-                    fused.bias.copy_(torch.cat([p.bias for p in ps]))
-                at.qkv_proj = fused
+                at.qkv_proj = concat((at.q_proj, at.k_proj, at.v_proj))
                 del at.q_proj, at.k_proj, at.v_proj
             if mlp.gate_up_proj is None:
-                ps = (mlp.gate_proj, mlp.up_proj)
-                fused = nn.Linear(mlp.gate_proj.in_features, 2 * mlp.gate_proj.out_features, bias=False,
-                                  device=mlp.gate_proj.weight.device, dtype=mlp.gate_proj.weight.dtype)
-                fused.weight.copy_(torch.cat([p.weight for p in ps]))
-                mlp.gate_up_proj = fused
+                mlp.gate_up_proj = concat((mlp.gate_proj, mlp.up_proj))
                 del mlp.gate_proj, mlp.up_proj
 
     def empty_cache(self, batch: int, length: int, device=None, dtype=None) -> tuple[list[Tensor], list[Tensor]]:

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from dlmtrt.errors import UsageError
 
+from .prefix import attach, capture
 from .policies import NEVER, DecodePlan, DecodeState, parse_policy, rows_of
 from .contract import StepBackend, StepInputs, StepOutputs
 
@@ -141,7 +142,7 @@ class DecodeSession:
     of the canvas whose `prompt_index` positions are masked; both copies use the same active rows."""
 
     def __init__(self, backend: StepBackend, x: Tensor, attention_mask: Tensor, rule: Rule, plan: DecodePlan,
-                 *, cfg_scale: float = 0.0, prompt_index: Tensor | None = None):
+                 *, cfg_scale: float = 0.0, prompt_index: Tensor | None = None, prefix_store=None):
         info = backend.info
         plan.check(info.family, getattr(rule, "remasking", None))
         if cfg_scale > 0 and prompt_index is None:
@@ -170,6 +171,12 @@ class DecodeSession:
             rule.lockstep = plan.early is None and getattr(rule, "parallel", None) is None
         # upstream breaks the -inf/NaN ties of uncomputed positions with torch.topk: keep its exact path then
         rule.exact_ties = getattr(plan.cache, "skips_needed_rows", False)
+        self.prefix_store = prefix_store  # serves stored prompt prefixes, and takes the ones step 0 computes
+        if prefix_store is not None:
+            if cfg_scale > 0:
+                raise UsageError("prefix reuse does not apply with classifier-free guidance (its unconditional copy "
+                                 "masks the prompt); leave cfg_scale at 0 or turn prefix reuse off")
+            self.stats.prefix_rows = attach(self, prefix_store)
 
     @property
     def done(self) -> bool:
@@ -236,6 +243,8 @@ class DecodeSession:
         st.rows_full += pos_in.shape[0] * L
         st.per_step_rows.append(n_rows)
         self.i += 1
+        if self.prefix_store is not None and i == 0:
+            capture(self, self.prefix_store, 0)
 
     def _candidates(self, pos: Tensor, counts: Tensor, needed: Tensor, A: int) -> tuple[Tensor, Tensor, Tensor]:
         """The candidate rows (index [B, R] into the active rows, predicted position, real or padding): active
@@ -258,33 +267,30 @@ class DecodeSession:
         return self.stats
 
 
+def drive(session: DecodeSession, on_step: Callable[[int, int], None] | None = None
+          ) -> tuple[Tensor, GenerationStats]:
+    """Step `session` until it is done; returns (canvas, stats)."""
+    t0 = time.perf_counter()
+    while not session.done:
+        i = session.i
+        session.step()
+        if on_step is not None and session.i > i:
+            on_step(session.i, max(session.i, session.rule.num_steps))
+    if session.x.device.type == "cuda":
+        torch.cuda.synchronize(session.x.device)
+    stats = session.finish()
+    stats.wall_s = time.perf_counter() - t0
+    return session.x, stats
+
+
 def denoise(backend: StepBackend, x: Tensor, attention_mask: Tensor, rule: Rule, *,
             policy: str | DecodePlan | None = None, cfg_scale: float = 0.0, prompt_index: Tensor | None = None,
             on_step: Callable[[int, int], None] | None = None, prefix_store=None) -> tuple[Tensor, GenerationStats]:
     """Run `rule` on canvas `x` [B, L] until it is done or nothing is masked; returns (x, stats). One
     `DecodeSession` driven to the end. With a `prefix_store` (runtime/prefix.py) the prompts' stored prefixes
     are served from it and the prompt blocks the first step computes are added to it."""
-    session = DecodeSession(backend, x, attention_mask, rule, parse_policy(policy), cfg_scale=cfg_scale,
-                            prompt_index=prompt_index)
-    if prefix_store is not None:
-        from .prefix import attach, capture
-        if cfg_scale > 0:
-            raise UsageError("prefix reuse does not apply with classifier-free guidance (its unconditional copy "
-                             "masks the prompt); leave cfg_scale at 0 or turn prefix reuse off")
-        session.stats.prefix_rows = attach(session, prefix_store)
-    t0 = time.perf_counter()
-    while not session.done:
-        i = session.i
-        session.step()
-        if prefix_store is not None and i == 0 and session.i > 0:
-            capture(session, prefix_store, 0)
-        if on_step is not None and session.i > i:
-            on_step(session.i, max(session.i, rule.num_steps))
-    if x.device.type == "cuda":
-        torch.cuda.synchronize(x.device)
-    stats = session.finish()
-    stats.wall_s = time.perf_counter() - t0
-    return session.x, stats
+    return drive(DecodeSession(backend, x, attention_mask, rule, parse_policy(policy), cfg_scale=cfg_scale,
+                               prompt_index=prompt_index, prefix_store=prefix_store), on_step)
 
 
 def _early_commit(early, x: Tensor, preds: Predictions, answer: Tensor, mask_id: int, session) -> Tensor:

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from dlmtrt.errors import UsageError
 
-from .decode import GenerationStats, denoise
+from .decode import DecodeSession, GenerationStats, drive
 from .params import DreamParams, LLaDAParams, param_names
 from .policies import DecodePlan, parse_policy
 from .contract import StepBackend
@@ -24,6 +24,42 @@ def _check_length(backend: StepBackend, total: int, max_positions: int | None) -
     if max_positions is not None and total > max_positions:
         raise UsageError(f"prompt + new tokens = {total} exceeds the model's {max_positions} positions; "
                          "shorten the prompt or ask for fewer new tokens")
+
+
+def _canvas(ids: Tensor, attention_mask: Tensor | None, new: int, mask_id: int) -> tuple[Tensor, Tensor]:
+    """The canvas (prompt, then `new` masks) and its attention mask (the prompt's, then ones)."""
+    x = F.pad(ids, (0, new), value=mask_id)
+    am = torch.ones_like(x, dtype=torch.bool)
+    if attention_mask is not None:
+        am[:, : ids.shape[1]] = attention_mask.bool()
+    return x, am
+
+
+def dream_session(backend: StepBackend, input_ids: Tensor, attention_mask: Tensor | None, p: DreamParams,
+                  plan: DecodePlan, prefix_store=None) -> DecodeSession:
+    """The `DecodeSession` of Dream's generation for validated `p`: what `dream_generate` drives, and what a
+    server steps among others."""
+    info = backend.info
+    x, am = _canvas(input_ids, attention_mask, p.max_new_tokens, info.mask_token_id)
+    threshold = plan.parallel.threshold if plan.parallel is not None else None
+    if p.block_length is None:
+        rule = DreamRule(info.mask_token_id, p, threshold)
+    else:
+        rule = DreamBlockRule(info.mask_token_id, p, input_ids.shape[1], threshold)
+    return DecodeSession(backend, x, am, rule, plan, prefix_store=prefix_store)
+
+
+def llada_session(backend: StepBackend, prompt: Tensor, attention_mask: Tensor | None, p: LLaDAParams,
+                  plan: DecodePlan, prefix_store=None) -> DecodeSession:
+    """The `DecodeSession` of LLaDA's generation for validated `p` (see `dream_session`)."""
+    info = backend.info
+    rule = LLaDARule(p, prompt.shape[1], parallel=plan.parallel.threshold if plan.parallel is not None else None,
+                     order=getattr(plan.cache, "order", "step") if p.remasking == "random" else "step")
+    x, am = _canvas(prompt, attention_mask, p.gen_length, info.mask_token_id)
+    prompt_index = x != info.mask_token_id
+    prompt_index[:, prompt.shape[1]:] = False
+    return DecodeSession(backend, x, am, rule, plan, cfg_scale=p.cfg_scale, prompt_index=prompt_index,
+                         prefix_store=prefix_store)
 
 
 def dream_generate(backend: StepBackend, input_ids: Tensor, attention_mask: Tensor | None = None, *,
@@ -38,18 +74,8 @@ def dream_generate(backend: StepBackend, input_ids: Tensor, attention_mask: Tens
     pass `top_k=None` for no top-k. `block_length` switches to Fast-dLLM's block decoding of Dream."""
     p = DreamParams(max_new_tokens, steps, eps, alg, alg_temp, temperature, top_p, top_k, block_length).validate()
     plan = parse_policy(policy)
-    info = backend.info
     _check_length(backend, input_ids.shape[1] + max_new_tokens, max_positions)
-    x = F.pad(input_ids, (0, max_new_tokens), value=info.mask_token_id)
-    am = torch.ones_like(x, dtype=torch.bool)
-    if attention_mask is not None:
-        am[:, : input_ids.shape[1]] = attention_mask.bool()
-    threshold = plan.parallel.threshold if plan.parallel is not None else None
-    if block_length is None:
-        rule = DreamRule(info.mask_token_id, p, threshold)
-    else:
-        rule = DreamBlockRule(info.mask_token_id, p, input_ids.shape[1], threshold)
-    return denoise(backend, x, am, rule, policy=plan, on_step=on_step, prefix_store=prefix_store)
+    return drive(dream_session(backend, input_ids, attention_mask, p, plan, prefix_store), on_step)
 
 
 def llada_generate(backend: StepBackend, prompt: Tensor, attention_mask: Tensor | None = None, *, steps: int = 128,
@@ -62,19 +88,8 @@ def llada_generate(backend: StepBackend, prompt: Tensor, attention_mask: Tensor 
     `attention_mask=None` to reproduce that; with a mask, padding is never attended."""
     p = LLaDAParams(gen_length, steps, block_length, temperature, cfg_scale, remasking).validate()
     plan = parse_policy(policy)
-    info = backend.info
     _check_length(backend, prompt.shape[1] + gen_length, max_positions)
-    rule = LLaDARule(p, prompt.shape[1], parallel=plan.parallel.threshold if plan.parallel is not None else None,
-                     order=getattr(plan.cache, "order", "step") if remasking == "random" else "step")
-    x = F.pad(prompt, (0, gen_length), value=info.mask_token_id)
-    am = torch.ones_like(x, dtype=torch.bool)
-    if attention_mask is not None:
-        am[:, : prompt.shape[1]] = attention_mask.bool()
-    prompt_index = x != info.mask_token_id
-    prompt_index[:, prompt.shape[1]:] = False
-    return denoise(backend, x, am, rule, policy=plan, cfg_scale=cfg_scale, prompt_index=prompt_index,
-                   prefix_store=prefix_store,
-                   on_step=on_step)
+    return drive(llada_session(backend, prompt, attention_mask, p, plan, prefix_store), on_step)
 
 
 @dataclass

@@ -29,14 +29,12 @@ import traceback
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from dlmtrt.errors import DlmtrtError
 from dlmtrt.runtime.decode import DecodeSession
-from dlmtrt.runtime.prefix import attach, capture
 from dlmtrt.runtime.params import DreamParams, LLaDAParams
 from dlmtrt.runtime.policies import DecodePlan
-from dlmtrt.runtime.unmasking import DreamBlockRule, DreamRule, LLaDARule
+from dlmtrt.runtime.generate import dream_session, llada_session
 
 log = logging.getLogger("dlmtrt.serve")
 
@@ -126,30 +124,13 @@ class Cohort:
 
 
 def build_session(backend, family: str, ids: torch.Tensor, am: torch.Tensor, params: dict,
-                  plan: DecodePlan) -> DecodeSession:
-    """The `DecodeSession` that `dream_generate` / `llada_generate` (runtime/generate.py) would drive for this
-    left-padded prompt batch, built the same way, without running it."""
-    info = backend.info
+                  plan: DecodePlan, prefix_store=None) -> DecodeSession:
+    """The `DecodeSession` that `dream_generate` / `llada_generate` (runtime/generate.py) drive for this
+    left-padded prompt batch, without running it. Prefix reuse is skipped under classifier-free guidance."""
     if family == "dream":
-        p = DreamParams(**params).validate()
-        x = F.pad(ids, (0, p.max_new_tokens), value=info.mask_token_id)
-        full_am = torch.ones_like(x, dtype=torch.bool)
-        full_am[:, : ids.shape[1]] = am.bool()
-        threshold = plan.parallel.threshold if plan.parallel is not None else None
-        if p.block_length is None:
-            rule = DreamRule(info.mask_token_id, p, threshold)
-        else:
-            rule = DreamBlockRule(info.mask_token_id, p, ids.shape[1], threshold)
-        return DecodeSession(backend, x, full_am, rule, plan)
+        return dream_session(backend, ids, am, DreamParams(**params).validate(), plan, prefix_store)
     p = LLaDAParams(**params).validate()
-    rule = LLaDARule(p, ids.shape[1], parallel=plan.parallel.threshold if plan.parallel is not None else None,
-                     order=getattr(plan.cache, "order", "step") if p.remasking == "random" else "step")
-    x = F.pad(ids, (0, p.gen_length), value=info.mask_token_id)
-    full_am = torch.ones_like(x, dtype=torch.bool)
-    full_am[:, : ids.shape[1]] = am.bool()
-    prompt_index = x != info.mask_token_id
-    prompt_index[:, ids.shape[1]:] = False
-    return DecodeSession(backend, x, full_am, rule, plan, cfg_scale=p.cfg_scale, prompt_index=prompt_index)
+    return llada_session(backend, ids, am, p, plan, prefix_store if p.cfg_scale == 0 else None)
 
 
 class Scheduler:
@@ -300,13 +281,13 @@ class Scheduler:
                     g = torch.Generator(device=dev)
                     g.manual_seed(jobs[0].seed)
                     rng["cuda"] = g.get_state()
-            session = build_session(self.backend, self.family, ids.to(dev), am.to(dev), jobs[0].params, jobs[0].plan)
-            if self.prefix_store is not None and session.cfg_scale == 0:
-                before = self.prefix_store.stats.prompt_rows
-                session.stats.prefix_rows = attach(session, self.prefix_store)
-                if self.metrics is not None:
-                    self.metrics.prefix_rows.inc(session.stats.prefix_rows)
-                    self.metrics.prefix_prompt_rows.inc(self.prefix_store.stats.prompt_rows - before)
+            store = self.prefix_store
+            looked_up = store.stats.prompt_rows if store is not None else 0
+            session = build_session(self.backend, self.family, ids.to(dev), am.to(dev), jobs[0].params, jobs[0].plan,
+                                    store)
+            if store is not None and self.metrics is not None:
+                self.metrics.prefix_rows.inc(session.stats.prefix_rows)
+                self.metrics.prefix_prompt_rows.inc(store.stats.prompt_rows - looked_up)
         except DlmtrtError as e:
             for j in jobs:
                 j.post("error", (400, str(e)))
@@ -343,13 +324,10 @@ class Scheduler:
                     torch.set_rng_state(cohort.rng["cpu"])
                     if "cuda" in cohort.rng:
                         torch.cuda.set_rng_state(cohort.rng["cuda"], dev)
-                first = s.i == 0
                 s.step()
-                if first and s.i == 1 and self.prefix_store is not None and s.cfg_scale == 0:
-                    capture(s, self.prefix_store, 0)
-                    if self.metrics is not None:
-                        self.metrics.prefix_bytes.set(self.prefix_store.bytes)
-                        self.metrics.prefix_blocks.set(len(self.prefix_store))
+                if s.i == 1 and s.prefix_store is not None and self.metrics is not None:  # step 0 stored its prompts
+                    self.metrics.prefix_bytes.set(s.prefix_store.bytes)
+                    self.metrics.prefix_blocks.set(len(s.prefix_store))
                 if cohort.rng is not None:
                     cohort.rng["cpu"] = torch.get_rng_state()
                     if "cuda" in cohort.rng:

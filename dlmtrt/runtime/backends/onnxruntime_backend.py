@@ -116,10 +116,15 @@ class OnnxRuntimeBackend:
 
 def load_tokenizer(be: OnnxRuntimeBackend):
     """The tokenizer exported next to the graph, checked against the graph's mask token."""
+    return tokenizer_from_dir(be.path.parent, be.args.mask_token_id, "graph", be.path)
+
+
+def tokenizer_from_dir(d: Path, mask_token_id: int, what: str, artifact: Path):
+    """The tokenizer files `dlmtrt export` wrote into `d`, checked against the mask token id in the metadata
+    of `artifact` (a `what`: graph or engine)."""
     from transformers import PreTrainedTokenizerFast
-    d = be.path.parent
     if not (d / "tokenizer.json").exists():
-        raise UsageError(f"tokenizer.json missing next to {be.path}; copy the model's tokenizer files into {d} "
+        raise UsageError(f"tokenizer.json missing next to {artifact}; copy the model's tokenizer files into {d} "
                          "(dlmtrt export does this)")
     try:
         tok = PreTrainedTokenizerFast.from_pretrained(str(d))
@@ -128,7 +133,7 @@ def load_tokenizer(be: OnnxRuntimeBackend):
                             f"{str(e).splitlines()[0][:200] if str(e) else 'corrupt'}); copy the model's tokenizer "
                             "files there again (dlmtrt export does this)") from None
     mask_id = tok.convert_tokens_to_ids(tok.mask_token) if tok.mask_token else None
-    if mask_id != be.args.mask_token_id:
-        raise UsageError(f"the tokenizer in {d} does not match the graph: mask token id {mask_id}, graph metadata "
-                         f"says {be.args.mask_token_id}; use the tokenizer the model was exported with")
+    if mask_id != mask_token_id:
+        raise UsageError(f"the tokenizer in {d} does not match the {what}: mask token id {mask_id}, {what} metadata "
+                         f"says {mask_token_id}; use the tokenizer the model was exported with")
     return tok

@@ -207,7 +207,6 @@ class TensorRTBackend:
             self.replays += 1
         else:
             self._enqueue(st, stream)
-        a = self.args
         present = self._sets[out_set]
         return StepOutputs(st["logits"], present[0], present[1], st["present_valid"].clone(), st["kv_drift"])
 
@@ -218,15 +217,10 @@ def describe(engine: str | Path) -> tuple[Path, ModelArgs, dict]:
 
 
 def load_tokenizer(be: TensorRTBackend):
-    """The tokenizer the export wrote, found through the manifest's ONNX directory or beside the engine."""
-    from .onnxruntime_backend import load_tokenizer as from_dir
-
-    class _Where:
-        path = None
-        args = be.args
+    """The tokenizer the export wrote, found beside the engine or in its export directory (the manifest's)."""
+    from .onnxruntime_backend import tokenizer_from_dir
     for d in (be.path.parent, Path(be.manifest.get("onnx", {}).get("dir", be.path.parent))):
         if (d / "tokenizer.json").exists():
-            _Where.path = d / "model.onnx"
-            return from_dir(_Where)
+            return tokenizer_from_dir(d, be.args.mask_token_id, "engine", be.path)
     raise UsageError(f"no tokenizer.json beside {be.path} or in its export directory; copy the model's tokenizer "
                      f"files next to the engine")

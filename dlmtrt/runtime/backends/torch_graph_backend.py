@@ -132,7 +132,7 @@ class TorchGraphBackend:
         dev = self.info.device
         a = self.model.args
         logits = self._logits_view(B, A if R is None else R)
-        st = {"logits": logits,"ids": torch.zeros(B, A, dtype=torch.long, device=dev),
+        st = {"logits": logits, "ids": torch.zeros(B, A, dtype=torch.long, device=dev),
               "pos": torch.arange(A, device=dev).expand(B, A).contiguous(),
               "rows": None if R is None else torch.zeros(B, R, dtype=torch.long, device=dev),
               "need_drift": drift,
