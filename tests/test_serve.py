@@ -381,8 +381,13 @@ def test_queue_full_is_429_and_shutdown_is_graceful(servers):
 
     async def accepted_then_term():
         async with httpx.AsyncClient(timeout=120) as c:
-            tasks = [asyncio.ensure_future(c.post(srv.url + "/v1/completions", json=long)) for _ in range(3)]
+            # one request running before the two that wait: three at once could find the queue (2) full
+            tasks = [asyncio.ensure_future(c.post(srv.url + "/v1/completions", json=long))]
             deadline = time.monotonic() + 20
+            while not re.search(r"^dlmtrt_running_requests 1\.0$", (await c.get(srv.url + "/metrics")).text, re.M):
+                await asyncio.sleep(0.02)
+                assert time.monotonic() < deadline
+            tasks += [asyncio.ensure_future(c.post(srv.url + "/v1/completions", json=long)) for _ in range(2)]
             while True:
                 await asyncio.sleep(0.05)
                 m = (await c.get(srv.url + "/metrics")).text
