@@ -73,6 +73,8 @@ class Rule(Protocol):
 
     def commit(self, i: int, x: Tensor, preds: "Predictions", rows: Tensor) -> Tensor: ...
 
+    def keep(self, rows: Tensor) -> None: ...  # go on with these sequences only (DecodeSession.keep)
+
 
 def pack_rows(active: Tensor, A: int | None = None) -> Tensor:
     """Canvas slots of the active rows, [B, A] ascending; shorter rows repeat their last slot (an idempotent
@@ -245,6 +247,27 @@ class DecodeSession:
         self.i += 1
         if self.prefix_store is not None and i == 0:
             capture(self, self.prefix_store, 0)
+
+    def keep(self, rows: list[int]) -> None:
+        """Go on with these sequences only, in this order: a server drops the ones it has answered or whose
+        client has gone, so that later steps compute nothing for them. Every per-sequence tensor (canvas, masks,
+        cache, the rule's and the policy's state) is cut to `rows`; what the kept sequences compute does not
+        change. Only for a cache the session owns (not a backend's shared buffer)."""
+        B = self.x.shape[0]
+        if sorted(set(rows)) != sorted(rows) or not rows or not all(0 <= r < B for r in rows):
+            raise ValueError(f"keep() takes distinct rows of the batch of {B}, got {rows}")
+        idx = torch.tensor(rows, dtype=torch.long, device=self.x.device)
+        cache_idx = torch.cat([idx, idx + B]) if self.cfg_scale > 0 else idx
+        self.x, self.am, self.answer, self.valid = self.x[idx], self.am[idx], self.answer[idx], self.valid[idx]
+        self.decoded_at, self.computed_at, self.frozen = self.decoded_at[idx], self.computed_at[idx], self.frozen[idx]
+        self.am_in = self.am_in[cache_idx]
+        if self.prompt_index is not None:
+            self.prompt_index = self.prompt_index[idx]
+        self.keys = [k[cache_idx] for k in self.keys]
+        self.values = [v[cache_idx] for v in self.values]
+        self.memory = {k: v[idx] if isinstance(v, Tensor) and v.shape[:1] == (B,) else v for k, v in self.memory.items()}
+        self.rule.keep(idx)
+        self.stats.batch = len(rows)
 
     def _candidates(self, pos: Tensor, counts: Tensor, needed: Tensor, A: int) -> tuple[Tensor, Tensor, Tensor]:
         """The candidate rows (index [B, R] into the active rows, predicted position, real or padding): active

@@ -76,6 +76,12 @@ class Blockwise:
     def needs_all(self, i: int) -> bool:
         return self.parallel is None and self.block_step(i) >= self.steps_per_block - 1
 
+    def keep(self, rows: Tensor) -> None:
+        """Go on with these sequences only (see `DecodeSession.keep`); the cursor is shared by all."""
+        for name in ("_transfer", "scores"):
+            if getattr(self, name, None) is not None:
+                setattr(self, name, getattr(self, name)[rows])
+
 
 @dataclass
 class DreamRule:
@@ -102,6 +108,11 @@ class DreamRule:
         self.timesteps = torch.linspace(1, p.eps, p.steps + 1)
         self._left: Tensor | None = None  # parallel: tokens declined so far, per sequence
         self._steps: Tensor | None = None  # parallel: each sequence's step count (grows when the last step declines)
+
+    def keep(self, rows: Tensor) -> None:
+        """Go on with these sequences only (see `DecodeSession.keep`)."""
+        if self._left is not None:
+            self._per_step, self._left, self._steps = self._per_step[rows], self._left[rows], self._steps[rows]
 
     @property
     def num_steps(self) -> int:

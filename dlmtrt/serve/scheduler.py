@@ -5,8 +5,9 @@ At every step boundary (after any cohort's step) the waiting requests are groupe
 (family parameters, policy, answer length, prompt-length bucket) and each group, up to `max_batch`, becomes a
 new cohort: one `DecodeSession` whose batch is the group, prompts left-padded to the group's longest as
 `generate_text` pads a batch (a request alone is not padded at all: in bf16, padding alone can flip a near-tie). Running cohorts are stepped one step each in turn; a request is answered as soon
-as its answer is final (its committed prefix reaches EOS, or nothing is masked: committed tokens never change),
-and a cohort is dropped once none of its requests is waiting for it (all answered or gone).
+as its answer is final (its committed prefix reaches EOS, or nothing is masked: committed tokens never change)
+and then leaves its cohort's batch (`DecodeSession.keep`, with the backends whose cache the session owns), as
+does a request whose client has gone; a cohort is dropped once none of its requests is waiting for it.
 
 Exactness. A request whose decoding draws no random numbers (temperature 0 and, for Dream, a
 confidence-ordered `alg` other than `origin` without `alg_temp`; for LLaDA, `low_confidence` remasking) gives
@@ -341,8 +342,12 @@ class Scheduler:
                 cohort.jobs[r].post("error", (status, f"generation failed: {type(e).__name__}: {e}"))
             self._drop(cohort)
             return
-        if s.done or not cohort.live:
+        live = cohort.live
+        if s.done or not live:
             self._drop(cohort)
+        elif len(live) < len(cohort.jobs) and not shares_cache(self.backend):
+            s.keep(live)  # answered and abandoned rows leave the batch: later steps compute nothing for them
+            cohort.jobs = [cohort.jobs[r] for r in live]
 
     def _account(self, cohort: Cohort) -> None:
         st = cohort.session.stats
