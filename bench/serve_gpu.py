@@ -140,22 +140,29 @@ def throughput(model, tok, backend_name: str, policies: list[str], n_seq: int, l
     return rows
 
 
-def shared_prompt(model, tok, requests: int, prefix: int, question: int, answer: int, vocab: int) -> dict:
+def shared_prompt(model, tok, backend_name: str, requests: int, prefix: int, question: int, answer: int,
+                  vocab: int, bursts: list[int]) -> dict:
+    """TTFT with and without the prefix store: requests one at a time (latency-bound: one step of 472 rows
+    against one of 72), then bursts of `bursts` requests arriving together (one cohort; compute-bound, as a
+    loaded server is). The store is filled by earlier traffic (the first request of the sequential run)."""
     from dlmtrt.runtime.backends.torch_backend import TorchBackend
+    from dlmtrt.runtime.backends.torch_graph_backend import TorchGraphBackend
     g = torch.Generator().manual_seed(1)
     system = torch.randint(0, vocab, (prefix,), generator=g).tolist()
-    prompts = [system + torch.randint(0, vocab, (question,), generator=g).tolist() for _ in range(requests)]
-    other = torch.randint(0, vocab, (prefix + question,), generator=g).tolist()  # warm-up, shares nothing
+    n = max([requests, *bursts])
+    prompts = [system + torch.randint(0, vocab, (question,), generator=g).tolist() for _ in range(n)]
+    other = torch.randint(0, vocab, (prefix,), generator=g).tolist()  # warm-up: shares nothing with the workload
+    warm = [other + torch.randint(0, vocab, (question,), generator=g).tolist() for _ in range(n)]
     params = DreamParams(max_new_tokens=answer, steps=answer, alg="maskgit_plus", temperature=0.0).validate().to_dict()
-    out = {}
-    for label, store in (("no reuse", None), ("reuse", PrefixStore(4 << 30, 16))):
-        sched = Scheduler(TorchBackend(model), tok, "dream", max_positions=model.args.max_position_embeddings,
-                          max_batch=1, max_queue=64, max_cohorts=1, prefix_store=store)
+    out = {"backend": backend_name}
+    for label, store in (("no reuse", None), ("reuse", PrefixStore(8 << 30, 16))):
+        be = TorchBackend(model) if backend_name == "torch" else TorchGraphBackend(model)
+        sched = Scheduler(be, tok, "dream", max_positions=model.args.max_position_embeddings,
+                          max_batch=max(bursts), max_queue=256, max_cohorts=1, prefix_store=store)
         sched.start()
         client = Client(sched)
-        client.run([other], params, "pd", 1)  # warm-up: its blocks share nothing with the workload
-        res = client.run(prompts, params, "pd", 1, canvas=True)
-        sched.stop(60)
+        client.run(warm[:2], params, "pd", 1)  # the second one reuses the first's prefix: the B=1 shapes are warm
+        res = client.run(prompts[:requests], params, "pd", 1, canvas=True)
         ttft = [x[1] - x[0] for x in res]
         total = [x[2] - x[0] for x in res]
         rows = [x[3]["dlmtrt"]["rows_computed"] for x in res]
@@ -163,19 +170,82 @@ def shared_prompt(model, tok, requests: int, prefix: int, question: int, answer:
                       "request_ms": round(1e3 * statistics.median(total[1:]), 2),
                       "rows_computed_per_request": statistics.median(rows[1:]),
                       "ttft_ms_first": round(1e3 * ttft[0], 2)}
+        for k in bursts:
+            client.run(warm[:k], params, "pd", k)  # this batch's shapes
+            res = client.run(prompts[:k], params, "pd", k, canvas=True)
+            out[label][f"burst{k}_ttft_ms"] = round(1e3 * statistics.median(x[1] - x[0] for x in res), 2)
+            out[label][f"burst{k}_request_ms"] = round(1e3 * statistics.median(x[2] - x[0] for x in res), 2)
+        sched.stop(60)
         if store is not None:
             out[label]["store_bytes"] = store.bytes
             out[label]["prompt_rows_served"] = store.stats.hit_rows
+        del be, sched
     # prefill rows: the first step computes every unserved prompt row plus the answer; measured from one request
     out["prefill_rows"] = prefill_rows(model, prompts, params)
     o = out["prefill_rows"]
     out["prefill_rows_cut"] = round(1 - o["reuse"] / o["no reuse"], 4)
-    out["ttft_speedup"] = round(out["no reuse"]["ttft_ms"] / out["reuse"]["ttft_ms"], 2)
-    out["request_speedup"] = round(out["no reuse"]["request_ms"] / out["reuse"]["request_ms"], 2)
-    print(f"shared {prefix}-token prefix + {question}-token question, {answer} new tokens, pd: prefill rows "
-          f"{o['no reuse']} -> {o['reuse']} (-{100 * out['prefill_rows_cut']:.1f}%), TTFT {out['no reuse']['ttft_ms']:.1f} "
-          f"-> {out['reuse']['ttft_ms']:.1f} ms ({out['ttft_speedup']:.2f}x), request {out['request_speedup']:.2f}x",
-          flush=True)
+    nr, r = out["no reuse"], out["reuse"]
+    out["ttft_speedup"] = round(nr["ttft_ms"] / r["ttft_ms"], 2)
+    out["request_speedup"] = round(nr["request_ms"] / r["request_ms"], 2)
+    for k in bursts:
+        out[f"burst{k}_ttft_speedup"] = round(nr[f"burst{k}_ttft_ms"] / r[f"burst{k}_ttft_ms"], 2)
+    print(f"{backend_name:11s} shared {prefix}-token prefix + {question}-token question, {answer} new tokens, pd: "
+          f"prefill rows {o['no reuse']} -> {o['reuse']} (-{100 * out['prefill_rows_cut']:.1f}%), TTFT one at a time "
+          f"{nr['ttft_ms']:.1f} -> {r['ttft_ms']:.1f} ms ({out['ttft_speedup']:.2f}x), request "
+          f"{nr['request_ms']:.1f} -> {r['request_ms']:.1f} ms ({out['request_speedup']:.2f}x); " +
+          "; ".join(f"burst of {k}: TTFT {nr[f'burst{k}_ttft_ms']:.1f} -> {r[f'burst{k}_ttft_ms']:.1f} ms "
+                    f"({out[f'burst{k}_ttft_speedup']:.2f}x)" for k in bursts), flush=True)
+    return out
+
+
+def ttft_parts(model, backend_name: str, requests: int, prefix: int, question: int, answer: int, vocab: int) -> dict:
+    """Where the time to the first token goes, one request at a time outside the scheduler: building the
+    session (prefix lookup and attach included), the first step, reading the canvas back (medians, ms)."""
+    from dlmtrt.runtime.backends.torch_backend import TorchBackend
+    from dlmtrt.runtime.backends.torch_graph_backend import TorchGraphBackend
+    from dlmtrt.serve.scheduler import build_session
+    dev = model.inv_freq.device
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)  # noqa: E731
+    g = torch.Generator().manual_seed(3)
+    system = torch.randint(0, vocab, (prefix,), generator=g).tolist()
+    prompts = [system + torch.randint(0, vocab, (question,), generator=g).tolist() for _ in range(requests + 2)]
+    params = DreamParams(max_new_tokens=answer, steps=answer, alg="maskgit_plus", temperature=0.0).validate().to_dict()
+    out = {"backend": backend_name}
+    for label, store in (("no reuse", None), ("reuse", PrefixStore(4 << 30, 16))):
+        be = TorchBackend(model) if backend_name == "torch" else TorchGraphBackend(model)
+        parts, forward = [], []
+        inner = be.step
+
+        def timed(inputs, inner=inner, forward=forward):  # the backend's share of the first step
+            sync()
+            t = time.perf_counter()
+            o = inner(inputs)
+            sync()
+            forward.append(time.perf_counter() - t)
+            return o
+        be.step = timed
+        with torch.inference_mode():
+            for p in prompts:
+                ids = torch.tensor([p], device=dev)
+                sync()
+                t0 = time.perf_counter()
+                s = build_session(be, "dream", ids, torch.ones_like(ids), params, parse_policy("pd"), store)
+                sync()
+                t1 = time.perf_counter()
+                s.step()
+                sync()
+                t2 = time.perf_counter()
+                s.x.tolist()
+                t3 = time.perf_counter()
+                parts.append((t1 - t0, t2 - t1, forward[-1], t3 - t2, s.stats.per_step_rows[0]))
+        parts = parts[2:]  # the first two warm the shapes (and fill the store)
+        out[label] = {k: round(1e3 * statistics.median(x[j] for x in parts), 3)
+                      for j, k in enumerate(("session_ms", "first_step_ms", "backend_ms", "readback_ms"))}
+        out[label]["first_step_rows"] = parts[0][4]
+        del be
+    print(f"{backend_name:11s} TTFT parts (ms): " + "; ".join(f"{k}: " + ", ".join(f"{n} {v}" for n, v in out[k].items()
+                                                                                   if n != "backend")
+                                                               for k in ("no reuse", "reuse")), flush=True)
     return out
 
 
@@ -201,6 +271,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small loads (a smoke run of the script itself)")
     ap.add_argument("--backends", default="torch,torch-graph")
     ap.add_argument("--policies", default="none,dual")
+    ap.add_argument("--parts", default="throughput,shared", help="which measurements: throughput, shared, parts (where the time to first token goes)")
     a = ap.parse_args()
     dtype = torch.bfloat16 if a.device.startswith("cuda") else torch.float32
     args = shape_args(a.shape)
@@ -214,10 +285,14 @@ def main() -> None:
     loads = [2, 4] if a.quick else [8, 32]
     n_seq = 2 if a.quick else 8
     doc["throughput"] = {"prompt": 128, "answer": 64, "steps": 64, "sequential_requests": n_seq, "rows": []}
-    for b in a.backends.split(","):
+    for b in a.backends.split(",") if "throughput" in a.parts else []:
         doc["throughput"]["rows"] += throughput(model, tok, b, a.policies.split(","), n_seq, loads, 128, 64, ordinary)
         Path(a.out).write_text(json.dumps(doc, indent=1))
-    doc["shared_prompt"] = shared_prompt(model, tok, 4 if a.quick else 10, 400, 40, 32, ordinary)
+    doc["shared_prompt"] = [] if "shared" not in a.parts else [shared_prompt(model, tok, b, 4 if a.quick else 10, 400, 40, 32, ordinary,
+                                          [2, 4] if a.quick else [8, 32])
+                            for b in a.backends.split(",")]
+    doc["ttft_parts"] = [] if "parts" not in a.parts else [ttft_parts(model, b, 4 if a.quick else 10, 400, 40, 32,
+                                                                      ordinary) for b in a.backends.split(",")]
     if a.device.startswith("cuda"):
         doc["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     Path(a.out).write_text(json.dumps(doc, indent=1))

@@ -56,7 +56,8 @@ def test_llada_greedy_and_sampling_paths_too(pairs):
 
 
 def test_buckets_and_in_place_cache(pairs):
-    assert buckets_for(768) == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 768]
+    assert buckets_for(768) == [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768]
+    assert buckets_for(40) == [1, 2, 4, 8, 16, 24, 32, 40]
     assert buckets_for(768, 8)[0] == 8 and buckets_for(5) == [1, 2, 4, 5]
     _, fast, _ = pairs["dream"]
     keys, values = fast.new_cache(2, 24)

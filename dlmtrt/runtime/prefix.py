@@ -135,12 +135,15 @@ def capture(session, store: PrefixStore, step: int) -> int:
     added = 0
     computed = session.computed_at == step
     for b, (start, toks) in enumerate(_prompts(session)):
+        comp = None
         for j, key in enumerate(block_keys(toks, store.block)):
             lo, hi = start + j * store.block, start + (j + 1) * store.block
             if key in store.entries:
                 store.entries.move_to_end(key)
                 continue
-            if not bool(computed[b, lo:hi].all()):
+            if comp is None:
+                comp = computed[b].tolist()  # one read-back per sequence, only when something is new
+            if not all(comp[lo:hi]):
                 break  # a chain must not have holes
             store.put(key, torch.stack([k[b, :, lo:hi] for k in session.keys]).clone(),
                       torch.stack([v[b, :, lo:hi] for v in session.values]).clone())

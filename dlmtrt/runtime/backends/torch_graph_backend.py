@@ -35,10 +35,14 @@ def gqa_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, gqa: bool = Fa
 
 
 def buckets_for(length: int, smallest: int = 1) -> list[int]:
-    """Row buckets for a canvas of `length` rows: powers of two from `smallest`, then the whole canvas."""
+    """Row buckets for a canvas of `length` rows: powers of two from `smallest`, with the midpoint 3/2 * 2^k
+    from 16 rows on (a prompt's new rows under prefix reuse, or a block plus its neighbours, pay at most a
+    third in padding rather than half), then the whole canvas."""
     out, b = [], smallest
     while b < length:
         out.append(b)
+        if b >= 16 and b * 3 // 2 < length:
+            out.append(b * 3 // 2)
         b *= 2
     return out + [length]
 
