@@ -176,7 +176,7 @@ def write_checkpoint(out: Path, preset: str, seed: int = 0) -> dict:
         shapes = [s for s in shapes if s[1] != "lm_head.weight"]
     nbytes = {key: 2 * int(torch.Size(shape).numel()) for key, _, shape in shapes}
     total = sum(nbytes.values())
-    shards: list[list] = [[]]  # same greedy split as models.tiny._save_weights
+    shards: list[list] = [[]]  # same greedy split as models.tiny.save_weights
     size = 0
     for s in shapes:
         if shards[-1] and size + nbytes[s[0]] > PRESETS[preset]["shard_bytes"]:

@@ -8,6 +8,7 @@ from dlmtrt import __version__
 
 from .bench import bench_cmd
 from .build_engine import build_engine_cmd
+from .calibrate import calibrate_cmd
 from .compare import compare_cmd
 from .eval import eval_cmd
 from .export import export_cmd
@@ -29,6 +30,6 @@ def main():
     """
 
 
-for _cmd in (make_tiny_cmd, generate, export_cmd, build_engine_cmd, eval_cmd, compare_cmd, bench_cmd,
+for _cmd in (make_tiny_cmd, generate, calibrate_cmd, export_cmd, build_engine_cmd, eval_cmd, compare_cmd, bench_cmd,
              serve_cmd, serve_trt_cmd):
     main.add_command(_cmd)

@@ -70,8 +70,9 @@ def args_from_config(cfg: dict, gen: dict | None = None) -> ModelArgs:
     )
 
 
-_THEIRS = (r"model\.transformer\.blocks\.(\d+)\.(\w+)\.(weight|bias)", "model.transformer.blocks.{}.{}.{}")
-_OURS = (r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", "model.layers.{}.{}.{}")
+_TENSOR = r"(weight|bias|weight_scale|input_scale)"  # the last two: calibrated 8-bit checkpoints (dlmtrt calibrate)
+_THEIRS = (r"model\.transformer\.blocks\.(\d+)\.(\w+)\." + _TENSOR, "model.transformer.blocks.{}.{}.{}")
+_OURS = (r"model\.layers\.(\d+)\.(.+)\." + _TENSOR, "model.layers.{}.{}.{}")
 
 
 def _rename(name: str, top: dict, block: dict, src: tuple[str, str], dst: tuple[str, str]) -> str:

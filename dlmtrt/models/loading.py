@@ -33,6 +33,7 @@ SHIPPED_ALIASES: dict[str, Path] = {  # trained by this project (dlmtrt/evals/tr
 }
 _ST_DTYPES: dict[str, torch.dtype] = {  # safetensors dtype tags of unquantised float weights
     "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+_ST_QUANT: dict[str, torch.dtype] = {"F8_E4M3": torch.float8_e4m3fn, "I8": torch.int8}  # calibrated checkpoints
 _CHUNK_BYTES = 64 * 2 ** 20
 
 
@@ -250,12 +251,38 @@ class TensorRef:
     dtype: torch.dtype
 
 
+def quantization_format(ck: Checkpoint) -> str | None:
+    """The 8-bit format of a checkpoint written by `dlmtrt calibrate` (config.json `quantization_config`), or None.
+    Another tool's quantised checkpoint is refused with what to do."""
+    qc = ck.config.get("quantization_config")
+    if qc is None:
+        return None
+    from .quantized import FORMATS
+    if not isinstance(qc, dict) or qc.get("quant_method") != "dlmtrt" or qc.get("format") not in FORMATS:
+        raise CheckpointError(
+            f"{ck.path / 'config.json'} describes a quantised checkpoint this runtime does not read "
+            f"(quantization_config={qc!r}); load the original bf16 weights, or quantise them with "
+            f"`dlmtrt calibrate --format {'|'.join(FORMATS)}`")
+    return qc["format"]
+
+
+def skeleton(ck: Checkpoint) -> DiffusionLM:
+    """The model of `ck` on the meta device, with `QuantLinear`s where a calibrated checkpoint has them."""
+    with torch.device("meta"):
+        model = DiffusionLM(ck.args)
+    fmt = quantization_format(ck)
+    if fmt is not None:
+        from .quantized import swap_in
+        swap_in(model, fmt)
+    return model
+
+
 def tensor_index(ck: Checkpoint) -> dict[str, TensorRef]:
     """Every weight of the model under our parameter names, validated against the config (names, shapes, dtypes,
     completeness) from the safetensors headers alone: nothing is read. The loader and the ONNX exporter use it."""
     fam = FAMILIES[ck.family]
-    with torch.device("meta"):
-        model = DiffusionLM(ck.args)
+    model = skeleton(ck)
+    quantized = {n: p.dtype for n, p in model.named_parameters() if p.dtype in _ST_QUANT.values()}
     expected = {n: p.shape for n, p in model.named_parameters()}
     if ck.args.tie_word_embeddings:
         expected.pop("lm_head.weight")
@@ -281,6 +308,12 @@ def tensor_index(ck: Checkpoint) -> dict[str, TensorRef]:
                             f"config.json implies {tuple(expected[name])}; config.json and weights do not match, "
                             "use the config.json that was shipped with these weights")
                     src = _ST_DTYPES.get(sl.get_dtype())
+                    if name in quantized:
+                        src = _ST_QUANT.get(sl.get_dtype())
+                        if src != quantized[name]:
+                            raise CheckpointError(
+                                f"tensor '{key}' in {shard.name} is stored as {sl.get_dtype()}, but this "
+                                f"{quantization_format(ck)} checkpoint needs {quantized[name]}; calibrate again")
                     if src is None:
                         raise CheckpointError(
                             f"tensor '{key}' in {shard.name} is stored as {sl.get_dtype()}; only unquantised "
@@ -309,14 +342,14 @@ def load_weights(ck: Checkpoint, dtype: torch.dtype, device: torch.device, progr
     validates and describes them; the bytes are read, never mapped (see _read_chunked), so peak RSS stays
     near the loaded bytes plus one _CHUNK_BYTES buffer, and the model does not depend on the files later."""
     index = tensor_index(ck)
-    with torch.device("meta"):
-        model = DiffusionLM(ck.args)
+    model = skeleton(ck)
     for shard in ck.weight_files:
         with open(shard, "rb") as fh:
             for name, ref in index.items():
                 if ref.shard != shard:
                     continue
-                _set_tensor(model, name, read_tensor(ref, dtype, device, fh))
+                keep = ref.dtype in _ST_QUANT.values() or name.endswith(("weight_scale", "input_scale"))
+                _set_tensor(model, name, read_tensor(ref, ref.dtype if keep else dtype, device, fh))
                 if progress is not None:
                     progress()
     model.register_buffer("inv_freq", rope_inv_freq(ck.args, device), persistent=False)

@@ -103,7 +103,7 @@ def save_checkpoint(out: Path, args: ModelArgs, state_dict: dict[str, torch.Tens
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         named = {fam.ours_to_checkpoint(k): v.contiguous() for k, v in state_dict.items()}
-        _save_weights(tmp, named, max_shard_bytes)
+        save_weights(tmp, named, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(fam.make_config(args), indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(fam.make_generation_config(args), indent=2) + "\n")
         if tokenizer is not None:
@@ -117,7 +117,7 @@ def save_checkpoint(out: Path, args: ModelArgs, state_dict: dict[str, torch.Tens
     return out
 
 
-def _save_weights(d: Path, named: dict[str, torch.Tensor], max_shard_bytes: int | None) -> None:
+def save_weights(d: Path, named: dict[str, torch.Tensor], max_shard_bytes: int | None) -> None:
     total = sum(t.numel() * t.element_size() for t in named.values())
     if not max_shard_bytes or total <= max_shard_bytes:
         save_file(named, str(d / "model.safetensors"), metadata={"format": "pt"})

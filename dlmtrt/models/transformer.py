@@ -211,6 +211,9 @@ class DiffusionLM(nn.Module):
         at one active row a step is a chain of matrix-vector products, and fewer, larger ones run closer to
         the memory bandwidth. Checkpoint loading and export use the unfused names, so fuse after loading."""
         def concat(ps: tuple[nn.Linear, ...]) -> nn.Linear:
+            from .quantized import QuantLinear
+            if isinstance(ps[0], QuantLinear):
+                return QuantLinear.concat(list(ps))
             w = ps[0].weight
             fused = nn.Linear(ps[0].in_features, sum(p.out_features for p in ps), bias=ps[0].bias is not None,
                               device=w.device, dtype=w.dtype)

@@ -1,0 +1,82 @@
+"""`calibrate`: record trajectories, pick stratified canvases, collect statistics, quantise, write."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dlmtrt.errors import UsageError
+from dlmtrt.models.loading import load_weights, open_checkpoint, quantization_format, resolve_device, resolve_dtype
+from dlmtrt.models.loading import load_tokenizer
+from dlmtrt.models.quantized import FORMATS
+from dlmtrt.runtime.backends.torch_backend import TorchBackend
+
+from . import canvases as cv
+from .quantize import quantize, write_checkpoint
+from .statistics import collect
+
+
+@dataclass
+class CalibrationResult:
+    out: Path
+    format: str
+    prompts: int
+    canvases_recorded: int
+    canvases_used: int
+    per_stratum: dict[int, int]
+    layers: int
+    seconds: float
+    amax_by_stratum: dict[int, float] = field(default_factory=dict)  # max over layers, per mask-ratio stratum
+
+
+def calibrate(model: str, fmt: str, out: str | Path, prompts: list[str], *, new_tokens: int, steps: int | None = None,
+              strata: int = 8, per_stratum: int = 32, masked_only: bool = False, alpha: float = 0.5,
+              device: str = "cpu", dtype: str = "float32", batch: int = 16, seed: int = 0,
+              progress=None) -> CalibrationResult:
+    """Quantise checkpoint `model` to `fmt` with statistics from its own denoising of `prompts`; write `out`.
+    `progress(stage, done, total)` is called as work advances."""
+    t0 = time.perf_counter()
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown format '{fmt}'; choose from {', '.join(FORMATS)}")
+    if not prompts:
+        raise UsageError("no calibration data: give prompts (a text file, one per line) or a task")
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        from dlmtrt.errors import OutputExistsError
+        raise OutputExistsError(f"{out} exists and is not empty; choose a new --out or remove it")
+    ck = open_checkpoint(model)
+    if quantization_format(ck) is not None:
+        raise UsageError(f"{ck.path} is already quantised ({quantization_format(ck)}); calibrate the original weights")
+    dev = resolve_device(device)
+    m = load_weights(ck, resolve_dtype(dtype, dev), dev)
+    tok = load_tokenizer(ck)
+    be = TorchBackend(m)
+    tick = (lambda stage, total: (lambda n: progress(stage, n, total))) if progress else (lambda *_: None)  # noqa: E731
+    recorded = cv.record(be, tok, prompts, new_tokens=new_tokens, steps=steps, batch=batch,
+                         progress=tick("trajectories", len(prompts)))
+    chosen = cv.stratify(recorded, strata=strata, per_stratum=per_stratum, masked_only=masked_only, seed=seed)
+    if not chosen:
+        raise UsageError("the trajectories gave no canvas to calibrate on (no masked answer position); "
+                         "ask for more new tokens")
+    stats = collect(m, chosen, strata=strata, pad_id=ck.args.pad_token_id, batch=batch, seed=seed,
+                    progress=tick("statistics", len(chosen)))
+    layers = quantize(m, fmt, stats, alpha=alpha)
+    counts: dict[int, int] = {}
+    for c in chosen:
+        k = cv.stratum_of(c.ratio, strata)
+        counts[k] = counts.get(k, 0) + 1
+    by_stratum = {k: max(s.by_stratum.get(k, 0.0) for s in stats.values()) for k in sorted(counts)}
+    report = {
+        "format": fmt, "source": str(ck.path), "alpha": alpha if fmt == "w8a8" else None,
+        "calibration": {"prompts": len(prompts), "new_tokens": new_tokens, "steps": steps,
+                        "canvases_recorded": len(recorded), "canvases_used": len(chosen), "strata": strata,
+                        "per_stratum": per_stratum, "masked_only": masked_only, "dtype": dtype,
+                        "canvases_per_stratum": {str(k): v for k, v in sorted(counts.items())}},
+        "layers": {n: {**layers[n], **stats[n].to_dict()} for n in layers},
+        "excluded": ["model.embed_tokens", "lm_head"],
+    }
+    write_checkpoint(m, ck, out, fmt, report)
+    return CalibrationResult(out, fmt, len(prompts), len(recorded), len(chosen), counts, len(layers),
+                             time.perf_counter() - t0, by_stratum)

@@ -1,0 +1,100 @@
+"""`dlmtrt calibrate`: an 8-bit checkpoint (fp8, int8 weight-only, SmoothQuant w8a8) calibrated on the model's
+own denoising trajectories, stratified by mask ratio."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ._common import SEED, check_device, console, dtype_choice, friendly_errors, positive, progress
+from ._common import out as stdout
+
+FORMAT_CHOICES = ("fp8", "int8-wo", "w8a8")
+CALIBRATION_SEED = 99  # task problems for calibration; evaluation draws with 1234: different problems
+
+
+def _prompts(prompts_file: Path | None, tasks: tuple[str, ...], samples: int) -> tuple[list[str], int | None]:
+    """(prompts, answer tokens the tasks need or None)."""
+    from dlmtrt.errors import UsageError
+    if prompts_file is None and not tasks:
+        raise UsageError("no calibration data: pass --prompts FILE (a text file, one prompt per line; \\n inside a "
+                         "prompt is a newline) or --task NAME (a built-in task: sudoku4, countdown, shift128)")
+    texts: list[str] = []
+    need = None
+    if prompts_file is not None:
+        try:
+            raw = prompts_file.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UsageError(f"{prompts_file} is not UTF-8 text; save it as UTF-8") from None
+        lines = [ln.replace("\\n", "\n") for ln in raw.splitlines() if ln.strip()]
+        if not lines:
+            raise UsageError(f"{prompts_file} has no prompt (empty lines are skipped); add one prompt per line")
+        texts += lines[:samples]
+    if tasks:
+        from dlmtrt.evals.tasks import get_task, parse_task
+        for spec in tasks:
+            name, diff = parse_task(spec)
+            task = get_task(name)
+            texts += [p.prompt for p in task.problems(samples, CALIBRATION_SEED, **diff)]
+            need = max(need or 0, task.answer_tokens)
+    return texts, need
+
+
+@click.command("calibrate")
+@click.option("--model", "-m", required=True, help="Checkpoint directory, alias or cached repo id (unquantised).")
+@click.option("--format", "fmt", type=click.Choice(FORMAT_CHOICES), required=True,
+              help="fp8: E4M3 weights (per channel) and activations (static per tensor); int8-wo: int8 weights "
+                   "only; w8a8: SmoothQuant int8 weights and activations.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="New directory for the quantised checkpoint (must not exist or be empty).")
+@click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="Text file of calibration prompts, one per line.")
+@click.option("--task", "tasks", multiple=True, help="Built-in task whose prompts to calibrate on (repeatable).")
+@click.option("--samples", type=positive(100_000), default=64, show_default=True,
+              help="Prompts per task (and at most this many from --prompts).")
+@click.option("--new-tokens", type=positive(100_000), default=None,
+              help="Answer positions per trajectory [default: the tasks' answer length, else 64].")
+@click.option("--steps", type=positive(100_000), default=None, help="Denoising steps per trajectory [default: new tokens].")
+@click.option("--strata", type=positive(100), default=8, show_default=True, help="Mask-ratio bins over (0, 1].")
+@click.option("--per-stratum", type=positive(100_000), default=32, show_default=True,
+              help="Canvases drawn from each bin.")
+@click.option("--masked-only", is_flag=True,
+              help="Calibrate on fully masked canvases only (for comparison: what step-0 inputs alone give).")
+@click.option("--alpha", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="SmoothQuant migration strength (w8a8).")
+@click.option("--device", default="cpu", show_default=True, callback=check_device)
+@click.option("--dtype", type=dtype_choice(), default="float32", show_default=True,
+              help="Dtype the trajectories and statistics are computed in.")
+@click.option("--batch", type=positive(4096), default=16, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the stratified draw.")
+@friendly_errors
+def calibrate_cmd(model, fmt, out, prompts_file, tasks, samples, new_tokens, steps, strata, per_stratum, masked_only,
+                  alpha, device, dtype, batch, seed):
+    """Quantise a checkpoint to 8 bits, calibrated across the noise levels its denoising visits.
+
+    \b
+    dlmtrt calibrate -m tiny-dream-tasks --format fp8 --task sudoku4 --task countdown --out q/dream-fp8
+    dlmtrt calibrate -m dream-7b --format fp8 --prompts prompts.txt --device cuda --dtype bfloat16 --out q/dream-7b-fp8
+    """
+    from rich.table import Table
+
+    from dlmtrt.calibration.pipeline import calibrate
+    texts, need = _prompts(prompts_file, tasks, samples)
+    with progress() as bar:
+        ids = {}
+
+        def tick(stage, n, total):
+            if stage not in ids:
+                ids[stage] = bar.add_task(stage, total=total)
+            bar.advance(ids[stage], n)
+        res = calibrate(model, fmt, out, texts, new_tokens=new_tokens or need or 64, steps=steps, strata=strata,
+                        per_stratum=per_stratum, masked_only=masked_only, alpha=alpha, device=device, dtype=dtype,
+                        batch=batch, seed=seed, progress=tick)
+    t = Table(title=f"calibrated {fmt} checkpoint: {res.out}")
+    for col in ("mask ratio", "canvases", "largest layer-input amax"):
+        t.add_column(col, justify="right")
+    for k, n in sorted(res.per_stratum.items()):
+        t.add_row(f"({k / strata:.2f}, {(k + 1) / strata:.2f}]", str(n), f"{res.amax_by_stratum[k]:.3g}")
+    stdout.print(t)
+    console.print(f"{res.prompts} prompts, {res.canvases_recorded} canvases recorded, {res.canvases_used} used, "
+                  f"{res.layers} layers quantised in {res.seconds:.1f} s; statistics in {res.out / 'quantization.json'}")
