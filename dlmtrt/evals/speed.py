@@ -188,8 +188,10 @@ def run_policy(backend, family: str, B: int, prompt: int, answer: int, steps: in
 def bench(shape: str, *, device: str = "cpu", dtype: str = "float32", backend: str = "torch-graph",
           compile: bool = False, attention: str = "sdpa", batch: int = 1,
           prompt: int = 512, answer: int = 256, steps: int | None = None, policies=("none", "decode", "dual"),
-          block_length: int | None = 32, seed: int = 0, log=print) -> BenchReport:
-    """Build the shape with random weights on `device`, measure the floor, then every policy."""
+          block_length: int | None = 32, seed: int = 0, quant: str | None = None, log=print) -> BenchReport:
+    """Build the shape with random weights on `device`, measure the floor, then every policy. With `quant`
+    (fp8, int8-wo, w8a8) the random model is quantised first, its activation scales calibrated on a few
+    random canvases (the numbers are meaningless, the speed is not)."""
     from dlmtrt.runtime.backends.torch_backend import TorchBackend
     from dlmtrt.runtime.backends.torch_graph_backend import TorchGraphBackend
     from dlmtrt.runtime.policies import parse_policy
@@ -203,6 +205,9 @@ def bench(shape: str, *, device: str = "cpu", dtype: str = "float32", backend: s
         parse_policy(p).check(args.family, "low_confidence")
     log(f"building {shape} ({args.param_count / 1e9:.2f} B parameters) with random {dtype} weights on {device}")
     model = random_model(args, device, DTYPES[dtype], seed)
+    if quant is not None:
+        log(f"quantising to {quant}")
+        quantize_random(model, quant, prompt + answer, seed)
     if attention != "sdpa" and backend != "torch-graph":
         raise UsageError("--attention kernel applies to the torch-graph backend")
     be = TorchGraphBackend(model, compile=compile, attention=attention) if backend == "torch-graph" else TorchBackend(model)
@@ -214,7 +219,9 @@ def bench(shape: str, *, device: str = "cpu", dtype: str = "float32", backend: s
     bw = copy_bandwidth(device)
     floor_ms = weight_bytes / bw * 1e3 if bw == bw else float("nan")
     gpu = torch.cuda.get_device_name(device) if str(device).startswith("cuda") else None
-    rep = BenchReport(shape, device, gpu, dtype, be.name + ("+compile" if compile else "") + ("+kernel" if attention == "kernel" else ""), torch.__version__, args.param_count, weight_bytes,
+    name = be.name + ("+compile" if compile else "") + ("+kernel" if attention == "kernel" else "") + \
+        (f"+{quant}" if quant else "")
+    rep = BenchReport(shape, device, gpu, dtype, name, torch.__version__, args.param_count, weight_bytes,
                       kv_bytes, bw, floor_ms)
     log("timing a one-active-row step")
     rep.single_row_step_ms = step_ms(be, batch, 1, L)
@@ -227,3 +234,16 @@ def bench(shape: str, *, device: str = "cpu", dtype: str = "float32", backend: s
         r = run_policy(be, args.family, batch, prompt, answer, steps, p, fam_blocks, seed)
         rep.runs.append(replace(r, floor_ratio=r.step_ms_median / floor_ms if floor_ms == floor_ms else float("nan")))
     return rep
+
+
+def quantize_random(model: DiffusionLM, fmt: str, length: int, seed: int = 0, canvases: int = 4) -> None:
+    """`calibration.quantize` of a random-weight model, with statistics from random fully masked canvases."""
+    from dlmtrt.calibration.canvases import Canvas
+    from dlmtrt.calibration.quantize import quantize
+    from dlmtrt.calibration.statistics import collect
+    g = torch.Generator().manual_seed(seed)
+    cs = [Canvas(torch.randint(0, 250, (length,), generator=g).tolist(), 1.0) for _ in range(canvases)]
+    with torch.inference_mode():
+        stats = collect(model, cs, strata=1, pad_id=model.args.pad_token_id, batch=1)
+    with torch.no_grad():
+        quantize(model, fmt, stats)
