@@ -3,9 +3,8 @@
 Three formats, chosen because they are what TensorRT and Hopper GPUs run natively:
 
 * `fp8`: E4M3 weights with one scale per output channel, E4M3 activations with one static scale per tensor
-  (calibrated). On a GPU with FP8 tensor cores (compute capability 8.9+) the product is our Triton kernel
-  for up to 16 rows (fp8_skinny.py: cuBLAS's FP8 GEMMs are slow there) and `torch._scaled_mm` with row-wise
-  scales beyond; elsewhere it is emulated exactly: the same E4M3 roundings, the product in the
+  (calibrated). On a GPU with FP8 tensor cores (compute capability 8.9+) the product is `torch._scaled_mm`
+  with row-wise scales; elsewhere it is emulated exactly: the same E4M3 roundings, the product in the
   activation dtype. Weight bytes halve against bf16, which is what a batch-1 step is bound by.
 * `int8-wo`: int8 weights, one scale per output channel; activations untouched (weight-only). The weights are
   dequantised to the activation dtype for the product (the emulation: it saves memory, not time, in PyTorch;
@@ -22,8 +21,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from . import fp8_skinny
 
 FORMATS = ("fp8", "int8-wo", "w8a8")
 FP8 = torch.float8_e4m3fn
@@ -116,11 +113,6 @@ class QuantLinear(nn.Module):
         if self.fmt == "int8-wo":
             y = F.linear(x2, self.dequantized_weight(dtype))
         elif self.fmt == "fp8":
-            if x2.shape[0] <= fp8_skinny.MAX_ROWS and _scaled_mm_ok(x2, self) and fp8_skinny.available(x2):
-                y = fp8_skinny.fp8_skinny(x2, self.weight, self.weight_scale, self.input_scale)
-                if self.bias is not None:
-                    y = y + self.bias.to(dtype)
-                return y.reshape(*shape[:-1], self.out_features)
             xq = quantize_input(x2, self.input_scale, "fp8")
             if _scaled_mm_ok(x2, self):
                 M = x2.shape[0]
