@@ -14,7 +14,7 @@ from ._common import console, friendly_errors, out
 
 def _supported_opset(ctx, param, value):
     from dlmtrt.export.onnx_export import SUPPORTED_OPSETS
-    if value not in SUPPORTED_OPSETS:
+    if value is not None and value not in SUPPORTED_OPSETS:
         raise click.BadParameter(f"opset {value} is not supported: choose one of {SUPPORTED_OPSETS.start}.."
                                  f"{SUPPORTED_OPSETS.stop - 1}")
     return value
@@ -26,7 +26,8 @@ def _supported_opset(ctx, param, value):
               help="New directory for model.onnx (+ model.onnx.data above 2 GB), tokenizer and configs.")
 @click.option("--dtype", type=click.Choice(DTYPE_NAMES), default="float32", show_default=True,
               help="Dtype of the weights, the K/V cache and the arithmetic in the graph.")
-@click.option("--opset", type=int, default=18, show_default=True, callback=_supported_opset, help="ONNX opset (18-23).")
+@click.option("--opset", type=int, default=None, callback=_supported_opset,
+              help="ONNX opset (18-23) [default: 18; 19 for an fp8 checkpoint from `dlmtrt calibrate`].")
 @click.option("--attention", type=click.Choice(["standard", "plugin"]), default="standard", show_default=True,
               help="Cached attention as standard ONNX operators, or as one dlmtrt::CachedAttention node per layer "
                    "for the TensorRT plugin (export/attention.py documents its semantics).")

@@ -34,13 +34,15 @@ import torch
 from dlmtrt.dtypes import DTYPES
 from dlmtrt.errors import DlmtrtError
 
-from dlmtrt.models.loading import Checkpoint, load_tokenizer, open_checkpoint, read_tensor, tensor_index
+from dlmtrt.models.loading import Checkpoint, load_tokenizer, open_checkpoint, quantization_format, read_tensor
+from dlmtrt.models.loading import tensor_index
 from dlmtrt.models.transformer import DiffusionLM, rope_inv_freq
 
 from . import attention as attn
 from .checks import available_memory, check_structure, memory_needed
 from .checks import numeric_check as run_numeric_check
 from .metadata import write_metadata
+from .qdq import FP8_MIN_OPSET, insert_qdq
 from dlmtrt.runtime.contract import input_names, output_names
 
 from .step_graph import StepGraph, dynamic_shapes, example_inputs
@@ -138,12 +140,16 @@ def _prepare_out_dir(out: Path, overwrite: bool) -> Path:
                           "choose a writable --out") from None
 
 
-def _lazy_weights(model: ir.Model, ck: Checkpoint, index: dict, dtype: torch.dtype, prefix: str) -> int:
+def _lazy_weights(model: ir.Model, ck: Checkpoint, index: dict, dtype: torch.dtype, prefix: str,
+                  given: set[str] = frozenset()) -> int:
     """Give every initializer its weight as a lazy tensor read from the checkpoint; rename `prefix`.x to x.
-    Returns the weight bytes in the export dtype."""
+    Initializers named in `given` have their values already (the Q/DQ rewrite's). Returns the weight bytes."""
     a = ck.args
     total = 0
     for name, value in list(model.graph.initializers.items()):
+        if name in given:
+            total += int(math.prod(value.shape.dims) * value.dtype.itemsize)
+            continue
         ours = name.removeprefix(prefix)
         if ours == "inv_freq":
             fn = lambda: ir.tensor(rope_inv_freq(a))  # noqa: E731
@@ -173,6 +179,13 @@ def _optimize(model: ir.Model) -> None:
     onnxscript.optimizer.optimize_ir(model, should_fold=should_fold)
 
 
+def _is_fp8(model: str) -> bool:
+    try:
+        return quantization_format(open_checkpoint(model)) == "fp8"
+    except DlmtrtError:
+        return False  # export_step reports the checkpoint's problem itself
+
+
 def trace_step(ck: Checkpoint, dtype: torch.dtype, opset: int, attention: str,
                index: dict | None = None) -> tuple[ir.Model, int]:
     """The step graph of `ck` with lazy weights: (model, weight bytes). `index`: `tensor_index(ck)` if known."""
@@ -193,15 +206,26 @@ def trace_step(ck: Checkpoint, dtype: torch.dtype, opset: int, attention: str,
                                  output_names=output_names(n), opset_version=opset,
                                  custom_translation_table=attn.translation_table() if attention == "plugin" else None, verbose=bool(os.environ.get("DLMTRT_EXPORT_VERBOSE")))
     model = prog.model
-    nbytes = _lazy_weights(model, ck, index if index is not None else tensor_index(ck), dtype, "m.")
+    index = index if index is not None else tensor_index(ck)
+    fmt = quantization_format(ck)
+    given = insert_qdq(model, ck, index, fmt, dtype, "m.") if fmt is not None else set()
+    nbytes = _lazy_weights(model, ck, index, dtype, "m.", given)
     _optimize(model)
     return model, nbytes
 
 
-def export_step(model: str, out: Path, *, dtype: str = "float32", opset: int = DEFAULT_OPSET,
+def export_step(model: str, out: Path, *, dtype: str = "float32", opset: int | None = None,
                 attention: str = "standard", tokenizer: str | None = None, overwrite: bool = False,
                 numeric_check: bool = True, log=print) -> ExportResult:
-    """Export, check, and move into `out`: model.onnx (+ model.onnx.data above 2 GB), tokenizer and configs."""
+    """Export, check, and move into `out`: model.onnx (+ model.onnx.data above 2 GB), tokenizer and configs.
+    A calibrated checkpoint (`dlmtrt calibrate`) becomes a Q/DQ graph (export/qdq.py). `opset` None: the
+    default, 18, or 19 for fp8 (E4M3 Q/DQ needs it)."""
+    fp8 = _is_fp8(model)
+    if opset is None:
+        opset = max(DEFAULT_OPSET, FP8_MIN_OPSET) if fp8 else DEFAULT_OPSET
+    if fp8 and opset < FP8_MIN_OPSET:
+        raise ExportError(f"{model} is an fp8 checkpoint: its E4M3 QuantizeLinear/DequantizeLinear need opset "
+                          f"{FP8_MIN_OPSET} or later; pass --opset {FP8_MIN_OPSET} (or leave --opset out)")
     if opset not in SUPPORTED_OPSETS:
         raise ExportError(f"opset {opset} is not supported: choose one of {SUPPORTED_OPSETS.start}.."
                           f"{SUPPORTED_OPSETS.stop - 1} (default {DEFAULT_OPSET})")
@@ -259,7 +283,7 @@ def export_step(model: str, out: Path, *, dtype: str = "float32", opset: int = D
                                   "`dlmtrt compare`")
             log("checking: ONNX Runtime vs PyTorch fp32 on random step inputs")
             t0 = time.perf_counter()
-            report = run_numeric_check(path, ck, dtype, attention)
+            report = run_numeric_check(path, ck, dtype, attention, quantized=quantization_format(ck) is not None)
             times["numeric_check"] = time.perf_counter() - t0
             if not report.ok:
                 raise ExportError("ONNX Runtime disagrees with PyTorch beyond tolerance (outputs out of tolerance "

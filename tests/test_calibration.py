@@ -1,0 +1,269 @@
+"""calibration/ and the 8-bit formats: trajectory canvases stratified by mask ratio, activation statistics,
+QuantLinear's arithmetic, SmoothQuant's folding, `dlmtrt calibrate` end to end (the checkpoint loads, decodes
+close to the float model, carries its statistics), the Q/DQ ONNX export (numerically checked against the
+checkpoint by ONNX Runtime, and built by TensorRT where installed), and the refusals."""
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+
+from dlmtrt.calibration import canvases as cv
+from dlmtrt.calibration.quantize import smooth
+from dlmtrt.calibration.statistics import collect
+from dlmtrt.cli import main
+from dlmtrt.evals.tasks import get_task
+from dlmtrt.models.loading import CheckpointError, load, open_checkpoint
+from dlmtrt.models.quantized import FP8, QuantLinear, fp8_supported, quantize_input, quantize_weight
+from dlmtrt.runtime.backends import make_backend
+from dlmtrt.runtime.backends.torch_backend import TorchBackend
+
+PROMPTS = [p.prompt for p in get_task("sudoku4").problems(6, 99)] + [p.prompt for p in get_task("countdown").problems(6, 99)]
+
+
+@pytest.fixture(scope="module")
+def dream():
+    return make_backend("torch", "tiny-dream-tasks")
+
+
+@pytest.fixture(scope="module")
+def recorded(dream):
+    be, tok, _ = dream
+    return cv.record(be, tok, PROMPTS, new_tokens=32, batch=6)
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    """calibrated(fmt) -> checkpoint directory written by the CLI (small calibration set)."""
+    cache = {}
+
+    def get(fmt: str, family: str = "dream"):
+        if (fmt, family) not in cache:
+            out = tmp_path_factory.mktemp(f"q_{family}_{fmt}") / "ckpt"
+            r = CliRunner().invoke(main, ["calibrate", "-m", f"tiny-{family}-tasks", "--format", fmt, "--task",
+                                          "sudoku4", "--task", "countdown", "--samples", "8", "--per-stratum", "4",
+                                          "--batch", "16", "--out", str(out)])
+            assert r.exit_code == 0, r.output
+            cache[fmt, family] = out
+        return cache[fmt, family]
+    return get
+
+
+def test_trajectories_cover_every_noise_level(recorded):
+    assert len(recorded) == len(PROMPTS) * 32  # one canvas per step per prompt
+    ratios = [c.ratio for c in recorded]
+    assert max(ratios) == 1.0 and min(ratios) < 0.1  # down to the last step before the canvas is clean
+    # recorded batch by batch (6 prompts), each batch step-major: prompt r of batch b at b*6*32 + step*6 + r
+    per_prompt = [ratios[b * 192 + r:(b + 1) * 192:6] for b in range(2) for r in range(6)]
+    assert all(r[0] == 1.0 and all(a >= b for a, b in zip(r, r[1:])) for r in per_prompt)
+
+
+def test_stratified_draw(recorded):
+    picked = cv.stratify(recorded, strata=4, per_stratum=5)
+    counts = {}
+    for c in picked:
+        counts[cv.stratum_of(c.ratio, 4)] = counts.get(cv.stratum_of(c.ratio, 4), 0) + 1
+    assert counts == {0: 5, 1: 5, 2: 5, 3: 5}
+    assert all(c.ratio == 1.0 for c in cv.stratify(recorded, strata=4, per_stratum=2, masked_only=True))
+    assert len(cv.stratify(recorded, strata=4, per_stratum=2, masked_only=True)) == 8
+    assert cv.stratum_of(1.0, 4) == 3 and cv.stratum_of(0.25, 4) == 0 and cv.stratum_of(0.26, 4) == 1
+
+
+def test_statistics_are_the_inputs_maxima(dream, recorded):
+    be, tok, _ = dream
+    model = be.model
+    chosen = cv.stratify(recorded, strata=4, per_stratum=3)
+    stats = collect(model, chosen, strata=4, pad_id=model.args.pad_token_id, batch=4)
+    seen = []
+    name = "model.layers.2.mlp.down_proj"
+    h = model.get_submodule(name).register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
+    try:
+        for ids, am, _ in cv.batches(chosen, 4, model.args.pad_token_id, "cpu"):
+            with torch.no_grad():
+                model.full_logits(ids, am)
+            seen[-1] = seen[-1][am]
+    finally:
+        h.remove()
+    x = torch.cat(seen).abs()
+    assert stats[name].amax == pytest.approx(float(x.max()), rel=1e-6)
+    assert torch.allclose(stats[name].channel_amax, x.amax(0))
+    assert stats[name].percentiles["p99.9"] <= stats[name].percentiles["p99.99"] <= stats[name].amax
+    assert set(stats[name].by_stratum) == {0, 1, 2, 3} and max(stats[name].by_stratum.values()) == stats[name].amax
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8"])
+def test_weight_quantization_error_is_bounded(fmt):
+    w = torch.randn(64, 96) * torch.logspace(-2, 1, 64)[:, None]  # channels of very different ranges
+    q, s = quantize_weight(w, fmt)
+    assert q.dtype == (FP8 if fmt == "fp8" else torch.int8)
+    err = (q.float() * s[:, None] - w).abs() / w.abs().amax(1, keepdim=True)
+    assert float(err.max()) <= (2 ** -4 if fmt == "fp8" else 0.5 / 127 + 1e-6)  # per-channel scales: every row fits
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8-wo", "w8a8"])
+@torch.no_grad()
+def test_quant_linear_arithmetic(fmt):
+    lin = torch.nn.Linear(48, 40, bias=True)
+    x = torch.randn(3, 5, 48)
+    s = float(x.abs().max()) / (448 if fmt == "fp8" else 127)
+    q = QuantLinear.from_linear(lin, fmt, s if fmt != "int8-wo" else None)
+    w = q.weight.float() * q.weight_scale[:, None]
+    xin = x if fmt == "int8-wo" else quantize_input(x, q.input_scale, "fp8" if fmt == "fp8" else "w8a8").float() * s
+    assert torch.allclose(q(x), F.linear(xin, w, lin.bias), atol=1e-5, rtol=1e-5)
+    rel = float((q(x) - lin(x)).norm() / lin(x).norm())
+    assert rel < (0.06 if fmt == "fp8" else 0.02)
+    fused = QuantLinear.concat([q, q])
+    assert torch.equal(fused(x), torch.cat([q(x), q(x)], -1))
+    assert not fp8_supported(torch.device("cpu"))  # the CPU always runs the emulation
+
+
+def test_smoothquant_folding_keeps_the_float_function(dream, recorded):
+    model, _, _ = load("tiny-dream-tasks")
+    chosen = cv.stratify(recorded, strata=2, per_stratum=4)
+    stats = collect(model, chosen, strata=2, pad_id=model.args.pad_token_id, batch=4)
+    ids, am, _ = cv.batches(chosen, 8, model.args.pad_token_id, "cpu")[0]
+    with torch.no_grad():
+        before = model.full_logits(ids, am)
+        new_amax = smooth(model, stats, 0.5)
+        after = model.full_logits(ids, am)
+    assert float((after - before).norm() / before.norm()) < 1e-5
+    name = "model.layers.0.self_attn.q_proj"
+    assert new_amax[name] < stats[name].amax  # the outliers moved into the weights
+
+
+@pytest.mark.parametrize("fmt,bound", [("fp8", 0.15), ("int8-wo", 0.03), ("w8a8", 0.15)])
+def test_calibrated_checkpoint_loads_and_decodes_close_to_float(calibrated, dream, fmt, bound):
+    path = calibrated(fmt)
+    report = json.loads((path / "quantization.json").read_text())
+    assert report["format"] == fmt and report["calibration"]["canvases_per_stratum"] == {str(k): 4 for k in range(8)}
+    assert len(report["layers"]) == 6 * 7 and "lm_head" in report["excluded"]
+    assert json.loads((path / "config.json").read_text())["quantization_config"] == {"quant_method": "dlmtrt",
+                                                                                      "format": fmt}
+    qbe, tok, _ = make_backend("torch", str(path))
+    lin = qbe.model.model.layers[0].mlp.down_proj
+    assert isinstance(lin, QuantLinear) and lin.fmt == fmt
+    be = dream[0]
+    ids = tok(PROMPTS[:4], return_tensors="pt", padding=True, padding_side="left")
+    with torch.no_grad():
+        ref = be.model.full_logits(ids["input_ids"], ids["attention_mask"].bool())
+        got = qbe.model.full_logits(ids["input_ids"], ids["attention_mask"].bool())
+    assert float((got - ref).norm() / ref.norm()) < bound
+    agree = (got.argmax(-1) == ref.argmax(-1))[ids["attention_mask"].bool()].float().mean()
+    assert agree > 0.9
+    TorchBackend(qbe.model)  # the torch backend takes it as it is; the graph backend fuses q|k|v of QuantLinears:
+    from dlmtrt.runtime.backends.torch_graph_backend import TorchGraphBackend
+    fast = TorchGraphBackend(load(str(path))[0])
+    assert isinstance(fast.model.model.layers[0].self_attn.qkv_proj, QuantLinear)
+
+
+def test_llada_calibrates_too(calibrated):
+    path = calibrated("fp8", "llada")
+    be, tok, _ = make_backend("torch", str(path))
+    from dlmtrt.runtime.generate import generate_text
+    out = generate_text(be, tok, PROMPTS[:2], gen_length=16, steps=16, block_length=16)
+    assert len(out.texts) == 2
+
+
+def test_bad_input_is_refused_and_nothing_is_written(tmp_path, calibrated):
+    run = CliRunner().invoke
+    r = run(main, ["calibrate", "-m", "tiny-dream-tasks", "--format", "int4", "--task", "sudoku4", "--out",
+                   str(tmp_path / "a")])
+    assert r.exit_code == 2 and "'int4' is not one of" in r.output and not (tmp_path / "a").exists()
+    r = run(main, ["calibrate", "-m", "tiny-dream-tasks", "--format", "fp8", "--out", str(tmp_path / "b")])
+    assert r.exit_code == 1 and "no calibration data" in r.output and "--prompts FILE" in r.output
+    assert not (tmp_path / "b").exists()
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "x").write_text("keep")
+    r = run(main, ["calibrate", "-m", "tiny-dream-tasks", "--format", "fp8", "--task", "sudoku4", "--out",
+                   str(tmp_path / "c")])
+    assert r.exit_code == 1 and "not empty" in r.output and (tmp_path / "c" / "x").read_text() == "keep"
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    r = run(main, ["calibrate", "-m", "tiny-dream-tasks", "--format", "fp8", "--prompts", str(empty), "--out",
+                   str(tmp_path / "d")])
+    assert r.exit_code == 1 and "has no prompt" in r.output and not (tmp_path / "d").exists()
+    r = run(main, ["calibrate", "-m", str(calibrated("fp8")), "--format", "w8a8", "--task", "sudoku4", "--out",
+                   str(tmp_path / "e")])
+    assert r.exit_code == 1 and "already quantised" in r.output and not (tmp_path / "e").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary directory left
+
+
+def test_a_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
+    from dlmtrt.calibration import quantize as qmod
+    from dlmtrt.calibration.pipeline import calibrate
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(qmod, "save_weights", boom)
+    with pytest.raises(OSError, match="disk full"):
+        calibrate("tiny-dream-tasks", "fp8", tmp_path / "out", PROMPTS[:2], new_tokens=8, per_stratum=1)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_foreign_quantized_checkpoints_are_refused(tmp_path, calibrated):
+    import shutil
+    d = tmp_path / "ck"
+    shutil.copytree(calibrated("int8-wo"), d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="does not read.*dlmtrt calibrate"):
+        load(str(d))
+    assert open_checkpoint(str(d)).config["quantization_config"]["quant_method"] == "gptq"
+
+
+@pytest.fixture(scope="module")
+def qdq(calibrated, tmp_path_factory):
+    from dlmtrt.export.onnx_export import export_step
+    cache = {}
+
+    def get(fmt: str):
+        if fmt not in cache:
+            out = tmp_path_factory.mktemp(f"qdq_{fmt}") / "export"
+            res = export_step(str(calibrated(fmt)), out, log=lambda m: None)
+            cache[fmt] = (out, res)
+        return cache[fmt]
+    return get
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8-wo"])
+def test_qdq_export_matches_the_checkpoint(qdq, fmt):
+    out, res = qdq(fmt)
+    assert res.checks.ok, res.checks.render_text()
+    assert res.opset == (19 if fmt == "fp8" else 18)
+    m = onnx.load(str(out / "model.onnx"))
+    ops = [n.op_type for n in m.graph.node]
+    inits = {i.name: i for i in m.graph.initializer}
+    w = inits["model.layers.0.mlp.down_proj.weight"]
+    assert w.data_type == (onnx.TensorProto.FLOAT8E4M3FN if fmt == "fp8" else onnx.TensorProto.INT8)
+    assert ops.count("DequantizeLinear") >= 42  # every projection's weight
+    if fmt == "int8-wo":
+        assert "QuantizeLinear" not in ops
+        worst = max(r.rel_err for r in res.checks.rows if r.output != "present_valid")
+        assert worst < 1e-4  # no activation rounding: the dequantised weights are the checkpoint's
+    else:
+        assert ops.count("QuantizeLinear") >= 24  # one per distinct projection input (q|k|v and gate|up share)
+    assert "lm_head.weight" in inits and inits["lm_head.weight"].data_type == onnx.TensorProto.FLOAT
+
+
+def test_fp8_export_needs_opset_19(calibrated, tmp_path):
+    r = CliRunner().invoke(main, ["export", "-m", str(calibrated("fp8")), "-o", str(tmp_path / "x"), "--opset", "18"])
+    assert r.exit_code == 1 and "opset 19" in r.output and not (tmp_path / "x").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None and importlib.util.find_spec("tensorrt_rtx") is None,
+                    reason="neither tensorrt nor tensorrt_rtx is installed")
+def test_qdq_export_builds_an_engine(qdq, tmp_path):
+    out, _ = qdq("fp8")
+    r = CliRunner().invoke(main, ["build-engine", "--onnx", str(out), "--out", str(tmp_path / "q.engine"),
+                                  "--profile", "batch=1:1:2,active=1:8:32,canvas=1:32:64"])
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((tmp_path / "q.engine.json").read_text())
+    assert manifest["layers"]["network_types"]["QUANTIZE"] >= 24
+    assert manifest["layers"]["network_types"]["DEQUANTIZE"] >= 42
+    assert (tmp_path / "q.engine").stat().st_size > 0
