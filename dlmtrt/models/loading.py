@@ -7,6 +7,7 @@ never materialised in fp32 first. Every failure raises `CheckpointError` with th
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -343,6 +344,13 @@ def load_weights(ck: Checkpoint, dtype: torch.dtype, device: torch.device, progr
     near the loaded bytes plus one _CHUNK_BYTES buffer, and the model does not depend on the files later."""
     index = tensor_index(ck)
     model = skeleton(ck)
+    fmt = quantization_format(ck)
+    if fmt is not None and device.type == "cuda":
+        from .quantized import fp8_supported
+        if fmt == "fp8" and not fp8_supported(device):
+            warnings.warn(f"{torch.cuda.get_device_name(device)} has no FP8 tensor cores (compute capability 8.9+): "
+                          f"the fp8 layers of {ck.path.name} run emulated (dequantised, then a "
+                          f"{dtype} product): correct, not faster than the unquantised model", stacklevel=2)
     for shard in ck.weight_files:
         with open(shard, "rb") as fh:
             for name, ref in index.items():
