@@ -1,9 +1,9 @@
-"""8-bit formats on the GPU, one device call (`python3 bench/gpu_quant.py OUT.json`):
+"""8-bit formats on the GPU, one device call (`python3 bench/gpu_quant.py OUT.json [kernels,speed,tiny_accuracy]`):
 
 1. `QuantLinear`'s GPU paths against their exact emulation and against the bf16 product: fp8 through
    `torch._scaled_mm` (row-wise scales) and w8a8 through `torch._int_mm`, at Dream-7B's q|k|v shape and 1-256 rows.
-2. The shipped tiny models calibrated to fp8 on the GPU in bf16 and evaluated (sudoku4, N=200, no cache) against
-   the unquantised bf16 model: accuracy through the real FP8 tensor-core path.
+2. The shipped tiny models calibrated to fp8 and int8-wo on the GPU in bf16 and evaluated on every task (N=200,
+   no cache and the usual cache policy) against the unquantised bf16 model: the real FP8 tensor-core path.
 3. `dlmtrt bench` at Dream-7B shape (random weights, torch-graph, B=1): bf16, then fp8, in this process: ms per
    step, tok/s, the one-active-row step and the weight-read floor of each.
 """
@@ -48,24 +48,37 @@ def kernels() -> list[dict]:
     return out
 
 
-def tiny_accuracy() -> list[dict]:
+def tiny_accuracy(formats=("fp8", "int8-wo"), tasks=("sudoku4", "countdown", "shift128")) -> list[dict]:
+    """Both shipped tiny models in bf16 on the GPU, unquantised and calibrated on the GPU (each task's prompts
+    with its own answer length, calibration seed), on every task at N=200 with no cache and the usual cache
+    policy: the real FP8 path (`_scaled_mm`), and every task, shift128 included (too slow for the CPU)."""
     from dlmtrt.calibration.pipeline import calibrate
     from dlmtrt.evals.evaluate import evaluate
     from dlmtrt.evals.tasks import get_task
     from dlmtrt.runtime.backends import make_backend
+    policy = {"dream": "decode", "llada": "dual"}
     rows = []
     work = Path(tempfile.mkdtemp())
-    prompts = [p.prompt for t in ("sudoku4", "countdown") for p in get_task(t).problems(64, 99)]
+    prompts, lengths = [], []
+    for t in tasks:
+        task = get_task(t)
+        prompts += [p.prompt for p in task.problems(64, 99)]
+        lengths += [task.answer_tokens] * 64
     for fam in ("dream", "llada"):
         src = f"tiny-{fam}-tasks"
-        q = work / f"{fam}-fp8"
-        calibrate(src, "fp8", q, prompts, new_tokens=32, device="cuda", dtype="bfloat16", batch=64)
-        for label, model in (("bfloat16", src), ("fp8", str(q))):
+        for fmt in (None, *formats):
+            model = src
+            if fmt is not None:
+                model = str(work / f"{fam}-{fmt}")
+                calibrate(src, fmt, model, prompts, new_tokens=lengths, device="cuda", dtype="bfloat16", batch=64)
             be, tok, _ = make_backend("torch", model, dtype="bfloat16", device="cuda")
-            for task in ("sudoku4", "countdown"):
-                r, _ = evaluate(be, tok, task, 200, ["none"], batch_size=100, blocks=2 if fam == "llada" else None)
-                rows.append({"family": fam, "model": label, "task": task, "accuracy": r[0].accuracy})
-                print(rows[-1], flush=True)
+            for task in tasks:
+                res, _ = evaluate(be, tok, task, 200, ["none", policy[fam]], batch_size=100,
+                                  blocks=2 if fam == "llada" else None)
+                for r in res:
+                    rows.append({"family": fam, "format": fmt or "bfloat16", "task": task, "policy": r.policy,
+                                 "accuracy": r.accuracy, "n": r.n})
+                    print(rows[-1], flush=True)
     shutil.rmtree(work, ignore_errors=True)
     return rows
 
@@ -87,16 +100,14 @@ def speed() -> list[dict]:
     return reps
 
 
-def main(path: str) -> None:
+def main(path: str, parts: list[str]) -> None:
     doc = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
-    doc["kernels"] = kernels()
-    Path(path).write_text(json.dumps(doc, indent=1))
-    doc["speed"] = speed()
-    Path(path).write_text(json.dumps(doc, indent=1))
-    doc["tiny_accuracy"] = tiny_accuracy()
-    Path(path).write_text(json.dumps(doc, indent=1))
+    for name, fn in (("kernels", kernels), ("speed", speed), ("tiny_accuracy", tiny_accuracy)):
+        if name in parts:
+            doc[name] = fn()
+            Path(path).write_text(json.dumps(doc, indent=1))
     print(f"wrote {path}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2].split(",") if len(sys.argv) > 2 else ["kernels", "speed", "tiny_accuracy"])

@@ -31,11 +31,13 @@ class CalibrationResult:
     amax_by_stratum: dict[int, float] = field(default_factory=dict)  # max over layers, per mask-ratio stratum
 
 
-def calibrate(model: str, fmt: str, out: str | Path, prompts: list[str], *, new_tokens: int, steps: int | None = None,
+def calibrate(model: str, fmt: str, out: str | Path, prompts: list[str], *, new_tokens: int | list[int],
+              steps: int | None = None,
               strata: int = 8, per_stratum: int = 32, masked_only: bool = False, alpha: float = 0.5,
               device: str = "cpu", dtype: str = "float32", batch: int = 16, seed: int = 0,
               progress=None) -> CalibrationResult:
     """Quantise checkpoint `model` to `fmt` with statistics from its own denoising of `prompts`; write `out`.
+    `new_tokens`: the answer length of every prompt, or one per prompt (tasks of different answer lengths).
     `progress(stage, done, total)` is called as work advances."""
     t0 = time.perf_counter()
     if fmt not in FORMATS:
@@ -54,8 +56,14 @@ def calibrate(model: str, fmt: str, out: str | Path, prompts: list[str], *, new_
     tok = load_tokenizer(ck)
     be = TorchBackend(m)
     tick = (lambda stage, total: (lambda n: progress(stage, n, total))) if progress else (lambda *_: None)  # noqa: E731
-    recorded = cv.record(be, tok, prompts, new_tokens=new_tokens, steps=steps, batch=batch,
-                         progress=tick("trajectories", len(prompts)))
+    lengths = list(new_tokens) if isinstance(new_tokens, (list, tuple)) else [new_tokens] * len(prompts)
+    if len(lengths) != len(prompts):
+        raise UsageError(f"{len(lengths)} answer lengths for {len(prompts)} prompts")
+    recorded: list[cv.Canvas] = []
+    step = tick("trajectories", len(prompts))
+    for n in sorted(set(lengths)):
+        group = [p for p, k in zip(prompts, lengths) if k == n]
+        recorded += cv.record(be, tok, group, new_tokens=n, steps=steps, batch=batch, progress=step)
     chosen = cv.stratify(recorded, strata=strata, per_stratum=per_stratum, masked_only=masked_only, seed=seed)
     if not chosen:
         raise UsageError("the trajectories gave no canvas to calibrate on (no masked answer position); "
@@ -70,7 +78,7 @@ def calibrate(model: str, fmt: str, out: str | Path, prompts: list[str], *, new_
     by_stratum = {k: max(s.by_stratum.get(k, 0.0) for s in stats.values()) for k in sorted(counts)}
     report = {
         "format": fmt, "source": str(ck.path), "alpha": alpha if fmt == "w8a8" else None,
-        "calibration": {"prompts": len(prompts), "new_tokens": new_tokens, "steps": steps,
+        "calibration": {"prompts": len(prompts), "new_tokens": sorted(set(lengths)), "steps": steps,
                         "canvases_recorded": len(recorded), "canvases_used": len(chosen), "strata": strata,
                         "per_stratum": per_stratum, "masked_only": masked_only, "dtype": dtype,
                         "canvases_per_stratum": {str(k): v for k, v in sorted(counts.items())}},

@@ -13,14 +13,15 @@ FORMAT_CHOICES = ("fp8", "int8-wo", "w8a8")
 CALIBRATION_SEED = 99  # task problems for calibration; evaluation draws with 1234: different problems
 
 
-def _prompts(prompts_file: Path | None, tasks: tuple[str, ...], samples: int) -> tuple[list[str], int | None]:
-    """(prompts, answer tokens the tasks need or None)."""
+def _prompts(prompts_file: Path | None, tasks: tuple[str, ...], samples: int,
+             new_tokens: int | None) -> tuple[list[str], list[int]]:
+    """(prompts, answer positions of each): a task's own answer length, `new_tokens` (default 64) for the file's."""
     from dlmtrt.errors import UsageError
     if prompts_file is None and not tasks:
         raise UsageError("no calibration data: pass --prompts FILE (a text file, one prompt per line; \\n inside a "
                          "prompt is a newline) or --task NAME (a built-in task: sudoku4, countdown, shift128)")
     texts: list[str] = []
-    need = None
+    lengths: list[int] = []
     if prompts_file is not None:
         try:
             raw = prompts_file.read_text(encoding="utf-8")
@@ -30,14 +31,15 @@ def _prompts(prompts_file: Path | None, tasks: tuple[str, ...], samples: int) ->
         if not lines:
             raise UsageError(f"{prompts_file} has no prompt (empty lines are skipped); add one prompt per line")
         texts += lines[:samples]
+        lengths += [new_tokens or 64] * len(lines[:samples])
     if tasks:
         from dlmtrt.evals.tasks import get_task, parse_task
         for spec in tasks:
             name, diff = parse_task(spec)
             task = get_task(name)
             texts += [p.prompt for p in task.problems(samples, CALIBRATION_SEED, **diff)]
-            need = max(need or 0, task.answer_tokens)
-    return texts, need
+            lengths += [new_tokens or task.answer_tokens] * samples
+    return texts, lengths
 
 
 @click.command("calibrate")
@@ -53,7 +55,7 @@ def _prompts(prompts_file: Path | None, tasks: tuple[str, ...], samples: int) ->
 @click.option("--samples", type=positive(100_000), default=64, show_default=True,
               help="Prompts per task (and at most this many from --prompts).")
 @click.option("--new-tokens", type=positive(100_000), default=None,
-              help="Answer positions per trajectory [default: the tasks' answer length, else 64].")
+              help="Answer positions per trajectory [default: each task's answer length; 64 for --prompts].")
 @click.option("--steps", type=positive(100_000), default=None, help="Denoising steps per trajectory [default: new tokens].")
 @click.option("--strata", type=positive(100), default=8, show_default=True, help="Mask-ratio bins over (0, 1].")
 @click.option("--per-stratum", type=positive(100_000), default=32, show_default=True,
@@ -79,7 +81,7 @@ def calibrate_cmd(model, fmt, out, prompts_file, tasks, samples, new_tokens, ste
     from rich.table import Table
 
     from dlmtrt.calibration.pipeline import calibrate
-    texts, need = _prompts(prompts_file, tasks, samples)
+    texts, lengths = _prompts(prompts_file, tasks, samples, new_tokens)
     with progress() as bar:
         ids = {}
 
@@ -87,7 +89,7 @@ def calibrate_cmd(model, fmt, out, prompts_file, tasks, samples, new_tokens, ste
             if stage not in ids:
                 ids[stage] = bar.add_task(stage, total=total)
             bar.advance(ids[stage], n)
-        res = calibrate(model, fmt, out, texts, new_tokens=new_tokens or need or 64, steps=steps, strata=strata,
+        res = calibrate(model, fmt, out, texts, new_tokens=lengths, steps=steps, strata=strata,
                         per_stratum=per_stratum, masked_only=masked_only, alpha=alpha, device=device, dtype=dtype,
                         batch=batch, seed=seed, progress=tick)
     t = Table(title=f"calibrated {fmt} checkpoint: {res.out}")
