@@ -5,10 +5,11 @@ Three formats, chosen because they are what TensorRT and Hopper GPUs run nativel
 * `fp8`: E4M3 weights with one scale per output channel, E4M3 activations with one static scale per tensor
   (calibrated). On a GPU with FP8 tensor cores (compute capability 8.9+) the product is `torch._scaled_mm`
   with row-wise scales; elsewhere it is emulated exactly: the same E4M3 roundings, the product in the
-  activation dtype. Weight bytes halve against bf16, which is what a batch-1 step is bound by.
+  activation dtype. Weight bytes halve against bf16; a batch-1 step is bound by weight reads, but cuBLAS's
+  FP8 GEMMs do not turn that into speed at one row (measured on an H200: README, 8-bit calibration).
 * `int8-wo`: int8 weights, one scale per output channel; activations untouched (weight-only). The weights are
   dequantised to the activation dtype for the product (the emulation: it saves memory, not time, in PyTorch;
-  TensorRT runs the Q/DQ graph with its weight-only kernels).
+  the Q/DQ export is what a TensorRT engine would run).
 * `w8a8`: SmoothQuant-style int8 weights (per output channel) and int8 activations (static per-tensor scale);
   the smoothing is folded into the RMSNorm weights before quantising, so this module only sees the smoothed
   input. `torch._int_mm` on CUDA where its shape rules allow, otherwise the exact integer product in fp32.
