@@ -6,27 +6,21 @@
 from __future__ import annotations
 
 import json
-import statistics
 import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dlmtrt.evals.speed import median_ms  # noqa: E402
 
 H, I, KV, LAYERS, V = 3584, 18944, 512, 28, 152064
 SHAPES = {"qkv": (H, H + 2 * KV), "o": (H, H), "gate_up": (H, 2 * I), "down": (I, H)}
 
 
 def time_ms(fn, repeats: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    out = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        out.append(a.elapsed_time(b))
-    return statistics.median(out)
+    return median_ms(fn, "cuda", repeats)
 
 
 def main(path: str) -> None:

@@ -9,13 +9,13 @@ the torch-graph backend runs) at the same shapes. Exit 1 if an accuracy bound is
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
 
 import dlmtrt.plugins.torch_op  # noqa: F401  registers torch.ops.dlmtrt.cached_attention_cuda
+from dlmtrt.evals.speed import median_ms
 
 BOUND = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}
 
@@ -36,17 +36,8 @@ def sdpa(q, k, v, valid):
 
 
 def timed(fn, reps=50):
-    for _ in range(5):
-        fn()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b) * 1e3)
-    return statistics.median(ts)
+    """Median microseconds."""
+    return 1e3 * median_ms(fn, "cuda", reps, warmup=5)
 
 
 def case(B, H, Hkv, A, L, D, dtype, masked, speed, gen):

@@ -54,16 +54,12 @@ def tiny_accuracy(formats=("fp8", "int8-wo"), tasks=("sudoku4", "countdown", "sh
     policy: the real FP8 path (`_scaled_mm`), and every task, shift128 included (too slow for the CPU)."""
     from dlmtrt.calibration.pipeline import calibrate
     from dlmtrt.evals.evaluate import evaluate
-    from dlmtrt.evals.tasks import get_task
+    from dlmtrt.evals.tasks import calibration_prompts
     from dlmtrt.runtime.backends import make_backend
     policy = {"dream": "decode", "llada": "dual"}
     rows = []
     work = Path(tempfile.mkdtemp())
-    prompts, lengths = [], []
-    for t in tasks:
-        task = get_task(t)
-        prompts += [p.prompt for p in task.problems(64, 99)]
-        lengths += [task.answer_tokens] * 64
+    prompts, lengths = calibration_prompts(list(tasks), 64)
     for fam in ("dream", "llada"):
         src = f"tiny-{fam}-tasks"
         for fmt in (None, *formats):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from dlmtrt.calibration.pipeline import calibrate
 from dlmtrt.evals.evaluate import evaluate
-from dlmtrt.evals.tasks import get_task
+from dlmtrt.evals.tasks import calibration_prompts
 from dlmtrt.runtime.backends import make_backend
 
 POLICY = {"dream": "decode", "llada": "dual"}
@@ -40,11 +40,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=200)
     a = ap.parse_args()
     tasks = a.task or ["sudoku4", "countdown"]
-    prompts, lengths = [], []
-    for t in tasks:
-        task = get_task(t)
-        prompts += [p.prompt for p in task.problems(64, 99)]
-        lengths += [task.answer_tokens] * 64
+    prompts, lengths = calibration_prompts(tasks, 64)
     if a.lengths == "shared":
         lengths = [max(lengths)] * len(lengths)
     rows = []

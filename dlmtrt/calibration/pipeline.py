@@ -5,12 +5,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from dlmtrt.errors import UsageError
 from dlmtrt.models.loading import load_weights, open_checkpoint, quantization_format, resolve_device, resolve_dtype
 from dlmtrt.models.loading import load_tokenizer
 from dlmtrt.models.quantized import FORMATS
+from dlmtrt.models.tiny import check_new_dir
 from dlmtrt.runtime.backends.torch_backend import TorchBackend
 
 from . import canvases as cv
@@ -44,13 +43,11 @@ def calibrate(model: str, fmt: str, out: str | Path, prompts: list[str], *, new_
         raise UsageError(f"unknown format '{fmt}'; choose from {', '.join(FORMATS)}")
     if not prompts:
         raise UsageError("no calibration data: give prompts (a text file, one per line) or a task")
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        from dlmtrt.errors import OutputExistsError
-        raise OutputExistsError(f"{out} exists and is not empty; choose a new --out or remove it")
+    out = check_new_dir(out)  # before the slow part; written only at the end
     ck = open_checkpoint(model)
-    if quantization_format(ck) is not None:
-        raise UsageError(f"{ck.path} is already quantised ({quantization_format(ck)}); calibrate the original weights")
+    already = quantization_format(ck)
+    if already is not None:
+        raise UsageError(f"{ck.path} is already quantised ({already}); calibrate the original weights")
     dev = resolve_device(device)
     m = load_weights(ck, resolve_dtype(dtype, dev), dev)
     tok = load_tokenizer(ck)

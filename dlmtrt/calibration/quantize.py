@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dlmtrt.errors import OutputExistsError, UsageError
+from dlmtrt.errors import UsageError
 from dlmtrt.models.families import FAMILIES
 from dlmtrt.models.loading import Checkpoint
 from dlmtrt.models.quantized import FORMATS, FP8_MAX, INT8_MAX, QuantLinear, quantizable_linears
-from dlmtrt.models.tiny import save_weights
+from dlmtrt.models.tiny import check_new_dir, save_weights
 
 from .statistics import LayerStats
 
@@ -80,9 +80,7 @@ def write_checkpoint(model, ck: Checkpoint, out: str | Path, fmt: str, report: d
     generation config and tokenizer files, the weights in the source's layout and names, and
     `quantization.json` (how it was calibrated, per-layer statistics). Written to a temporary directory and
     renamed into place, so a failure leaves nothing."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise OutputExistsError(f"{out} exists and is not empty; choose a new --out or remove it")
+    out = check_new_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

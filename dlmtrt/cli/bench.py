@@ -8,6 +8,7 @@ import click
 from rich.table import Table
 
 from dlmtrt.dtypes import DTYPE_NAMES
+from dlmtrt.models.quantized import FORMATS
 
 from ._common import POSITIVE_TOKENS, SEED, check_device, console, friendly_errors, out, positive
 
@@ -34,7 +35,7 @@ from ._common import POSITIVE_TOKENS, SEED, check_device, console, friendly_erro
 @click.option("--policy", "policies", multiple=True, default=["none", "decode", "dual"], show_default=True,
               metavar="SPEC", help="Policy spec, repeatable.")
 @click.option("--seed", type=SEED, default=0, show_default=True)
-@click.option("--quant", type=click.Choice(["fp8", "int8-wo", "w8a8"]), default=None,
+@click.option("--quant", type=click.Choice(FORMATS), default=None,
               help="Quantise the random model first (as `dlmtrt calibrate` does; fp8 runs torch._scaled_mm on FP8 "
                    "GPUs, int8-wo and w8a8 are emulated in PyTorch: correct, not fast).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=None,

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import click
 
+from dlmtrt.models.quantized import FORMATS
+
 from ._common import SEED, check_device, console, dtype_choice, friendly_errors, positive, progress
 from ._common import out as stdout
 
-FORMAT_CHOICES = ("fp8", "int8-wo", "w8a8")
-CALIBRATION_SEED = 99  # task problems for calibration; evaluation draws with 1234: different problems
 
 
 def _prompts(prompts_file: Path | None, tasks: tuple[str, ...], samples: int,
@@ -33,18 +33,16 @@ def _prompts(prompts_file: Path | None, tasks: tuple[str, ...], samples: int,
         texts += lines[:samples]
         lengths += [new_tokens or 64] * len(lines[:samples])
     if tasks:
-        from dlmtrt.evals.tasks import get_task, parse_task
-        for spec in tasks:
-            name, diff = parse_task(spec)
-            task = get_task(name)
-            texts += [p.prompt for p in task.problems(samples, CALIBRATION_SEED, **diff)]
-            lengths += [new_tokens or task.answer_tokens] * samples
+        from dlmtrt.evals.tasks import calibration_prompts
+        more, own = calibration_prompts(list(tasks), samples)
+        texts += more
+        lengths += [new_tokens or n for n in own]
     return texts, lengths
 
 
 @click.command("calibrate")
 @click.option("--model", "-m", required=True, help="Checkpoint directory, alias or cached repo id (unquantised).")
-@click.option("--format", "fmt", type=click.Choice(FORMAT_CHOICES), required=True,
+@click.option("--format", "fmt", type=click.Choice(FORMATS), required=True,
               help="fp8: E4M3 weights (per channel) and activations (static per tensor); int8-wo: int8 weights "
                    "only; w8a8: SmoothQuant int8 weights and activations.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,

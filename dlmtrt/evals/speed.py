@@ -51,6 +51,28 @@ def random_model(args: ModelArgs, device: str, dtype: torch.dtype, seed: int = 0
     return m.eval()
 
 
+def median_ms(fn, device, repeats: int = 30, warmup: int = 3) -> float:
+    """Median milliseconds of `fn()` after `warmup` calls: CUDA events around each call on a GPU (the time of
+    the queued work, not of queueing it), wall time on the CPU."""
+    cuda = torch.device(device).type == "cuda"
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
 def copy_bandwidth(device: str, nbytes: int = 2 * 2**30, repeats: int = 20) -> float:
     """Bytes per second of a device-to-device copy, counting the bytes read and the bytes written (median)."""
     if not str(device).startswith("cuda"):
@@ -58,17 +80,7 @@ def copy_bandwidth(device: str, nbytes: int = 2 * 2**30, repeats: int = 20) -> f
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     src.random_()
-    times = []
-    for k in range(repeats + 3):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        dst.copy_(src)
-        b.record()
-        torch.cuda.synchronize()
-        if k >= 3:
-            times.append(a.elapsed_time(b) / 1e3)
-    del src, dst
-    return 2 * nbytes / statistics.median(times)
+    return 2 * nbytes / (median_ms(lambda: dst.copy_(src), device, repeats) / 1e3)
 
 
 @dataclass
@@ -122,22 +134,7 @@ def step_ms(backend, B: int, active: int, length: int, repeats: int = 30) -> flo
     am = torch.ones(B, length, dtype=torch.bool, device=dev)
     rows = torch.zeros(B, 1, dtype=torch.long, device=dev) if getattr(backend, "selects_logit_rows", False) else None
     s = StepInputs(ids, pos, keys, values, stable, am, logit_rows=rows, need_drift=False)
-    times = []
-    for k in range(repeats + 3):
-        t0 = time.perf_counter()
-        if dev.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            backend.step(s)
-            b.record()
-            torch.cuda.synchronize()
-            dt = a.elapsed_time(b)
-        else:
-            backend.step(s)
-            dt = (time.perf_counter() - t0) * 1e3
-        if k >= 3:
-            times.append(dt)
-    return statistics.median(times)
+    return median_ms(lambda: backend.step(s), dev, repeats)
 
 
 def run_policy(backend, family: str, B: int, prompt: int, answer: int, steps: int, policy: str,

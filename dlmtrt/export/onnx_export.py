@@ -179,13 +179,6 @@ def _optimize(model: ir.Model) -> None:
     onnxscript.optimizer.optimize_ir(model, should_fold=should_fold)
 
 
-def _is_fp8(model: str) -> bool:
-    try:
-        return quantization_format(open_checkpoint(model)) == "fp8"
-    except DlmtrtError:
-        return False  # export_step reports the checkpoint's problem itself
-
-
 def trace_step(ck: Checkpoint, dtype: torch.dtype, opset: int, attention: str,
                index: dict | None = None) -> tuple[ir.Model, int]:
     """The step graph of `ck` with lazy weights: (model, weight bytes). `index`: `tensor_index(ck)` if known."""
@@ -220,13 +213,7 @@ def export_step(model: str, out: Path, *, dtype: str = "float32", opset: int | N
     """Export, check, and move into `out`: model.onnx (+ model.onnx.data above 2 GB), tokenizer and configs.
     A calibrated checkpoint (`dlmtrt calibrate`) becomes a Q/DQ graph (export/qdq.py). `opset` None: the
     default, 18, or 19 for fp8 (E4M3 Q/DQ needs it)."""
-    fp8 = _is_fp8(model)
-    if opset is None:
-        opset = max(DEFAULT_OPSET, FP8_MIN_OPSET) if fp8 else DEFAULT_OPSET
-    if fp8 and opset < FP8_MIN_OPSET:
-        raise ExportError(f"{model} is an fp8 checkpoint: its E4M3 QuantizeLinear/DequantizeLinear need opset "
-                          f"{FP8_MIN_OPSET} or later; pass --opset {FP8_MIN_OPSET} (or leave --opset out)")
-    if opset not in SUPPORTED_OPSETS:
+    if opset is not None and opset not in SUPPORTED_OPSETS:
         raise ExportError(f"opset {opset} is not supported: choose one of {SUPPORTED_OPSETS.start}.."
                           f"{SUPPORTED_OPSETS.stop - 1} (default {DEFAULT_OPSET})")
     if dtype not in DTYPES:
@@ -235,6 +222,12 @@ def export_step(model: str, out: Path, *, dtype: str = "float32", opset: int | N
         raise ExportError(f"attention {attention!r} is not supported: choose standard or plugin")
     out = Path(out)
     ck = open_checkpoint(model)
+    fp8 = quantization_format(ck) == "fp8"
+    if opset is None:
+        opset = max(DEFAULT_OPSET, FP8_MIN_OPSET) if fp8 else DEFAULT_OPSET
+    if fp8 and opset < FP8_MIN_OPSET:
+        raise ExportError(f"{model} is an fp8 checkpoint: its E4M3 QuantizeLinear/DequantizeLinear need opset "
+                          f"{FP8_MIN_OPSET} or later; pass --opset {FP8_MIN_OPSET} (or leave --opset out)")
     tok_dir = Path(tokenizer).expanduser() if tokenizer else ck.path
     if tokenizer:
         from transformers import PreTrainedTokenizerFast

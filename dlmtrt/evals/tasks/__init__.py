@@ -13,6 +13,7 @@ from .shift import ShiftCopy
 from .sudoku import Sudoku4
 
 TASKS: dict[str, Task] = {t.name: t for t in (Sudoku4(), Countdown(), ShiftCopy())}
+CALIBRATION_SEED = 99  # problems drawn for calibration; evaluation draws with 1234, so never the same ones
 
 
 def get_task(name: str) -> Task:
@@ -36,4 +37,16 @@ def parse_task(spec: str) -> tuple[str, dict]:
     return name, diff
 
 
-__all__ = ["Problem", "Task", "TASKS", "get_task", "parse_task"]
+def calibration_prompts(specs: list[str], samples: int) -> tuple[list[str], list[int]]:
+    """`samples` prompts of each task spec (drawn with CALIBRATION_SEED) and each prompt's answer length: what
+    `dlmtrt calibrate --task` denoises, each task at its own length."""
+    prompts, lengths = [], []
+    for spec in specs:
+        name, diff = parse_task(spec)
+        task = get_task(name)
+        prompts += [p.prompt for p in task.problems(samples, CALIBRATION_SEED, **diff)]
+        lengths += [task.answer_tokens] * samples
+    return prompts, lengths
+
+
+__all__ = ["CALIBRATION_SEED", "Problem", "Task", "TASKS", "calibration_prompts", "get_task", "parse_task"]
