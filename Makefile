@@ -18,9 +18,15 @@ ARCHS := -gencode arch=compute_80,code=sm_80 -gencode arch=compute_86,code=sm_86
 
 $(PLUGIN_LIB): plugins/cached_attention/cached_attention.cu
 	mkdir -p $(dir $@)
-	$(NVCC) -O3 -std=c++17 -shared -Xcompiler -fPIC -cudart static $(ARCHS) -o $@ $<
+	$(NVCC) -O3 -std=c++17 --threads 0 -shared -Xcompiler -fPIC -cudart static $(ARCHS) -o $@ $<
 
-plugin: $(PLUGIN_LIB)
+# The few-row fp8 linear (plugins/fp8_linear), loaded by dlmtrt/plugins/fp8_linear.py.
+FP8_LIB := dlmtrt/plugins/lib/libdlmtrt_fp8_linear.so
+$(FP8_LIB): plugins/fp8_linear/fp8_linear.cu
+	mkdir -p $(dir $@)
+	$(NVCC) -O3 -std=c++17 --threads 0 -shared -Xcompiler -fPIC -cudart static $(ARCHS) -o $@ $<
+
+plugin: $(PLUGIN_LIB) $(FP8_LIB)
 
 $(STAMP): requirements-ci.txt pyproject.toml
 	$(PY) -m venv $(VENV)

@@ -1,11 +1,14 @@
-"""8-bit formats on the GPU, one device call (`python3 bench/gpu_quant.py OUT.json [kernels,speed,tiny_accuracy]`):
+"""8-bit formats on the GPU (`python3 bench/gpu_quant.py OUT.json [kernels,fp8_kernel,speed,speed_compile,tiny_accuracy]`):
 
 1. `QuantLinear`'s GPU paths against their exact emulation and against the bf16 product: fp8 through
    `torch._scaled_mm` (row-wise scales) and w8a8 through `torch._int_mm`, at Dream-7B's q|k|v shape and 1-256 rows.
 2. The shipped tiny models calibrated to fp8 and int8-wo on the GPU in bf16 and evaluated on every task (N=200,
    no cache and the usual cache policy) against the unquantised bf16 model: the real FP8 tensor-core path.
-3. `dlmtrt bench` at Dream-7B shape (random weights, torch-graph, B=1): bf16, then fp8, in this process: ms per
-   step, tok/s, the one-active-row step and the weight-read floor of each.
+3. `fp8_kernel`: our few-row fp8 kernel (plugins/fp8_linear) against float64 and `_scaled_mm`, and its time per
+   Dream-7B projection at 1-4 rows against bf16 and `_scaled_mm` (`fp8_kernel`).
+4. `dlmtrt bench` at Dream-7B shape (random weights, torch-graph, B=1): bf16, fp8 with our kernel and fp8 with
+   `_scaled_mm` only, in this process (`speed`; `speed_compile` with torch.compile): ms per step, tok/s, the
+   one-active-row step and the weight-read floor of each.
 """
 from __future__ import annotations
 
@@ -48,6 +51,83 @@ def kernels() -> list[dict]:
     return out
 
 
+SHAPES_7B = {"qkv": (4608, 3584), "o": (3584, 3584), "gate_up": (37888, 3584), "down": (3584, 18944)}
+
+
+@torch.no_grad()
+def fp8_kernel() -> dict:
+    """Our few-row fp8 kernel (plugins/fp8_linear, through `torch.ops.dlmtrt.fp8_linear`, the call QuantLinear
+    makes) against a float64 product of the same e4m3 values, and against `torch._scaled_mm`; then the time of
+    each Dream-7B projection at 1-4 rows against bf16 `F.linear` and `_scaled_mm`, each over 28 distinct
+    weight copies (more than L2 holds) inside one CUDA graph, so the figures are DRAM-bound as in a real step."""
+    from dlmtrt.evals.speed import median_ms
+    from dlmtrt.plugins import fp8_linear as k
+    torch.manual_seed(0)
+    out = []
+    shapes = dict(SHAPES_7B, odd=(100, 64))
+    for name, (n, kdim) in shapes.items():
+        for dtype in (torch.bfloat16, torch.float16):
+            lin = torch.nn.Linear(kdim, n, bias=name in ("qkv", "odd"), device="cuda", dtype=dtype)
+            for m in range(1, 5):
+                x = torch.randn(m, kdim, device="cuda", dtype=dtype) * 3
+                q = QuantLinear.from_linear(lin, "fp8", float(x.abs().max()) / 448 * 0.5)  # some saturate
+                assert k.usable(x, q.weight)
+                y = q(x)
+                xq = quantize_input(x, q.input_scale, "fp8")
+                ref = (xq.double() @ q.weight.double().t()) * q.input_scale.double() * q.weight_scale.double()
+                if lin.bias is not None:
+                    ref = ref + lin.bias.double()
+                pre = k.fp8_linear(xq, q.weight, q.weight_scale, q.input_scale, lin.bias, dtype)
+                row = {"layer": name, "dtype": str(dtype).removeprefix("torch."), "rows": m,
+                       "rel_vs_float64": rel(y, ref), "max_rel_vs_float64": float(((y.double() - ref).abs()
+                                                                                   / ref.abs().clamp_min(1e-3)).max()),
+                       "prequantised_equal": bool(torch.equal(pre, y))}
+                if dtype == torch.bfloat16 and n % 16 == 0:
+                    sm = torch._scaled_mm(xq, q.weight.t(), scale_a=q.input_scale.expand(m, 1).contiguous(),
+                                          scale_b=q.weight_scale[None, :], out_dtype=dtype)
+                    if lin.bias is not None:
+                        sm = sm + lin.bias
+                    row["rel_scaled_mm_vs_float64"] = rel(sm, ref)
+                    row["equal_to_scaled_mm"] = float((sm == y).float().mean())
+                out.append(row)
+            print({k2: v for k2, v in out[-1].items()}, flush=True)
+    timing = []
+    for name, (n, kdim) in SHAPES_7B.items():
+        lins = [torch.nn.Linear(kdim, n, bias=False, device="cuda", dtype=torch.bfloat16) for _ in range(28)]
+        for m in (1, 2, 3, 4):
+            x = torch.randn(m, kdim, device="cuda", dtype=torch.bfloat16)
+            qs = [QuantLinear.from_linear(lin, "fp8", float(x.abs().max()) / 448) for lin in lins]
+            xq = quantize_input(x, qs[0].input_scale, "fp8")
+            variants = {"bf16": lambda: [F.linear(x, lin.weight) for lin in lins],
+                        "fp8_kernel": lambda: [q(x) for q in qs],
+                        "fp8_kernel_prequantised": lambda: [k.fp8_linear(xq, q.weight, q.weight_scale, q.input_scale,
+                                                                         None, torch.bfloat16) for q in qs]}
+
+            def scaled():
+                k.set_enabled(False)
+                try:
+                    return [q(x) for q in qs]
+                finally:
+                    k.set_enabled(True)
+            variants["fp8_scaled_mm"] = scaled
+            row = {"layer": name, "rows": m, "n": n, "k": kdim}
+            for label, fn in variants.items():
+                fn()
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    fn()
+                us = median_ms(g.replay, "cuda", 20) * 1000 / len(lins)
+                wbytes = n * kdim * (2 if label == "bf16" else 1)
+                row[f"{label}_us"] = us
+                row[f"{label}_GBps"] = wbytes / us / 1e3
+                del g
+            timing.append(row)
+            print(row, flush=True)
+        del lins, qs
+        torch.cuda.empty_cache()
+    return {"numerics": out, "timing": timing}
+
+
 def tiny_accuracy(formats=("fp8", "int8-wo"), tasks=("sudoku4", "countdown", "shift128")) -> list[dict]:
     """Both shipped tiny models in bf16 on the GPU, unquantised and calibrated on the GPU (each task's prompts
     with its own answer length, calibration seed), on every task at N=200 with no cache and the usual cache
@@ -79,26 +159,35 @@ def tiny_accuracy(formats=("fp8", "int8-wo"), tasks=("sudoku4", "countdown", "sh
     return rows
 
 
-def speed() -> list[dict]:
+def speed(compile: bool = False, policies=("none", "decode", "dual")) -> list[dict]:
+    """bf16, fp8 through our few-row kernel, fp8 through `torch._scaled_mm` only: in this process."""
     from dlmtrt.evals.speed import bench
+    from dlmtrt.plugins import fp8_linear as k
     reps = []
-    for quant in (None, "fp8"):
+    for quant, kernel in ((None, True), ("fp8", True), ("fp8", False)):
+        k.set_enabled(kernel)
         rep = bench("dream-7b", device="cuda", dtype="bfloat16", backend="torch-graph", batch=1, prompt=512,
-                    answer=256, policies=("none", "decode", "dual"), quant=quant, log=lambda m: print(m, flush=True))
+                    answer=256, policies=policies, quant=quant, compile=compile,
+                    log=lambda m: print(m, flush=True))
+        k.set_enabled(True)
         d = asdict(rep)
+        d["fp8_kernel"] = kernel if quant == "fp8" else None
         reps.append(d)
         print(f"{rep.backend}: weights {rep.weight_bytes / 1e9:.2f} GB floor {rep.floor_ms:.2f} ms one-row step "
               f"{rep.single_row_step_ms:.2f} ms; " + "; ".join(f"{r.policy} {r.tokens_per_s:.1f} tok/s "
                                                                f"{r.step_ms_median:.2f} ms" for r in rep.runs), flush=True)
         torch.cuda.empty_cache()
-    b, f = reps
-    print(f"fp8 / bf16 one-row step: {f['single_row_step_ms'] / b['single_row_step_ms']:.3f}", flush=True)
+        torch._dynamo.reset()
+    b, f, c = reps
+    print(f"one-row step, fp8 / bf16: kernel {f['single_row_step_ms'] / b['single_row_step_ms']:.3f}, "
+          f"_scaled_mm {c['single_row_step_ms'] / b['single_row_step_ms']:.3f}", flush=True)
     return reps
 
 
 def main(path: str, parts: list[str]) -> None:
     doc = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
-    for name, fn in (("kernels", kernels), ("speed", speed), ("tiny_accuracy", tiny_accuracy)):
+    for name, fn in (("kernels", kernels), ("fp8_kernel", fp8_kernel), ("speed", speed),
+                     ("speed_compile", lambda: speed(compile=True, policies=("decode", "dual"))), ("tiny_accuracy", tiny_accuracy)):
         if name in parts:
             doc[name] = fn()
             Path(path).write_text(json.dumps(doc, indent=1))

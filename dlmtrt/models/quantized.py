@@ -3,10 +3,12 @@
 Three formats, chosen because they are what TensorRT and Hopper GPUs run natively:
 
 * `fp8`: E4M3 weights with one scale per output channel, E4M3 activations with one static scale per tensor
-  (calibrated). On a GPU with FP8 tensor cores (compute capability 8.9+) the product is `torch._scaled_mm`
-  with row-wise scales; elsewhere it is emulated exactly: the same E4M3 roundings, the product in the
-  activation dtype. Weight bytes halve against bf16; a batch-1 step is bound by weight reads, but cuBLAS's
-  FP8 GEMMs do not turn that into speed at one row (measured on an H200: README, 8-bit calibration).
+  (calibrated). On CUDA, products of 1-4 rows go to our fp8 kernel (plugins/fp8_linear, when `make plugin`
+  built it and a torch backend registered it), which reads the fp8 weights once for all rows: a batch-1
+  cached step is bound by weight reads, and cuBLAS's FP8 GEMMs do not turn halved bytes into time at one row
+  (measured on an H200: README, 8-bit calibration). More rows on a GPU with FP8 tensor cores (compute
+  capability 8.9+) use `torch._scaled_mm` with row-wise scales; elsewhere the product is emulated exactly:
+  the same E4M3 roundings, the product in the activation dtype.
 * `int8-wo`: int8 weights, one scale per output channel; activations untouched (weight-only). The weights are
   dequantised to the activation dtype for the product (the emulation: it saves memory, not time, in PyTorch;
   the Q/DQ export is what a TensorRT engine would run).
@@ -24,6 +26,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 FORMATS = ("fp8", "int8-wo", "w8a8")
+# The few-row fp8 kernel (dlmtrt.plugins.fp8_linear registers itself here on import: the model code cannot
+# import the plugins stage); None until then, and QuantLinear uses torch._scaled_mm.
+few_row_fp8 = None
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
 INT8_MAX = 127.0
@@ -114,6 +119,15 @@ class QuantLinear(nn.Module):
         if self.fmt == "int8-wo":
             y = F.linear(x2, self.dequantized_weight(dtype))
         elif self.fmt == "fp8":
+            kernel = few_row_fp8
+            if kernel is not None and kernel.usable(x2, self.weight):
+                bias = self.bias.to(dtype) if self.bias is not None else None
+                if torch.compiler.is_compiling():  # quantise here: it fuses into the kernel producing x
+                    y = kernel.fp8_linear(quantize_input(x2, self.input_scale, "fp8"), self.weight,
+                                          self.weight_scale, self.input_scale, bias, dtype)
+                else:
+                    y = kernel.fp8_linear(x2, self.weight, self.weight_scale, self.input_scale, bias)
+                return y.reshape(*shape[:-1], self.out_features)
             xq = quantize_input(x2, self.input_scale, "fp8")
             if _scaled_mm_ok(x2, self):
                 M = x2.shape[0]

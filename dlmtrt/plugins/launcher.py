@@ -24,15 +24,19 @@ class PluginError(DlmtrtError, RuntimeError):
     """The kernel library is missing or refused a launch; the message says what to do."""
 
 
+def find_library(name: str, env: str, what: str) -> Path:
+    """$`env`, else `name` as `make plugin` builds it inside the package; PluginError saying how to build it."""
+    value = os.environ.get(env)
+    path = Path(value) if value else Path(__file__).resolve().parent / "lib" / name
+    if not path.is_file():
+        raise PluginError(f"{what} is not built ({path} is missing): run `make plugin` in the repository (needs "
+                          f"nvcc), or point {env} at a built {name}")
+    return path
+
+
 def library_path() -> Path:
     """$DLMTRT_PLUGIN_LIB, else the library `make plugin` builds inside the package."""
-    env = os.environ.get("DLMTRT_PLUGIN_LIB")
-    path = Path(env) if env else Path(__file__).resolve().parent / "lib" / LIB_NAME
-    if not path.is_file():
-        raise PluginError(f"the cached-attention kernel library is not built ({path} is missing): run `make plugin` "
-                          "in the repository (needs nvcc), or point DLMTRT_PLUGIN_LIB at a built "
-                          f"{LIB_NAME}")
-    return path
+    return find_library(LIB_NAME, "DLMTRT_PLUGIN_LIB", "the cached-attention kernel library")
 
 
 def library_sha256() -> str | None:

@@ -19,6 +19,8 @@ class TorchBackend:
                               head_dim=a.head_dim, vocab_size=a.vocab_size, mask_token_id=a.mask_token_id,
                               eos_token_id=a.eos_token_id, pad_token_id=a.pad_token_id, logits_shift=a.logits_shift,
                               dtype=w.dtype, device=w.device)
+        if w.is_cuda:
+            from dlmtrt.plugins import fp8_linear  # noqa: F401  registers the few-row fp8 kernel with QuantLinear
 
     def new_cache(self, batch: int, length: int):
         return self.model.empty_cache(batch, length)

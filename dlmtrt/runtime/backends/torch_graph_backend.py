@@ -69,6 +69,8 @@ class TorchGraphBackend:
                               head_dim=a.head_dim, vocab_size=a.vocab_size, mask_token_id=a.mask_token_id,
                               eos_token_id=a.eos_token_id, pad_token_id=a.pad_token_id, logits_shift=a.logits_shift,
                               dtype=w.dtype, device=w.device)
+        if w.is_cuda:
+            from dlmtrt.plugins import fp8_linear  # noqa: F401  registers the few-row fp8 kernel with QuantLinear
         attend = functools.partial(gqa_attention, gqa=a.num_heads != a.num_kv_heads)
         if attention == "kernel":
             from dlmtrt.plugins.torch_op import plugin_attend as attend
