@@ -126,3 +126,38 @@ def test_the_fake_kernel_takes_quantised_activations_with_an_output_dtype():
 def test_set_enabled_checks_the_row_limit():
     with pytest.raises(ValueError, match="rows must be in 1..4"):
         k.set_enabled(True, rows=5)
+
+
+def test_a_compiled_step_hands_the_kernel_activations_quantised_in_the_graph(monkeypatch):
+    """Under torch.compile QuantLinear quantises the activations itself (the quantisation fuses into the kernel
+    producing them) and passes e4m3 values with the output dtype; eagerly it passes the activations as they are.
+    The op's CUDA launch is replaced by a CPU implementation of the same product to trace this here."""
+    calls = []
+
+    def cpu_impl(x, weight, weight_scale, input_scale, bias=None, out_dtype=None):
+        calls.append(x.dtype)
+        xq = x if x.dtype == torch.float8_e4m3fn else quantized.quantize_input(x, input_scale, "fp8")
+        y = (xq.float() @ weight.float().t()) * input_scale * weight_scale
+        if bias is not None:
+            y = y + bias.float()
+        return y.to(out_dtype if x.dtype == torch.float8_e4m3fn else x.dtype)
+
+    lib = torch.library.Library("dlmtrt", "IMPL")  # noqa: TOR901  test-only CPU kernel, dropped below
+    lib.impl("fp8_linear", cpu_impl, "CPU")
+    monkeypatch.setattr(k, "usable", lambda x, w: x.dim() == 2 and 1 <= x.shape[0] <= k.MAX_ROWS)
+    try:
+        torch.manual_seed(0)
+        q = QuantLinear.from_linear(torch.nn.Linear(64, 48, bias=True).to(torch.bfloat16), "fp8", 0.01)
+        torch._dynamo.reset()
+        f = torch.compile(q, fullgraph=True, dynamic=True)
+        x = torch.randn(3, 64, dtype=torch.bfloat16)
+        eager = q(x)
+        assert calls == [torch.bfloat16]
+        compiled = f(x)
+        assert calls[1:] == [torch.float8_e4m3fn]
+        torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+        calls.clear()
+        assert f(torch.randn(7, 64, dtype=torch.bfloat16)).shape == (7, 48) and calls == []  # > MAX_ROWS
+    finally:
+        lib._destroy()
+        torch._dynamo.reset()

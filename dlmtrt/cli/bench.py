@@ -36,8 +36,9 @@ from ._common import POSITIVE_TOKENS, SEED, check_device, console, friendly_erro
               metavar="SPEC", help="Policy spec, repeatable.")
 @click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--quant", type=click.Choice(FORMATS), default=None,
-              help="Quantise the random model first (as `dlmtrt calibrate` does; fp8 runs torch._scaled_mm on FP8 "
-                   "GPUs, int8-wo and w8a8 are emulated in PyTorch: correct, not fast).")
+              help="Quantise the random model first (as `dlmtrt calibrate` does; fp8 runs our few-row kernel for "
+                   "1-4 rows on CUDA (`make plugin`) and torch._scaled_mm above on FP8 GPUs; int8-wo and w8a8 are "
+                   "emulated in PyTorch: correct, not fast).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="JSON results [default: bench-<shape>-<device>-b<batch>.json in the current directory].")
 @friendly_errors

@@ -349,7 +349,7 @@ def load_weights(ck: Checkpoint, dtype: torch.dtype, device: torch.device, progr
         from .quantized import fp8_supported
         if fmt == "fp8" and not fp8_supported(device):
             warnings.warn(f"{torch.cuda.get_device_name(device)} has no FP8 tensor cores (compute capability 8.9+): "
-                          f"the fp8 layers of {ck.path.name} run emulated (dequantised, then a "
+                          f"the fp8 layers of {ck.path.name} run emulated above 4 rows (dequantised, then a "
                           f"{dtype} product): correct, not faster than the unquantised model", stacklevel=2)
     for shard in ck.weight_files:
         with open(shard, "rb") as fh:
