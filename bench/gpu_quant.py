@@ -1,14 +1,17 @@
-"""8-bit formats on the GPU (`python3 bench/gpu_quant.py OUT.json [kernels,fp8_kernel,speed,speed_compile,tiny_accuracy]`):
+"""8-bit formats on the GPU (`python3 bench/gpu_quant.py OUT.json PARTS`, PARTS a comma list of
+kernels, tiny_accuracy, fp8_kernel, speed, speed_compile, keep_blocks):
 
-1. `QuantLinear`'s GPU paths against their exact emulation and against the bf16 product: fp8 through
+1. `kernels`: `QuantLinear`'s GPU paths against their exact emulation and against the bf16 product: fp8 through
    `torch._scaled_mm` (row-wise scales) and w8a8 through `torch._int_mm`, at Dream-7B's q|k|v shape and 1-256 rows.
-2. The shipped tiny models calibrated to fp8 and int8-wo on the GPU in bf16 and evaluated on every task (N=200,
+2. `tiny_accuracy`: the shipped tiny models calibrated to fp8 and int8-wo on the GPU in bf16 and evaluated on every task (N=200,
    no cache and the usual cache policy) against the unquantised bf16 model: the real FP8 tensor-core path.
 3. `fp8_kernel`: our few-row fp8 kernel (plugins/fp8_linear) against float64 and `_scaled_mm`, and its time per
    Dream-7B projection at 1-4 rows against bf16 and `_scaled_mm` (`fp8_kernel`).
 4. `dlmtrt bench` at Dream-7B shape (random weights, torch-graph, B=1): bf16, fp8 with our kernel and fp8 with
    `_scaled_mm` only, in this process (`speed`; `speed_compile` with torch.compile): ms per step, tok/s, the
    one-active-row step and the weight-read floor of each.
+5. `keep_blocks`: item 2 for bf16, fp8 with its most sensitive block left in bf16 (`calibrate --keep-blocks 1`)
+   and plain fp8.
 """
 from __future__ import annotations
 
@@ -128,10 +131,11 @@ def fp8_kernel() -> dict:
     return {"numerics": out, "timing": timing}
 
 
-def tiny_accuracy(formats=("fp8", "int8-wo"), tasks=("sudoku4", "countdown", "shift128")) -> list[dict]:
+def tiny_accuracy(formats=("fp8", "int8-wo"), tasks=("sudoku4", "countdown", "shift128"), partial=None) -> list[dict]:
     """Both shipped tiny models in bf16 on the GPU, unquantised and calibrated on the GPU (each task's prompts
     with its own answer length, calibration seed), on every task at N=200 with no cache and the usual cache
-    policy: the real FP8 path (`_scaled_mm`), and every task, shift128 included (too slow for the CPU)."""
+    policy: the real FP8 path (`_scaled_mm`), and every task, shift128 included (too slow for the CPU).
+    A format "F+keepN" is F calibrated with `keep_blocks=N`. `partial(rows)` is called after every cell."""
     from dlmtrt.calibration.pipeline import calibrate
     from dlmtrt.evals.evaluate import evaluate
     from dlmtrt.evals.tasks import calibration_prompts
@@ -142,19 +146,27 @@ def tiny_accuracy(formats=("fp8", "int8-wo"), tasks=("sudoku4", "countdown", "sh
     prompts, lengths = calibration_prompts(list(tasks), 64)
     for fam in ("dream", "llada"):
         src = f"tiny-{fam}-tasks"
-        for fmt in (None, *formats):
-            model = src
-            if fmt is not None:
-                model = str(work / f"{fam}-{fmt}")
-                calibrate(src, fmt, model, prompts, new_tokens=lengths, device="cuda", dtype="bfloat16", batch=64)
+        for label in (None, *formats):
+            model, extra = src, {}
+            if label is not None:
+                fmt, _, keep = label.partition("+keep")
+                model = str(work / f"{fam}-{label}")
+                res = calibrate(src, fmt, model, prompts, new_tokens=lengths, device="cuda", dtype="bfloat16",
+                                batch=64, keep_blocks=int(keep or 0))
+                if res.block_sensitivity is not None:
+                    extra = {"block_sensitivity": res.block_sensitivity,
+                             "kept_blocks": sorted({int(n.split(".")[2]) for n in res.unquantized})}
+                    print(label, extra, flush=True)
             be, tok, _ = make_backend("torch", model, dtype="bfloat16", device="cuda")
             for task in tasks:
                 res, _ = evaluate(be, tok, task, 200, ["none", policy[fam]], batch_size=100,
                                   blocks=2 if fam == "llada" else None)
                 for r in res:
-                    rows.append({"family": fam, "format": fmt or "bfloat16", "task": task, "policy": r.policy,
-                                 "accuracy": r.accuracy, "n": r.n})
-                    print(rows[-1], flush=True)
+                    rows.append({"family": fam, "format": label or "bfloat16", "task": task, "policy": r.policy,
+                                 "accuracy": r.accuracy, "n": r.n, **extra})
+                    print({k: v for k, v in rows[-1].items() if k != "block_sensitivity"}, flush=True)
+                    if partial is not None:
+                        partial(rows)
     shutil.rmtree(work, ignore_errors=True)
     return rows
 
@@ -186,8 +198,14 @@ def speed(compile: bool = False, policies=("none", "decode", "dual")) -> list[di
 
 def main(path: str, parts: list[str]) -> None:
     doc = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
+    def partial(name):
+        def write(rows):
+            Path(path).write_text(json.dumps(doc | {name: rows}, indent=1))
+        return write
     for name, fn in (("kernels", kernels), ("fp8_kernel", fp8_kernel), ("speed", speed),
-                     ("speed_compile", lambda: speed(compile=True, policies=("decode", "dual"))), ("tiny_accuracy", tiny_accuracy)):
+                     ("speed_compile", lambda: speed(compile=True, policies=("decode", "dual"))),
+                     ("tiny_accuracy", lambda: tiny_accuracy(partial=partial("tiny_accuracy"))),
+                     ("keep_blocks", lambda: tiny_accuracy(("fp8+keep1", "fp8"), partial=partial("keep_blocks")))):
         if name in parts:
             doc[name] = fn()
             Path(path).write_text(json.dumps(doc, indent=1))

@@ -267,3 +267,80 @@ def test_qdq_export_builds_an_engine(qdq, tmp_path):
     assert manifest["layers"]["network_types"]["QUANTIZE"] >= 24
     assert manifest["layers"]["network_types"]["DEQUANTIZE"] >= 42
     assert (tmp_path / "q.engine").stat().st_size > 0
+
+
+def test_keep_blocks_leaves_the_most_sensitive_blocks_unquantised(tmp_path, dream):
+    src = open_checkpoint("tiny-dream-tasks")
+    out = tmp_path / "kept"
+    r = CliRunner().invoke(main, ["calibrate", "-m", "tiny-dream-tasks", "--format", "fp8", "--task", "sudoku4",
+                                  "--samples", "8", "--per-stratum", "4", "--keep-blocks", "2", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "block sensitivity" in r.output
+    report = json.loads((out / "quantization.json").read_text())
+    kl = report["block_sensitivity"]
+    assert len(kl) == 6 and all(v > 0 for v in kl)
+    worst = sorted(sorted(range(6), key=lambda i: -kl[i])[:2])
+    kept = [f"model.layers.{i}.{sub}.{p}" for i in worst for sub, ps in
+            (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", ("gate_proj", "up_proj", "down_proj")))
+            for p in ps]
+    assert sorted(report["unquantized"]) == sorted(kept)
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["unquantized"] == report["unquantized"]
+    assert len(report["layers"]) == 6 * 7 - 14
+    model, ref = load(str(out))[0], load("tiny-dream-tasks")[0]
+    for i in range(6):
+        lin = model.model.layers[i].mlp.down_proj
+        if i in worst:
+            assert not isinstance(lin, QuantLinear)
+            assert torch.equal(lin.weight, ref.model.layers[i].mlp.down_proj.weight)  # untouched source weights
+        else:
+            assert isinstance(lin, QuantLinear)
+    from dlmtrt.runtime.backends.torch_graph_backend import TorchGraphBackend
+    fast = TorchGraphBackend(load(str(out))[0])
+    assert not isinstance(fast.model.model.layers[worst[0]].self_attn.qkv_proj, QuantLinear)
+    from dlmtrt.export.onnx_export import export_step
+    res = export_step(str(out), tmp_path / "onnx", log=lambda m: None)
+    assert res.checks.ok, res.checks.render_text()
+    inits = {i.name: i for i in onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph.initializer}
+    assert inits[f"model.layers.{worst[0]}.mlp.down_proj.weight"].data_type == onnx.TensorProto.FLOAT
+    other = next(i for i in range(6) if i not in worst)
+    assert inits[f"model.layers.{other}.mlp.down_proj.weight"].data_type == onnx.TensorProto.FLOAT8E4M3FN
+    assert src.args.num_layers == 6
+
+
+def test_block_sensitivity_is_the_kl_of_quantising_that_block_alone(dream, recorded):
+    from dlmtrt.calibration.quantize import quantize
+    from dlmtrt.calibration.sensitivity import block_names, block_sensitivity, predicts_mask
+    from dlmtrt.models.quantized import FP8_MAX
+    be = dream[0]
+    chosen = cv.stratify(recorded, strata=4, per_stratum=2)
+    stats = collect(be.model, chosen, strata=4, pad_id=be.info.pad_token_id, batch=8)
+    ids, am, _ = cv.batches(chosen, 64, be.info.pad_token_id, torch.device("cpu"))[0]
+    with torch.no_grad():
+        before = be.model.full_logits(ids, am)
+    kl = block_sensitivity(be.model, chosen, "fp8", stats, mask_id=be.info.mask_token_id,
+                           pad_id=be.info.pad_token_id, qmax=FP8_MAX, batch=64)
+    with torch.no_grad():
+        assert torch.equal(be.model.full_logits(ids, am), before)  # the model is left as it was
+    m2 = load("tiny-dream-tasks")[0]
+    others = frozenset(n for i in range(6) if i != 3 for n in block_names(m2, i))
+    quantize(m2, "fp8", stats, keep=others)
+    with torch.no_grad():
+        lp, q = F.log_softmax(before.float(), -1), F.log_softmax(m2.full_logits(ids, am).float(), -1)
+    sel = predicts_mask(ids, am, be.info.mask_token_id, shift=True)
+    assert sel.sum() > 0 and not torch.equal(sel, (ids == be.info.mask_token_id) & am)  # Dream: row j-1
+    expect = float((lp.exp() * (lp - q)).sum(-1)[sel].mean())
+    assert kl[3] == pytest.approx(expect, rel=1e-5)
+
+
+def test_keep_blocks_out_of_range_and_bad_unquantized_names_are_refused(tmp_path, calibrated):
+    r = CliRunner().invoke(main, ["calibrate", "-m", "tiny-dream-tasks", "--format", "fp8", "--task", "sudoku4",
+                                  "--keep-blocks", "6", "--out", str(tmp_path / "a")])
+    assert r.exit_code == 1 and "between 0 and 5" in r.output and not (tmp_path / "a").exists()
+    import shutil
+    d = tmp_path / "ck"
+    shutil.copytree(calibrated("fp8"), d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"]["unquantized"] = ["model.layers.9.mlp.down_proj"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="does not have.*calibrate again"):
+        load(str(d))

@@ -8,12 +8,13 @@ from pathlib import Path
 from dlmtrt.errors import UsageError
 from dlmtrt.models.loading import load_weights, open_checkpoint, quantization_format, resolve_device, resolve_dtype
 from dlmtrt.models.loading import load_tokenizer
-from dlmtrt.models.quantized import FORMATS
+from dlmtrt.models.quantized import FORMATS, FP8_MAX, INT8_MAX
 from dlmtrt.models.tiny import check_new_dir
 from dlmtrt.runtime.backends.torch_backend import TorchBackend
 
 from . import canvases as cv
 from .quantize import quantize, write_checkpoint
+from .sensitivity import block_names, block_sensitivity
 from .statistics import collect
 
 
@@ -28,15 +29,18 @@ class CalibrationResult:
     layers: int
     seconds: float
     amax_by_stratum: dict[int, float] = field(default_factory=dict)  # max over layers, per mask-ratio stratum
+    block_sensitivity: list[float] | None = None  # with keep_blocks: KL per block quantised alone
+    unquantized: list[str] = field(default_factory=list)
 
 
 def calibrate(model: str, fmt: str, out: str | Path, prompts: list[str], *, new_tokens: int | list[int],
               steps: int | None = None,
               strata: int = 8, per_stratum: int = 32, masked_only: bool = False, alpha: float = 0.5,
-              device: str = "cpu", dtype: str = "float32", batch: int = 16, seed: int = 0,
+              keep_blocks: int = 0, device: str = "cpu", dtype: str = "float32", batch: int = 16, seed: int = 0,
               progress=None) -> CalibrationResult:
     """Quantise checkpoint `model` to `fmt` with statistics from its own denoising of `prompts`; write `out`.
     `new_tokens`: the answer length of every prompt, or one per prompt (tasks of different answer lengths).
+    `keep_blocks`: leave that many of the most sensitive transformer blocks unquantised (sensitivity.py).
     `progress(stage, done, total)` is called as work advances."""
     t0 = time.perf_counter()
     if fmt not in FORMATS:
@@ -45,6 +49,9 @@ def calibrate(model: str, fmt: str, out: str | Path, prompts: list[str], *, new_
         raise UsageError("no calibration data: give prompts (a text file, one per line) or a task")
     out = check_new_dir(out)  # before the slow part; written only at the end
     ck = open_checkpoint(model)
+    if not 0 <= keep_blocks < ck.args.num_layers:
+        raise UsageError(f"--keep-blocks must be between 0 and {ck.args.num_layers - 1} (the model has "
+                         f"{ck.args.num_layers} blocks), got {keep_blocks}")
     already = quantization_format(ck)
     if already is not None:
         raise UsageError(f"{ck.path} is already quantised ({already}); calibrate the original weights")
@@ -67,7 +74,14 @@ def calibrate(model: str, fmt: str, out: str | Path, prompts: list[str], *, new_
                          "ask for more new tokens")
     stats = collect(m, chosen, strata=strata, pad_id=ck.args.pad_token_id, batch=batch, seed=seed,
                     progress=tick("statistics", len(chosen)))
-    layers = quantize(m, fmt, stats, alpha=alpha)
+    sensitivity, keep = None, []
+    if keep_blocks:
+        sensitivity = block_sensitivity(m, chosen, fmt, stats, mask_id=ck.args.mask_token_id,
+                                        pad_id=ck.args.pad_token_id, qmax=FP8_MAX if fmt == "fp8" else INT8_MAX,
+                                        batch=batch, progress=tick("sensitivity", ck.args.num_layers))
+        worst = sorted(range(len(sensitivity)), key=lambda i: -sensitivity[i])[:keep_blocks]
+        keep = [n for i in sorted(worst) for n in block_names(m, i)]
+    layers = quantize(m, fmt, stats, alpha=alpha, keep=frozenset(keep))
     counts: dict[int, int] = {}
     for c in chosen:
         k = cv.stratum_of(c.ratio, strata)
@@ -81,7 +95,9 @@ def calibrate(model: str, fmt: str, out: str | Path, prompts: list[str], *, new_
                         "canvases_per_stratum": {str(k): v for k, v in sorted(counts.items())}},
         "layers": {n: {**layers[n], **stats[n].to_dict()} for n in layers},
         "excluded": ["model.embed_tokens", "lm_head"],
+        "unquantized": keep,
+        "block_sensitivity": sensitivity,
     }
     write_checkpoint(m, ck, out, fmt, report)
     return CalibrationResult(out, fmt, len(prompts), len(recorded), len(chosen), counts, len(layers),
-                             time.perf_counter() - t0, by_stratum)
+                             time.perf_counter() - t0, by_stratum, sensitivity, keep)

@@ -52,12 +52,13 @@ def smooth(model, stats: dict[str, LayerStats], alpha: float) -> dict[str, float
 
 
 @torch.no_grad()
-def quantize(model, fmt: str, stats: dict[str, LayerStats], *, alpha: float = 0.5) -> dict[str, dict]:
-    """Replace every quantisable linear of `model` by a `QuantLinear` of `fmt`, in place; returns per layer the
-    input amax used and the input scale."""
+def quantize(model, fmt: str, stats: dict[str, LayerStats], *, alpha: float = 0.5,
+             keep: frozenset[str] = frozenset()) -> dict[str, dict]:
+    """Replace every quantisable linear of `model` but those named in `keep` by a `QuantLinear` of `fmt`, in
+    place; returns per quantised layer the input amax used and the input scale."""
     if fmt not in FORMATS:
         raise UsageError(f"unknown format '{fmt}'; choose from {', '.join(FORMATS)}")
-    names = quantizable_linears(model)
+    names = [n for n in quantizable_linears(model) if n not in keep]
     missing = [n for n in names if n not in stats]
     if missing:
         raise UsageError(f"no calibration statistics for {len(missing)} layer(s) ({missing[0]}, ...); calibrate again")
@@ -91,6 +92,8 @@ def write_checkpoint(model, ck: Checkpoint, out: str | Path, fmt: str, report: d
                 shutil.copy2(f, tmp / f.name)
         cfg = dict(ck.config)
         cfg["quantization_config"] = {"quant_method": "dlmtrt", "format": fmt}
+        if report.get("unquantized"):
+            cfg["quantization_config"]["unquantized"] = report["unquantized"]
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         sd = model.state_dict()
         if ck.args.tie_word_embeddings:

@@ -62,6 +62,9 @@ def _prompts(prompts_file: Path | None, tasks: tuple[str, ...], samples: int,
               help="Calibrate on fully masked canvases only (for comparison: what step-0 inputs alone give).")
 @click.option("--alpha", type=click.FloatRange(0, 1), default=0.5, show_default=True,
               help="SmoothQuant migration strength (w8a8).")
+@click.option("--keep-blocks", type=click.IntRange(0, 10_000), default=0, show_default=True,
+              help="Leave this many transformer blocks unquantised: those whose quantisation alone changes the "
+                   "predictions at masked positions most (KL on the calibration canvases).")
 @click.option("--device", default="cpu", show_default=True, callback=check_device)
 @click.option("--dtype", type=dtype_choice(), default="float32", show_default=True,
               help="Dtype the trajectories and statistics are computed in.")
@@ -69,7 +72,7 @@ def _prompts(prompts_file: Path | None, tasks: tuple[str, ...], samples: int,
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the stratified draw.")
 @friendly_errors
 def calibrate_cmd(model, fmt, out, prompts_file, tasks, samples, new_tokens, steps, strata, per_stratum, masked_only,
-                  alpha, device, dtype, batch, seed):
+                  alpha, keep_blocks, device, dtype, batch, seed):
     """Quantise a checkpoint to 8 bits, calibrated across the noise levels its denoising visits.
 
     \b
@@ -88,13 +91,21 @@ def calibrate_cmd(model, fmt, out, prompts_file, tasks, samples, new_tokens, ste
                 ids[stage] = bar.add_task(stage, total=total)
             bar.advance(ids[stage], n)
         res = calibrate(model, fmt, out, texts, new_tokens=lengths, steps=steps, strata=strata,
-                        per_stratum=per_stratum, masked_only=masked_only, alpha=alpha, device=device, dtype=dtype,
-                        batch=batch, seed=seed, progress=tick)
+                        per_stratum=per_stratum, masked_only=masked_only, alpha=alpha, keep_blocks=keep_blocks,
+                        device=device, dtype=dtype, batch=batch, seed=seed, progress=tick)
     t = Table(title=f"calibrated {fmt} checkpoint: {res.out}")
     for col in ("mask ratio", "canvases", "largest layer-input amax"):
         t.add_column(col, justify="right")
     for k, n in sorted(res.per_stratum.items()):
         t.add_row(f"({k / strata:.2f}, {(k + 1) / strata:.2f}]", str(n), f"{res.amax_by_stratum[k]:.3g}")
     stdout.print(t)
+    if res.block_sensitivity is not None:
+        kept = {int(n.split(".")[2]) for n in res.unquantized}
+        t = Table(title="block sensitivity (KL at masked positions, that block alone quantised)")
+        for col in ("block", "KL", "kept unquantised"):
+            t.add_column(col, justify="right")
+        for i, kl in enumerate(res.block_sensitivity):
+            t.add_row(str(i), f"{kl:.3g}", "yes" if i in kept else "")
+        stdout.print(t)
     console.print(f"{res.prompts} prompts, {res.canvases_recorded} canvases recorded, {res.canvases_used} used, "
                   f"{res.layers} layers quantised in {res.seconds:.1f} s; statistics in {res.out / 'quantization.json'}")
