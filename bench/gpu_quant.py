@@ -1,5 +1,5 @@
 """8-bit formats on the GPU (`python3 bench/gpu_quant.py OUT.json PARTS`, PARTS a comma list of
-kernels, tiny_accuracy, fp8_kernel, speed, speed_compile, keep_blocks):
+kernels, tiny_accuracy, fp8_kernel, speed, speed_compile, keep_blocks, keep_blocks_dream):
 
 1. `kernels`: `QuantLinear`'s GPU paths against their exact emulation and against the bf16 product: fp8 through
    `torch._scaled_mm` (row-wise scales) and w8a8 through `torch._int_mm`, at Dream-7B's q|k|v shape and 1-256 rows.
@@ -11,7 +11,7 @@ kernels, tiny_accuracy, fp8_kernel, speed, speed_compile, keep_blocks):
    `_scaled_mm` only, in this process (`speed`; `speed_compile` with torch.compile): ms per step, tok/s, the
    one-active-row step and the weight-read floor of each.
 5. `keep_blocks`: item 2 for bf16, fp8 with its most sensitive block left in bf16 (`calibrate --keep-blocks 1`)
-   and plain fp8.
+   and plain fp8; `keep_blocks_dream`: Dream with 2 and 3 blocks kept.
 """
 from __future__ import annotations
 
@@ -131,7 +131,8 @@ def fp8_kernel() -> dict:
     return {"numerics": out, "timing": timing}
 
 
-def tiny_accuracy(formats=("fp8", "int8-wo"), tasks=("sudoku4", "countdown", "shift128"), partial=None) -> list[dict]:
+def tiny_accuracy(formats=("fp8", "int8-wo"), tasks=("sudoku4", "countdown", "shift128"), partial=None,
+                  families=("dream", "llada")) -> list[dict]:
     """Both shipped tiny models in bf16 on the GPU, unquantised and calibrated on the GPU (each task's prompts
     with its own answer length, calibration seed), on every task at N=200 with no cache and the usual cache
     policy: the real FP8 path (`_scaled_mm`), and every task, shift128 included (too slow for the CPU).
@@ -144,7 +145,7 @@ def tiny_accuracy(formats=("fp8", "int8-wo"), tasks=("sudoku4", "countdown", "sh
     rows = []
     work = Path(tempfile.mkdtemp())
     prompts, lengths = calibration_prompts(list(tasks), 64)
-    for fam in ("dream", "llada"):
+    for fam in families:
         src = f"tiny-{fam}-tasks"
         for label in (None, *formats):
             model, extra = src, {}
@@ -205,7 +206,9 @@ def main(path: str, parts: list[str]) -> None:
     for name, fn in (("kernels", kernels), ("fp8_kernel", fp8_kernel), ("speed", speed),
                      ("speed_compile", lambda: speed(compile=True, policies=("decode", "dual"))),
                      ("tiny_accuracy", lambda: tiny_accuracy(partial=partial("tiny_accuracy"))),
-                     ("keep_blocks", lambda: tiny_accuracy(("fp8+keep1", "fp8"), partial=partial("keep_blocks")))):
+                     ("keep_blocks", lambda: tiny_accuracy(("fp8+keep1", "fp8"), partial=partial("keep_blocks"))),
+                     ("keep_blocks_dream", lambda: tiny_accuracy(("fp8+keep2", "fp8+keep3"), families=("dream",),
+                                                                 partial=partial("keep_blocks_dream")))):
         if name in parts:
             doc[name] = fn()
             Path(path).write_text(json.dumps(doc, indent=1))
