@@ -53,6 +53,18 @@ def test_bad_launches_are_refused_with_the_reason(kw, message):
     assert message in err
 
 
+def test_a_misaligned_weight_is_refused_and_the_op_copies_views_to_alignment():
+    lib = k._lib()
+    rc = lib.dlmtrt_fp8_linear(None, 8, None, None, None, 16, None, 1, 64, 64, 2, None)
+    assert rc == 2 and "16-byte aligned" in lib.dlmtrt_fp8_linear_error().decode()
+    base = torch.zeros(80, dtype=torch.uint8)
+    view = base[8:72]
+    assert view.data_ptr() % 16 == 8
+    fixed = k._aligned(view)
+    assert fixed.data_ptr() % 16 == 0 and torch.equal(fixed, view)
+    assert k._aligned(base) is base
+
+
 def test_an_empty_launch_is_a_no_op():
     assert launch(M=0)[0] == 0
 
@@ -128,6 +140,7 @@ def test_set_enabled_checks_the_row_limit():
         k.set_enabled(True, rows=5)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # inductor's import
 def test_a_compiled_step_hands_the_kernel_activations_quantised_in_the_graph(monkeypatch):
     """Under torch.compile QuantLinear quantises the activations itself (the quantisation fuses into the kernel
     producing them) and passes e4m3 values with the output dtype; eagerly it passes the activations as they are.

@@ -69,6 +69,11 @@ def usable(x: Tensor, weight: Tensor) -> bool:
             and x.shape[1] % 16 == 0 and x.dtype in DTYPES and weight.dtype == torch.float8_e4m3fn)
 
 
+def _aligned(t: Tensor) -> Tensor:
+    """The kernel reads 16 bytes at a time: a view starting mid-allocation is copied."""
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
 @torch.library.custom_op("dlmtrt::fp8_linear", mutates_args=())
 def fp8_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, input_scale: Tensor, bias: Tensor | None = None,
                out_dtype: torch.dtype | None = None) -> Tensor:
@@ -89,7 +94,7 @@ def fp8_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, input_scale: Ten
                           f"{tuple(weight.shape)}, weight_scale {tuple(weight_scale.shape)}")
     if bias is not None and (bias.numel() != N or bias.dtype != dtype):
         raise PluginError(f"bias must be [{N}] in {dtype}, got {tuple(bias.shape)} {bias.dtype}")
-    x, weight = x.contiguous(), weight.contiguous()
+    x, weight = _aligned(x.contiguous()), _aligned(weight.contiguous())
     ws, xs = weight_scale.float().contiguous(), input_scale.float().contiguous()
     b = bias.contiguous() if bias is not None else None
     y = torch.empty(M, N, dtype=dtype, device=x.device)
