@@ -156,7 +156,7 @@ def tiny_accuracy(formats=("fp8", "int8-wo"), tasks=("sudoku4", "countdown", "sh
                                 batch=64, keep_blocks=int(keep or 0))
                 if res.block_sensitivity is not None:
                     extra = {"block_sensitivity": res.block_sensitivity,
-                             "kept_blocks": sorted({int(n.split(".")[2]) for n in res.unquantized})}
+                             "kept_blocks": res.kept_blocks}
                     print(label, extra, flush=True)
             be, tok, _ = make_backend("torch", model, dtype="bfloat16", device="cuda")
             for task in tasks:

@@ -310,7 +310,6 @@ def test_keep_blocks_leaves_the_most_sensitive_blocks_unquantised(tmp_path, drea
 def test_block_sensitivity_is_the_kl_of_quantising_that_block_alone(dream, recorded):
     from dlmtrt.calibration.quantize import quantize
     from dlmtrt.calibration.sensitivity import block_names, block_sensitivity, predicts_mask
-    from dlmtrt.models.quantized import FP8_MAX
     be = dream[0]
     chosen = cv.stratify(recorded, strata=4, per_stratum=2)
     stats = collect(be.model, chosen, strata=4, pad_id=be.info.pad_token_id, batch=8)
@@ -318,7 +317,7 @@ def test_block_sensitivity_is_the_kl_of_quantising_that_block_alone(dream, recor
     with torch.no_grad():
         before = be.model.full_logits(ids, am)
     kl = block_sensitivity(be.model, chosen, "fp8", stats, mask_id=be.info.mask_token_id,
-                           pad_id=be.info.pad_token_id, qmax=FP8_MAX, batch=64)
+                           pad_id=be.info.pad_token_id, batch=64)
     with torch.no_grad():
         assert torch.equal(be.model.full_logits(ids, am), before)  # the model is left as it was
     m2 = load("tiny-dream-tasks")[0]

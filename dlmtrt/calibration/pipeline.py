@@ -8,7 +8,7 @@ from pathlib import Path
 from dlmtrt.errors import UsageError
 from dlmtrt.models.loading import load_weights, open_checkpoint, quantization_format, resolve_device, resolve_dtype
 from dlmtrt.models.loading import load_tokenizer
-from dlmtrt.models.quantized import FORMATS, FP8_MAX, INT8_MAX
+from dlmtrt.models.quantized import FORMATS
 from dlmtrt.models.tiny import check_new_dir
 from dlmtrt.runtime.backends.torch_backend import TorchBackend
 
@@ -30,7 +30,7 @@ class CalibrationResult:
     seconds: float
     amax_by_stratum: dict[int, float] = field(default_factory=dict)  # max over layers, per mask-ratio stratum
     block_sensitivity: list[float] | None = None  # with keep_blocks: KL per block quantised alone
-    unquantized: list[str] = field(default_factory=list)
+    kept_blocks: list[int] = field(default_factory=list)  # left unquantised
 
 
 def calibrate(model: str, fmt: str, out: str | Path, prompts: list[str], *, new_tokens: int | list[int],
@@ -74,13 +74,13 @@ def calibrate(model: str, fmt: str, out: str | Path, prompts: list[str], *, new_
                          "ask for more new tokens")
     stats = collect(m, chosen, strata=strata, pad_id=ck.args.pad_token_id, batch=batch, seed=seed,
                     progress=tick("statistics", len(chosen)))
-    sensitivity, keep = None, []
+    sensitivity, worst = None, []
     if keep_blocks:
         sensitivity = block_sensitivity(m, chosen, fmt, stats, mask_id=ck.args.mask_token_id,
-                                        pad_id=ck.args.pad_token_id, qmax=FP8_MAX if fmt == "fp8" else INT8_MAX,
-                                        batch=batch, progress=tick("sensitivity", ck.args.num_layers))
-        worst = sorted(range(len(sensitivity)), key=lambda i: -sensitivity[i])[:keep_blocks]
-        keep = [n for i in sorted(worst) for n in block_names(m, i)]
+                                        pad_id=ck.args.pad_token_id, batch=batch,
+                                        progress=tick("sensitivity", ck.args.num_layers))
+        worst = sorted(sorted(range(len(sensitivity)), key=lambda i: -sensitivity[i])[:keep_blocks])
+    keep = [n for i in worst for n in block_names(m, i)]
     layers = quantize(m, fmt, stats, alpha=alpha, keep=frozenset(keep))
     counts: dict[int, int] = {}
     for c in chosen:
@@ -100,4 +100,4 @@ def calibrate(model: str, fmt: str, out: str | Path, prompts: list[str], *, new_
     }
     write_checkpoint(m, ck, out, fmt, report)
     return CalibrationResult(out, fmt, len(prompts), len(recorded), len(chosen), counts, len(layers),
-                             time.perf_counter() - t0, by_stratum, sensitivity, keep)
+                             time.perf_counter() - t0, by_stratum, sensitivity, worst)

@@ -51,6 +51,13 @@ def smooth(model, stats: dict[str, LayerStats], alpha: float) -> dict[str, float
     return new_amax
 
 
+def input_scale(amax: float, fmt: str) -> float | None:
+    """The static activation scale of a layer whose calibrated input maximum is `amax` (None for weight-only)."""
+    if fmt == "int8-wo":
+        return None
+    return max(amax, 1e-8) / (FP8_MAX if fmt == "fp8" else INT8_MAX)
+
+
 @torch.no_grad()
 def quantize(model, fmt: str, stats: dict[str, LayerStats], *, alpha: float = 0.5,
              keep: frozenset[str] = frozenset()) -> dict[str, dict]:
@@ -65,13 +72,11 @@ def quantize(model, fmt: str, stats: dict[str, LayerStats], *, alpha: float = 0.
     amax = {n: stats[n].amax for n in names}
     if fmt == "w8a8":
         amax.update(smooth(model, stats, alpha))
-    qmax = FP8_MAX if fmt == "fp8" else INT8_MAX
     report = {}
     for n in names:
         lin: nn.Linear = model.get_submodule(n)
-        scale = max(amax[n], 1e-8) / qmax if fmt != "int8-wo" else None
-        parent, _, attr = n.rpartition(".")
-        setattr(model.get_submodule(parent), attr, QuantLinear.from_linear(lin, fmt, scale))
+        scale = input_scale(amax[n], fmt)
+        model.set_submodule(n, QuantLinear.from_linear(lin, fmt, scale))
         report[n] = {"input_amax": amax[n], "input_scale": scale}
     return report
 

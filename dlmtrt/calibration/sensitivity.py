@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from dlmtrt.models.quantized import QuantLinear, quantizable_linears
 
 from .canvases import Canvas, batches
+from .quantize import input_scale
 from .statistics import LayerStats
 
 
@@ -36,9 +37,10 @@ def predicts_mask(ids: torch.Tensor, am: torch.Tensor, mask_id: int, shift: bool
 
 @torch.no_grad()
 def block_sensitivity(model, canvases: list[Canvas], fmt: str, stats: dict[str, LayerStats], *, mask_id: int,
-                      pad_id: int, qmax: float, batch: int = 16, progress=None) -> list[float]:
+                      pad_id: int, batch: int = 16, progress=None) -> list[float]:
     """Mean KL(unquantised || block i quantised) over the masked positions of `canvases`, per block, in order.
-    The model is left as it was."""
+    The model is left as it was. For w8a8 the blocks are quantised without SmoothQuant's folding (it rewrites
+    every block's norms at once), so the score ranks blocks by their unsmoothed int8 error."""
     chunks = list(batches(canvases, batch, pad_id, model.lm_head.weight.device))
     ref = [F.log_softmax(model.full_logits(ids, am).float(), -1) for ids, am, _ in chunks]
     out = []
@@ -46,9 +48,7 @@ def block_sensitivity(model, canvases: list[Canvas], fmt: str, stats: dict[str, 
         names = block_names(model, i)
         saved = {n: model.get_submodule(n) for n in names}
         for n, lin in saved.items():
-            scale = max(stats[n].amax, 1e-8) / qmax if fmt != "int8-wo" else None
-            parent, _, attr = n.rpartition(".")
-            setattr(model.get_submodule(parent), attr, QuantLinear.from_linear(lin, fmt, scale))
+            model.set_submodule(n, QuantLinear.from_linear(lin, fmt, input_scale(stats[n].amax, fmt)))
         try:
             total, count = 0.0, 0
             for (ids, am, _), lp in zip(chunks, ref):
@@ -60,8 +60,7 @@ def block_sensitivity(model, canvases: list[Canvas], fmt: str, stats: dict[str, 
             out.append(total / max(count, 1))
         finally:
             for n, lin in saved.items():
-                parent, _, attr = n.rpartition(".")
-                setattr(model.get_submodule(parent), attr, lin)
+                model.set_submodule(n, lin)
         if progress is not None:
             progress(1)
     return out

@@ -100,12 +100,11 @@ def calibrate_cmd(model, fmt, out, prompts_file, tasks, samples, new_tokens, ste
         t.add_row(f"({k / strata:.2f}, {(k + 1) / strata:.2f}]", str(n), f"{res.amax_by_stratum[k]:.3g}")
     stdout.print(t)
     if res.block_sensitivity is not None:
-        kept = {int(n.split(".")[2]) for n in res.unquantized}
         t = Table(title="block sensitivity (KL at masked positions, that block alone quantised)")
         for col in ("block", "KL", "kept unquantised"):
             t.add_column(col, justify="right")
         for i, kl in enumerate(res.block_sensitivity):
-            t.add_row(str(i), f"{kl:.3g}", "yes" if i in kept else "")
+            t.add_row(str(i), f"{kl:.3g}", "yes" if i in res.kept_blocks else "")
         stdout.print(t)
     console.print(f"{res.prompts} prompts, {res.canvases_recorded} canvases recorded, {res.canvases_used} used, "
                   f"{res.layers} layers quantised in {res.seconds:.1f} s; statistics in {res.out / 'quantization.json'}")

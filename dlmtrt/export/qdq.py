@@ -15,8 +15,7 @@ from __future__ import annotations
 import onnx_ir as ir
 import torch
 
-from dlmtrt.models.loading import Checkpoint, read_tensor, unquantized_layers
-from dlmtrt.models.quantized import quantizable_linears
+from dlmtrt.models.loading import Checkpoint, quantized_layers, read_tensor
 from dlmtrt.models.transformer import DiffusionLM
 
 FP8_MIN_OPSET = 19
@@ -44,8 +43,7 @@ def insert_qdq(model: ir.Model, ck: Checkpoint, index: dict, fmt: str, dtype: to
     initializer names it gave values to (the caller fills the others from the checkpoint)."""
     g = model.graph
     with torch.device("meta"):
-        keep = set(unquantized_layers(ck))
-        names = [n for n in quantizable_linears(DiffusionLM(ck.args)) if n not in keep]
+        names = quantized_layers(ck, DiffusionLM(ck.args))
     done: set[str] = set()
     consumers: dict[str, list[ir.Node]] = {}
     for node in g:

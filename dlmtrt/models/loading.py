@@ -273,27 +273,26 @@ def skeleton(ck: Checkpoint) -> DiffusionLM:
         model = DiffusionLM(ck.args)
     fmt = quantization_format(ck)
     if fmt is not None:
-        from .quantized import quantizable_linears, swap_in
-        keep = set(unquantized_layers(ck))
-        swap_in(model, fmt, [n for n in quantizable_linears(model) if n not in keep])
+        from .quantized import swap_in
+        swap_in(model, fmt, quantized_layers(ck, model))
     return model
 
 
-def unquantized_layers(ck: Checkpoint) -> list[str]:
-    """The projections a calibrated checkpoint left in the model dtype (`calibrate --keep-blocks`), by our module
-    names; checked against the model's projections."""
+def quantized_layers(ck: Checkpoint, model: DiffusionLM) -> list[str]:
+    """The projections of `model` (built from `ck.args`) that the calibrated checkpoint `ck` holds in 8 bits:
+    all but those `calibrate --keep-blocks` left in the model dtype (config.json
+    `quantization_config.unquantized`, checked against the model's projections)."""
+    from .quantized import quantizable_linears
     names = (ck.config.get("quantization_config") or {}).get("unquantized") or []
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise CheckpointError(f"{ck.path / 'config.json'}: quantization_config.unquantized must be a list of layer "
                               f"names, got {names!r}; calibrate again")
-    with torch.device("meta"):
-        from .quantized import quantizable_linears
-        known = set(quantizable_linears(DiffusionLM(ck.args)))
+    known = quantizable_linears(model)
     unknown = [n for n in names if n not in known]
     if unknown:
         raise CheckpointError(f"{ck.path / 'config.json'}: quantization_config.unquantized names layers this model "
                               f"does not have ({unknown[0]}, ...); calibrate again")
-    return names
+    return [n for n in known if n not in names]
 
 
 def tensor_index(ck: Checkpoint) -> dict[str, TensorRef]:

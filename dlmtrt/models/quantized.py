@@ -170,8 +170,6 @@ def swap_in(model: nn.Module, fmt: str, names: list[str] | None = None) -> None:
     """Replace the named `nn.Linear` modules by empty `QuantLinear`s of `fmt` (on the modules' device, meta
     included): the skeleton a quantised checkpoint is loaded into."""
     for name in names if names is not None else quantizable_linears(model):
-        parent, _, attr = name.rpartition(".")
         lin = model.get_submodule(name)
-        setattr(model.get_submodule(parent), attr,
-                QuantLinear(lin.in_features, lin.out_features, fmt, lin.bias is not None, device=lin.weight.device,
-                            dtype=lin.weight.dtype))
+        model.set_submodule(name, QuantLinear(lin.in_features, lin.out_features, fmt, lin.bias is not None,
+                                              device=lin.weight.device, dtype=lin.weight.dtype))

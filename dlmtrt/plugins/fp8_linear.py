@@ -15,7 +15,7 @@ import sys
 import torch
 from torch import Tensor
 
-from .launcher import DTYPE_CODES, PluginError, find_library
+from .launcher import DTYPE_CODES, PluginError, find_library, open_library
 
 LIB_NAME = "libdlmtrt_fp8_linear.so"
 ABI_VERSION = 1
@@ -30,16 +30,12 @@ def library_path():
 
 @functools.cache
 def _lib() -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(library_path()))
-    lib.dlmtrt_fp8_linear.restype = ctypes.c_int
-    lib.dlmtrt_fp8_linear.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int] * 4 + [ctypes.c_void_p]
-    lib.dlmtrt_fp8_linear_error.restype = ctypes.c_char_p
-    lib.dlmtrt_fp8_linear_abi_version.restype = ctypes.c_int
+    lib = open_library(library_path(), "dlmtrt_fp8_linear",
+                       [ctypes.c_void_p] * 7 + [ctypes.c_int] * 4 + [ctypes.c_void_p], ABI_VERSION)
     lib.dlmtrt_fp8_linear_max_rows.restype = ctypes.c_int
-    if lib.dlmtrt_fp8_linear_abi_version() != ABI_VERSION or lib.dlmtrt_fp8_linear_max_rows() != MAX_ROWS:
-        raise PluginError(f"{library_path()} does not match this package (ABI "
-                          f"{lib.dlmtrt_fp8_linear_abi_version()}, expected {ABI_VERSION}): rebuild it with "
-                          "`make plugin`")
+    if lib.dlmtrt_fp8_linear_max_rows() != MAX_ROWS:
+        raise PluginError(f"{library_path()} takes up to {lib.dlmtrt_fp8_linear_max_rows()} rows, this package "
+                          f"expects {MAX_ROWS}: rebuild it with `make plugin`")
     return lib
 
 

@@ -48,18 +48,26 @@ def library_sha256() -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def open_library(path: Path, entry: str, argtypes: list, abi_version: int) -> ctypes.CDLL:
+    """Load a kernel library whose C ABI is `entry(argtypes) -> int` (0 or an error code), `entry_error()` (why)
+    and `entry_abi_version()`; PluginError unless its ABI version is `abi_version`."""
+    lib = ctypes.CDLL(str(path))
+    fn = getattr(lib, entry)
+    fn.restype, fn.argtypes = ctypes.c_int, argtypes
+    getattr(lib, f"{entry}_error").restype = ctypes.c_char_p
+    version = getattr(lib, f"{entry}_abi_version")
+    version.restype = ctypes.c_int
+    if version() != abi_version:
+        raise PluginError(f"{path} has ABI version {version()}, this package expects {abi_version}: rebuild it "
+                          "with `make plugin`")
+    return lib
+
+
 @functools.cache
 def _lib() -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(library_path()))
-    lib.dlmtrt_cached_attention.restype = ctypes.c_int
-    lib.dlmtrt_cached_attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_int,
-                                                                                         ctypes.c_void_p]
-    lib.dlmtrt_cached_attention_error.restype = ctypes.c_char_p
-    lib.dlmtrt_cached_attention_abi_version.restype = ctypes.c_int
-    if lib.dlmtrt_cached_attention_abi_version() != ABI_VERSION:
-        raise PluginError(f"{library_path()} has ABI version {lib.dlmtrt_cached_attention_abi_version()}, this "
-                          f"package expects {ABI_VERSION}: rebuild it with `make plugin`")
-    return lib
+    return open_library(library_path(), "dlmtrt_cached_attention",
+                        [ctypes.c_void_p] * 5 + [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_int, ctypes.c_void_p],
+                        ABI_VERSION)
 
 
 def launch_ptrs(q: int, k: int, v: int, valid: int, o: int, B: int, H: int, Hkv: int, A: int, L: int, D: int,
