@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup plugin demo test clean
+.PHONY: setup plugin fp8-sweep demo test clean
 
 # The cached-attention kernel and its C-ABI launcher (plugins/cached_attention), for every datacenter and edge
 # architecture we target plus PTX for newer ones; loaded by dlmtrt/plugins/launcher.py.
@@ -27,6 +27,15 @@ $(FP8_LIB): plugins/fp8_linear/fp8_linear.cu
 	$(NVCC) -O3 -std=c++17 --threads 0 -shared -Xcompiler -fPIC -cudart static $(ARCHS) -o $@ $<
 
 plugin: $(PLUGIN_LIB) $(FP8_LIB)
+
+# Benchmark only: the fp8 kernel with an explicit-configuration entry for bench/fp8_kernel_sweep.py (Hopper).
+FP8_SWEEP_LIB := dlmtrt/plugins/lib/libdlmtrt_fp8_linear_sweep.so
+$(FP8_SWEEP_LIB): plugins/fp8_linear/fp8_linear.cu
+	mkdir -p $(dir $@)
+	$(NVCC) -O3 -std=c++17 --threads 0 -shared -Xcompiler -fPIC -cudart static -DDLMTRT_FP8_SWEEP \
+		-gencode arch=compute_90,code=sm_90 -o $@ $<
+
+fp8-sweep: $(FP8_SWEEP_LIB)
 
 $(STAMP): requirements-ci.txt pyproject.toml
 	$(PY) -m venv $(VENV)

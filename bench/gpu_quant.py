@@ -1,5 +1,6 @@
 """8-bit formats on the GPU (`python3 bench/gpu_quant.py OUT.json PARTS`, PARTS a comma list of
-kernels, tiny_accuracy, fp8_kernel, speed, speed_compile, keep_blocks, keep_blocks_dream):
+kernels, tiny_accuracy, fp8_kernel, speed, speed_compile, keep_blocks, keep_blocks_dream, speed_compile_head,
+head_accuracy):
 
 1. `kernels`: `QuantLinear`'s GPU paths against their exact emulation and against the bf16 product: fp8 through
    `torch._scaled_mm` (row-wise scales) and w8a8 through `torch._int_mm`, at Dream-7B's q|k|v shape and 1-256 rows.
@@ -12,6 +13,9 @@ kernels, tiny_accuracy, fp8_kernel, speed, speed_compile, keep_blocks, keep_bloc
    one-active-row step and the weight-read floor of each.
 5. `keep_blocks`: item 2 for bf16, fp8 with its most sensitive block left in bf16 (`calibrate --keep-blocks 1`)
    and plain fp8; `keep_blocks_dream`: Dream with 2 and 3 blocks kept.
+6. `speed_compile_head`: item 4 compiled, decode policy, for bf16, fp8 and fp8 with the head quantised too
+   (`calibrate --quantize-head`); `head_accuracy`: item 2 for the kept-block fp8 checkpoints of item 5 (LLaDA
+   keep 1, Dream keep 2) with and without the head quantised.
 """
 from __future__ import annotations
 
@@ -136,7 +140,8 @@ def tiny_accuracy(formats=("fp8", "int8-wo"), tasks=("sudoku4", "countdown", "sh
     """Both shipped tiny models in bf16 on the GPU, unquantised and calibrated on the GPU (each task's prompts
     with its own answer length, calibration seed), on every task at N=200 with no cache and the usual cache
     policy: the real FP8 path (`_scaled_mm`), and every task, shift128 included (too slow for the CPU).
-    A format "F+keepN" is F calibrated with `keep_blocks=N`. `partial(rows)` is called after every cell."""
+    A format "F+keepN" is F calibrated with `keep_blocks=N`, "F+head" with the head quantised too (both may be
+    given, per family as "F+keepN@family"). `partial(rows)` is called after every cell."""
     from dlmtrt.calibration.pipeline import calibrate
     from dlmtrt.evals.evaluate import evaluate
     from dlmtrt.evals.tasks import calibration_prompts
@@ -150,10 +155,14 @@ def tiny_accuracy(formats=("fp8", "int8-wo"), tasks=("sudoku4", "countdown", "sh
         for label in (None, *formats):
             model, extra = src, {}
             if label is not None:
-                fmt, _, keep = label.partition("+keep")
+                label, _, only = label.partition("@")
+                if only and only != fam:
+                    continue
+                fmt, *opts = label.split("+")
+                keep = next((int(o[4:]) for o in opts if o.startswith("keep")), 0)
                 model = str(work / f"{fam}-{label}")
                 res = calibrate(src, fmt, model, prompts, new_tokens=lengths, device="cuda", dtype="bfloat16",
-                                batch=64, keep_blocks=int(keep or 0))
+                                batch=64, keep_blocks=keep, quantize_head="head" in opts)
                 if res.block_sensitivity is not None:
                     extra = {"block_sensitivity": res.block_sensitivity,
                              "kept_blocks": res.kept_blocks}
@@ -172,28 +181,35 @@ def tiny_accuracy(formats=("fp8", "int8-wo"), tasks=("sudoku4", "countdown", "sh
     return rows
 
 
-def speed(compile: bool = False, policies=("none", "decode", "dual")) -> list[dict]:
-    """bf16, fp8 through our few-row kernel, fp8 through `torch._scaled_mm` only: in this process."""
+VARIANTS = ((None, True, False), ("fp8", True, False), ("fp8", False, False))
+
+
+def speed(compile: bool = False, policies=("none", "decode", "dual"), variants=VARIANTS, partial=None) -> list[dict]:
+    """bf16, fp8 through our few-row kernel, fp8 through `torch._scaled_mm` only (`variants`: (quant, our
+    kernel, head quantised too)): in this process."""
     from dlmtrt.evals.speed import bench
     from dlmtrt.plugins import fp8_linear as k
     reps = []
-    for quant, kernel in ((None, True), ("fp8", True), ("fp8", False)):
+    for quant, kernel, head in variants:
         k.set_enabled(kernel)
         rep = bench("dream-7b", device="cuda", dtype="bfloat16", backend="torch-graph", batch=1, prompt=512,
-                    answer=256, policies=policies, quant=quant, compile=compile,
+                    answer=256, policies=policies, quant=quant, quantize_head=head, compile=compile,
                     log=lambda m: print(m, flush=True))
         k.set_enabled(True)
         d = asdict(rep)
         d["fp8_kernel"] = kernel if quant == "fp8" else None
+        d["head_quantized"] = head
         reps.append(d)
+        if partial is not None:
+            partial(reps)
         print(f"{rep.backend}: weights {rep.weight_bytes / 1e9:.2f} GB floor {rep.floor_ms:.2f} ms one-row step "
               f"{rep.single_row_step_ms:.2f} ms; " + "; ".join(f"{r.policy} {r.tokens_per_s:.1f} tok/s "
                                                                f"{r.step_ms_median:.2f} ms" for r in rep.runs), flush=True)
         torch.cuda.empty_cache()
         torch._dynamo.reset()
-    b, f, c = reps
-    print(f"one-row step, fp8 / bf16: kernel {f['single_row_step_ms'] / b['single_row_step_ms']:.3f}, "
-          f"_scaled_mm {c['single_row_step_ms'] / b['single_row_step_ms']:.3f}", flush=True)
+    for r in reps[1:]:
+        print(f"one-row step {r['backend']} (kernel {r['fp8_kernel']}) / bf16: "
+              f"{r['single_row_step_ms'] / reps[0]['single_row_step_ms']:.3f}", flush=True)
     return reps
 
 
@@ -205,6 +221,13 @@ def main(path: str, parts: list[str]) -> None:
         return write
     for name, fn in (("kernels", kernels), ("fp8_kernel", fp8_kernel), ("speed", speed),
                      ("speed_compile", lambda: speed(compile=True, policies=("decode", "dual"))),
+                     ("speed_compile_head", lambda: speed(compile=True, policies=("decode",),
+                                                          variants=((None, True, False), ("fp8", True, False),
+                                                                    ("fp8", True, True)),
+                                                          partial=partial("speed_compile_head"))),
+                     ("head_accuracy", lambda: tiny_accuracy(("fp8+keep1@llada", "fp8+keep1+head@llada",
+                                                              "fp8+keep2@dream", "fp8+keep2+head@dream"),
+                                                             partial=partial("head_accuracy"))),
                      ("tiny_accuracy", lambda: tiny_accuracy(partial=partial("tiny_accuracy"))),
                      ("keep_blocks", lambda: tiny_accuracy(("fp8+keep1", "fp8"), partial=partial("keep_blocks"))),
                      ("keep_blocks_dream", lambda: tiny_accuracy(("fp8+keep2", "fp8+keep3"), families=("dream",),

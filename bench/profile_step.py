@@ -112,7 +112,11 @@ def profile_generation(be, label: str, prompt: int, answer: int, steps: int) -> 
 
 
 def main(out: str) -> None:
+    """SHAPE (dream-7b), DEVICE (cuda); QUANT=fp8 profiles only the compiled one-row step of the bf16 model and
+    of its fp8 quantisation (bench/gpu_quant.py's `speed_compile` models)."""
     shape, dev = os.environ.get("SHAPE", "dream-7b"), os.environ.get("DEVICE", "cuda")
+    if os.environ.get("QUANT"):
+        return main_quant(out, shape, dev, os.environ["QUANT"])
     args = shape_args(shape)
     cuda = dev.startswith("cuda")
     prompt, answer, steps = (512, 256, 32) if cuda else (32, 16, 4)
@@ -129,6 +133,28 @@ def main(out: str) -> None:
     res["runs"].append(profile_steps(be, "torch (eager)", L))
     res["runs"].append(profile_generation(be, "torch (eager)", prompt, answer, steps))
     json.dump(res, open(out, "w"), indent=1)
+
+
+def main_quant(out: str, shape: str, dev: str, quant: str) -> None:
+    from dlmtrt.evals.speed import quantize_random
+    if quant == "fp8" and dev.startswith("cuda"):
+        import dlmtrt.plugins.fp8_linear  # noqa: F401  (routes few-row fp8 products to our kernel)
+    args = shape_args(shape)
+    L = 768
+    res = {"gpu": torch.cuda.get_device_name() if dev.startswith("cuda") else None, "torch": torch.__version__,
+           "shape": shape, "quant": quant, "length": L, "runs": []}
+    for q in (None, quant):
+        model = random_model(args, dev, torch.bfloat16)
+        if q is not None:
+            quantize_random(model, q, L)
+        be = TorchGraphBackend(model, compile=dev.startswith("cuda"))
+        res["runs"].append(profile_steps(be, f"torch-graph+compile{'+' + q if q else ''}", L))
+        res["runs"][-1]["step_ms"] = step_ms(be, 1, 1, L)
+        print(f"   one-row step {res['runs'][-1]['step_ms']:.3f} ms", flush=True)
+        del be, model
+        torch.cuda.empty_cache()
+        torch._dynamo.reset()
+        json.dump(res, open(out, "w"), indent=1)
 
 
 if __name__ == "__main__":

@@ -343,3 +343,66 @@ def test_keep_blocks_out_of_range_and_bad_unquantized_names_are_refused(tmp_path
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="does not have.*calibrate again"):
         load(str(d))
+
+
+def test_quantize_head_quantises_the_output_head_too(tmp_path):
+    """LLaDA: the head is stored under its own checkpoint name (ff_out) with its scales, loads as a QuantLinear
+    (the backends read the model dtype from the embedding, not the fp8 head), decodes close to the float
+    model, and exports as Q/DQ."""
+    out = tmp_path / "head"
+    r = CliRunner().invoke(main, ["calibrate", "-m", "tiny-llada-tasks", "--format", "fp8", "--task", "sudoku4",
+                                  "--samples", "8", "--per-stratum", "4", "--quantize-head", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "quantization.json").read_text())
+    assert report["head"] is True and report["excluded"] == ["model.embed_tokens"] and "lm_head" in report["layers"]
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["head"] is True
+    ck = open_checkpoint(str(out))
+    from safetensors import safe_open
+    names = set()
+    for f in out.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as fh:
+            names |= set(fh.keys())
+            if "model.transformer.ff_out.weight" in fh.keys():
+                assert fh.get_tensor("model.transformer.ff_out.weight").dtype == torch.float8_e4m3fn
+    assert {"model.transformer.ff_out.weight", "model.transformer.ff_out.weight_scale",
+            "model.transformer.ff_out.input_scale"} <= names and not any(n.startswith("lm_head") for n in names)
+    be, tok, src = make_backend("torch", str(out))
+    assert isinstance(be.model.lm_head, QuantLinear) and be.info.dtype == torch.float32 and src.dtype == "float32"
+    ref = load("tiny-llada-tasks")[0]
+    ids = tok(PROMPTS[:4], return_tensors="pt", padding=True, padding_side="left")
+    with torch.no_grad():
+        a = ref.full_logits(ids["input_ids"], ids["attention_mask"].bool())
+        b = be.model.full_logits(ids["input_ids"], ids["attention_mask"].bool())
+    assert float((b - a).norm() / a.norm()) < 0.15
+    from dlmtrt.runtime.backends.torch_graph_backend import TorchGraphBackend
+    fast = TorchGraphBackend(load(str(out))[0])
+    assert fast.info.dtype == torch.float32 and isinstance(fast.model.lm_head, QuantLinear)
+    from dlmtrt.export.onnx_export import export_step
+    res = export_step(str(out), tmp_path / "onnx", log=lambda m: None)
+    assert res.checks.ok, res.checks.render_text()
+    inits = {i.name: i for i in onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph.initializer}
+    assert inits["lm_head.weight"].data_type == onnx.TensorProto.FLOAT8E4M3FN
+    assert ck.args.num_layers == len(ref.model.layers)
+
+
+def test_quantize_head_is_refused_for_tied_embeddings_and_bad_configs(tmp_path, calibrated):
+    import shutil
+    src = open_checkpoint("tiny-dream-tasks").path
+    tied = tmp_path / "tied"
+    shutil.copytree(src, tied)
+    cfg = json.loads((tied / "config.json").read_text())
+    cfg["tie_word_embeddings"] = True
+    (tied / "config.json").write_text(json.dumps(cfg))
+    r = CliRunner().invoke(main, ["calibrate", "-m", str(tied), "--format", "fp8", "--task", "sudoku4",
+                                  "--quantize-head", "--out", str(tmp_path / "a")])
+    assert r.exit_code == 1 and "tied embeddings" in r.output and "--quantize-head" in r.output
+    assert not (tmp_path / "a").exists()
+    d = tmp_path / "ck"
+    shutil.copytree(calibrated("fp8"), d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"]["head"] = "yes"
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="head must be true or false"):
+        load(str(d))
+    r = CliRunner().invoke(main, ["bench", "--shape", "tiny-dream", "--quantize-head", "--out", str(tmp_path / "b.json")])
+    assert r.exit_code != 0 and "--quant" in r.output

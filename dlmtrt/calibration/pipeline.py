@@ -36,11 +36,12 @@ class CalibrationResult:
 def calibrate(model: str, fmt: str, out: str | Path, prompts: list[str], *, new_tokens: int | list[int],
               steps: int | None = None,
               strata: int = 8, per_stratum: int = 32, masked_only: bool = False, alpha: float = 0.5,
-              keep_blocks: int = 0, device: str = "cpu", dtype: str = "float32", batch: int = 16, seed: int = 0,
-              progress=None) -> CalibrationResult:
+              keep_blocks: int = 0, quantize_head: bool = False, device: str = "cpu", dtype: str = "float32",
+              batch: int = 16, seed: int = 0, progress=None) -> CalibrationResult:
     """Quantise checkpoint `model` to `fmt` with statistics from its own denoising of `prompts`; write `out`.
     `new_tokens`: the answer length of every prompt, or one per prompt (tasks of different answer lengths).
     `keep_blocks`: leave that many of the most sensitive transformer blocks unquantised (sensitivity.py).
+    `quantize_head`: quantise the output head too (not for tied embeddings).
     `progress(stage, done, total)` is called as work advances."""
     t0 = time.perf_counter()
     if fmt not in FORMATS:
@@ -52,6 +53,9 @@ def calibrate(model: str, fmt: str, out: str | Path, prompts: list[str], *, new_
     if not 0 <= keep_blocks < ck.args.num_layers:
         raise UsageError(f"--keep-blocks must be between 0 and {ck.args.num_layers - 1} (the model has "
                          f"{ck.args.num_layers} blocks), got {keep_blocks}")
+    if quantize_head and ck.args.tie_word_embeddings:
+        raise UsageError(f"{ck.path}: the output head shares the embedding's weights (tied embeddings), which stay "
+                         "unquantised: leave out --quantize-head")
     already = quantization_format(ck)
     if already is not None:
         raise UsageError(f"{ck.path} is already quantised ({already}); calibrate the original weights")
@@ -73,7 +77,7 @@ def calibrate(model: str, fmt: str, out: str | Path, prompts: list[str], *, new_
         raise UsageError("the trajectories gave no canvas to calibrate on (no masked answer position); "
                          "ask for more new tokens")
     stats = collect(m, chosen, strata=strata, pad_id=ck.args.pad_token_id, batch=batch, seed=seed,
-                    progress=tick("statistics", len(chosen)))
+                    head=quantize_head, progress=tick("statistics", len(chosen)))
     sensitivity, worst = None, []
     if keep_blocks:
         sensitivity = block_sensitivity(m, chosen, fmt, stats, mask_id=ck.args.mask_token_id,
@@ -81,7 +85,7 @@ def calibrate(model: str, fmt: str, out: str | Path, prompts: list[str], *, new_
                                         progress=tick("sensitivity", ck.args.num_layers))
         worst = sorted(sorted(range(len(sensitivity)), key=lambda i: -sensitivity[i])[:keep_blocks])
     keep = [n for i in worst for n in block_names(m, i)]
-    layers = quantize(m, fmt, stats, alpha=alpha, keep=frozenset(keep))
+    layers = quantize(m, fmt, stats, alpha=alpha, keep=frozenset(keep), head=quantize_head)
     counts: dict[int, int] = {}
     for c in chosen:
         k = cv.stratum_of(c.ratio, strata)
@@ -94,7 +98,8 @@ def calibrate(model: str, fmt: str, out: str | Path, prompts: list[str], *, new_
                         "per_stratum": per_stratum, "masked_only": masked_only, "dtype": dtype,
                         "canvases_per_stratum": {str(k): v for k, v in sorted(counts.items())}},
         "layers": {n: {**layers[n], **stats[n].to_dict()} for n in layers},
-        "excluded": ["model.embed_tokens", "lm_head"],
+        "excluded": ["model.embed_tokens"] + ([] if quantize_head else ["lm_head"]),
+        "head": quantize_head,
         "unquantized": keep,
         "block_sensitivity": sensitivity,
     }

@@ -60,12 +60,16 @@ def input_scale(amax: float, fmt: str) -> float | None:
 
 @torch.no_grad()
 def quantize(model, fmt: str, stats: dict[str, LayerStats], *, alpha: float = 0.5,
-             keep: frozenset[str] = frozenset()) -> dict[str, dict]:
-    """Replace every quantisable linear of `model` but those named in `keep` by a `QuantLinear` of `fmt`, in
-    place; returns per quantised layer the input amax used and the input scale."""
+             keep: frozenset[str] = frozenset(), head: bool = False) -> dict[str, dict]:
+    """Replace every quantisable linear of `model` (the head too with `head`) but those named in `keep` by a
+    `QuantLinear` of `fmt`, in place; returns per quantised layer the input amax used and the input scale. The
+    head is never smoothed (w8a8): the final norm's weight is not the head's alone when embeddings are tied."""
     if fmt not in FORMATS:
         raise UsageError(f"unknown format '{fmt}'; choose from {', '.join(FORMATS)}")
-    names = [n for n in quantizable_linears(model) if n not in keep]
+    if head and model.lm_head.weight is model.model.embed_tokens.weight:
+        raise UsageError("this model's output head shares the embedding's weights (tied embeddings), which stay "
+                         "unquantised: leave out --quantize-head")
+    names = [n for n in quantizable_linears(model, head) if n not in keep]
     missing = [n for n in names if n not in stats]
     if missing:
         raise UsageError(f"no calibration statistics for {len(missing)} layer(s) ({missing[0]}, ...); calibrate again")
@@ -99,6 +103,8 @@ def write_checkpoint(model, ck: Checkpoint, out: str | Path, fmt: str, report: d
         cfg["quantization_config"] = {"quant_method": "dlmtrt", "format": fmt}
         if report.get("unquantized"):
             cfg["quantization_config"]["unquantized"] = report["unquantized"]
+        if report.get("head"):
+            cfg["quantization_config"]["head"] = True
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         sd = model.state_dict()
         if ck.args.tie_word_embeddings:

@@ -41,7 +41,7 @@ def block_sensitivity(model, canvases: list[Canvas], fmt: str, stats: dict[str, 
     """Mean KL(unquantised || block i quantised) over the masked positions of `canvases`, per block, in order.
     The model is left as it was. For w8a8 the blocks are quantised without SmoothQuant's folding (it rewrites
     every block's norms at once), so the score ranks blocks by their unsmoothed int8 error."""
-    chunks = list(batches(canvases, batch, pad_id, model.lm_head.weight.device))
+    chunks = list(batches(canvases, batch, pad_id, model.model.embed_tokens.weight.device))
     ref = [F.log_softmax(model.full_logits(ids, am).float(), -1) for ids, am, _ in chunks]
     out = []
     for i in range(len(model.model.layers)):

@@ -35,9 +35,10 @@ class LayerStats:
 
 @torch.no_grad()
 def collect(model, canvases: list[Canvas], *, strata: int, pad_id: int, batch: int = 16, seed: int = 0,
-            progress=None) -> dict[str, LayerStats]:
-    """Run the canvases through the model and record the statistics of each quantisable linear's input."""
-    names = quantizable_linears(model)
+            head: bool = False, progress=None) -> dict[str, LayerStats]:
+    """Run the canvases through the model and record the statistics of each quantisable linear's input (the
+    head's too with `head`)."""
+    names = quantizable_linears(model, head)
     stats = {n: LayerStats() for n in names}
     gen = torch.Generator().manual_seed(seed)
     current: dict = {}
@@ -60,7 +61,7 @@ def collect(model, canvases: list[Canvas], *, strata: int, pad_id: int, batch: i
         return fn
 
     handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
-    dev = model.lm_head.weight.device
+    dev = model.model.embed_tokens.weight.device
     try:
         for ids, am, chunk in batches(canvases, batch, pad_id, dev):
             ks = [stratum_of(c.ratio, strata) for c in chunk]

@@ -65,6 +65,9 @@ def _prompts(prompts_file: Path | None, tasks: tuple[str, ...], samples: int,
 @click.option("--keep-blocks", type=click.IntRange(0, 10_000), default=0, show_default=True,
               help="Leave this many transformer blocks unquantised: those whose quantisation alone changes the "
                    "predictions at masked positions most (KL on the calibration canvases).")
+@click.option("--quantize-head", is_flag=True,
+              help="Quantise the output head too: at one active row it is 1/7 of an fp8 7B step's weight reads. "
+                   "Off by default (the head is the layer every decision is read from); not for tied embeddings.")
 @click.option("--device", default="cpu", show_default=True, callback=check_device)
 @click.option("--dtype", type=dtype_choice(), default="float32", show_default=True,
               help="Dtype the trajectories and statistics are computed in.")
@@ -72,7 +75,7 @@ def _prompts(prompts_file: Path | None, tasks: tuple[str, ...], samples: int,
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the stratified draw.")
 @friendly_errors
 def calibrate_cmd(model, fmt, out, prompts_file, tasks, samples, new_tokens, steps, strata, per_stratum, masked_only,
-                  alpha, keep_blocks, device, dtype, batch, seed):
+                  alpha, keep_blocks, quantize_head, device, dtype, batch, seed):
     """Quantise a checkpoint to 8 bits, calibrated across the noise levels its denoising visits.
 
     \b
@@ -92,7 +95,7 @@ def calibrate_cmd(model, fmt, out, prompts_file, tasks, samples, new_tokens, ste
             bar.advance(ids[stage], n)
         res = calibrate(model, fmt, out, texts, new_tokens=lengths, steps=steps, strata=strata,
                         per_stratum=per_stratum, masked_only=masked_only, alpha=alpha, keep_blocks=keep_blocks,
-                        device=device, dtype=dtype, batch=batch, seed=seed, progress=tick)
+                        quantize_head=quantize_head, device=device, dtype=dtype, batch=batch, seed=seed, progress=tick)
     t = Table(title=f"calibrated {fmt} checkpoint: {res.out}")
     for col in ("mask ratio", "canvases", "largest layer-input amax"):
         t.add_column(col, justify="right")

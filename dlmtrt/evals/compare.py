@@ -62,8 +62,8 @@ def make_torch_runner(model, name: str = "torch"):
         else:
             meta.add(n, np.float32, ["batch", a.num_kv_heads, "canvas", a.head_dim])
     graph = StepGraph(model).eval()
-    device = model.lm_head.weight.device
-    dtype = model.lm_head.weight.dtype
+    device = model.model.embed_tokens.weight.device
+    dtype = model.model.embed_tokens.weight.dtype
 
     class TorchStepRunner(PytRunner):
         def infer_impl(self, feed_dict):

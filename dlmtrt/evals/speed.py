@@ -185,16 +185,19 @@ def run_policy(backend, family: str, B: int, prompt: int, answer: int, steps: in
 def bench(shape: str, *, device: str = "cpu", dtype: str = "float32", backend: str = "torch-graph",
           compile: bool = False, attention: str = "sdpa", batch: int = 1,
           prompt: int = 512, answer: int = 256, steps: int | None = None, policies=("none", "decode", "dual"),
-          block_length: int | None = 32, seed: int = 0, quant: str | None = None, log=print) -> BenchReport:
+          block_length: int | None = 32, seed: int = 0, quant: str | None = None, quantize_head: bool = False,
+          log=print) -> BenchReport:
     """Build the shape with random weights on `device`, measure the floor, then every policy. With `quant`
     (fp8, int8-wo, w8a8) the random model is quantised first, its activation scales calibrated on a few
-    random canvases (the numbers are meaningless, the speed is not)."""
+    random canvases (the numbers are meaningless, the speed is not); `quantize_head` quantises the head too."""
     from dlmtrt.runtime.backends.torch_backend import TorchBackend
     from dlmtrt.runtime.backends.torch_graph_backend import TorchGraphBackend
     from dlmtrt.runtime.policies import parse_policy
 
     args = shape_args(shape)
     steps = steps or answer
+    if quantize_head and quant is None:
+        raise UsageError("--quantize-head quantises the head to the --quant format: give --quant too")
     if prompt + answer > args.max_position_embeddings:
         raise UsageError(f"prompt + answer = {prompt + answer} exceeds the shape's {args.max_position_embeddings} "
                          "positions")
@@ -203,8 +206,8 @@ def bench(shape: str, *, device: str = "cpu", dtype: str = "float32", backend: s
     log(f"building {shape} ({args.param_count / 1e9:.2f} B parameters) with random {dtype} weights on {device}")
     model = random_model(args, device, DTYPES[dtype], seed)
     if quant is not None:
-        log(f"quantising to {quant}")
-        quantize_random(model, quant, prompt + answer, seed)
+        log(f"quantising to {quant}" + (" (head included)" if quantize_head else ""))
+        quantize_random(model, quant, prompt + answer, seed, head=quantize_head)
     if attention != "sdpa" and backend != "torch-graph":
         raise UsageError("--attention kernel applies to the torch-graph backend")
     be = TorchGraphBackend(model, compile=compile, attention=attention) if backend == "torch-graph" else TorchBackend(model)
@@ -217,7 +220,7 @@ def bench(shape: str, *, device: str = "cpu", dtype: str = "float32", backend: s
     floor_ms = weight_bytes / bw * 1e3 if bw == bw else float("nan")
     gpu = torch.cuda.get_device_name(device) if str(device).startswith("cuda") else None
     name = be.name + ("+compile" if compile else "") + ("+kernel" if attention == "kernel" else "") + \
-        (f"+{quant}" if quant else "")
+        (f"+{quant}" if quant else "") + ("+head" if quantize_head else "")
     rep = BenchReport(shape, device, gpu, dtype, name, torch.__version__, args.param_count, weight_bytes,
                       kv_bytes, bw, floor_ms)
     log("timing a one-active-row step")
@@ -233,7 +236,8 @@ def bench(shape: str, *, device: str = "cpu", dtype: str = "float32", backend: s
     return rep
 
 
-def quantize_random(model: DiffusionLM, fmt: str, length: int, seed: int = 0, canvases: int = 4) -> None:
+def quantize_random(model: DiffusionLM, fmt: str, length: int, seed: int = 0, canvases: int = 4,
+                    head: bool = False) -> None:
     """`calibration.quantize` of a random-weight model, with statistics from random fully masked canvases."""
     from dlmtrt.calibration.canvases import Canvas
     from dlmtrt.calibration.quantize import quantize
@@ -241,6 +245,6 @@ def quantize_random(model: DiffusionLM, fmt: str, length: int, seed: int = 0, ca
     g = torch.Generator().manual_seed(seed)
     cs = [Canvas(torch.randint(0, 250, (length,), generator=g).tolist(), 1.0) for _ in range(canvases)]
     with torch.inference_mode():
-        stats = collect(model, cs, strata=1, pad_id=model.args.pad_token_id, batch=1)
+        stats = collect(model, cs, strata=1, pad_id=model.args.pad_token_id, batch=1, head=head)
     with torch.no_grad():
-        quantize(model, fmt, stats)
+        quantize(model, fmt, stats, head=head)

@@ -30,6 +30,8 @@ _TOP = {
     "model.transformer.wte.weight": "model.embed_tokens.weight",
     "model.transformer.ln_f.weight": "model.norm.weight",
     "model.transformer.ff_out.weight": "lm_head.weight",
+    "model.transformer.ff_out.weight_scale": "lm_head.weight_scale",  # calibrate --quantize-head
+    "model.transformer.ff_out.input_scale": "lm_head.input_scale",
 }
 _BLOCK_INV = {v: k for k, v in _BLOCK.items()}
 _TOP_INV = {v: k for k, v in _TOP.items()}

@@ -279,15 +279,24 @@ def skeleton(ck: Checkpoint) -> DiffusionLM:
 
 
 def quantized_layers(ck: Checkpoint, model: DiffusionLM) -> list[str]:
-    """The projections of `model` (built from `ck.args`) that the calibrated checkpoint `ck` holds in 8 bits:
-    all but those `calibrate --keep-blocks` left in the model dtype (config.json
-    `quantization_config.unquantized`, checked against the model's projections)."""
+    """The linears of `model` (built from `ck.args`) that the calibrated checkpoint `ck` holds in 8 bits: the
+    projections but those `calibrate --keep-blocks` left in the model dtype (config.json
+    `quantization_config.unquantized`, checked against the model's projections), and the head if
+    `quantization_config.head` (`calibrate --quantize-head`)."""
     from .quantized import quantizable_linears
-    names = (ck.config.get("quantization_config") or {}).get("unquantized") or []
+    qc = ck.config.get("quantization_config") or {}
+    names = qc.get("unquantized") or []
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise CheckpointError(f"{ck.path / 'config.json'}: quantization_config.unquantized must be a list of layer "
                               f"names, got {names!r}; calibrate again")
-    known = quantizable_linears(model)
+    head = qc.get("head", False)
+    if not isinstance(head, bool):
+        raise CheckpointError(f"{ck.path / 'config.json'}: quantization_config.head must be true or false, got "
+                              f"{head!r}; calibrate again")
+    if head and ck.args.tie_word_embeddings:
+        raise CheckpointError(f"{ck.path / 'config.json'}: quantization_config.head is set but the head shares the "
+                              "embedding's weights (tied), which stay unquantised; calibrate again")
+    known = quantizable_linears(model, head)
     unknown = [n for n in names if n not in known]
     if unknown:
         raise CheckpointError(f"{ck.path / 'config.json'}: quantization_config.unquantized names layers this model "

@@ -158,12 +158,18 @@ def _scaled_mm_ok(x: Tensor, q: QuantLinear) -> bool:
 QUANTIZABLE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def quantizable_linears(model: nn.Module) -> list[str]:
-    """Names of the linear layers a calibrated checkpoint quantises: every projection of every block. The
-    embedding and the output head stay in the model dtype (the head is 1/15 of a 7B model's weights and the
-    most sensitive layer; TensorRT-LLM and Model Optimizer leave it unquantised by default too)."""
-    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, QuantLinear))
-            and n.rsplit(".", 1)[-1] in QUANTIZABLE]
+HEAD = "lm_head"
+
+
+def quantizable_linears(model: nn.Module, head: bool = False) -> list[str]:
+    """Names of the linear layers a calibrated checkpoint quantises: every projection of every block, and the
+    output head with `head` (`calibrate --quantize-head`). By default the head stays in the model dtype: it reads
+    the final hidden state that every decision is taken from, and TensorRT-LLM and Model Optimizer leave it
+    unquantised by default too; but it is 1/15 of a 7B model's weights, so at one row it is 1/7 of an fp8 step.
+    The embedding is a lookup, never a product, and always stays."""
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, QuantLinear))
+             and n.rsplit(".", 1)[-1] in QUANTIZABLE]
+    return names + [HEAD] if head else names
 
 
 def swap_in(model: nn.Module, fmt: str, names: list[str] | None = None) -> None:

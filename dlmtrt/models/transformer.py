@@ -234,7 +234,7 @@ class DiffusionLM(nn.Module):
     def empty_cache(self, batch: int, length: int, device=None, dtype=None) -> tuple[list[Tensor], list[Tensor]]:
         """Zeroed past K/V, shape [B, Hkv, L, D] per layer."""
         a = self.args
-        p = self.lm_head.weight
+        p = self.model.embed_tokens.weight
         shape = (batch, a.num_kv_heads, length, a.head_dim)
         mk = lambda: torch.zeros(shape, device=device or p.device, dtype=dtype or p.dtype)  # noqa: E731
         return [mk() for _ in range(a.num_layers)], [mk() for _ in range(a.num_layers)]
@@ -243,7 +243,7 @@ class DiffusionLM(nn.Module):
         """Logits of every row of a canvas in one pass, without K/V in or out: what training needs.
         Equal to `forward` with all rows active and nothing stable (tested)."""
         rope_pos = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-        cos, sin = rope_cos_sin(rope_pos, self.inv_freq, self.lm_head.weight.dtype)
+        cos, sin = rope_cos_sin(rope_pos, self.inv_freq, self.model.embed_tokens.weight.dtype)
         key_mask = attention_mask[:, None, None, :]
         x = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
@@ -271,7 +271,7 @@ class DiffusionLM(nn.Module):
         B, A = input_ids.shape
         D = a.head_dim
         rope_pos = (attention_mask.long().cumsum(-1) - 1).clamp_min(0).gather(1, position_ids)
-        cos, sin = rope_cos_sin(rope_pos, self.inv_freq, self.lm_head.weight.dtype)
+        cos, sin = rope_cos_sin(rope_pos, self.inv_freq, self.model.embed_tokens.weight.dtype)
         written = torch.zeros_like(stable_mask).scatter(1, position_ids, torch.ones_like(position_ids, dtype=torch.bool))
         present_valid = stable_mask | written
         key_mask = present_valid & attention_mask

@@ -5,7 +5,7 @@
 // Why our own kernel: a denoising step at batch 1 with a K/V cache computes a handful of rows, so every linear is
 // a matrix-vector product bound by reading the weights. cuBLAS's FP8 GEMMs (torch._scaled_mm) are tiled for
 // large M and at one row are no faster than the bf16 GEMV (bench/fp8_gemm.py), so FP8's halved weight bytes did
-// not become time. Here one warp streams R weight rows with 16-byte loads and keeps all M rows' partial sums
+// not become time. Here a block streams a few weight rows with 16-byte loads and keeps all M rows' partial sums
 // in registers, so the weights are read once for the M rows and nothing is padded to a tile.
 //
 // Two launches: the activations are quantised once into a scratch buffer (M*K bytes), then every warp reads
@@ -20,7 +20,6 @@
 
 namespace {
 
-constexpr int kWarps = 8;
 constexpr int kMaxRows = 4;
 char g_error[256];
 
@@ -50,16 +49,22 @@ __device__ __forceinline__ void unpack16(const uint4& v, float* f) {
   }
 }
 
-// grid ceil(N / (kWarps * R)); block kWarps * 32. Warp w owns output columns n0 .. n0 + R - 1; lane l reads bytes
-// [16 l, 16 l + 16) of every 512-byte stripe of those weight rows, U stripes per round trip to memory.
-template <typename T, int M, int R, int U>
-__global__ void __launch_bounds__(kWarps * 32)
+// grid ceil(N / (WARPS / SPLIT * R)); block WARPS * 32. The block's warps form WARPS / SPLIT groups of SPLIT warps;
+// a group owns output columns n0 .. n0 + R - 1, and its 32 * SPLIT threads read 16 bytes each of every
+// 512 * SPLIT-byte stripe of those weight rows, U stripes per round trip to memory. SPLIT > 1 divides long rows
+// among warps (more blocks for few, long rows: the SMs share the work evenly) and sums the parts in shared memory.
+template <typename T, int M, int R, int U, int WARPS, int SPLIT>
+__global__ void __launch_bounds__(WARPS * 32)
 gemv_kernel(const __nv_fp8_storage_t* __restrict__ xq, const __nv_fp8_storage_t* __restrict__ w,
             const float* __restrict__ sw, const float* __restrict__ sx, const T* __restrict__ bias,
             T* __restrict__ y, int N, int K) {
+  constexpr int GROUPS = WARPS / SPLIT;
+  constexpr int STRIDE = 32 * SPLIT;
   const int lane = threadIdx.x & 31;
-  const int n0 = (blockIdx.x * kWarps + (threadIdx.x >> 5)) * R;
-  if (n0 >= N) return;
+  const int warp = threadIdx.x >> 5;
+  const int part = warp % SPLIT;
+  const int n0 = (blockIdx.x * GROUPS + warp / SPLIT) * R;
+  if (SPLIT == 1 && n0 >= N) return;
   float acc[M][R];
 #pragma unroll
   for (int m = 0; m < M; ++m)
@@ -69,17 +74,17 @@ gemv_kernel(const __nv_fp8_storage_t* __restrict__ xq, const __nv_fp8_storage_t*
 #pragma unroll
   for (int r = 0; r < R; ++r) wrow[r] = reinterpret_cast<const uint4*>(w + (int64_t)min(n0 + r, N - 1) * K);
   const uint4* xrow = reinterpret_cast<const uint4*>(xq);
-  const int chunks = K / 16;
-  for (int c0 = lane; c0 < chunks; c0 += 32 * U) {
+  const int chunks = n0 < N ? K / 16 : 0;
+  for (int c0 = part * 32 + lane; c0 < chunks; c0 += STRIDE * U) {
     uint4 wv[U][R];
 #pragma unroll
     for (int u = 0; u < U; ++u)
 #pragma unroll
       for (int r = 0; r < R; ++r)
-        wv[u][r] = c0 + 32 * u < chunks ? __ldcs(wrow[r] + c0 + 32 * u) : make_uint4(0, 0, 0, 0);
+        wv[u][r] = c0 + STRIDE * u < chunks ? __ldcs(wrow[r] + c0 + STRIDE * u) : make_uint4(0, 0, 0, 0);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int c = c0 + 32 * u;
+      const int c = c0 + STRIDE * u;
       if (c >= chunks) break;
       float wf[R][16];
 #pragma unroll
@@ -95,56 +100,68 @@ gemv_kernel(const __nv_fp8_storage_t* __restrict__ xq, const __nv_fp8_storage_t*
       }
     }
   }
+#pragma unroll
+  for (int m = 0; m < M; ++m)
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) acc[m][r] += __shfl_xor_sync(0xffffffffu, acc[m][r], o);
+  if constexpr (SPLIT > 1) {
+    __shared__ float parts[WARPS][M * R];
+    if (lane < M * R) {
+#pragma unroll
+      for (int m = 0; m < M; ++m)
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+          if (lane == m * R + r) parts[warp][lane] = acc[m][r];
+    }
+    __syncthreads();
+    if (part != 0 || n0 >= N) return;
+#pragma unroll
+    for (int m = 0; m < M; ++m)
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        float a = 0.f;
+#pragma unroll
+        for (int p = 0; p < SPLIT; ++p) a += parts[warp + p][m * R + r];
+        acc[m][r] = a;
+      }
+  }
   const float s = *sx;
 #pragma unroll
   for (int m = 0; m < M; ++m)
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      float a = acc[m][r];
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) a += __shfl_xor_sync(0xffffffffu, a, o);
       const int n = n0 + r;
       if (lane == (m * R + r) % 32 && n < N) {
-        float v = a * s * sw[n];
+        float v = acc[m][r] * s * sw[n];
         if (bias != nullptr) v += to_f(bias[n]);
         y[(int64_t)m * N + n] = from_f<T>(v);
       }
     }
 }
 
-int sm_count() {
-  static int counts[64] = {0};
-  int dev = 0;
-  cudaGetDevice(&dev);
-  if (dev < 0 || dev >= 64) dev = 0;
-  if (counts[dev] == 0) {
-    int n = 0;
-    cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
-    counts[dev] = n > 0 ? n : 1;
-  }
-  return counts[dev];
-}
-
-template <typename T, int M, int R>
-cudaError_t launch_mr(const __nv_fp8_storage_t* xq, const __nv_fp8_storage_t* w, const float* sw, const float* sx,
-                      const T* bias, T* y, int N, int K, cudaStream_t s) {
-  constexpr int U = R * M <= 4 ? 4 : 2;
-  const int blocks = (N + kWarps * R - 1) / (kWarps * R);
-  gemv_kernel<T, M, R, U><<<blocks, kWarps * 32, 0, s>>>(xq, w, sw, sx, bias, y, N, K);
+template <typename T, int M, int R, int U, int WARPS, int SPLIT>
+cudaError_t launch_cfg(const __nv_fp8_storage_t* xq, const __nv_fp8_storage_t* w, const float* sw, const float* sx,
+                       const T* bias, T* y, int N, int K, cudaStream_t s) {
+  constexpr int cols = WARPS / SPLIT * R;
+  gemv_kernel<T, M, R, U, WARPS, SPLIT><<<(N + cols - 1) / cols, WARPS * 32, 0, s>>>(xq, w, sw, sx, bias, y, N, K);
   return cudaGetLastError();
 }
 
-// The most weight rows per warp (4 only for 1-2 activation rows: registers) that still gives every SM four blocks: few rows per warp for small layers
-// (parallelism), more for large ones (the activations are re-read from L1 once per R rows).
+// One configuration per row count (warps per block, warps per group, weight rows per group, loads per round),
+// for every shape: of the 156 that bench/fp8_kernel_sweep.py times on an H200 over every Dream-7B projection at
+// 1-4 rows (bench/results/fp8-sweep-h200.json), the one whose slowest projection is nearest its best (one row:
+// within 3% on each; 2-4 rows: within 8-15%, against 14-52% for one row's choice). One row wants small blocks
+// of four warps sharing four weight rows, which spread the work evenly over the SMs; more rows make the
+// kernel compute-bound, and then fewer warps per row and more loads in flight win.
 template <typename T, int M>
 cudaError_t launch_m(const __nv_fp8_storage_t* xq, const __nv_fp8_storage_t* w, const float* sw, const float* sx,
                      const T* bias, T* y, int N, int K, cudaStream_t s) {
-  const int want = 4 * sm_count();
-  if constexpr (M <= 2) {
-    if (N / (kWarps * 4) >= want) return launch_mr<T, M, 4>(xq, w, sw, sx, bias, y, N, K, s);
-  }
-  if (N / (kWarps * 2) >= want) return launch_mr<T, M, 2>(xq, w, sw, sx, bias, y, N, K, s);
-  return launch_mr<T, M, 1>(xq, w, sw, sx, bias, y, N, K, s);
+  if constexpr (M == 1) return launch_cfg<T, M, 4, 1, 4, 4>(xq, w, sw, sx, bias, y, N, K, s);
+  if constexpr (M == 2) return launch_cfg<T, M, 2, 1, 4, 2>(xq, w, sw, sx, bias, y, N, K, s);
+  if constexpr (M == 3) return launch_cfg<T, M, 4, 4, 4, 2>(xq, w, sw, sx, bias, y, N, K, s);
+  return launch_cfg<T, M, 4, 4, 2, 1>(xq, w, sw, sx, bias, y, N, K, s);
 }
 
 // x null: xq already holds the quantised activations (a compiled step quantises them in the kernel before).
@@ -210,6 +227,51 @@ int dlmtrt_fp8_linear(const void* x, const void* w, const void* w_scale, const v
 }
 
 const char* dlmtrt_fp8_linear_error(void) { return g_error; }
+
+#ifdef DLMTRT_FP8_SWEEP
+}  // extern "C"
+
+namespace {
+template <int M>
+int sweep_m(const __nv_fp8_storage_t* q, const __nv_fp8_storage_t* wq, const float* sw, const float* sx,
+            __nv_bfloat16* out, int N, int K, int warps, int split, int rows, int unroll, cudaStream_t s) {
+#define DLMTRT_CFG(W, S, R, U)                                                                              \
+  if (warps == W && split == S && rows == R && unroll == U)                                                  \
+    return launch_cfg<__nv_bfloat16, M, R, U, W, S>(q, wq, sw, sx, nullptr, out, N, K, s) == cudaSuccess ? 0 : 4;
+#define DLMTRT_CFG_U(W, S, R) DLMTRT_CFG(W, S, R, 1) DLMTRT_CFG(W, S, R, 2) DLMTRT_CFG(W, S, R, 4) DLMTRT_CFG(W, S, R, 8)
+#define DLMTRT_CFG_R(W, S) DLMTRT_CFG_U(W, S, 1) DLMTRT_CFG_U(W, S, 2) DLMTRT_CFG_U(W, S, 4)
+  DLMTRT_CFG_R(1, 1)
+  DLMTRT_CFG_R(2, 1) DLMTRT_CFG_R(2, 2)
+  DLMTRT_CFG_R(4, 1) DLMTRT_CFG_R(4, 2) DLMTRT_CFG_R(4, 4)
+  DLMTRT_CFG_R(8, 1) DLMTRT_CFG_R(8, 2) DLMTRT_CFG_R(8, 4) DLMTRT_CFG_R(8, 8)
+  DLMTRT_CFG_R(16, 4) DLMTRT_CFG_R(16, 8) DLMTRT_CFG_R(16, 16)
+#undef DLMTRT_CFG_R
+#undef DLMTRT_CFG_U
+#undef DLMTRT_CFG
+  return -1;
+}
+}  // namespace
+
+extern "C" {
+// Benchmark-only entry (bench/fp8_kernel_sweep.py, built by `make fp8-sweep`): bf16 output, pre-quantised
+// activations [M, K], an explicit launch configuration. Returns -1 for a configuration not instantiated.
+int dlmtrt_fp8_linear_sweep(const void* xq, const void* w, const void* w_scale, const void* x_scale, void* y, int M,
+                            int N, int K, int warps, int split, int rows, int unroll, void* stream) {
+  auto* q = static_cast<const __nv_fp8_storage_t*>(xq);
+  auto* wq = static_cast<const __nv_fp8_storage_t*>(w);
+  auto* sw = static_cast<const float*>(w_scale);
+  auto* sx = static_cast<const float*>(x_scale);
+  auto* out = static_cast<__nv_bfloat16*>(y);
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  switch (M) {
+    case 1: return sweep_m<1>(q, wq, sw, sx, out, N, K, warps, split, rows, unroll, s);
+    case 2: return sweep_m<2>(q, wq, sw, sx, out, N, K, warps, split, rows, unroll, s);
+    case 3: return sweep_m<3>(q, wq, sw, sx, out, N, K, warps, split, rows, unroll, s);
+    case 4: return sweep_m<4>(q, wq, sw, sx, out, N, K, warps, split, rows, unroll, s);
+    default: return -1;
+  }
+}
+#endif
 
 int dlmtrt_fp8_linear_abi_version(void) { return 1; }
 

@@ -60,7 +60,7 @@ def make_backend(name: str, model: str, dtype: str | None = None, device: str | 
         else:
             from .torch_graph_backend import TorchGraphBackend
             be = TorchGraphBackend(m)
-        return be, tok, ModelSource(ck.path, ck.family, ck.args, dtype_name(m.lm_head.weight.dtype))
+        return be, tok, ModelSource(ck.path, ck.family, ck.args, dtype_name(m.model.embed_tokens.weight.dtype))
     if name == "onnxruntime":
         from .onnxruntime_backend import OnnxRuntimeBackend, load_tokenizer
         be = OnnxRuntimeBackend(model, device=device or "cpu")

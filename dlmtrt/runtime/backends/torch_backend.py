@@ -14,7 +14,7 @@ class TorchBackend:
     def __init__(self, model: DiffusionLM):
         self.model = model.eval()
         a = model.args
-        w = model.lm_head.weight
+        w = model.model.embed_tokens.weight
         self.info = ModelInfo(family=a.family, num_layers=a.num_layers, num_kv_heads=a.num_kv_heads,
                               head_dim=a.head_dim, vocab_size=a.vocab_size, mask_token_id=a.mask_token_id,
                               eos_token_id=a.eos_token_id, pad_token_id=a.pad_token_id, logits_shift=a.logits_shift,

@@ -57,14 +57,14 @@ class TorchGraphBackend:
         the TensorRT plugin runs, through `torch.ops.dlmtrt.cached_attention_cuda`; CUDA only)."""
         if attention not in ("sdpa", "kernel"):
             raise UsageError(f"attention must be 'sdpa' or 'kernel', not {attention!r}")
-        if attention == "kernel" and model.lm_head.weight.device.type != "cuda":
+        if attention == "kernel" and model.model.embed_tokens.weight.device.type != "cuda":
             raise UsageError("attention 'kernel' runs our CUDA kernel: put the model on a CUDA device (--device cuda), "
                              "or use 'sdpa'")
         self.model = model.eval()
         if fuse:
             model.fuse_projections()
         a = model.args
-        w = model.lm_head.weight
+        w = model.model.embed_tokens.weight
         self.info = ModelInfo(family=a.family, num_layers=a.num_layers, num_kv_heads=a.num_kv_heads,
                               head_dim=a.head_dim, vocab_size=a.vocab_size, mask_token_id=a.mask_token_id,
                               eos_token_id=a.eos_token_id, pad_token_id=a.pad_token_id, logits_shift=a.logits_shift,
@@ -93,7 +93,7 @@ class TorchGraphBackend:
     def new_cache(self, batch: int, length: int):
         """Views into one zeroed buffer [layers, 2, B, Hkv, L, D]; steps write into it in place."""
         a = self.model.args
-        w = self.model.lm_head.weight
+        w = self.model.model.embed_tokens.weight
         shape = (a.num_layers, 2, batch, a.num_kv_heads, length, a.head_dim)
         if self.kv is None or self.kv.shape != shape:
             self._drop_graphs()  # they point into the old buffer
