@@ -1,6 +1,6 @@
 """8-bit formats on the GPU (`python3 bench/gpu_quant.py OUT.json PARTS`, PARTS a comma list of
 kernels, tiny_accuracy, fp8_kernel, speed, speed_compile, keep_blocks, keep_blocks_dream, speed_compile_head,
-head_accuracy):
+speed_compile_kept, head_accuracy):
 
 1. `kernels`: `QuantLinear`'s GPU paths against their exact emulation and against the bf16 product: fp8 through
    `torch._scaled_mm` (row-wise scales) and w8a8 through `torch._int_mm`, at Dream-7B's q|k|v shape and 1-256 rows.
@@ -15,7 +15,8 @@ head_accuracy):
    and plain fp8; `keep_blocks_dream`: Dream with 2 and 3 blocks kept.
 6. `speed_compile_head`: item 4 compiled, decode policy, for bf16, fp8 and fp8 with the head quantised too
    (`calibrate --quantize-head`); `head_accuracy`: item 2 for the kept-block fp8 checkpoints of item 5 (LLaDA
-   keep 1, Dream keep 2) with and without the head quantised.
+   keep 1, Dream keep 2) with and without the head quantised; `speed_compile_kept`: the one-row step compiled
+   for bf16 and fp8 with the head quantised and 0, 1 or 2 blocks kept in bf16.
 """
 from __future__ import annotations
 
@@ -182,28 +183,30 @@ def tiny_accuracy(formats=("fp8", "int8-wo"), tasks=("sudoku4", "countdown", "sh
 
 
 VARIANTS = ((None, True, False), ("fp8", True, False), ("fp8", False, False))
+KEPT = ((None, True, False, 0), ("fp8", True, True, 0), ("fp8", True, True, 1), ("fp8", True, True, 2))
 
 
 def speed(compile: bool = False, policies=("none", "decode", "dual"), variants=VARIANTS, partial=None) -> list[dict]:
     """bf16, fp8 through our few-row kernel, fp8 through `torch._scaled_mm` only (`variants`: (quant, our
-    kernel, head quantised too)): in this process."""
+    kernel, head quantised too[, blocks kept])): in this process."""
     from dlmtrt.evals.speed import bench
     from dlmtrt.plugins import fp8_linear as k
     reps = []
-    for quant, kernel, head in variants:
+    for quant, kernel, head, *keep in variants:
         k.set_enabled(kernel)
         rep = bench("dream-7b", device="cuda", dtype="bfloat16", backend="torch-graph", batch=1, prompt=512,
                     answer=256, policies=policies, quant=quant, quantize_head=head, compile=compile,
-                    log=lambda m: print(m, flush=True))
+                    keep_blocks=keep[0] if keep else 0, log=lambda m: print(m, flush=True))
         k.set_enabled(True)
         d = asdict(rep)
         d["fp8_kernel"] = kernel if quant == "fp8" else None
         d["head_quantized"] = head
+        d["blocks_kept"] = keep[0] if keep else 0
         reps.append(d)
         if partial is not None:
             partial(reps)
         print(f"{rep.backend}: weights {rep.weight_bytes / 1e9:.2f} GB floor {rep.floor_ms:.2f} ms one-row step "
-              f"{rep.single_row_step_ms:.2f} ms; " + "; ".join(f"{r.policy} {r.tokens_per_s:.1f} tok/s "
+              f"{rep.single_row_step_ms:.3f} ms; " + "; ".join(f"{r.policy} {r.tokens_per_s:.1f} tok/s "
                                                                f"{r.step_ms_median:.2f} ms" for r in rep.runs), flush=True)
         torch.cuda.empty_cache()
         torch._dynamo.reset()
@@ -225,6 +228,8 @@ def main(path: str, parts: list[str]) -> None:
                                                           variants=((None, True, False), ("fp8", True, False),
                                                                     ("fp8", True, True)),
                                                           partial=partial("speed_compile_head"))),
+                     ("speed_compile_kept", lambda: speed(compile=True, policies=(), variants=KEPT,
+                                                          partial=partial("speed_compile_kept"))),
                      ("head_accuracy", lambda: tiny_accuracy(("fp8+keep1@llada", "fp8+keep1+head@llada",
                                                               "fp8+keep2@dream", "fp8+keep2+head@dream"),
                                                              partial=partial("head_accuracy"))),

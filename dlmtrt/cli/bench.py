@@ -40,11 +40,13 @@ from ._common import POSITIVE_TOKENS, SEED, check_device, console, friendly_erro
                    "1-4 rows on CUDA (`make plugin`) and torch._scaled_mm above on FP8 GPUs; int8-wo and w8a8 are "
                    "emulated in PyTorch: correct, not fast).")
 @click.option("--quantize-head", is_flag=True, help="With --quant: the output head too (calibrate --quantize-head).")
+@click.option("--keep-blocks", type=click.IntRange(0, 10_000), default=0, show_default=True,
+              help="With --quant: leave the first N blocks unquantised (the bytes of calibrate --keep-blocks N).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="JSON results [default: bench-<shape>-<device>-b<batch>.json in the current directory].")
 @friendly_errors
 def bench_cmd(shape, device, dtype, backend, attention, compile_, batch, prompt_len, answer, steps, block_length, policies, seed,
-              quant, quantize_head, out_path):
+              quant, quantize_head, keep_blocks, out_path):
     """Tokens/s, median step time, rows per step and peak memory of each policy, with the weight-read floor
     measured in the same process (the device's copy bandwidth)."""
     from dlmtrt.evals.speed import bench
@@ -52,7 +54,7 @@ def bench_cmd(shape, device, dtype, backend, attention, compile_, batch, prompt_
     out_path = out_path or Path.cwd() / f"bench-{shape}-{device.split(':')[0]}-{backend}-b{batch}.json"
     rep = bench(shape, device=device, dtype=dtype, backend=backend, attention=attention, compile=compile_, batch=batch, prompt=prompt_len, answer=answer,
                 steps=steps, policies=list(policies), block_length=block_length, seed=seed, quant=quant, quantize_head=quantize_head,
-                log=console.log)
+                keep_blocks=keep_blocks, log=console.log)
     t = Table(title=f"bench · {shape} · {rep.gpu or device} · {dtype} · {rep.backend} · B={batch} · prompt {prompt_len}"
                     f" · answer {answer}")
     for col in ("policy", "schedule", "steps", "tok/s", "ms/step (median)", "rows/step", "peak GiB", "peak / (W+KV)", "x floor"):

@@ -186,18 +186,22 @@ def bench(shape: str, *, device: str = "cpu", dtype: str = "float32", backend: s
           compile: bool = False, attention: str = "sdpa", batch: int = 1,
           prompt: int = 512, answer: int = 256, steps: int | None = None, policies=("none", "decode", "dual"),
           block_length: int | None = 32, seed: int = 0, quant: str | None = None, quantize_head: bool = False,
-          log=print) -> BenchReport:
+          keep_blocks: int = 0, log=print) -> BenchReport:
     """Build the shape with random weights on `device`, measure the floor, then every policy. With `quant`
     (fp8, int8-wo, w8a8) the random model is quantised first, its activation scales calibrated on a few
-    random canvases (the numbers are meaningless, the speed is not); `quantize_head` quantises the head too."""
+    random canvases (the numbers are meaningless, the speed is not); `quantize_head` quantises the head too;
+    `keep_blocks` leaves the first N blocks unquantised (the bytes of `calibrate --keep-blocks N`; which blocks
+    is meaningless with random weights)."""
     from dlmtrt.runtime.backends.torch_backend import TorchBackend
     from dlmtrt.runtime.backends.torch_graph_backend import TorchGraphBackend
     from dlmtrt.runtime.policies import parse_policy
 
     args = shape_args(shape)
     steps = steps or answer
-    if quantize_head and quant is None:
-        raise UsageError("--quantize-head quantises the head to the --quant format: give --quant too")
+    if (quantize_head or keep_blocks) and quant is None:
+        raise UsageError("--quantize-head and --keep-blocks change how --quant quantises: give --quant too")
+    if not 0 <= keep_blocks < args.num_layers:
+        raise UsageError(f"--keep-blocks must be between 0 and {args.num_layers - 1} for {shape}, got {keep_blocks}")
     if prompt + answer > args.max_position_embeddings:
         raise UsageError(f"prompt + answer = {prompt + answer} exceeds the shape's {args.max_position_embeddings} "
                          "positions")
@@ -207,7 +211,7 @@ def bench(shape: str, *, device: str = "cpu", dtype: str = "float32", backend: s
     model = random_model(args, device, DTYPES[dtype], seed)
     if quant is not None:
         log(f"quantising to {quant}" + (" (head included)" if quantize_head else ""))
-        quantize_random(model, quant, prompt + answer, seed, head=quantize_head)
+        quantize_random(model, quant, prompt + answer, seed, head=quantize_head, keep_blocks=keep_blocks)
     if attention != "sdpa" and backend != "torch-graph":
         raise UsageError("--attention kernel applies to the torch-graph backend")
     be = TorchGraphBackend(model, compile=compile, attention=attention) if backend == "torch-graph" else TorchBackend(model)
@@ -220,7 +224,8 @@ def bench(shape: str, *, device: str = "cpu", dtype: str = "float32", backend: s
     floor_ms = weight_bytes / bw * 1e3 if bw == bw else float("nan")
     gpu = torch.cuda.get_device_name(device) if str(device).startswith("cuda") else None
     name = be.name + ("+compile" if compile else "") + ("+kernel" if attention == "kernel" else "") + \
-        (f"+{quant}" if quant else "") + ("+head" if quantize_head else "")
+        (f"+{quant}" if quant else "") + ("+head" if quantize_head else "") + \
+        (f"+keep{keep_blocks}" if keep_blocks else "")
     rep = BenchReport(shape, device, gpu, dtype, name, torch.__version__, args.param_count, weight_bytes,
                       kv_bytes, bw, floor_ms)
     log("timing a one-active-row step")
@@ -237,7 +242,7 @@ def bench(shape: str, *, device: str = "cpu", dtype: str = "float32", backend: s
 
 
 def quantize_random(model: DiffusionLM, fmt: str, length: int, seed: int = 0, canvases: int = 4,
-                    head: bool = False) -> None:
+                    head: bool = False, keep_blocks: int = 0) -> None:
     """`calibration.quantize` of a random-weight model, with statistics from random fully masked canvases."""
     from dlmtrt.calibration.canvases import Canvas
     from dlmtrt.calibration.quantize import quantize
@@ -247,4 +252,5 @@ def quantize_random(model: DiffusionLM, fmt: str, length: int, seed: int = 0, ca
     with torch.inference_mode():
         stats = collect(model, cs, strata=1, pad_id=model.args.pad_token_id, batch=1, head=head)
     with torch.no_grad():
-        quantize(model, fmt, stats, head=head)
+        keep = frozenset(n for n in stats if any(n.startswith(f"model.layers.{i}.") for i in range(keep_blocks)))
+        quantize(model, fmt, stats, head=head, keep=keep)
