@@ -54,20 +54,22 @@ def busy_us(ks: list) -> float:
 
 def summarise(prof, wall_s: float, label: str, n: int) -> dict:
     ks = kernels(prof)
-    by_name, by_group = {}, {}
+    by_name, by_group, count = {}, {}, {}
     for name, s, e in ks:
         by_name[name] = by_name.get(name, 0.0) + (e - s)
+        count[name] = count.get(name, 0) + 1
         by_group[group(name)] = by_group.get(group(name), 0.0) + (e - s)
     total = sum(by_name.values()) or 1.0
     span = (max(k[2] for k in ks) - min(k[1] for k in ks)) if ks else 0.0
     busy = busy_us(ks)
-    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:12]
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:int(os.environ.get("TOP", 12))]
     res = {"label": label, "units": n, "wall_ms": wall_s * 1e3, "kernel_span_ms": span / 1e3,
            "gpu_busy_ms": busy / 1e3, "busy_fraction_of_span": busy / span if span else None,
            "busy_fraction_of_wall": busy / 1e3 / (wall_s * 1e3) if wall_s else None, "kernels": len(ks),
            "kernels_per_unit": len(ks) / n,
            "groups": {g: {"ms_per_unit": t / 1e3 / n, "share": t / total} for g, t in sorted(by_group.items())},
-           "top": [{"kernel": k[:120], "ms_per_unit": t / 1e3 / n, "share": t / total} for k, t in top]}
+           "top": [{"kernel": k[:120], "ms_per_unit": t / 1e3 / n, "share": t / total, "per_unit": count[k] / n}
+                   for k, t in top]}
     print(f"\n== {label}: {n} units, wall {wall_s * 1e3:.1f} ms, GPU busy {busy / 1e3:.1f} ms "
           f"({100 * res['busy_fraction_of_wall']:.0f}% of wall), {len(ks) / n:.0f} kernels per unit")
     for g, v in res["groups"].items():
@@ -112,7 +114,7 @@ def profile_generation(be, label: str, prompt: int, answer: int, steps: int) -> 
 
 
 def main(out: str) -> None:
-    """SHAPE (dream-7b), DEVICE (cuda); QUANT=fp8 profiles only the compiled one-row step of the bf16 model and
+    """SHAPE (dream-7b), DEVICE (cuda), TOP (kernels listed, 12); QUANT=fp8 profiles only the compiled one-row step of the bf16 model and
     of its fp8 quantisation (bench/gpu_quant.py's `speed_compile` models)."""
     shape, dev = os.environ.get("SHAPE", "dream-7b"), os.environ.get("DEVICE", "cuda")
     if os.environ.get("QUANT"):

@@ -406,3 +406,18 @@ def test_quantize_head_is_refused_for_tied_embeddings_and_bad_configs(tmp_path, 
         load(str(d))
     r = CliRunner().invoke(main, ["bench", "--shape", "tiny-dream", "--quantize-head", "--out", str(tmp_path / "b.json")])
     assert r.exit_code != 0 and "--quant" in r.output
+
+
+def test_bench_quantises_the_head_and_keeps_blocks_on_request(tmp_path):
+    from dlmtrt.errors import UsageError
+    from dlmtrt.evals.speed import bench
+    kw = dict(prompt=16, answer=8, policies=(), log=lambda m: None)
+    plain, head, kept = (bench("tiny-dream", quant="fp8", **kw), bench("tiny-dream", quant="fp8", quantize_head=True, **kw),
+                         bench("tiny-dream", quant="fp8", keep_blocks=1, **kw))
+    assert head.backend.endswith("+fp8+head") and kept.backend.endswith("+fp8+keep1")
+    from dlmtrt.evals.speed import shape_args
+    a = shape_args("tiny-dream")
+    assert plain.weight_bytes - head.weight_bytes == a.vocab_size * a.hidden_size * 3 - a.vocab_size * 4 - 4
+    assert kept.weight_bytes > plain.weight_bytes
+    with pytest.raises(UsageError, match="between 0 and"):
+        bench("tiny-dream", quant="fp8", keep_blocks=a.num_layers, **kw)
