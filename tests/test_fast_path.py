@@ -153,3 +153,31 @@ def test_a_generation_captures_a_few_shapes_and_holds_one_logits_buffer(pairs):
     assert ptrs == {fast._logits.data_ptr()}
     R = max(r for *_, r, _ in keys)
     assert fast._logits.numel() == len(PROMPTS) * R * fast.info.vocab_size
+
+
+def test_compiled_step_writes_the_cache_in_place_without_copying_it():
+    """torch.compile (CPU inductor here; the GPU one lowers the same graph) of the graph backend's step: the
+    fresh K/V are stored into the cache buffer by the kernel that computes them. No buffer spanning the canvas is
+    allocated (a scatter into a graph input became a scatter into a full copy of each layer's K and V, plus a
+    copy back), and the compiled steps decode what the eager backend decodes."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+    torch._dynamo.reset()
+    ref, tok, _ = make_backend("torch", "tiny-dream-tasks")
+    from dlmtrt.models.loading import load
+    fast = TorchGraphBackend(load("tiny-dream-tasks")[0], compile=True)
+    p = greedy_params("dream", 12)
+    _, codes = run_and_get_code(lambda: generate_text(fast, tok, PROMPTS[:2], policy="decode", **p))
+    assert codes, "nothing was compiled"
+    D = str(fast.model.args.head_dim)
+    for code in codes:
+        caches = {sh for sh in re.findall(r"assert_size_stride\(\w+, \(([^)]*)\), \([^)]*\), 'input'\)", code)
+                  if len(sh.split(",")) == 4 and sh.split(",")[3].strip() == D}  # the K/V inputs [B, Hkv, L, D]
+        allocated = set(re.findall(r"empty_strided_cpu\(\(([^)]*)\)", code))
+        assert caches and not caches & allocated, caches & allocated
+        assert not re.search(r"(?<!_to)_copy__", code), "a copy_ kernel writes a cache back"
+    a = generate_text(ref, tok, PROMPTS[:2], policy="decode", **p)
+    b = generate_text(fast, tok, PROMPTS[:2], policy="decode", **p)
+    assert torch.equal(a.sequences, b.sequences)
+    torch._dynamo.reset()

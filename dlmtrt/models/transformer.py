@@ -128,15 +128,21 @@ class Attention(nn.Module):
         return apply_rope(q, cos[:, None], sin[:, None]), apply_rope(k, cos[:, None], sin[:, None]), v
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, write_idx: Tensor, past_k: Tensor, past_v: Tensor,
-                valid: Tensor, inplace: bool = False, drift: bool = True
+                valid: Tensor, inplace: bool = False, drift: bool = True, rows: tuple[Tensor, Tensor] | None = None
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+        """`inplace` writes the fresh K/V into the past at `rows` (batch index [B, 1], positions [B, A]) by
+        indexed assignment: torch.compile lowers that to stores fused into the kernel that produces K and V,
+        whereas a `scatter_` into a graph input becomes a scatter into a fresh copy of the whole cache plus a
+        copy back (two extra kernels and several passes over every layer's K/V per step, growing with L)."""
         B, A, _ = x.shape
         H, Hkv, D = self.a.num_heads, self.a.num_kv_heads, self.a.head_dim
         q, k, v = self.qkv(x, cos, sin)
         k_old = past_k.gather(2, write_idx) if drift else None
         if inplace:  # the cache buffer is the present: no copy of the whole canvas per step
-            present_k = past_k.scatter_(2, write_idx, k.to(past_k.dtype))
-            present_v = past_v.scatter_(2, write_idx, v.to(past_v.dtype))
+            b, pos = rows
+            past_k[b, :, pos] = k.transpose(1, 2).to(past_k.dtype)
+            past_v[b, :, pos] = v.transpose(1, 2).to(past_v.dtype)
+            present_k, present_v = past_k, past_v
         else:
             present_k = past_k.scatter(2, write_idx, k.to(past_k.dtype))
             present_v = past_v.scatter(2, write_idx, v.to(past_v.dtype))
@@ -276,6 +282,7 @@ class DiffusionLM(nn.Module):
         present_valid = stable_mask | written
         key_mask = present_valid & attention_mask
         write_idx = position_ids[:, None, :, None].expand(B, a.num_kv_heads, A, D)
+        rows = (torch.arange(B, device=input_ids.device)[:, None], position_ids) if inplace else None
 
         x = self.model.embed_tokens(input_ids)
         dk = torch.zeros(B, A, device=x.device)
@@ -283,7 +290,7 @@ class DiffusionLM(nn.Module):
         present_keys, present_values = [], []
         for layer, pk, pv in zip(self.model.layers, past_keys, past_values):
             h, nk, nv, dki, k0i = layer.self_attn(layer.input_layernorm(x), cos, sin, write_idx, pk, pv, key_mask,
-                                                  inplace, drift)
+                                                  inplace, drift, rows)
             x = x + h
             x = x + layer.mlp(layer.post_attention_layernorm(x))
             present_keys.append(nk)
