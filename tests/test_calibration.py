@@ -383,6 +383,13 @@ def test_quantize_head_quantises_the_output_head_too(tmp_path):
     inits = {i.name: i for i in onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph.initializer}
     assert inits["lm_head.weight"].data_type == onnx.TensorProto.FLOAT8E4M3FN
     assert ck.args.num_layers == len(ref.model.layers)
+    if importlib.util.find_spec("tensorrt") or importlib.util.find_spec("tensorrt_rtx"):
+        r = CliRunner().invoke(main, ["build-engine", "--onnx", str(tmp_path / "onnx"), "--out",
+                                      str(tmp_path / "h.engine"), "--profile", "batch=1:1:2,active=1:8:32,canvas=1:32:64"])
+        assert r.exit_code == 0, r.output
+        manifest = json.loads((tmp_path / "h.engine.json").read_text())
+        n_lin = len(report["layers"])  # every quantised linear's weight, the head's included
+        assert manifest["layers"]["network_types"]["DEQUANTIZE"] >= n_lin
 
 
 def test_quantize_head_is_refused_for_tied_embeddings_and_bad_configs(tmp_path, calibrated):
