@@ -1,10 +1,12 @@
 """GPU check of the fast path (run on the device, bench/gpu_fastpath.sh): the torch-graph backend (in-place
 cache, row buckets, CUDA graphs) decodes the same tokens as the eager torch backend, for every policy, on the
 shipped tiny checkpoints; fp32 must be token-identical, bf16 within tolerance (the step logits' relative error
-and the share of tokens that agree are reported). Writes JSON to --out."""
+and the share of tokens that agree are reported). Writes JSON to argv[1]. COMPILE=1 checks the graph backend
+with `torch.compile` instead (the compiled in-place K/V write)."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import torch
@@ -25,7 +27,12 @@ def main(out: str) -> int:
     for dtype in ("float32", "bfloat16"):
         for fam in ("dream", "llada"):
             ref, tok, _ = make_backend("torch", f"tiny-{fam}-tasks", dtype=dtype, device="cuda")
-            fast, _, _ = make_backend("torch-graph", f"tiny-{fam}-tasks", dtype=dtype, device="cuda")
+            if os.environ.get("COMPILE") == "1":
+                from dlmtrt.models.loading import load
+                from dlmtrt.runtime.backends.torch_graph_backend import TorchGraphBackend
+                fast = TorchGraphBackend(load(f"tiny-{fam}-tasks", dtype=dtype, device="cuda")[0], compile=True)
+            else:
+                fast, _, _ = make_backend("torch-graph", f"tiny-{fam}-tasks", dtype=dtype, device="cuda")
             for blocks in BLOCKS[fam]:
                 pols = POLICIES[fam] if blocks is None or fam == "llada" else ["none", "block", "dual", "dual+parallel"]
                 for pol in pols:
@@ -40,7 +47,8 @@ def main(out: str) -> int:
                                      identical=identical, ok=ok))
                     print(f"{dtype:8s} {fam:5s} blocks={blocks} {pol:24s} agreement {same:.3f} {'ok' if ok else 'FAIL'}")
             print(f"{fam} {dtype}: {fast.captures} graphs captured, {fast.replays} replays")
-    json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows, "failed": bad},
+    json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows, "failed": bad,
+               "compile": os.environ.get("COMPILE") == "1"},
               open(out, "w"), indent=1)
     print(f"{len(rows) - bad}/{len(rows)} passed")
     return 1 if bad else 0
