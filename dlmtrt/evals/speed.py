@@ -246,11 +246,12 @@ def quantize_random(model: DiffusionLM, fmt: str, length: int, seed: int = 0, ca
     """`calibration.quantize` of a random-weight model, with statistics from random fully masked canvases."""
     from dlmtrt.calibration.canvases import Canvas
     from dlmtrt.calibration.quantize import quantize
+    from dlmtrt.calibration.sensitivity import block_names
     from dlmtrt.calibration.statistics import collect
     g = torch.Generator().manual_seed(seed)
     cs = [Canvas(torch.randint(0, 250, (length,), generator=g).tolist(), 1.0) for _ in range(canvases)]
     with torch.inference_mode():
         stats = collect(model, cs, strata=1, pad_id=model.args.pad_token_id, batch=1, head=head)
     with torch.no_grad():
-        keep = frozenset(n for n in stats if any(n.startswith(f"model.layers.{i}.") for i in range(keep_blocks)))
+        keep = frozenset(n for i in range(keep_blocks) for n in block_names(model, i))
         quantize(model, fmt, stats, head=head, keep=keep)
