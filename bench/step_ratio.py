@@ -5,7 +5,9 @@ Why: the issue's speed goal is a ratio "measured in the same run", and `bench` m
 the other, minutes apart, so clock and memory-temperature drift between them lands in the ratio (the bf16 step
 moved from 4.86 to 5.22 ms between machines). Here bf16, fp8 and fp8 with the head quantised are built and
 compiled first, then each round times every variant back to back (30 steps each, order rotated per round), and
-the ratio is taken per round; the median over rounds is the figure.
+the ratio is taken per round; the median over rounds is the figure. VARIANTS (comma-separated, default
+bf16,fp8,fp8+head) picks the models; `+keepN` leaves the N most sensitive blocks in bf16 (`--keep-blocks N`);
+bf16 is always measured, as the baseline.
 """
 from __future__ import annotations
 
@@ -22,7 +24,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dlmtrt.evals.speed import quantize_random, random_model, shape_args, step_ms  # noqa: E402
 from dlmtrt.runtime.backends.torch_graph_backend import TorchGraphBackend  # noqa: E402
 
-VARIANTS = (("bf16", None, False), ("fp8", "fp8", False), ("fp8+head", "fp8", True))
+
+
+def variants(spec: str) -> list[tuple[str, str | None, bool, int]]:
+    """(name, format, head, kept blocks) for each name in `spec`; bf16 first."""
+    out = [("bf16", None, False, 0)]
+    for name in spec.split(","):
+        name = name.strip()
+        if name in ("", "bf16"):
+            continue
+        parts = name.split("+")
+        if parts[0] != "fp8" or any(p != "head" and not (p.startswith("keep") and p[4:].isdigit()) for p in parts[1:]):
+            raise SystemExit(f"unknown variant {name!r}: use fp8 with +head and/or +keepN, e.g. fp8+head+keep2")
+        keep = next((int(p[4:]) for p in parts[1:] if p.startswith("keep")), 0)
+        out.append((name, "fp8", "head" in parts[1:], keep))
+    return out
 
 
 def main(out: str, rounds: int = 7) -> dict:
@@ -35,15 +51,16 @@ def main(out: str, rounds: int = 7) -> dict:
     doc = {"gpu": torch.cuda.get_device_name() if cuda else None, "torch": torch.__version__, "shape": shape,
            "length": L, "rounds": rounds, "ms": {}, "weight_bytes": {}}
     bes = {}
-    for name, quant, head in VARIANTS:
+    chosen = variants(os.environ.get("VARIANTS", "bf16,fp8,fp8+head"))
+    for name, quant, head, keep in chosen:
         model = random_model(args, dev, dtype)
         if quant is not None:
-            quantize_random(model, quant, L, head=head)
+            quantize_random(model, quant, L, head=head, keep_blocks=keep)
         doc["weight_bytes"][name] = sum(p.numel() * p.element_size() for p in model.parameters())
         bes[name] = TorchGraphBackend(model, compile=cuda)
         first = step_ms(bes[name], 1, 1, L, repeats=3)  # compiles and captures
         print(f"{name}: built, first steps {first:.2f} ms", flush=True)
-    names = [v[0] for v in VARIANTS]
+    names = [v[0] for v in chosen]
     for r in range(rounds):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:

@@ -181,3 +181,26 @@ def test_compiled_step_writes_the_cache_in_place_without_copying_it():
     b = generate_text(fast, tok, PROMPTS[:2], policy="decode", **p)
     assert torch.equal(a.sequences, b.sequences)
     torch._dynamo.reset()
+
+
+def test_compiled_backends_in_one_process_do_not_run_out_of_dynamo_graphs(monkeypatch):
+    """Every compiled backend's step is the same code object to dynamo, which allows 8 graphs per code object by
+    default; each model and each drift setting is one more, and with fullgraph the 9th step raised instead of
+    falling back (found on the GPU with the four tiny models of `COMPILE=1 bench/gpu_graph_check.py`). Dynamo's
+    eager backend keeps the tracing and guards and skips inductor, so this stays quick."""
+    import functools
+
+    from dlmtrt.models.loading import load
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    torch._dynamo.reset()
+    runs = [(fam, dtype) for fam in ("dream", "llada") for dtype in ("float32", "bfloat16")] + [("dream", "float32")]
+    for fam, dtype in runs:
+        ref, tok, _ = make_backend("torch", f"tiny-{fam}-tasks", dtype=dtype)
+        fast = TorchGraphBackend(load(f"tiny-{fam}-tasks", dtype=dtype)[0], compile=True)
+        for policy in ("none", "adaptive"):  # adaptive reads the K/V drift: a second graph per model
+            p = greedy_params(fam, 8, blocks=2)
+            a = generate_text(ref, tok, PROMPTS[:2], policy=policy, **p)
+            b = generate_text(fast, tok, PROMPTS[:2], policy=policy, **p)
+            assert torch.equal(a.sequences, b.sequences), (fam, dtype, policy)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 8
+    torch._dynamo.reset()

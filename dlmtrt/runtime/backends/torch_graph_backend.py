@@ -47,6 +47,15 @@ def buckets_for(length: int, smallest: int = 1) -> list[int]:
     return out + [length]
 
 
+def _allow_recompiles(limit: int = 64) -> None:
+    """Dynamo keys its compiled graphs on the code object, which every compiled backend in a process shares, and
+    specialises on the model, the drift flag and sizes of 1: a few models (or one model with and without drift)
+    pass dynamo's default of 8 graphs, and with fullgraph the next step fails instead of falling back to eager."""
+    import torch._dynamo.config as cfg
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    setattr(cfg, name, max(getattr(cfg, name), limit))
+
+
 class TorchGraphBackend:
     name = "torch-graph"
     selects_logit_rows = True
@@ -88,6 +97,7 @@ class TorchGraphBackend:
         self.replays = 0
         self._fn = self._eager
         if compile:  # fuses the step's many small element-wise kernels; one graph for every bucket (dynamic rows)
+            _allow_recompiles()
             self._fn = torch.compile(self._eager, fullgraph=True, dynamic=True)
 
     def new_cache(self, batch: int, length: int):
