@@ -81,5 +81,6 @@ def main(out: str) -> None:
         del ws, wb
         torch.cuda.empty_cache()
 
+
 if __name__ == "__main__":
     main(sys.argv[1])

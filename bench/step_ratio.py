@@ -25,7 +25,6 @@ from dlmtrt.evals.speed import quantize_random, random_model, shape_args, step_m
 from dlmtrt.runtime.backends.torch_graph_backend import TorchGraphBackend  # noqa: E402
 
 
-
 def variants(spec: str) -> list[tuple[str, str | None, bool, int]]:
     """(name, format, head, kept blocks) for each name in `spec`; bf16 first."""
     out = [("bf16", None, False, 0)]
