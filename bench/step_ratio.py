@@ -7,7 +7,8 @@ moved from 4.86 to 5.22 ms between machines). Here bf16, fp8 and fp8 with the he
 compiled first, then each round times every variant back to back (30 steps each, order rotated per round), and
 the ratio is taken per round; the median over rounds is the figure. VARIANTS (comma-separated, default
 bf16,fp8,fp8+head) picks the models; `+keepN` leaves the N most sensitive blocks in bf16 (`--keep-blocks N`);
-bf16 is always measured, as the baseline.
+bf16 is always measured, as the baseline. The weight-read floor of each model (its weight bytes over the
+device's copy bandwidth, measured first in the same process, as `bench` does) is reported beside its step.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dlmtrt.evals.speed import quantize_random, random_model, shape_args, step_ms  # noqa: E402
+from dlmtrt.evals.speed import copy_bandwidth, quantize_random, random_model, shape_args, step_ms  # noqa: E402
 from dlmtrt.runtime.backends.torch_graph_backend import TorchGraphBackend  # noqa: E402
 
 
@@ -49,6 +50,8 @@ def main(out: str, rounds: int = 7) -> dict:
     L = 768 if shape.endswith("7b") or shape.endswith("8b") else 48
     doc = {"gpu": torch.cuda.get_device_name() if cuda else None, "torch": torch.__version__, "shape": shape,
            "length": L, "rounds": rounds, "ms": {}, "weight_bytes": {}}
+    bw = copy_bandwidth(dev)
+    doc["copy_bandwidth_Bps"] = bw
     bes = {}
     chosen = variants(os.environ.get("VARIANTS", "bf16,fp8,fp8+head"))
     for name, quant, head, keep in chosen:
@@ -70,6 +73,11 @@ def main(out: str, rounds: int = 7) -> dict:
     doc["median_ms"] = {n: statistics.median(doc["ms"][n]) for n in names}
     doc["ratio_per_round"] = {n: [a / b for a, b in zip(doc["ms"][n], base)] for n in names[1:]}
     doc["median_ratio"] = {n: statistics.median(v) for n, v in doc["ratio_per_round"].items()}
+    doc["floor_ms"] = {n: doc["weight_bytes"][n] / bw * 1e3 for n in names}
+    doc["median_over_floor"] = {n: doc["median_ms"][n] / doc["floor_ms"][n] for n in names}
+    for n in names:
+        print(f"{n}: median {doc['median_ms'][n]:.3f} ms, floor {doc['floor_ms'][n]:.3f} ms "
+              f"({doc['median_over_floor'][n]:.2f}x floor)", flush=True)
     for n, v in doc["ratio_per_round"].items():
         print(f"{n} / bf16: median {doc['median_ratio'][n]:.3f} (rounds {min(v):.3f}-{max(v):.3f})", flush=True)
     Path(out).write_text(json.dumps(doc, indent=1))
