@@ -8,7 +8,13 @@ class DlmtrtError(Exception):
 
 
 class UsageError(DlmtrtError, ValueError):
-    """A bad parameter, option or policy spec (also a ValueError, as Python code expects of bad values)."""
+    """A bad parameter, option or policy spec (also a ValueError, as Python code expects of bad values).
+    `field` names the offending parameter as the Python API spells it (steps, max_new_tokens, ...), so that the
+    CLI and the server can name their own option or request field without parsing the message."""
+
+    def __init__(self, message: str, *, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 class OutputExistsError(DlmtrtError, FileExistsError):

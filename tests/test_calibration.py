@@ -175,18 +175,18 @@ def test_bad_input_is_refused_and_nothing_is_written(tmp_path, calibrated):
                    str(tmp_path / "a")])
     assert r.exit_code == 2 and "'int4' is not one of" in r.output and not (tmp_path / "a").exists()
     r = run(main, ["calibrate", "-m", "tiny-dream-tasks", "--format", "fp8", "--out", str(tmp_path / "b")])
-    assert r.exit_code == 1 and "no calibration data" in r.output and "--prompts FILE" in r.output
+    assert r.exit_code == 2 and "no calibration data" in r.output and "--prompts FILE" in r.output
     assert not (tmp_path / "b").exists()
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "x").write_text("keep")
     r = run(main, ["calibrate", "-m", "tiny-dream-tasks", "--format", "fp8", "--task", "sudoku4", "--out",
                    str(tmp_path / "c")])
-    assert r.exit_code == 1 and "not empty" in r.output and (tmp_path / "c" / "x").read_text() == "keep"
+    assert r.exit_code == 2 and "not empty" in r.output and (tmp_path / "c" / "x").read_text() == "keep"
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
     r = run(main, ["calibrate", "-m", "tiny-dream-tasks", "--format", "fp8", "--prompts", str(empty), "--out",
                    str(tmp_path / "d")])
-    assert r.exit_code == 1 and "has no prompt" in r.output and not (tmp_path / "d").exists()
+    assert r.exit_code == 2 and "has no prompt" in r.output and not (tmp_path / "d").exists()
     r = run(main, ["calibrate", "-m", str(calibrated("fp8")), "--format", "w8a8", "--task", "sudoku4", "--out",
                    str(tmp_path / "e")])
     assert r.exit_code == 1 and "already quantised" in r.output and not (tmp_path / "e").exists()

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from onnx import numpy_helper
 
 from dlmtrt import cli
+from dlmtrt.errors import OutputExistsError, UsageError
 from dlmtrt.export import attention as attn
 from dlmtrt.export.checks import CASES, numeric_check, random_step_inputs
 from dlmtrt.runtime.contract import onnx_metadata, read_metadata
@@ -174,9 +175,9 @@ def test_unknown_opset_is_refused_before_any_work(tmp_path, opset):
 def test_unwritable_output_dir(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    with pytest.raises(ExportError, match="cannot write the export to .*choose a writable --out"):
+    with pytest.raises(UsageError, match="--out: .*a_file is a file, not a directory; choose another path"):
         export_step("tiny-dream-tasks", blocker / "out", numeric_check=False)
-    with pytest.raises(ExportError, match="exists and is not a directory"):
+    with pytest.raises(UsageError, match="exists and is not a directory"):
         export_step("tiny-dream-tasks", blocker, numeric_check=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 
@@ -184,7 +185,7 @@ def test_unwritable_output_dir(tmp_path):
 def test_non_empty_output_needs_overwrite(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("x")
-    with pytest.raises(ExportError, match="not empty; choose a new --out or pass --overwrite"):
+    with pytest.raises(OutputExistsError, match="not empty; choose a new path or pass --overwrite"):
         export_step("tiny-dream-tasks", tmp_path / "out")
     assert (tmp_path / "out" / "keep.txt").exists()
 

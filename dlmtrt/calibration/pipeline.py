@@ -9,7 +9,7 @@ from dlmtrt.errors import UsageError
 from dlmtrt.models.loading import load_weights, open_checkpoint, quantization_format, resolve_device, resolve_dtype
 from dlmtrt.models.loading import load_tokenizer
 from dlmtrt.models.quantized import FORMATS
-from dlmtrt.models.tiny import check_new_dir
+from dlmtrt.paths import check_output_dir
 from dlmtrt.runtime.backends.torch_backend import TorchBackend
 
 from . import canvases as cv
@@ -48,7 +48,7 @@ def calibrate(model: str, fmt: str, out: str | Path, prompts: list[str], *, new_
         raise UsageError(f"unknown format '{fmt}'; choose from {', '.join(FORMATS)}")
     if not prompts:
         raise UsageError("no calibration data: give prompts (a text file, one per line) or a task")
-    out = check_new_dir(out)  # before the slow part; written only at the end
+    out = check_output_dir(out)  # before the slow part; written only at the end
     ck = open_checkpoint(model)
     if not 0 <= keep_blocks < ck.args.num_layers:
         raise UsageError(f"--keep-blocks must be between 0 and {ck.args.num_layers - 1} (the model has "

@@ -21,7 +21,8 @@ from dlmtrt.errors import UsageError
 from dlmtrt.models.families import FAMILIES
 from dlmtrt.models.loading import Checkpoint
 from dlmtrt.models.quantized import FORMATS, FP8_MAX, INT8_MAX, QuantLinear, quantizable_linears
-from dlmtrt.models.tiny import check_new_dir, save_weights
+from dlmtrt.models.tiny import save_weights
+from dlmtrt.paths import check_output_dir
 
 from .statistics import LayerStats
 
@@ -90,7 +91,7 @@ def write_checkpoint(model, ck: Checkpoint, out: str | Path, fmt: str, report: d
     generation config and tokenizer files, the weights in the source's layout and names, and
     `quantization.json` (how it was calibrated, per-layer statistics). Written to a temporary directory and
     renamed into place, so a failure leaves nothing."""
-    out = check_new_dir(out)
+    out = check_output_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

@@ -7,7 +7,7 @@ import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ._common import console, friendly_errors, out
+from ._common import console, friendly_errors, out, output_file
 
 PRECISION_CHOICES = ("fp32", "fp16", "bf16", "float32", "float16", "bfloat16")
 
@@ -73,7 +73,7 @@ class _BuildProgress:
                    "canvas, e.g. batch=1:1:8,active=1:32:512,canvas=1:512:512; an axis left out keeps its "
                    "default, N alone means N:N:N; repeat for several profiles [default: batch=1:1:8, "
                    "active=1:32:C, canvas=1:512:C with C = min(max positions, 2048)].")
-@click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--timing-cache", type=click.Path(path_type=Path), default=None, callback=output_file(),
               help="Timing cache file: read when it exists, written back after the build.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out (only once the new engine is built).")
 @friendly_errors

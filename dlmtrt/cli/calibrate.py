@@ -6,9 +6,10 @@ from pathlib import Path
 
 import click
 
-from dlmtrt.models.quantized import FORMATS
+from dlmtrt.dtypes import QUANT_FORMATS
 
-from ._common import SEED, check_device, console, dtype_choice, friendly_errors, positive, progress
+from ._common import (SEED, TEXT, check_device, console, dtype_choice, friendly_errors, output_dir, positive, progress,
+                      read_prompt_file)
 from ._common import out as stdout
 
 
@@ -23,13 +24,7 @@ def _prompts(prompts_file: Path | None, tasks: tuple[str, ...], samples: int,
     texts: list[str] = []
     lengths: list[int] = []
     if prompts_file is not None:
-        try:
-            raw = prompts_file.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise UsageError(f"{prompts_file} is not UTF-8 text; save it as UTF-8") from None
-        lines = [ln.replace("\\n", "\n") for ln in raw.splitlines() if ln.strip()]
-        if not lines:
-            raise UsageError(f"{prompts_file} has no prompt (empty lines are skipped); add one prompt per line")
+        lines = read_prompt_file(prompts_file, "--prompts")
         texts += lines[:samples]
         lengths += [new_tokens or 64] * len(lines[:samples])
     if tasks:
@@ -42,14 +37,14 @@ def _prompts(prompts_file: Path | None, tasks: tuple[str, ...], samples: int,
 
 @click.command("calibrate")
 @click.option("--model", "-m", required=True, help="Checkpoint directory, alias or cached repo id (unquantised).")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), required=True,
+@click.option("--format", "fmt", type=click.Choice(QUANT_FORMATS), required=True,
               help="fp8: E4M3 weights (per channel) and activations (static per tensor); int8-wo: int8 weights "
                    "only; w8a8: SmoothQuant int8 weights and activations.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+@click.option("--out", "-o", type=click.Path(path_type=Path), required=True, callback=output_dir,
               help="New directory for the quantised checkpoint (must not exist or be empty).")
 @click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="Text file of calibration prompts, one per line.")
-@click.option("--task", "tasks", multiple=True, help="Built-in task whose prompts to calibrate on (repeatable).")
+@click.option("--task", "tasks", multiple=True, type=TEXT, help="Built-in task whose prompts to calibrate on (repeatable).")
 @click.option("--samples", type=positive(100_000), default=64, show_default=True,
               help="Prompts per task (and at most this many from --prompts).")
 @click.option("--new-tokens", type=positive(100_000), default=None,
@@ -68,10 +63,12 @@ def _prompts(prompts_file: Path | None, tasks: tuple[str, ...], samples: int,
 @click.option("--quantize-head", is_flag=True,
               help="Quantise the output head too: at one active row it is 1/7 of an fp8 7B step's weight reads. "
                    "Off by default (the head is the layer every decision is read from); not for tied embeddings.")
-@click.option("--device", default="cpu", show_default=True, callback=check_device)
+@click.option("--device", default="cpu", show_default=True, callback=check_device,
+              help="cpu, cuda, cuda:N or auto: where the trajectories and statistics are computed.")
 @click.option("--dtype", type=dtype_choice(), default="float32", show_default=True,
               help="Dtype the trajectories and statistics are computed in.")
-@click.option("--batch", type=positive(4096), default=16, show_default=True)
+@click.option("--batch", type=positive(4096), default=16, show_default=True,
+              help="Prompts decoded together when recording trajectories, and canvases per statistics pass.")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the stratified draw.")
 @friendly_errors
 def calibrate_cmd(model, fmt, out, prompts_file, tasks, samples, new_tokens, steps, strata, per_stratum, masked_only,

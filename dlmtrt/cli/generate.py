@@ -2,17 +2,28 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import click
 from rich.table import Table
 
-from ._common import (NONNEGATIVE, POSITIVE_TOKENS, SEED, check_device, dtype_choice, friendly_errors, out,
-                      progress)
+from ._common import (NONEMPTY_TEXT, NONNEGATIVE, POSITIVE_TOKENS, SEED, TEXT, check_device,
+                      console, dtype_choice, friendly_errors, out, progress, read_prompt_file)
+
+# The cache policies `--policy` takes (runtime.policies.CACHE_POLICIES; a test keeps the two equal, so that
+# --help needs no torch import).
+POLICY_NAMES = ("none", "decode", "greedy", "prefill", "pd", "block", "dual", "adaptive", "delayed")
+BACKEND_NAMES = ("torch", "torch-graph", "onnxruntime", "tensorrt")
+POLICY_HELP = ("Cache policy and modifiers: " + " | ".join(POLICY_NAMES) + ", options as name:key=value,..., "
+               "modifiers joined by '+': decode:cache_steps=4,shift=un+parallel:threshold=0.9+early.")
 
 
 @click.command()
 @click.option("--model", "-m", required=True, help="Checkpoint directory, alias (dream-7b, llada-8b, ...) or cached repo id.")
-@click.option("--prompt", "-p", "prompts", multiple=True, required=True, help="Prompt text; repeat for a batch.")
+@click.option("--prompt", "-p", "prompts", multiple=True, type=NONEMPTY_TEXT,
+              help="Prompt text (UTF-8, not empty); repeat for a batch.")
+@click.option("--prompt-file", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="UTF-8 text file of prompts, one per line (a literal \\n is a newline); after any --prompt.")
 @click.option("--chat/--no-chat", default=False, help="Wrap each prompt in the model's chat template.")
 @click.option("--max-new-tokens", "-n", type=POSITIVE_TOKENS, default=None,
               help="Tokens to generate (LLaDA: gen_length) [default: the family's, Dream 20, LLaDA 128].")
@@ -32,21 +43,19 @@ from ._common import (NONNEGATIVE, POSITIVE_TOKENS, SEED, check_device, dtype_ch
 @click.option("--remasking", type=click.Choice(["low_confidence", "random"]), default=None,
               help="LLaDA: which predictions to commit [default: low_confidence].")
 @click.option("--cfg-scale", type=NONNEGATIVE, default=None, help="LLaDA: classifier-free guidance scale [default: 0].")
-@click.option("--policy", default="none", show_default=True, metavar="SPEC",
-              help="Cache policy and modifiers: none | decode | prefill | pd | greedy | block | dual | adaptive | "
-                   "delayed | window, options as name:key=value,..., modifiers joined by '+': "
-                   "decode:cache_steps=4,shift=un+parallel:threshold=0.9+early.")
-@click.option("--backend", type=click.Choice(["torch", "torch-graph", "onnxruntime", "tensorrt"]), default="torch",
+@click.option("--policy", type=TEXT, default="none", show_default=True, metavar="SPEC", help=POLICY_HELP)
+@click.option("--backend", type=click.Choice(BACKEND_NAMES), default="torch",
               show_default=True,
               help="torch / torch-graph run a checkpoint; onnxruntime runs an export directory (dlmtrt export); "
                    "tensorrt runs an engine file (dlmtrt build-engine) on a GPU (--device cuda).")
-@click.option("--device", default="cpu", show_default=True, callback=check_device, help="cpu, cuda, cuda:N or auto.")
+@click.option("--device", default=None, callback=check_device,
+              help="cpu, cuda, cuda:N or auto [default: cpu; tensorrt: cuda].")
 @click.option("--dtype", type=dtype_choice(), default=None, help="float32, float16 or bfloat16 [default: float32; for onnxruntime the "
                                            "exported dtype].")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the global RNG (sampling, origin, random).")
 @click.option("--json", "as_json", is_flag=True, help="Print answers and statistics as JSON on stdout.")
 @friendly_errors
-def generate(model, prompts, chat, max_new_tokens, steps, temperature, alg, alg_temp, eps, top_p, top_k,
+def generate(model, prompts, prompt_file, chat, max_new_tokens, steps, temperature, alg, alg_temp, eps, top_p, top_k,
              block_length, remasking, cfg_scale, policy, backend, device, dtype, seed, as_json):
     """Generate answers for one or more prompts and print the statistics of the run.
 
@@ -55,34 +64,48 @@ def generate(model, prompts, chat, max_new_tokens, steps, temperature, alg, alg_
 
     import torch
 
+    from dlmtrt.errors import UsageError
     from dlmtrt.runtime.backends import describe_model, make_backend
     from dlmtrt.runtime.generate import generate_text
-    from dlmtrt.runtime.params import family_params
+    from dlmtrt.runtime.params import check_step_budget, family_params, surplus_steps_note
     from dlmtrt.runtime.policies import parse_policy
 
+    prompts = list(prompts) + (read_prompt_file(prompt_file) if prompt_file is not None else [])
+    if not prompts:
+        raise click.UsageError("no prompt: pass --prompt TEXT (repeatable) or --prompt-file FILE")
     plan = parse_policy(policy)
     ck = describe_model(backend, model)
     dream_only = {"--alg": alg, "--alg-temp": alg_temp, "--eps": eps, "--top-p": top_p, "--top-k": top_k}
     llada_only = {"--remasking": remasking, "--cfg-scale": cfg_scale}
     wrong = [k for k, v in (llada_only if ck.family == "dream" else dream_only).items() if v is not None]
     if wrong:
-        raise click.UsageError(f"{', '.join(wrong)} do(es) not apply to {ck.family} models")
+        other = "LLaDA" if ck.family == "dream" else "Dream"
+        raise click.UsageError(f"{', '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} not apply to "
+                               f"{ck.family} models ({other} only)")
     explicit = dict(max_new_tokens=max_new_tokens, steps=steps, temperature=temperature, alg=alg, alg_temp=alg_temp,
                     eps=eps, top_p=top_p, top_k=top_k, block_length=block_length, remasking=remasking,
                     cfg_scale=cfg_scale)
     params = family_params(ck.family, ck.path, **{k: v for k, v in explicit.items() if v is not None})
     plan.check(ck.family, params.get("remasking"))
+    try:
+        check_step_budget(ck.family, params, plan.parallel is not None, explicit_steps=steps is not None)
+    except UsageError as e:
+        raise click.BadParameter(str(e), param_hint="--steps") from None
     new = params.get("max_new_tokens") or params["gen_length"]
     if new >= ck.args.max_position_embeddings:
         raise click.BadParameter(f"{new} new tokens do not fit the model's {ck.args.max_position_embeddings} "
                                  "positions with any prompt; ask for fewer", param_hint="--max-new-tokens")
+    note = surplus_steps_note(ck.family, params) if steps is None else None
+    if note:
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
+    device = device or ("cuda" if backend == "tensorrt" else "cpu")
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     be, tok, ck = make_backend(backend, model, dtype=dtype, device=device)
     load_s = time.perf_counter() - t0
     with progress() as prog:
         task = prog.add_task("denoising", total=params["steps"])
-        res = generate_text(be, tok, list(prompts), chat=chat, max_positions=ck.args.max_position_embeddings,
+        res = generate_text(be, tok, prompts, chat=chat, max_positions=ck.args.max_position_embeddings,
                             policy=plan, on_step=lambda i, n: prog.update(task, completed=i), **params)
         prog.update(task, completed=res.stats.steps, total=res.stats.steps)
     s = res.stats

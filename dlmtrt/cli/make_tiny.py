@@ -7,7 +7,7 @@ import click
 
 from dlmtrt.dtypes import DTYPE_NAMES
 
-from ._common import SEED, console, friendly_errors, positive
+from ._common import SEED, console, friendly_errors, output_dir, positive
 
 
 def _multiple_of_16(ctx, param, value):
@@ -18,7 +18,7 @@ def _multiple_of_16(ctx, param, value):
 
 @click.command("make-tiny")
 @click.option("--arch", type=click.Choice(["dream", "llada"]), required=True, help="Model family to imitate.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+@click.option("--out", "-o", type=click.Path(path_type=Path), required=True, callback=output_dir,
               help="New directory for the checkpoint (must not exist or be empty).")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the random weights.")
 @click.option("--dtype", type=click.Choice(DTYPE_NAMES), default="float32", show_default=True,

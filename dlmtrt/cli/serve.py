@@ -3,16 +3,26 @@ from __future__ import annotations
 
 import click
 
-from ._common import check_device, dtype_choice, friendly_errors, positive
+from ._common import TEXT, check_device, dtype_choice, friendly_errors, positive
+
+
+def _model_options(fn):
+    """serve's own: a checkpoint or export chooses its device and (checkpoints) dtype."""
+    fn = click.option("--dtype", type=dtype_choice(), default=None,
+                      help="float32, float16 or bfloat16 [default: float32; exported graphs: their dtype].")(fn)
+    return click.option("--device", default=None, callback=check_device,
+                        help="cpu, cuda, cuda:N or auto [default: cpu; tensorrt: cuda].")(fn)
+
+
+def _engine_options(fn):
+    """serve-trt's: an engine runs on a GPU in the dtype it was built with."""
+    return click.option("--device", default="cuda", show_default=True, callback=check_device,
+                        help="The GPU the engine runs on: cuda or cuda:N.")(fn)
 
 
 def _options(fn):
     for opt in reversed([
-        click.option("--device", default=None, callback=check_device,
-                     help="cpu, cuda, cuda:N or auto [default: cpu; tensorrt: cuda]."),
-        click.option("--dtype", type=dtype_choice(), default=None,
-                     help="float32, float16 or bfloat16 [default: float32; exported graphs: their dtype]."),
-        click.option("--policy", default="none", show_default=True, metavar="SPEC",
+        click.option("--policy", default="none", show_default=True, metavar="SPEC", type=TEXT,
                      help="Default cache policy of requests that name none (as `dlmtrt generate --policy`)."),
         click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on."),
         click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
@@ -31,7 +41,7 @@ def _options(fn):
                      help="Cross-request prefix K/V reuse: MiB of prompt-prefix K/V kept on the device (0 = off). "
                           "Exact only for identical prompts; an approximation for different continuations on "
                           "bidirectional models (README: 'Cross-request prefix K/V reuse')."),
-        click.option("--served-model-name", default=None, help="Model id in the API [default: the --model/--engine "
+        click.option("--served-model-name", default=None, type=TEXT, help="Model id in the API [default: the --model/--engine "
                                                                "value]."),
         click.option("--threads", type=positive(1024), default=None,
                      help="torch CPU threads of the worker [default: torch's]."),
@@ -94,6 +104,7 @@ def run_server(model, backend, device, dtype, policy, host, port, max_batch, max
                    "(onnxruntime); engine file (tensorrt).")
 @click.option("--backend", type=click.Choice(["torch", "torch-graph", "onnxruntime", "tensorrt"]), default="torch",
               show_default=True, help="Step backend (torch-graph and tensorrt run one cohort at a time).")
+@_model_options
 @_options
 @friendly_errors
 def serve_cmd(model, backend, **kw):
@@ -106,8 +117,10 @@ def serve_cmd(model, backend, **kw):
 
 @click.command("serve-trt")
 @click.option("--engine", "-e", required=True, help="TensorRT engine file (dlmtrt build-engine).")
+@_engine_options
 @_options
 @friendly_errors
 def serve_trt_cmd(engine, **kw):
-    """`dlmtrt serve --backend tensorrt --model ENGINE`: serve a TensorRT engine (one cohort at a time)."""
-    run_server(engine, "tensorrt", **kw)
+    """`dlmtrt serve --backend tensorrt --model ENGINE`: serve a TensorRT engine (one cohort at a time) in the
+    dtype it was built with."""
+    run_server(engine, "tensorrt", dtype=None, **kw)

@@ -98,8 +98,9 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
-def make_tensorrt_runner(path: Path, feeds: list, name: str = "tensorrt"):
-    """(runner, None) when a TensorRT engine of `path` builds and runs one feed here, else (None, reason)."""
+def make_tensorrt_runner(path: Path, feeds: list, name: str = "tensorrt", log: Callable[[str], None] = print):
+    """(runner, None) when a TensorRT engine of `path` builds and runs one feed here, else (None, reason).
+    What cannot work here (no TensorRT, no GPU) is found before the build is started or announced."""
     from dlmtrt.engine.build import EngineError, engine_from_onnx, flavour, profile_from_shapes
     try:
         trt_name = flavour()
@@ -108,6 +109,7 @@ def make_tensorrt_runner(path: Path, feeds: list, name: str = "tensorrt"):
     import torch
     if not torch.cuda.is_available():
         return None, "no CUDA GPU is visible (TensorRT engines run on NVIDIA GPUs)"
+    log(f"building a TensorRT engine ({trt_name})")
     try:
         from polygraphy.backend.trt import TrtRunner
         engine = engine_from_onnx(path, profile_from_shapes(feeds))
@@ -177,13 +179,8 @@ def polygraphy_run_command(onnx_file, outputs_file, rtols: OrderedDict, atols: O
             env["DLMTRT_SEED"] = str(seed)
     if max_feeds is not None:
         env["DLMTRT_MAX_FEEDS"] = str(max_feeds)
-    from dlmtrt.evals import polygraphy_data
-    script = Path(polygraphy_data.__file__).resolve()
-    try:
-        script = script.relative_to(Path.cwd())
-    except ValueError:
-        pass
-    argv = ["polygraphy", "run", str(onnx_file), "--onnxrt", "--data-loader-script", f"{script}:load_data",
+    from .polygraphy_data import data_loader_script
+    argv = ["polygraphy", "run", str(onnx_file), "--onnxrt", "--data-loader-script", data_loader_script(),
             "--load-outputs", str(outputs_file), "--rtol", *_compact(rtols), "--atol", *_compact(atols)]
     return env, argv
 
@@ -254,7 +251,12 @@ def compare_backends(model: str, *, onnx_path: Path | None = None, backends="tor
 
     from dlmtrt.models.loading import open_checkpoint
 
+    from dlmtrt.paths import check_output_file
+
     names = check_backends(backends)
+    for path, what in ((save_inputs, "--save-inputs"), (save_outputs, "--save-outputs")):
+        if path is not None:
+            check_output_file(path, what)
     policies = list(policies or DEFAULT_POLICIES)
     family = open_checkpoint(model).family
     for p in policies:
@@ -310,8 +312,7 @@ def compare_backends(model: str, *, onnx_path: Path | None = None, backends="tor
             elif b == "onnxruntime":
                 runners.append(make_onnxrt_runner(onnx_file, graph_attention, graph_dtype))
             else:
-                log("building a TensorRT engine")
-                r, why = make_tensorrt_runner(onnx_file, feeds)
+                r, why = make_tensorrt_runner(onnx_file, feeds, log=log)
                 if r is None:
                     report.skipped[b] = why
                 else:
@@ -327,7 +328,8 @@ def compare_backends(model: str, *, onnx_path: Path | None = None, backends="tor
         from polygraphy.logger import G_LOGGER
         severity = G_LOGGER.module_severity
         stack.callback(setattr, G_LOGGER, "module_severity", severity)
-        G_LOGGER.module_severity = G_LOGGER.INFO if verbose else G_LOGGER.FINISH
+        # Polygraphy says PASSED for every output of every step at FINISH; our table is the summary
+        G_LOGGER.module_severity = G_LOGGER.INFO if verbose else G_LOGGER.ERROR
         func = SimpleCompareFunc(rtol=dict(rtols), atol=dict(atols), check_error_stat="elemwise")
         pairs = [(i, 0) for i in range(1, len(runners))]
         try:

@@ -40,7 +40,7 @@ class PolicyResult:
     rows_per_token: float  # canvas rows computed per generated token (batch padding of the active set included)
     early_committed: float  # mean tokens per problem committed by early commit
     wall_s: float
-    tokens_per_s: float
+    tokens_per_s: float | None  # None when no time was measured
     correct: int
     prefix_rows_served: float | None = None  # share of prompt rows served by the prefix store (None: no store)
 
@@ -50,17 +50,23 @@ class PolicyResult:
 
 def evaluate(backend, tokenizer, task_spec: str, n: int, policies: list[str], *, seed: int = 1234,
              batch_size: int = 64, steps: int | None = None, blocks: int | None = None, remasking: str | None = None,
-             progress=None, prefix_store_bytes: int = 0, prefix_block: int = 4) -> tuple[list[PolicyResult], list[dict]]:
-    """Run every policy on the same problems; returns the summary rows and per-problem records. With
-    `prefix_store_bytes` > 0 each policy gets a fresh prefix store (runtime/prefix.py) shared by its batches,
-    so later batches start from the prompt blocks earlier ones stored."""
+             block_length: int | None = None, progress=None, prefix_store_bytes: int = 0,
+             prefix_block: int = 4) -> tuple[list[PolicyResult], list[dict]]:
+    """Run every policy on the same problems; returns the summary rows and per-problem records. `blocks` or
+    `block_length` (not both) split the answer into blocks (`greedy_params`). `progress(k)` is told of k more
+    problems done, in fractions as the steps of a batch go by. With `prefix_store_bytes` > 0 each policy gets
+    a fresh prefix store (runtime/prefix.py) shared by its batches, so later batches start from the prompt
+    blocks earlier ones stored."""
     if n < 1 or batch_size < 1:
         raise UsageError(f"n and batch_size must be >= 1, got {n} and {batch_size}")
     name, diff = parse_task(task_spec)
     task = get_task(name)
     problems = task.problems(n, seed, **diff)
     family = backend.info.family
-    params = greedy_params(family, task.answer_tokens, steps=steps, blocks=blocks, remasking=remasking)
+    params = greedy_params(family, task.answer_tokens, steps=steps, blocks=blocks, remasking=remasking,
+                           block_length=block_length)
+    if block_length is not None:
+        blocks = task_blocks(task.answer_tokens, block_length)
     schedule = schedule_name(family, blocks, remasking)
     results, records = [], []
     for spec in policies:
@@ -71,8 +77,15 @@ def evaluate(backend, tokenizer, task_spec: str, n: int, policies: list[str], *,
         for start in range(0, n, batch_size):
             chunk: list[Problem] = problems[start:start + batch_size]
             t0 = time.perf_counter()
+            done = [0.0]
+
+            def on_step(i: int, total: int, k: int = len(chunk)) -> None:
+                if progress is not None and total:
+                    frac = k * min(i, total) / total
+                    progress(frac - done[0])
+                    done[0] = frac
             g = generate_text(backend, tokenizer, [p.prompt for p in chunk], policy=policy, prefix_store=store,
-                              **params)
+                              on_step=on_step, **params)
             wall += time.perf_counter() - t0
             st = g.stats
             fwd += st.seq_forward_passes
@@ -86,16 +99,22 @@ def evaluate(backend, tokenizer, task_spec: str, n: int, policies: list[str], *,
                 records.append({"task": task_spec, "policy": spec, "schedule": schedule, "prompt": p.prompt, "output": out, "correct": ok,
                                 **{k: v for k, v in p.meta.items() if isinstance(v, (int, str))}})
             if progress is not None:
-                progress(len(chunk))
+                progress(len(chunk) - done[0])
         results.append(PolicyResult(task_spec, spec, schedule, n, correct / n, fwd / n, rows / max(rows_full, 1),
                                     rows / max(toks, 1), early / n, wall,
-                                    toks / wall if wall else float("nan"), correct,
+                                    toks / wall if wall else None, correct,
                                     store.stats.hit_rows / max(store.stats.prompt_rows, 1) if store else None))
     return results, records
 
 
+def task_blocks(answer_tokens: int, block_length: int) -> int:
+    """Blocks of `block_length` that cover a task's answer (its canvas is rounded up to whole blocks)."""
+    return -(-answer_tokens // block_length)
+
+
 def write_results(path: Path, model: str, results: list[PolicyResult], extra: dict | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """The results as strict JSON (no NaN), written whole or not at all."""
+    from dlmtrt.paths import write_text_atomic
     doc = {"model": model, "torch": torch.__version__, "device": extra.get("device") if extra else None,
            "results": [r.to_dict() for r in results], **(extra or {})}
-    path.write_text(json.dumps(doc, indent=1) + "\n")
+    write_text_atomic(path, json.dumps(doc, indent=1, allow_nan=False) + "\n")

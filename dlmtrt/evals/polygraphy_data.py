@@ -13,7 +13,7 @@ polygraphy 0.53.6 and ONNX Runtime on the CPU; `polygraphy` is .venv/bin/polygra
 
     DLMTRT_MODEL=tiny-dream-tasks DLMTRT_POLICIES='none;decode;dual+parallel' \
     polygraphy run out/dream-onnx/model.onnx --onnxrt \
-        --data-loader-script dlmtrt/evals/polygraphy_data.py:load_data \
+        --data-loader-script "$(dlmtrt compare --data-loader-path)" \
         --load-outputs torch_outputs.json \
         --rtol 1e-3 present_valid:0 --atol 1e-4 logits:1e-3 present_valid:0
 
@@ -40,13 +40,22 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from pathlib import Path
 
 from dlmtrt.errors import UsageError
-from dlmtrt.evals.trajectory import DEFAULT_POLICIES, DEFAULT_STEPS_PER_POLICY, load_feeds, spread, trajectory_feeds
+
+# Imported lazily (the trajectory code needs torch) so that `dlmtrt compare --data-loader-path` stays instant.
+
+
+def data_loader_script() -> str:
+    """`polygraphy run --data-loader-script` for this installation: this file's absolute path, so that the
+    command works from any directory (`dlmtrt compare --data-loader-path` prints it)."""
+    return f"{Path(__file__).resolve()}:load_data"
 
 
 def split_policies(text: str | None) -> list[str]:
     """'none;decode;dual+parallel' -> list (';' because policy options use ',')."""
+    from dlmtrt.evals.trajectory import DEFAULT_POLICIES
     if not text or not text.strip():
         return list(DEFAULT_POLICIES)
     return [p.strip() for p in text.replace("\n", ";").split(";") if p.strip()]
@@ -64,6 +73,7 @@ def _env_int(env, name: str, default: int | None) -> int | None:
 
 def feeds_from_env(env=None) -> list[OrderedDict]:
     """The feeds `load_data` yields, as configured by the DLMTRT_* environment variables."""
+    from dlmtrt.evals.trajectory import DEFAULT_STEPS_PER_POLICY, load_feeds, spread, trajectory_feeds
     env = os.environ if env is None else env
     max_feeds = _env_int(env, "DLMTRT_MAX_FEEDS", None)
     if env.get("DLMTRT_FEEDS"):
@@ -79,5 +89,5 @@ def feeds_from_env(env=None) -> list[OrderedDict]:
 
 
 def load_data():
-    """Polygraphy data loader: `--data-loader-script dlmtrt/evals/polygraphy_data.py:load_data`."""
+    """Polygraphy data loader: `--data-loader-script "$(dlmtrt compare --data-loader-path)"`."""
     yield from feeds_from_env()

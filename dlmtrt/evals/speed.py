@@ -18,6 +18,7 @@ from dlmtrt.dtypes import DTYPES
 from dlmtrt.errors import UsageError
 from dlmtrt.models.tiny import DEFAULT_SIZES, shaped_like, tiny_args
 from dlmtrt.models.transformer import DiffusionLM, ModelArgs, rope_inv_freq
+from dlmtrt.runtime.params import DreamParams, LLaDAParams
 
 SHAPES = ("dream-7b", "llada-8b", "tiny-dream", "tiny-llada")
 
@@ -73,14 +74,58 @@ def median_ms(fn, device, repeats: int = 30, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
-def copy_bandwidth(device: str, nbytes: int = 2 * 2**30, repeats: int = 20) -> float:
-    """Bytes per second of a device-to-device copy, counting the bytes read and the bytes written (median)."""
-    if not str(device).startswith("cuda"):
-        return float("nan")
+def copy_bandwidth(device: str, nbytes: int | None = None, repeats: int = 20) -> float:
+    """Bytes per second of a device-to-device (on the CPU: memory-to-memory) copy, counting the bytes read and
+    the bytes written (median). 2 GiB on a GPU; 256 MiB on the CPU, well beyond its caches."""
+    if nbytes is None:
+        nbytes = 2 * 2**30 if str(device).startswith("cuda") else 256 * 2**20
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     src.random_()
     return 2 * nbytes / (median_ms(lambda: dst.copy_(src), device, repeats) / 1e3)
+
+
+def _vm_hwm() -> int | None:
+    """This process's peak resident memory in bytes (Linux /proc), or None where it cannot be read."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _reset_hwm() -> bool:
+    """Reset the peak resident memory to the current one (Linux: /proc/self/clear_refs, value 5)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class PeakMemory:
+    """Peak memory of a run: allocated device memory on a GPU; on the CPU the process's peak resident memory
+    above what it held before the model was built (`baseline`), so both count weights, K/V and activations.
+    `peak()` is None where the CPU figure cannot be measured (no Linux /proc)."""
+
+    def __init__(self, device: str):
+        self.cuda = str(device).startswith("cuda")
+        self.baseline = None if self.cuda else _vm_hwm()
+
+    def reset(self) -> None:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        elif not _reset_hwm():
+            self.baseline = None
+
+    def peak(self) -> int | None:
+        if self.cuda:
+            return torch.cuda.max_memory_allocated()
+        hwm = _vm_hwm()
+        return None if hwm is None or self.baseline is None else max(hwm - self.baseline, 0)
 
 
 @dataclass
@@ -93,8 +138,8 @@ class RunResult:
     tokens_per_s: float
     step_ms_median: float
     rows_per_step: float
-    peak_bytes: int
-    floor_ratio: float  # median step time over the weight-read floor
+    peak_bytes: int | None  # PeakMemory: None where it cannot be measured
+    floor_ratio: float | None = None  # median step time over the weight-read floor
 
 
 @dataclass
@@ -115,6 +160,11 @@ class BenchReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def to_json(self) -> str:
+        """Strict JSON: a figure that could not be measured is null, never NaN."""
+        import json
+        return json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n"
 
 
 def _sync(device: str) -> None:
@@ -138,7 +188,7 @@ def step_ms(backend, B: int, active: int, length: int, repeats: int = 30) -> flo
 
 
 def run_policy(backend, family: str, B: int, prompt: int, answer: int, steps: int, policy: str,
-               block_length: int | None, seed: int = 0) -> RunResult:
+               block_length: int | None, seed: int = 0, memory: PeakMemory | None = None) -> RunResult:
     """One whole generation of random prompts; tokens/s over its wall time, per-step times from events."""
     from dlmtrt.runtime.generate import dream_generate, llada_generate
     dev = backend.info.device
@@ -154,8 +204,8 @@ def run_policy(backend, family: str, B: int, prompt: int, answer: int, steps: in
             events.append(e)
         else:
             events.append(time.perf_counter())
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
+    memory = memory or PeakMemory(str(dev))
+    memory.reset()
     _sync(dev)
     start = torch.cuda.Event(enable_timing=True) if cuda else None
     if cuda:
@@ -172,14 +222,13 @@ def run_policy(backend, family: str, B: int, prompt: int, answer: int, steps: in
     if cuda:
         marks = [start] + events
         durs = [a.elapsed_time(b) for a, b in zip(marks[:-1], marks[1:])]
-        peak = torch.cuda.max_memory_allocated()
     else:
         marks = [t0] + events
         durs = [(b - a) * 1e3 for a, b in zip(marks[:-1], marks[1:])]
-        peak = 0
+    peak = memory.peak()
     schedule = "dream" if family == "dream" and block_length is None else f"blocks of {block_length or answer}"
     return RunResult(policy, schedule, B, answer, st.steps, B * answer / wall, statistics.median(durs),
-                     st.rows_computed / max(st.steps, 1), peak, float("nan"))
+                     st.rows_computed / max(st.steps, 1), peak)
 
 
 def bench(shape: str, *, device: str = "cpu", dtype: str = "float32", backend: str = "torch-graph",
@@ -205,15 +254,21 @@ def bench(shape: str, *, device: str = "cpu", dtype: str = "float32", backend: s
     if prompt + answer > args.max_position_embeddings:
         raise UsageError(f"prompt + answer = {prompt + answer} exceeds the shape's {args.max_position_embeddings} "
                          "positions")
+    if attention != "sdpa" and backend != "torch-graph":
+        raise UsageError("--attention kernel applies to the torch-graph backend")
+    runs = []
     for p in policies:
-        parse_policy(p).check(args.family, "low_confidence")
-    log(f"building {shape} ({args.param_count / 1e9:.2f} B parameters) with random {dtype} weights on {device}")
+        plan = parse_policy(p)
+        plan.check(args.family, "low_confidence")
+        blocks = _policy_blocks(args.family, p, block_length)
+        _check_schedule(args.family, answer, steps, blocks, p)
+        runs.append((p, blocks))
+    memory = PeakMemory(device)
+    log(f"building {shape} ({count(args.param_count)} parameters) with random {dtype} weights on {device}")
     model = random_model(args, device, DTYPES[dtype], seed)
     if quant is not None:
         log(f"quantising to {quant}" + (" (head included)" if quantize_head else ""))
         quantize_random(model, quant, prompt + answer, seed, head=quantize_head, keep_blocks=keep_blocks)
-    if attention != "sdpa" and backend != "torch-graph":
-        raise UsageError("--attention kernel applies to the torch-graph backend")
     be = TorchGraphBackend(model, compile=compile, attention=attention) if backend == "torch-graph" else TorchBackend(model)
     elem = DTYPES[dtype].itemsize
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -221,7 +276,7 @@ def bench(shape: str, *, device: str = "cpu", dtype: str = "float32", backend: s
     kv_bytes = 2 * args.num_layers * batch * args.num_kv_heads * L * args.head_dim * elem
     log("measuring the device copy bandwidth")
     bw = copy_bandwidth(device)
-    floor_ms = weight_bytes / bw * 1e3 if bw == bw else float("nan")
+    floor_ms = weight_bytes / bw * 1e3
     gpu = torch.cuda.get_device_name(device) if str(device).startswith("cuda") else None
     name = be.name + ("+compile" if compile else "") + ("+kernel" if attention == "kernel" else "") + \
         (f"+{quant}" if quant else "") + ("+head" if quantize_head else "") + \
@@ -230,15 +285,41 @@ def bench(shape: str, *, device: str = "cpu", dtype: str = "float32", backend: s
                       kv_bytes, bw, floor_ms)
     log("timing a one-active-row step")
     rep.single_row_step_ms = step_ms(be, batch, 1, L)
-    for p in policies:
-        fam_blocks = block_length if p.split("+")[0].split(":")[0] in ("block", "dual") else None
-        if args.family == "llada":
-            fam_blocks = block_length
-        log(f"running {p}")
-        run_policy(be, args.family, batch, prompt, answer, steps, p, fam_blocks, seed)  # warm-up: captures graphs
-        r = run_policy(be, args.family, batch, prompt, answer, steps, p, fam_blocks, seed)
-        rep.runs.append(replace(r, floor_ratio=r.step_ms_median / floor_ms if floor_ms == floor_ms else float("nan")))
+    for k, (p, blocks) in enumerate(runs):
+        log(f"running {p} ({k + 1}/{len(runs)})")
+        run_policy(be, args.family, batch, prompt, answer, steps, p, blocks, seed, memory)  # warm-up: graphs
+        r = run_policy(be, args.family, batch, prompt, answer, steps, p, blocks, seed, memory)
+        rep.runs.append(replace(r, floor_ratio=r.step_ms_median / floor_ms))
     return rep
+
+
+def count(n: int) -> str:
+    """1234 -> '1.23 K', 7.6e9 -> '7.62 B': parameter counts of any size, readable."""
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.2f} {unit}"
+    return str(n)
+
+
+def _policy_blocks(family: str, policy: str, block_length: int | None) -> int | None:
+    """The block length a policy decodes with: LLaDA always (its schedule is blocks); Dream only under the
+    block-wise caches (Fast-dLLM's block decoding), else Dream's own schedule."""
+    if family == "llada" or policy.split("+")[0].split(":")[0] in ("block", "dual"):
+        return block_length
+    return None
+
+
+def _check_schedule(family: str, answer: int, steps: int, block_length: int | None, policy: str) -> None:
+    """The parameters `run_policy` will generate with, validated before anything is built or run."""
+    try:
+        if family == "dream":
+            DreamParams(max_new_tokens=answer, steps=steps, alg="maskgit_plus", temperature=0.0,
+                        block_length=block_length).validate()
+        else:
+            LLaDAParams(gen_length=answer, steps=steps, block_length=block_length or answer).validate()
+    except UsageError as e:
+        raise UsageError(f"policy {policy}: {e} (bench: --answer {answer}, --steps {steps}, --block-length "
+                         f"{block_length})", field=e.field) from None
 
 
 def quantize_random(model: DiffusionLM, fmt: str, length: int, seed: int = 0, canvases: int = 4,

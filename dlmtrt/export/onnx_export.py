@@ -32,6 +32,7 @@ import onnx_ir as ir
 import torch
 
 from dlmtrt.dtypes import DTYPES
+from dlmtrt.paths import check_output_dir
 from dlmtrt.errors import DlmtrtError
 
 from dlmtrt.models.loading import Checkpoint, load_tokenizer, open_checkpoint, quantization_format, read_tensor
@@ -121,13 +122,8 @@ def check_tokenizer(tok, ck: Checkpoint, where: Path) -> None:
                           "tokenizer shipped with the weights (--tokenizer)")
 
 
-def _prepare_out_dir(out: Path, overwrite: bool) -> Path:
-    """Validate the destination before any work, and make the temporary directory beside it."""
-    out = out.expanduser().absolute()
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"output path {out} exists and is not a directory; choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ExportError(f"output directory {out} is not empty; choose a new --out or pass --overwrite")
+def _prepare_out_dir(out: Path) -> Path:
+    """The temporary directory beside the destination (checked by `check_output_dir` before any work)."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -220,7 +216,7 @@ def export_step(model: str, out: Path, *, dtype: str = "float32", opset: int | N
         raise ExportError(f"dtype {dtype!r} is not supported: choose one of {', '.join(DTYPES)}")
     if attention not in ("standard", "plugin"):
         raise ExportError(f"attention {attention!r} is not supported: choose standard or plugin")
-    out = Path(out)
+    out = check_output_dir(out, "--out", overwrite=overwrite, offer_overwrite=True)
     ck = open_checkpoint(model)
     fp8 = quantization_format(ck) == "fp8"
     if opset is None:
@@ -238,7 +234,7 @@ def export_step(model: str, out: Path, *, dtype: str = "float32", opset: int | N
         tok = load_tokenizer(ck)
     check_tokenizer(tok, ck, tok_dir)
     index = tensor_index(ck)  # validates the weights before any heavy work
-    tmp = _prepare_out_dir(out, overwrite)
+    tmp = _prepare_out_dir(out)
     times: dict[str, float] = {}
     try:
         t0 = time.perf_counter()

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-FORMATS = ("fp8", "int8-wo", "w8a8")
+from dlmtrt.dtypes import QUANT_FORMATS as FORMATS
 # The few-row fp8 kernel (dlmtrt.plugins.fp8_linear registers itself here on import: the model code cannot
 # import the plugins stage); None until then, and QuantLinear uses torch._scaled_mm.
 few_row_fp8 = None

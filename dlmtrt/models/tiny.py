@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from dlmtrt.errors import OutputExistsError, UsageError
+from dlmtrt.errors import UsageError
+from dlmtrt.paths import check_output_dir
 
 from .families import FAMILIES
 from .transformer import DiffusionLM, ModelArgs
@@ -96,7 +97,7 @@ def save_checkpoint(out: Path, args: ModelArgs, state_dict: dict[str, torch.Tens
                     max_shard_bytes: int | None = None) -> Path:
     """Write an HF-layout checkpoint atomically (temp dir, then rename)."""
     fam = FAMILIES[args.family]
-    out = check_new_dir(out)
+    out = check_output_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -112,14 +113,6 @@ def save_checkpoint(out: Path, args: ModelArgs, state_dict: dict[str, torch.Tens
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
-
-
-def check_new_dir(out: str | Path) -> Path:
-    """`out` as a Path, refused (before any work) unless it is absent or an empty directory."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise OutputExistsError(f"{out} exists and is not empty; choose a new --out or remove it")
     return out
 
 

@@ -149,13 +149,61 @@ def family_params(family: str, checkpoint_dir=None, **explicit) -> dict:
     return p.validate().to_dict()
 
 
+def check_step_budget(family: str, params: dict, parallel: bool, explicit_steps: bool) -> None:
+    """Refuse a step count that would not mean what was asked, before any work (`params` as `family_params`
+    returns them; `explicit_steps`: the caller chose `steps` rather than taking the family's default).
+
+    - More steps than new tokens: steps beyond one per token commit nothing. LLaDA's schedule runs each
+      block's share of them, as upstream does, and stops after the last token; Dream's, as upstream's
+      `diffusion_generate`, runs every one. An explicit request for them is refused; the defaults are
+      upstream's and stay (`surplus_steps_note` says what they do).
+    - Parallel decoding in blocks (LLaDA, or Dream with `block_length`): Fast-dLLM's threshold rule decodes
+      each block until it has no mask left, one step per committed token at worst, whatever `steps` says
+      (upstream ignores it there), so fewer steps than tokens cannot be honoured.
+    Without blocks, Dream's parallel decoding keeps its step budget (each step may commit up to
+    max_new_tokens / steps tokens) and is not affected."""
+    if not explicit_steps:
+        return
+    new = params.get("max_new_tokens") or params["gen_length"]
+    steps = params["steps"]
+    blocks = family == "llada" or params.get("block_length") is not None
+    if parallel and blocks and steps < new:
+        raise UsageError(f"steps ({steps}) cannot bound +parallel in block decoding: Fast-dLLM's threshold rule "
+                         f"decodes each block until it is done (up to one step per token, here {new}); leave "
+                         "steps out, or drop +parallel for a fixed step budget", field="steps")
+    if steps > new:
+        raise UsageError(f"steps ({steps}) exceeds the {new} new tokens: {_SURPLUS[family]}; ask for at most {new} "
+                         "steps (one token per step)", field="steps")
+
+
+_SURPLUS = {"llada": "steps beyond one per token commit nothing (upstream runs them all; so do we, except "
+                     "after the last token)",
+            "dream": "steps beyond one per token commit nothing, and Dream's schedule (as upstream's) runs every one"}
+
+
+def surplus_steps_note(family: str, params: dict) -> str | None:
+    """What to tell the user when the family's *default* step count exceeds the new tokens (Dream's upstream
+    default is 512 steps for any length), or None."""
+    new = params.get("max_new_tokens") or params["gen_length"]
+    if params["steps"] <= new:
+        return None
+    return (f"{params['steps']} steps (the {family} default) for {new} new tokens: {_SURPLUS[family]}; pass "
+            f"--steps {new} for one token per step")
+
+
 def greedy_params(family: str, new_tokens: int, *, steps: int | None = None, blocks: int | None = None,
-                  remasking: str | None = None, alg: str = "maskgit_plus") -> dict:
+                  remasking: str | None = None, alg: str = "maskgit_plus", block_length: int | None = None) -> dict:
     """Deterministic (temperature 0) confidence-ordered decoding of `new_tokens`: what the evaluator, the
     trajectory recorder and the benchmarks decode with. LLaDA decodes in `blocks` semi-autoregressive blocks
     (default 1); Dream runs its own single-block schedule unless `blocks` asks for Fast-dLLM's block decoding.
     With blocks the canvas is rounded up to a multiple of them. Everything not set here is the family's
-    upstream default (Dream's top_k 50 included)."""
+    upstream default (Dream's top_k 50 included). `block_length` instead of `blocks`: as many blocks of that
+    length as cover the answer."""
+    if block_length is not None:
+        if blocks is not None:
+            raise UsageError("give blocks or block_length, not both", field="block_length")
+        _positive_int("block_length", block_length)
+        blocks = -(-new_tokens // block_length)
     if blocks is not None and (not isinstance(blocks, int) or blocks < 1):
         raise UsageError(f"blocks must be a positive integer, got {blocks!r}")
     if family == "dream" and remasking is not None:
@@ -164,7 +212,7 @@ def greedy_params(family: str, new_tokens: int, *, steps: int | None = None, blo
         return DreamParams(max_new_tokens=new_tokens, steps=steps or new_tokens, alg=alg,
                            temperature=0.0).validate().to_dict()
     blocks = blocks or 1
-    length = -(-new_tokens // blocks) * blocks
+    length = blocks * block_length if block_length is not None else -(-new_tokens // blocks) * blocks
     steps = steps or length
     if steps % blocks:
         raise UsageError(f"steps ({steps}) must be a multiple of blocks ({blocks})")

@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dlmtrt import __version__
 from dlmtrt.errors import DlmtrtError
-from dlmtrt.runtime.params import LLaDAParams, DreamParams, family_params
+from dlmtrt.runtime.params import DreamParams, LLaDAParams, check_step_budget, family_params
 from dlmtrt.runtime.policies import parse_policy
 from dlmtrt.runtime.prefix import PrefixStore
 from dlmtrt.runtime.unmasking import DreamBlockRule, DreamRule, LLaDARule
@@ -79,7 +79,8 @@ class Served:
         other = LLADA_ONLY if fam == "dream" else DREAM_ONLY
         wrong = [f for f in other if getattr(req, f) is not None]
         if wrong:
-            raise ApiError(400, f"{', '.join(wrong)} do(es) not apply to {fam} models", param=wrong[0])
+            raise ApiError(400, f"{', '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} not apply to {fam} models",
+                           param=wrong[0])
         max_tokens = getattr(req, "max_completion_tokens", None)
         if max_tokens is None:
             max_tokens = req.max_tokens
@@ -91,8 +92,9 @@ class Served:
             params = family_params(fam, self.source.path, **explicit)
             plan = parse_policy(req.policy if req.policy is not None else self.config.policy)
             plan.check(fam, params.get("remasking"))
+            check_step_budget(fam, params, plan.parallel is not None, explicit_steps=req.steps is not None)
         except DlmtrtError as e:
-            raise ApiError(400, str(e), param=_param_of(str(e), req)) from None
+            raise ApiError(400, str(e), param=_param_of(e, req)) from None
         new = params.get("max_new_tokens") or params["gen_length"]
         limit = self.config.max_tokens_limit
         if limit is not None and new > limit:
@@ -162,11 +164,15 @@ class Served:
                 LLaDARule(p, prompt_length, parallel=threshold,
                           order=getattr(plan.cache, "order", "step") if p.remasking == "random" else "step")
         except DlmtrtError as e:
-            raise ApiError(400, str(e), param=_param_of(str(e), None)) from None
+            raise ApiError(400, str(e), param=_param_of(e, None)) from None
 
 
-def _param_of(message: str, req) -> str | None:
-    """The request field a runtime error message is about, as the client spells it."""
+def _param_of(e: Exception, req) -> str | None:
+    """The request field a runtime error is about, as the client spells it."""
+    message = str(e)
+    field = getattr(e, "field", None)
+    if field is not None:
+        return {"max_new_tokens": "max_tokens", "gen_length": "max_tokens"}.get(field, field)
     if "polic" in message or "modifier" in message:
         return "policy"
     word = message.split(" ", 1)[0].strip("'\"(")

@@ -24,6 +24,7 @@ def describe_model(backend: str, model: str) -> ModelSource:
     """Cheap description for validating options before the (possibly slow) load."""
     if backend in ("torch", "torch-graph"):
         from dlmtrt.models.loading import open_checkpoint
+        _not_an_artifact(backend, model)
         ck = open_checkpoint(model)
         return ModelSource(ck.path, ck.family, ck.args)
     if backend == "onnxruntime":
@@ -35,6 +36,20 @@ def describe_model(backend: str, model: str) -> ModelSource:
         path, args, meta = describe_engine(model)
         return ModelSource(export_dir_of(path), args.family, args, meta["dtype"])
     raise UsageError(f"unknown backend '{backend}'; available: {', '.join(BACKENDS)}")
+
+
+def _not_an_artifact(backend: str, model: str) -> None:
+    """A checkpoint backend given an ONNX export or an engine: say which backend runs it, rather than that the
+    weights are missing."""
+    p = Path(model).expanduser()
+    if (p.is_dir() and (p / "model.onnx").is_file()) or (p.is_file() and p.suffix == ".onnx"):
+        raise UsageError(f"{model} is an ONNX export (dlmtrt export), not a checkpoint: run it with --backend "
+                         f"onnxruntime (--backend {backend} takes a checkpoint directory, alias or repo id)",
+                         field="backend")
+    if p.is_file() and (p.suffix in (".engine", ".plan") or p.with_name(p.name + ".json").is_file()):
+        raise UsageError(f"{model} is a TensorRT engine (dlmtrt build-engine), not a checkpoint: run it with "
+                         f"--backend tensorrt (--backend {backend} takes a checkpoint directory, alias or repo id)",
+                         field="backend")
 
 
 def export_dir_of(engine: Path) -> Path:
