@@ -189,7 +189,7 @@ def test_bad_input_is_refused_and_nothing_is_written(tmp_path, calibrated):
     assert r.exit_code == 2 and "has no prompt" in r.output and not (tmp_path / "d").exists()
     r = run(main, ["calibrate", "-m", str(calibrated("fp8")), "--format", "w8a8", "--task", "sudoku4", "--out",
                    str(tmp_path / "e")])
-    assert r.exit_code == 1 and "already quantised" in r.output and not (tmp_path / "e").exists()
+    assert r.exit_code == 2 and "already quantised" in r.output and not (tmp_path / "e").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary directory left
 
 
@@ -334,7 +334,7 @@ def test_block_sensitivity_is_the_kl_of_quantising_that_block_alone(dream, recor
 def test_keep_blocks_out_of_range_and_bad_unquantized_names_are_refused(tmp_path, calibrated):
     r = CliRunner().invoke(main, ["calibrate", "-m", "tiny-dream-tasks", "--format", "fp8", "--task", "sudoku4",
                                   "--keep-blocks", "6", "--out", str(tmp_path / "a")])
-    assert r.exit_code == 1 and "between 0 and 5" in r.output and not (tmp_path / "a").exists()
+    assert r.exit_code == 2 and "between 0 and 5" in r.output and not (tmp_path / "a").exists()
     import shutil
     d = tmp_path / "ck"
     shutil.copytree(calibrated("fp8"), d)
@@ -402,7 +402,7 @@ def test_quantize_head_is_refused_for_tied_embeddings_and_bad_configs(tmp_path, 
     (tied / "config.json").write_text(json.dumps(cfg))
     r = CliRunner().invoke(main, ["calibrate", "-m", str(tied), "--format", "fp8", "--task", "sudoku4",
                                   "--quantize-head", "--out", str(tmp_path / "a")])
-    assert r.exit_code == 1 and "tied embeddings" in r.output and "--quantize-head" in r.output
+    assert r.exit_code == 2 and "tied embeddings" in r.output and "--quantize-head" in r.output
     assert not (tmp_path / "a").exists()
     d = tmp_path / "ck"
     shutil.copytree(calibrated("fp8"), d)

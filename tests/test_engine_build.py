@@ -130,7 +130,7 @@ def test_rebuild_with_overwrite_profiles_and_the_cached_timing_cache(built, expo
     args = ["build-engine", "--onnx", str(exported("dream")), "--out", str(engine), "--timing-cache", str(cache),
             "--precision", "fp32", "--profile", "batch=2,canvas=16:64:128", "--profile", "active=1:1:1"]
     r = CliRunner().invoke(main, args)
-    assert r.exit_code == 1 and "exists" in r.output and "--overwrite" in r.output and "Traceback" not in r.output
+    assert r.exit_code == 2 and "exists" in r.output and "--overwrite" in r.output and "Traceback" not in r.output
     r = CliRunner().invoke(main, args + ["--overwrite"])
     assert r.exit_code == 0, r.output
     m = json.loads(engine.with_name("model.engine.json").read_text())
@@ -168,7 +168,7 @@ def test_bad_inputs_are_one_line_errors(exported, tmp_path, monkeypatch):
     assert r.exit_code == 1 and "not a readable ONNX model" in r.output
     d = str(exported("dream"))
     r = run("--onnx", d, "--out", out, "--precision", "bf16")
-    assert r.exit_code == 1 and "does not match the export, which is float32" in r.output
+    assert r.exit_code == 2 and "does not match the export, which is float32" in r.output
     assert "--dtype bfloat16" in r.output
     r = run("--onnx", d, "--out", str(tmp_path))
     assert r.exit_code == 2  # click: --out must be a file

@@ -16,7 +16,7 @@ PKG = Path(dlmtrt.__file__).resolve().parent
 # code, and runtime backends and engine builds use them
 STAGES = ["models", "plugins", "runtime", "export", "engine", "calibration", "serve", "evals", "cli"]
 RANK = {s: k for k, s in enumerate(STAGES)}
-FOUNDATION = {"errors", "dtypes", ""}  # `import dlmtrt` itself: __version__
+FOUNDATION = {"errors", "dtypes", "paths", ""}  # `import dlmtrt` itself: __version__
 
 
 def stage_of(module: str) -> str | None:

@@ -337,7 +337,7 @@ def test_models_health_and_metrics(servers):
 
 def test_client_disconnect_drops_the_request(servers):
     srv = servers("dream")
-    body = {"prompt": "abc", "max_tokens": 64, "steps": 512, "stream": True, "dlmtrt_canvas": True}
+    body = {"prompt": "abc", "max_tokens": 256, "steps": 256, "stream": True, "dlmtrt_canvas": True}
     before = srv.metrics()
     with httpx.Client(timeout=60) as client:
         with client.stream("POST", srv.url + "/v1/completions", json=body) as r:
@@ -376,7 +376,7 @@ def test_queue_full_is_429_and_shutdown_is_graceful(servers):
     assert len(texts) == 1  # the same greedy answer whatever the queue did
 
     # graceful shutdown: accepted requests finish, then the process exits 0
-    long = {**body, "max_tokens": 64, "steps": 128}
+    long = {**body, "max_tokens": 128, "steps": 128}
     results = {}
 
     async def accepted_then_term():
@@ -431,7 +431,7 @@ def test_cli_errors_are_one_line(tmp_path):
     r = runner.invoke(main, ["serve", "-m", str(tmp_path / "missing"), "--port", "0"])
     assert r.exit_code == 1 and "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
     r = runner.invoke(main, ["serve", "-m", "tiny-dream-tasks", "--policy", "bogus"])
-    assert r.exit_code == 1 and "unknown cache policy" in r.output
+    assert r.exit_code == 2 and "unknown cache policy" in r.output
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
