@@ -6,7 +6,7 @@ from __future__ import annotations
 import socket
 import sys
 
-from dlmtrt.errors import UsageError
+from dlmtrt.errors import DlmtrtError
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -18,7 +18,7 @@ def bind(host: str, port: int) -> socket.socket:
     except OSError as e:
         sock.close()
         why = "is in use" if e.errno in (98, 48, 10048) else f"cannot be bound ({e.strerror})"
-        raise UsageError(f"port {port} on {host} {why}; pick another with --port (0 = any free port)") from None
+        raise DlmtrtError(f"port {port} on {host} {why}; pick another with --port (0 = any free port)") from None
     sock.set_inheritable(True)
     return sock
 
