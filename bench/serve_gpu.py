@@ -33,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dlmtrt.evals.speed import random_model, shape_args  # noqa: E402
 from dlmtrt.runtime.policies import parse_policy  # noqa: E402
-from dlmtrt.runtime.params import DreamParams  # noqa: E402
+from dlmtrt.runtime.families.dream import FAMILY as DREAM, DreamParams  # noqa: E402
 from dlmtrt.runtime.prefix import PrefixStore  # noqa: E402
-from dlmtrt.serve.scheduler import Job, Scheduler, draws_random  # noqa: E402
+from dlmtrt.serve.scheduler import Job, Scheduler  # noqa: E402
 
 
 def word_tokenizer(vocab: int, eos: int):
@@ -72,7 +72,7 @@ class Client:
         answer dict)."""
         plan = parse_policy(policy)
         new = params["max_new_tokens"]
-        jobs = [Job(p, params, plan, 0, draws_random("dream", params), new, self.sink, canvas=canvas) for p in prompts]
+        jobs = [Job(p, params, plan, 0, DREAM.draws_random(params), new, self.sink, canvas=canvas) for p in prompts]
         submitted: dict[int, float] = {}
         nxt = 0
         with self.lock:

@@ -431,7 +431,7 @@ def test_bench_checks_every_policy_before_running_any(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("dlmtrt.evals.speed.random_model", _unreachable)
     r = CliRunner().invoke(main, ["bench", "--answer", "8"])  # default --block-length 32 does not tile 8
-    assert_one_line(r, "policy dual", "block_length (32)", "--answer 8")
+    assert_one_line(r, "policy dual", "multiple of block_length (32)", "--answer 8")
     assert "running" not in r.output and list(tmp_path.iterdir()) == []
 
 

@@ -369,7 +369,7 @@ def test_chunked_conversion_is_exact(tmp_path, monkeypatch, chunk):
     d = make_tiny("llada", tmp_path / "c", seed=4, dtype=torch.bfloat16, max_shard_bytes=40_000)
     want = {k: v for f in sorted(d.glob("model-*.safetensors")) for k, v in load_file(f).items()}
     monkeypatch.setattr(loading, "_CHUNK_BYTES", chunk)
-    from dlmtrt.models.llada import checkpoint_to_ours
+    from dlmtrt.models.families.llada import checkpoint_to_ours
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         sd = load(str(d), dtype=dtype)[0].state_dict()
         for k, v in want.items():

@@ -7,7 +7,9 @@ import torch
 from dlmtrt.runtime.backends import make_backend
 from dlmtrt.runtime.decode import pack_rows, source_rows
 from dlmtrt.runtime.generate import dream_generate, generate_text, llada_generate
-from dlmtrt.runtime.params import DreamParams, LLaDAParams
+from dlmtrt.runtime.families.dream import DreamParams
+from dlmtrt.runtime.policies import Policy
+from dlmtrt.runtime.families.llada import LLaDAParams
 from dlmtrt.runtime.unmasking import DreamRule, LLaDARule, num_transfer_tokens
 
 
@@ -55,7 +57,7 @@ def test_dream_steps_commit_schedule(backends):
     ids = torch.randint(0, 200, (1, 4))
     seen = []
 
-    class Spy:
+    class Spy(Policy):
         name = "spy"
 
         def plan(self, s):

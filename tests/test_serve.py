@@ -444,7 +444,8 @@ def test_cli_errors_are_one_line(tmp_path):
 def test_scheduler_rules():
     from types import SimpleNamespace
 
-    from dlmtrt.serve.scheduler import Scheduler, bucket_of, draws_random, shares_cache
+    from dlmtrt.runtime.families import get as family
+    from dlmtrt.serve.scheduler import Scheduler, bucket_of, shares_cache
     info = SimpleNamespace(mask_token_id=9, eos_token_id=8, device="cpu")
     tok = SimpleNamespace(pad_token_id=8)
     for name, cohorts in (("torch", 8), ("onnxruntime", 8), ("torch-graph", 1), ("tensorrt", 1)):
@@ -453,11 +454,11 @@ def test_scheduler_rules():
         assert Scheduler(be, tok, "dream", max_positions=512, max_cohorts=8).max_cohorts == cohorts
     assert [bucket_of(n, 500) for n in (1, 16, 17, 33, 300, 499)] == [16, 16, 32, 64, 500, 500]
     dream = dict(temperature=0.0, alg="entropy", alg_temp=None)
-    assert not draws_random("dream", dream)
-    assert draws_random("dream", {**dream, "alg": "origin"}) and draws_random("dream", {**dream, "temperature": 0.5})
-    assert draws_random("dream", {**dream, "alg_temp": 0.1})
-    assert not draws_random("llada", dict(temperature=0.0, remasking="low_confidence"))
-    assert draws_random("llada", dict(temperature=0.0, remasking="random"))
+    assert not family("dream").draws_random(dream)
+    assert family("dream").draws_random({**dream, "alg": "origin"}) and family("dream").draws_random({**dream, "temperature": 0.5})
+    assert family("dream").draws_random({**dream, "alg_temp": 0.1})
+    assert not family("llada").draws_random(dict(temperature=0.0, remasking="low_confidence"))
+    assert family("llada").draws_random(dict(temperature=0.0, remasking="random"))
 
 
 def test_prefix_cache_serves_a_repeated_prompt_exactly(servers, offline):

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from dlmtrt.runtime.backends import make_backend
-from dlmtrt.runtime.generate import dream_session, llada_session
-from dlmtrt.runtime.params import DreamParams, LLaDAParams
+from dlmtrt.runtime.families import get as get_family
 from dlmtrt.runtime.policies import parse_policy
 
 PROMPTS = ["sudoku\n0120\n4231\n2000\n", "countdown 3 5 7 -> 22\n", "sudoku\n1000\n0300\n", "hello there\n"]
@@ -23,11 +22,9 @@ def models():
 def session(models, family: str, params: dict, policy: str):
     be, tok = models[family]
     enc = tok(PROMPTS, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
-    if family == "dream":
-        return dream_session(be, enc["input_ids"], enc["attention_mask"], DreamParams(**params).validate(),
-                             parse_policy(policy))
-    return llada_session(be, enc["input_ids"], enc["attention_mask"], LLaDAParams(**params).validate(),
-                         parse_policy(policy))
+    fam = get_family(family)
+    return fam.session(be, enc["input_ids"], enc["attention_mask"], fam.params(**params).validate().to_dict(),
+                       parse_policy(policy))
 
 
 CASES = [

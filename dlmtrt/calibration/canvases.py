@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 
 from dlmtrt.errors import UsageError
-from dlmtrt.runtime.generate import dream_session, llada_session
-from dlmtrt.runtime.params import DreamParams, LLaDAParams, greedy_params
+from dlmtrt.runtime.families import get as get_family
+from dlmtrt.runtime.params import greedy_params
 from dlmtrt.runtime.policies import parse_policy
 
 
@@ -41,11 +41,7 @@ def record(backend, tokenizer, prompts: list[str], *, new_tokens: int, steps: in
         ids, am = enc["input_ids"].to(info.device), enc["attention_mask"].to(info.device)
         if (ids == info.mask_token_id).any():
             raise UsageError("a calibration prompt contains the mask token; remove it")
-        plan = parse_policy("none")
-        if family == "dream":
-            s = dream_session(backend, ids, am, DreamParams(**params).validate(), plan)
-        else:
-            s = llada_session(backend, ids, am, LLaDAParams(**params).validate(), plan)
+        s = get_family(family).session(backend, ids, am, params, parse_policy("none"))
         P = ids.shape[1]
         lengths = am.sum(1).tolist()
         with torch.inference_mode():

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from dlmtrt.errors import UsageError
-from dlmtrt.models.families import FAMILIES
+from dlmtrt.models.families import get as model_family
 from dlmtrt.models.loading import Checkpoint
 from dlmtrt.models.quantized import FORMATS, FP8_MAX, INT8_MAX, QuantLinear, quantizable_linears
 from dlmtrt.models.tiny import save_weights
@@ -95,7 +95,7 @@ def write_checkpoint(model, ck: Checkpoint, out: str | Path, fmt: str, report: d
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        fam = FAMILIES[ck.family]
+        fam = model_family(ck.family)
         for f in ck.path.iterdir():
             if f.is_file() and not f.name.endswith((".safetensors", ".safetensors.index.json")) \
                     and f.name not in ("config.json", "quantization.json", "README.md"):

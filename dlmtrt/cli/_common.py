@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from dlmtrt.errors import DlmtrtError, OutputExistsError, UsageError
+from dlmtrt.runtime.params import SEED_LIMIT
 
 console = Console(stderr=True, log_path=False)
 out = Console(width=None if sys.stdout.isatty() else 160)  # tables piped to a file are not cropped to 80
@@ -118,7 +119,7 @@ def progress() -> Progress:
 MAX_TOKENS = 1_000_000  # new tokens / steps / block length: far beyond any model's positions
 MAX_PROBLEMS = 100_000
 POSITIVE_TOKENS = click.IntRange(1, MAX_TOKENS)
-SEED = click.IntRange(0, 2 ** 64 - 1)  # what torch.manual_seed takes
+SEED = click.IntRange(0, SEED_LIMIT - 1)
 NONNEGATIVE = click.FloatRange(min=0)
 
 
@@ -141,3 +142,16 @@ def check_device(ctx, param, value):
     except CheckpointError as e:
         raise click.BadParameter(str(e)) from None
     return value
+
+
+def refuse_other_families(family: str, explicit: dict) -> None:
+    """A generation option the model's family does not take (`explicit`: generic parameter name -> value) is a
+    usage error naming the option and the families that take it."""
+    from dlmtrt.runtime.families import FAMILIES, get
+    fam = get(family)
+    wrong = [k for k in explicit if not fam.takes(k)]
+    if wrong:
+        takers = sorted({f.name for k in wrong for f in FAMILIES.values() if f.takes(k)})
+        opts = [f"--{k.replace('_', '-')}" for k in wrong]
+        raise click.UsageError(f"{', '.join(opts)} {'does' if len(opts) == 1 else 'do'} not apply to {family} "
+                               f"models ({', '.join(takers)} only)")

@@ -7,12 +7,13 @@ import click
 from rich.table import Table
 
 from dlmtrt.dtypes import DTYPE_NAMES, QUANT_FORMATS
+from dlmtrt.models.families import shapes
 
 from ._common import POSITIVE_TOKENS, SEED, TEXT, check_device, console, friendly_errors, out, output_file, positive
 
 
 @click.command("bench")
-@click.option("--shape", type=click.Choice(["dream-7b", "llada-8b", "tiny-dream", "tiny-llada"]), default="tiny-dream",
+@click.option("--shape", type=click.Choice(list(shapes())), default="tiny-dream",
               show_default=True, help="Model shape, built with random weights (nothing is downloaded).")
 @click.option("--device", default="cpu", show_default=True, callback=check_device, help="cpu, cuda, cuda:N or auto.")
 @click.option("--dtype", type=click.Choice(DTYPE_NAMES), default=None,

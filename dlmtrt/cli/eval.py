@@ -7,7 +7,7 @@ import click
 from rich.table import Table
 
 from ._common import (MAX_PROBLEMS, POSITIVE_TOKENS, SEED, TEXT, check_device, console, dtype_choice,
-                      friendly_errors, out, output_file, positive, progress)
+                      friendly_errors, out, output_file, positive, progress, refuse_other_families)
 
 
 @click.command("eval")
@@ -60,8 +60,7 @@ def eval_cmd(model, tasks, n, policies, steps, blocks, block_length, remasking, 
         answer_tokens[spec] = task_.answer_tokens
     plans = [parse_policy(p) for p in policies]
     src = describe_model(backend, model)
-    if remasking is not None and src.family == "dream":
-        raise click.BadParameter("applies to LLaDA models", param_hint="--remasking")
+    refuse_other_families(src.family, {"remasking": remasking} if remasking is not None else {})
     for plan in plans:
         plan.check(src.family, remasking or "low_confidence")
     for spec, n_tokens in answer_tokens.items():

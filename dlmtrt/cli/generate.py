@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from ._common import (NONEMPTY_TEXT, NONNEGATIVE, POSITIVE_TOKENS, SEED, TEXT, check_device,
+from ._common import (NONEMPTY_TEXT, NONNEGATIVE, POSITIVE_TOKENS, SEED, TEXT, check_device, refuse_other_families,
                       console, dtype_choice, friendly_errors, out, progress, read_prompt_file)
 
 # The cache policies `--policy` takes (runtime.policies.CACHE_POLICIES; a test keeps the two equal, so that
@@ -66,6 +66,7 @@ def generate(model, prompts, prompt_file, chat, max_new_tokens, steps, temperatu
 
     from dlmtrt.errors import UsageError
     from dlmtrt.runtime.backends import describe_model, make_backend
+    from dlmtrt.runtime.families import get as family
     from dlmtrt.runtime.generate import generate_text
     from dlmtrt.runtime.params import check_step_budget, family_params, surplus_steps_note
     from dlmtrt.runtime.policies import parse_policy
@@ -75,23 +76,18 @@ def generate(model, prompts, prompt_file, chat, max_new_tokens, steps, temperatu
         raise click.UsageError("no prompt: pass --prompt TEXT (repeatable) or --prompt-file FILE")
     plan = parse_policy(policy)
     ck = describe_model(backend, model)
-    dream_only = {"--alg": alg, "--alg-temp": alg_temp, "--eps": eps, "--top-p": top_p, "--top-k": top_k}
-    llada_only = {"--remasking": remasking, "--cfg-scale": cfg_scale}
-    wrong = [k for k, v in (llada_only if ck.family == "dream" else dream_only).items() if v is not None]
-    if wrong:
-        other = "LLaDA" if ck.family == "dream" else "Dream"
-        raise click.UsageError(f"{', '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} not apply to "
-                               f"{ck.family} models ({other} only)")
     explicit = dict(max_new_tokens=max_new_tokens, steps=steps, temperature=temperature, alg=alg, alg_temp=alg_temp,
                     eps=eps, top_p=top_p, top_k=top_k, block_length=block_length, remasking=remasking,
                     cfg_scale=cfg_scale)
-    params = family_params(ck.family, ck.path, **{k: v for k, v in explicit.items() if v is not None})
+    explicit = {k: v for k, v in explicit.items() if v is not None}
+    refuse_other_families(ck.family, explicit)
+    params = family_params(ck.family, ck.path, **explicit)
     plan.check(ck.family, params.get("remasking"))
     try:
         check_step_budget(ck.family, params, plan.parallel is not None, explicit_steps=steps is not None)
     except UsageError as e:
         raise click.BadParameter(str(e), param_hint="--steps") from None
-    new = params.get("max_new_tokens") or params["gen_length"]
+    new = family(ck.family).new_tokens(params)
     if new >= ck.args.max_position_embeddings:
         raise click.BadParameter(f"{new} new tokens do not fit the model's {ck.args.max_position_embeddings} "
                                  "positions with any prompt; ask for fewer", param_hint="--max-new-tokens")

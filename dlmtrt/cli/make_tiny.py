@@ -6,6 +6,7 @@ from pathlib import Path
 import click
 
 from dlmtrt.dtypes import DTYPE_NAMES
+from dlmtrt.models.families import FAMILIES
 
 from ._common import SEED, console, friendly_errors, output_dir, positive
 
@@ -17,7 +18,7 @@ def _multiple_of_16(ctx, param, value):
 
 
 @click.command("make-tiny")
-@click.option("--arch", type=click.Choice(["dream", "llada"]), required=True, help="Model family to imitate.")
+@click.option("--arch", type=click.Choice(list(FAMILIES)), required=True, help="Model family to imitate.")
 @click.option("--out", "-o", type=click.Path(path_type=Path), required=True, callback=output_dir,
               help="New directory for the checkpoint (must not exist or be empty).")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the random weights.")

@@ -17,15 +17,9 @@ from dlmtrt.errors import UsageError
 from dlmtrt.evals.tasks import Problem, get_task, parse_task
 from dlmtrt.runtime.generate import generate_text
 from dlmtrt.runtime.prefix import PrefixStore
+from dlmtrt.runtime.families import get as get_family
 from dlmtrt.runtime.params import greedy_params
 from dlmtrt.runtime.policies import parse_policy
-
-
-def schedule_name(family: str, blocks: int | None, remasking: str | None = None) -> str:
-    """How a row of results was decoded, for tables: Dream's own schedule, or blocks (and LLaDA's remasking)."""
-    if family == "dream":
-        return "dream" if blocks is None else f"fast-dllm blocks={blocks}"
-    return f"blocks={blocks or 1}" + (f" {remasking}" if remasking and remasking != "low_confidence" else "")
 
 
 @dataclass
@@ -65,9 +59,7 @@ def evaluate(backend, tokenizer, task_spec: str, n: int, policies: list[str], *,
     family = backend.info.family
     params = greedy_params(family, task.answer_tokens, steps=steps, blocks=blocks, remasking=remasking,
                            block_length=block_length)
-    if block_length is not None:
-        blocks = task_blocks(task.answer_tokens, block_length)
-    schedule = schedule_name(family, blocks, remasking)
+    schedule = get_family(family).schedule_name(params)
     results, records = [], []
     for spec in policies:
         policy = parse_policy(spec)
@@ -105,11 +97,6 @@ def evaluate(backend, tokenizer, task_spec: str, n: int, policies: list[str], *,
                                     toks / wall if wall else None, correct,
                                     store.stats.hit_rows / max(store.stats.prompt_rows, 1) if store else None))
     return results, records
-
-
-def task_blocks(answer_tokens: int, block_length: int) -> int:
-    """Blocks of `block_length` that cover a task's answer (its canvas is rounded up to whole blocks)."""
-    return -(-answer_tokens // block_length)
 
 
 def write_results(path: Path, model: str, results: list[PolicyResult], extra: dict | None = None) -> None:

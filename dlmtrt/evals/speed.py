@@ -16,21 +16,27 @@ import torch
 
 from dlmtrt.dtypes import DTYPES
 from dlmtrt.errors import UsageError
-from dlmtrt.models.tiny import DEFAULT_SIZES, shaped_like, tiny_args
-from dlmtrt.models.transformer import DiffusionLM, ModelArgs, rope_inv_freq
-from dlmtrt.runtime.params import DreamParams, LLaDAParams
+from dlmtrt.models.tiny import DEFAULT_SIZES, shaped_like, tiny_args, tiny_vocabulary
+from dlmtrt.models.args import ModelArgs
+from dlmtrt.models.transformer import DiffusionLM, rope_inv_freq
 
-SHAPES = ("dream-7b", "llada-8b", "tiny-dream", "tiny-llada")
+def shape_names() -> tuple[str, ...]:
+    """Every model family's released sizes (dream-7b, llada-8b, ...) and tiny-<family>."""
+    from dlmtrt.models.families import shapes
+    return tuple(shapes())
 
 
 def shape_args(shape: str) -> ModelArgs:
-    if shape not in SHAPES:
-        raise UsageError(f"unknown shape '{shape}'; choose from {', '.join(SHAPES)}")
-    family = shape.split("-")[-1] if shape.startswith("tiny") else shape.split("-")[0]
-    if shape.startswith("tiny"):
-        ids = {"mask": 259, "eos": 256, "pad": 256} if family == "dream" else {"mask": 261, "eos": 257, "pad": 257}
-        return tiny_args(family, 264, ids, **DEFAULT_SIZES)
-    return shaped_like(family)
+    """ModelArgs of a named shape: a released size, or `tiny-<family>` (the tiny tokenizer's vocabulary and ids)."""
+    from dlmtrt.models.families import shapes
+    table = shapes()
+    if shape not in table:
+        raise UsageError(f"unknown shape '{shape}'; choose from {', '.join(table)}", field="shape")
+    fam, fields = table[shape]
+    if not fields:
+        vocab, ids = tiny_vocabulary(fam.FAMILY)
+        return tiny_args(fam.FAMILY, vocab, ids, **DEFAULT_SIZES)
+    return shaped_like(shape)
 
 
 def random_model(args: ModelArgs, device: str, dtype: torch.dtype, seed: int = 0) -> DiffusionLM:
@@ -187,14 +193,17 @@ def step_ms(backend, B: int, active: int, length: int, repeats: int = 30) -> flo
     return median_ms(lambda: backend.step(s), dev, repeats)
 
 
-def run_policy(backend, family: str, B: int, prompt: int, answer: int, steps: int, policy: str,
-               block_length: int | None, seed: int = 0, memory: PeakMemory | None = None) -> RunResult:
-    """One whole generation of random prompts; tokens/s over its wall time, per-step times from events."""
-    from dlmtrt.runtime.generate import dream_generate, llada_generate
+def run_policy(backend, params: dict, B: int, prompt: int, policy: str, seed: int = 0,
+               memory: PeakMemory | None = None) -> RunResult:
+    """One whole generation of random prompts with the family's `params`; tokens/s over its wall time,
+    per-step times from events."""
+    from dlmtrt.runtime.families import get as family
+    fam = family(backend.info.family)
     dev = backend.info.device
     cuda = dev.type == "cuda"
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, 250, (B, prompt), generator=g).to(dev)
+    answer = fam.new_tokens(params)
     events: list = []
 
     def mark(i, n):
@@ -211,12 +220,7 @@ def run_policy(backend, family: str, B: int, prompt: int, answer: int, steps: in
     if cuda:
         start.record()
     t0 = time.perf_counter()
-    if family == "dream":
-        _, st = dream_generate(backend, ids, max_new_tokens=answer, steps=steps, alg="maskgit_plus", temperature=0.0,
-                               block_length=block_length, policy=policy, on_step=mark)
-    else:
-        _, st = llada_generate(backend, ids, steps=steps, gen_length=answer, block_length=block_length or answer,
-                               policy=policy, on_step=mark)
+    _, st = fam.generate(backend, ids, policy=policy, on_step=mark, **params)
     _sync(dev)
     wall = time.perf_counter() - t0
     if cuda:
@@ -225,10 +229,28 @@ def run_policy(backend, family: str, B: int, prompt: int, answer: int, steps: in
     else:
         marks = [t0] + events
         durs = [(b - a) * 1e3 for a, b in zip(marks[:-1], marks[1:])]
-    peak = memory.peak()
-    schedule = "dream" if family == "dream" and block_length is None else f"blocks of {block_length or answer}"
-    return RunResult(policy, schedule, B, answer, st.steps, B * answer / wall, statistics.median(durs),
-                     st.rows_computed / max(st.steps, 1), peak)
+    return RunResult(policy, fam.schedule_name(params), B, answer, st.steps, B * answer / wall,
+                     statistics.median(durs), st.rows_computed / max(st.steps, 1), memory.peak())
+
+
+def policy_params(family: str, policy: str, answer: int, steps: int, block_length: int | None) -> dict:
+    """The greedy parameters a bench run of `policy` decodes with: blocks of `block_length` where the family's
+    schedule is block-wise or the policy is defined over blocks, else the family's own schedule; validated
+    (before anything is built or run)."""
+    from dlmtrt.runtime.families import get
+    from dlmtrt.runtime.policies import parse_policy
+    fam = get(family)
+    plan = parse_policy(policy)
+    blocks = block_length if fam.blockwise_schedule or plan.cache.needs_blocks else None
+    try:
+        params = fam.greedy(answer, steps=steps, block_length=blocks)
+        if fam.new_tokens(params) != answer:
+            raise UsageError(f"the answer ({answer}) is not a multiple of block_length ({blocks})",
+                             field="block_length")
+    except UsageError as e:
+        raise UsageError(f"policy {policy}: {e} (bench: --answer {answer}, --steps {steps}, --block-length "
+                         f"{block_length})", field=e.field) from None
+    return params
 
 
 def bench(shape: str, *, device: str = "cpu", dtype: str = "float32", backend: str = "torch-graph",
@@ -258,11 +280,8 @@ def bench(shape: str, *, device: str = "cpu", dtype: str = "float32", backend: s
         raise UsageError("--attention kernel applies to the torch-graph backend")
     runs = []
     for p in policies:
-        plan = parse_policy(p)
-        plan.check(args.family, "low_confidence")
-        blocks = _policy_blocks(args.family, p, block_length)
-        _check_schedule(args.family, answer, steps, blocks, p)
-        runs.append((p, blocks))
+        parse_policy(p).check(args.family, "low_confidence")
+        runs.append((p, policy_params(args.family, p, answer, steps, block_length)))
     memory = PeakMemory(device)
     log(f"building {shape} ({count(args.param_count)} parameters) with random {dtype} weights on {device}")
     model = random_model(args, device, DTYPES[dtype], seed)
@@ -285,10 +304,10 @@ def bench(shape: str, *, device: str = "cpu", dtype: str = "float32", backend: s
                       kv_bytes, bw, floor_ms)
     log("timing a one-active-row step")
     rep.single_row_step_ms = step_ms(be, batch, 1, L)
-    for k, (p, blocks) in enumerate(runs):
+    for k, (p, params) in enumerate(runs):
         log(f"running {p} ({k + 1}/{len(runs)})")
-        run_policy(be, args.family, batch, prompt, answer, steps, p, blocks, seed, memory)  # warm-up: graphs
-        r = run_policy(be, args.family, batch, prompt, answer, steps, p, blocks, seed, memory)
+        run_policy(be, params, batch, prompt, p, seed, memory)  # warm-up: captures graphs
+        r = run_policy(be, params, batch, prompt, p, seed, memory)
         rep.runs.append(replace(r, floor_ratio=r.step_ms_median / floor_ms))
     return rep
 
@@ -299,27 +318,6 @@ def count(n: int) -> str:
         if n >= div:
             return f"{n / div:.2f} {unit}"
     return str(n)
-
-
-def _policy_blocks(family: str, policy: str, block_length: int | None) -> int | None:
-    """The block length a policy decodes with: LLaDA always (its schedule is blocks); Dream only under the
-    block-wise caches (Fast-dLLM's block decoding), else Dream's own schedule."""
-    if family == "llada" or policy.split("+")[0].split(":")[0] in ("block", "dual"):
-        return block_length
-    return None
-
-
-def _check_schedule(family: str, answer: int, steps: int, block_length: int | None, policy: str) -> None:
-    """The parameters `run_policy` will generate with, validated before anything is built or run."""
-    try:
-        if family == "dream":
-            DreamParams(max_new_tokens=answer, steps=steps, alg="maskgit_plus", temperature=0.0,
-                        block_length=block_length).validate()
-        else:
-            LLaDAParams(gen_length=answer, steps=steps, block_length=block_length or answer).validate()
-    except UsageError as e:
-        raise UsageError(f"policy {policy}: {e} (bench: --answer {answer}, --steps {steps}, --block-length "
-                         f"{block_length})", field=e.field) from None
 
 
 def quantize_random(model: DiffusionLM, fmt: str, length: int, seed: int = 0, canvases: int = 4,

@@ -22,7 +22,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from dlmtrt.evals.tasks import TASKS
-from dlmtrt.models.tiny import build_tokenizer, save_checkpoint, tiny_args, TOKEN_ROLES
+from dlmtrt.models.families import FAMILIES
+from dlmtrt.models.tiny import build_tokenizer, save_checkpoint, tiny_args, tiny_vocabulary
 from dlmtrt.models.transformer import DiffusionLM
 
 console = Console()
@@ -35,9 +36,7 @@ class Encoder:
 
     def __init__(self, family: str):
         self.tok = build_tokenizer(family)
-        ids = {k.removesuffix("_token"): self.tok.token_to_id(v) for k, v in TOKEN_ROLES[family].items() if v}
-        self.ids = ids
-        self.vocab = int(math.ceil(self.tok.get_vocab_size() / 8) * 8)
+        self.vocab, self.ids = tiny_vocabulary(family, self.tok)
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
@@ -93,7 +92,7 @@ def diffusion_loss(logits_fn, shift: bool, x0, am, ans, mask_id: int, g: torch.G
 
 
 @click.command()
-@click.option("--family", type=click.Choice(["dream", "llada"]), required=True)
+@click.option("--family", type=click.Choice(list(FAMILIES)), required=True)
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 @click.option("--minutes", default=8.0, show_default=True, help="Wall-clock budget of the training loop.")
 @click.option("--max-steps", default=100_000, show_default=True)

@@ -87,9 +87,11 @@ def default_prompts(ck, family: str, seed: int = 0) -> tuple[list[str], dict]:
             name, diff = parse_task(spec)
             prompts.append(get_task(name).problems(1, seed, **diff)[0].prompt)
         return prompts, greedy_params(family, get_task(parse_task(TASK_PROMPTS[0])[0]).answer_tokens)
-    # LLaDA in two semi-autoregressive blocks, so block policies see a block change
+    # block-wise schedules (LLaDA) in two blocks, so block policies see a block change
+    from dlmtrt.runtime.families import get
+    blocks = 2 if get(family).blockwise_schedule else None
     return list(GENERIC_PROMPTS), greedy_params(family, GENERIC_NEW_TOKENS, steps=GENERIC_NEW_TOKENS // 2,
-                                                blocks=None if family == "dream" else 2, alg="entropy")
+                                                blocks=blocks, alg="entropy")
 
 
 def spread(items: list, k: int | None) -> list:

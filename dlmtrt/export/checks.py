@@ -18,7 +18,7 @@ import torch
 
 from dlmtrt.dtypes import DTYPES
 from dlmtrt.models.loading import Checkpoint, load_weights
-from dlmtrt.models.transformer import ModelArgs
+from dlmtrt.models.args import ModelArgs
 
 from . import attention as attn
 from dlmtrt.runtime.contract import input_names, output_kind, output_names

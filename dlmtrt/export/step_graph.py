@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from dlmtrt.models.transformer import DiffusionLM, ModelArgs
+from dlmtrt.models.args import ModelArgs
+from dlmtrt.models.transformer import DiffusionLM
 
 class StepGraph(nn.Module):
     """`DiffusionLM.forward` with the per-layer caches as separate positional tensors (key, value, key, ...)."""

@@ -17,21 +17,17 @@ from safetensors import SafetensorError, safe_open
 from dlmtrt import dtypes
 from dlmtrt.errors import DlmtrtError
 
-from .families import FAMILIES, family_of, supported_summary
-from .transformer import DiffusionLM, ModelArgs, rope_inv_freq
+from .families import aliases, family_of, supported_summary
+from .families import get as model_family
+from .args import ModelArgs
+from .transformer import DiffusionLM, rope_inv_freq
 
-ALIASES: dict[str, str] = {
-    "dream-7b": "Dream-org/Dream-v0-Instruct-7B",
-    "dream-7b-base": "Dream-org/Dream-v0-Base-7B",
-    "llada-8b": "GSAI-ML/LLaDA-8B-Instruct",
-    "llada-8b-base": "GSAI-ML/LLaDA-8B-Base",
-}
+ALIASES: dict[str, str] = aliases()  # every model family's released checkpoints
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 SHIPPED = Path(__file__).resolve().parent.parent / "checkpoints"
-SHIPPED_ALIASES: dict[str, Path] = {  # trained by this project (dlmtrt/evals/train.py), committed under checkpoints/
-    "tiny-dream-tasks": SHIPPED / "tiny-dream-tasks",
-    "tiny-llada-tasks": SHIPPED / "tiny-llada-tasks",
-}
+# trained by this project (dlmtrt/evals/train.py), committed under checkpoints/: one alias per directory
+SHIPPED_ALIASES: dict[str, Path] = {p.name: p for p in sorted(SHIPPED.iterdir()) if (p / "config.json").is_file()} \
+    if SHIPPED.is_dir() else {}
 _ST_DTYPES: dict[str, torch.dtype] = {  # safetensors dtype tags of unquantised float weights
     "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 _ST_QUANT: dict[str, torch.dtype] = {"F8_E4M3": torch.float8_e4m3fn, "I8": torch.int8}  # calibrated checkpoints
@@ -307,7 +303,7 @@ def quantized_layers(ck: Checkpoint, model: DiffusionLM) -> list[str]:
 def tensor_index(ck: Checkpoint) -> dict[str, TensorRef]:
     """Every weight of the model under our parameter names, validated against the config (names, shapes, dtypes,
     completeness) from the safetensors headers alone: nothing is read. The loader and the ONNX exporter use it."""
-    fam = FAMILIES[ck.family]
+    fam = model_family(ck.family)
     model = skeleton(ck)
     quantized = {n: p.dtype for n, p in model.named_parameters() if p.dtype in _ST_QUANT.values()}
     expected = {n: p.shape for n, p in model.named_parameters()}

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from dlmtrt.errors import DlmtrtError
-from dlmtrt.models.transformer import ModelArgs
+from dlmtrt.models.args import ModelArgs
 
 
 @dataclass

@@ -169,10 +169,9 @@ class DecodeSession:
         self.finished = self.stats.new_tokens == 0
         self._seq_fwd = torch.zeros((), dtype=torch.long, device=dev)  # device-side counters, read at the end
         self._early = torch.zeros((), dtype=torch.long, device=dev)
-        if hasattr(rule, "lockstep"):  # blocks end on schedule unless something can finish them early
-            rule.lockstep = plan.early is None and getattr(rule, "parallel", None) is None
-        # upstream breaks the -inf/NaN ties of uncomputed positions with torch.topk: keep its exact path then
-        rule.exact_ties = getattr(plan.cache, "skips_needed_rows", False)
+        if plan.cache.skips_needed_rows and not rule.exact_ties:
+            raise ValueError(f"policy {plan.spec} leaves needed rows uncomputed: build the rule with "
+                             "plan.rule_options() (exact_ties), as the families do")
         self.prefix_store = prefix_store  # serves stored prompt prefixes, and takes the ones step 0 computes
         if prefix_store is not None:
             if cfg_scale > 0:
@@ -216,7 +215,7 @@ class DecodeSession:
         selects = getattr(self.backend, "selects_logit_rows", False)
         out: StepOutputs = self.backend.step(StepInputs(
             x_in.gather(1, pos_in), pos_in, self.keys, self.values, known_in, self.am_in,
-            logit_rows=cand_in if selects else None, need_drift=hasattr(plan.cache, "observe")))
+            logit_rows=cand_in if selects else None, need_drift=plan.cache.observes_drift))
         self.keys, self.values = out.present_keys, out.present_values
         self.valid = out.present_valid[:B]
         logits = out.logits
@@ -232,7 +231,7 @@ class DecodeSession:
         committed = (new_x != info.mask_token_id) & mask_index
         self.decoded_at = torch.where(committed, i, self.decoded_at)
         self.computed_at = torch.where(active, i, self.computed_at)
-        if hasattr(plan.cache, "observe"):
+        if plan.cache.observes_drift:
             drift = torch.zeros(B, L, device=dev).scatter(1, pos, out.kv_drift[:B].float())
             plan.cache.observe(self.memory, active, drift, known, committed)
         self.x = new_x

@@ -1,152 +1,78 @@
-"""Generation parameters of each family, with the defaults the authors' code actually uses.
-
-`DreamParams` defaults are what Dream's `diffusion_generate` runs with when the caller leaves a parameter
-out, under the transformers version Dream pins (4.46): it builds its generation config from the *model*
-config, whose inherited generation defaults are temperature 1.0, top_p 1.0 and top_k 50, then takes
-`alg='origin'`, `steps=512`, `eps=1e-3` and 20 new tokens from its own defaults. So an unqualified call
-samples, and confidences are renormalised over the top 50 logits. `from_config` applies the same
-precedence to a checkpoint's config.json. `LLaDAParams` are the defaults of LLaDA's `generate`.
-The CLI, the evaluator and the Python API all start from these.
-"""
+"""Generation parameters, family-independent: the checks every family's parameters share, and the entry points
+the CLI, the server, the evaluator and the benchmarks call with a family's name. Each family's own parameters,
+with the defaults its authors' code actually uses, live in its module (runtime/families/)."""
 from __future__ import annotations
-
-from dataclasses import asdict, dataclass, fields
 
 from dlmtrt.errors import UsageError
 
-DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
-LLADA_REMASKING = ("low_confidence", "random")
-
-# What transformers 4.46's PretrainedConfig carries for every model and Dream's generation config inherits.
-_PRETRAINED_GENERATION_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 50}
+SEED_LIMIT = 2 ** 64  # seeds are in [0, SEED_LIMIT): what torch.manual_seed takes (CLI --seed, the server's seed)
 
 
-@dataclass
-class DreamParams:
-    max_new_tokens: int = 20
-    steps: int = 512
-    eps: float = 1e-3
-    alg: str = "origin"
-    alg_temp: float | None = None
-    temperature: float = 1.0
-    top_p: float | None = None
-    top_k: int | None = 50
-    block_length: int | None = None  # Fast-dLLM block decoding; None = Dream's own single-block schedule
-
-    @classmethod
-    def from_config(cls, config: dict, **overrides) -> "DreamParams":
-        """Defaults as `diffusion_generate` derives them from a checkpoint's config.json, then `overrides`
-        (the caller's explicit values; None for top_p/top_k/alg_temp means off, as upstream)."""
-        p = cls()
-        for k in ("steps", "eps", "alg", "alg_temp", *_PRETRAINED_GENERATION_DEFAULTS):
-            if config.get(k) is not None:
-                setattr(p, k, config[k])
-        if p.top_p is not None and p.top_p >= 1:
-            p.top_p = None  # upstream applies top-p only below 1
-        for k, v in overrides.items():
-            setattr(p, k, v)
-        p.validate()
-        return p
-
-    def validate(self) -> "DreamParams":
-        _positive_int("max_new_tokens", self.max_new_tokens)
-        _positive_int("steps", self.steps)
-        if self.alg not in DREAM_ALGS:
-            raise UsageError(f"unknown alg '{self.alg}'; choose from {', '.join(DREAM_ALGS)}")
-        if not 0 < float(self.eps) < 1:
-            raise UsageError(f"eps must be in (0, 1), got {self.eps}")
-        if float(self.temperature) < 0:
-            raise UsageError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_p is not None and not 0 < float(self.top_p) <= 1:
-            raise UsageError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k is not None:
-            _positive_int("top_k", self.top_k)
-        if self.alg_temp is not None and float(self.alg_temp) < 0:
-            raise UsageError(f"alg_temp must be >= 0, got {self.alg_temp}")
-        if self.block_length is not None:
-            check_blocks("max_new_tokens", self.max_new_tokens, self.block_length, self.steps)
-        return self
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+def positive_int(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise UsageError(f"{name} must be a positive integer, got {value!r}", field=name)
 
 
-@dataclass
-class LLaDAParams:
-    gen_length: int = 128
-    steps: int = 128
-    block_length: int = 128
-    temperature: float = 0.0
-    cfg_scale: float = 0.0
-    remasking: str = "low_confidence"
-
-    def validate(self) -> "LLaDAParams":
-        _positive_int("gen_length", self.gen_length)
-        _positive_int("steps", self.steps)
-        check_blocks("gen_length", self.gen_length, self.block_length, self.steps)
-        if float(self.temperature) < 0:
-            raise UsageError(f"temperature must be >= 0, got {self.temperature}")
-        if float(self.cfg_scale) < 0:
-            raise UsageError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
-        if self.remasking not in LLADA_REMASKING:
-            raise UsageError(f"unknown remasking '{self.remasking}'; choose from {', '.join(LLADA_REMASKING)}")
-        return self
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-PARAMS = {"dream": DreamParams, "llada": LLaDAParams}
-
-
-def param_names(family: str) -> tuple[str, ...]:
-    return tuple(f.name for f in fields(PARAMS[family]))
+def check_float(name: str, value, low: float = 0.0) -> None:
+    """A number >= `low` (temperatures, scales)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value) >= low:
+        raise UsageError(f"{name} must be >= {low:g}, got {value!r}", field=name)
 
 
 def check_blocks(what: str, length: int, block_length, steps: int) -> None:
     """Blocks of `block_length` must tile the answer, and the steps must split evenly over the blocks."""
-    _positive_int("block_length", block_length)
+    positive_int("block_length", block_length)
     if length % block_length:
         raise UsageError(f"{what} ({length}) must be a multiple of block_length ({block_length}); pass "
-                         "--block-length dividing it")
+                         "--block-length dividing it", field="block_length")
     blocks = length // block_length
     if steps % blocks:
         raise UsageError(f"steps ({steps}) must be a multiple of the number of blocks ({blocks} = {what} / "
-                         "block_length)")
+                         "block_length)", field="steps")
 
 
-def _positive_int(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise UsageError(f"{name} must be a positive integer, got {value!r}")
+def greedy_layout(new_tokens: int, steps: int | None, blocks: int | None,
+                  block_length: int | None) -> tuple[int, int, int]:
+    """(answer length, steps, block length) of `new_tokens` split into `blocks` blocks (or blocks of
+    `block_length`, not both), the answer rounded up to whole blocks, one step per token unless `steps`."""
+    if block_length is not None:
+        if blocks is not None:
+            raise UsageError("give blocks or block_length, not both", field="block_length")
+        positive_int("block_length", block_length)
+        blocks = -(-new_tokens // block_length)
+    if blocks is None or not isinstance(blocks, int) or blocks < 1:
+        raise UsageError(f"blocks must be a positive integer, got {blocks!r}", field="blocks")
+    length = blocks * block_length if block_length is not None else -(-new_tokens // blocks) * blocks
+    steps = steps or length
+    if steps % blocks:
+        raise UsageError(f"steps ({steps}) must be a multiple of blocks ({blocks})", field="steps")
+    return length, steps, length // blocks
+
+
+def param_names(family: str) -> tuple[str, ...]:
+    from .families import get
+    return get(family).param_names
 
 
 def family_params(family: str, checkpoint_dir=None, **explicit) -> dict:
-    """Keyword arguments for `dream_generate` / `llada_generate` (and `generate_text`): the caller's explicit
-    values over the family's upstream defaults (Dream: as derived from the checkpoint's config.json).
-    `max_new_tokens` is accepted for both (LLaDA's `gen_length`); `top_k=0` / `top_p>=1` turn those off.
-    An option of the other family is refused."""
-    import json
-    from pathlib import Path
+    """Keyword arguments for the family's generation (and `generate_text`): the caller's explicit values,
+    generic or own names, over the family's upstream defaults (Dream: as derived from the checkpoint's
+    config.json). A parameter the family does not take is refused, named."""
+    from .families import get
+    return get(family).resolve(checkpoint_dir, **explicit)
 
-    if "max_new_tokens" in explicit and family == "llada":
-        explicit["gen_length"] = explicit.pop("max_new_tokens")
-    names = param_names(family)
-    wrong = sorted(k for k in explicit if k not in names)
-    if wrong:
-        raise UsageError(f"{family} generation does not take {', '.join(wrong)}; it takes {', '.join(names)}")
-    if family == "dream":
-        if explicit.get("top_k") == 0:
-            explicit["top_k"] = None
-        if explicit.get("top_p") is not None and explicit["top_p"] >= 1:
-            explicit["top_p"] = None
-        cfg = {}
-        if checkpoint_dir is not None and (Path(checkpoint_dir) / "config.json").exists():
-            cfg = json.loads((Path(checkpoint_dir) / "config.json").read_text())
-        return DreamParams.from_config(cfg, **explicit).to_dict()
-    p = LLaDAParams(**explicit)
-    if "block_length" not in explicit and p.gen_length < p.block_length:
-        p.block_length = p.gen_length  # upstream's 128 does not fit a shorter answer: one block
-    return p.validate().to_dict()
+
+def greedy_params(family: str, new_tokens: int, *, steps: int | None = None, blocks: int | None = None,
+                  remasking: str | None = None, alg: str = "maskgit_plus", block_length: int | None = None) -> dict:
+    """Deterministic (temperature 0) confidence-ordered decoding of `new_tokens` (the family's `greedy`): LLaDA
+    in `blocks` semi-autoregressive blocks (default 1); Dream in its own single-block schedule unless `blocks`
+    or `block_length` ask for Fast-dLLM's block decoding. `remasking` is LLaDA's, `alg` Dream's."""
+    from .families import get
+    fam = get(family)
+    own = {k: v for k, v in (("remasking", remasking), ("alg", alg)) if v is not None and fam.takes(k)}
+    if remasking is not None and not fam.takes("remasking"):
+        raise UsageError(f"remasking does not apply to {family} models", field="remasking")
+    return fam.greedy(new_tokens, steps=steps, blocks=blocks, block_length=block_length, **own)
 
 
 def check_step_budget(family: str, params: dict, parallel: bool, explicit_steps: bool) -> None:
@@ -162,62 +88,27 @@ def check_step_budget(family: str, params: dict, parallel: bool, explicit_steps:
       (upstream ignores it there), so fewer steps than tokens cannot be honoured.
     Without blocks, Dream's parallel decoding keeps its step budget (each step may commit up to
     max_new_tokens / steps tokens) and is not affected."""
+    from .families import get
     if not explicit_steps:
         return
-    new = params.get("max_new_tokens") or params["gen_length"]
-    steps = params["steps"]
-    blocks = family == "llada" or params.get("block_length") is not None
-    if parallel and blocks and steps < new:
+    fam = get(family)
+    new, steps = fam.new_tokens(params), params["steps"]
+    if parallel and fam.blockwise(params) and steps < new:
         raise UsageError(f"steps ({steps}) cannot bound +parallel in block decoding: Fast-dLLM's threshold rule "
                          f"decodes each block until it is done (up to one step per token, here {new}); leave "
                          "steps out, or drop +parallel for a fixed step budget", field="steps")
     if steps > new:
-        raise UsageError(f"steps ({steps}) exceeds the {new} new tokens: {_SURPLUS[family]}; ask for at most {new} "
-                         "steps (one token per step)", field="steps")
-
-
-_SURPLUS = {"llada": "steps beyond one per token commit nothing (upstream runs them all; so do we, except "
-                     "after the last token)",
-            "dream": "steps beyond one per token commit nothing, and Dream's schedule (as upstream's) runs every one"}
+        raise UsageError(f"steps ({steps}) exceeds the {new} new tokens: {fam.surplus_steps}; ask for at most "
+                         f"{new} steps (one token per step)", field="steps")
 
 
 def surplus_steps_note(family: str, params: dict) -> str | None:
     """What to tell the user when the family's *default* step count exceeds the new tokens (Dream's upstream
     default is 512 steps for any length), or None."""
-    new = params.get("max_new_tokens") or params["gen_length"]
+    from .families import get
+    fam = get(family)
+    new = fam.new_tokens(params)
     if params["steps"] <= new:
         return None
-    return (f"{params['steps']} steps (the {family} default) for {new} new tokens: {_SURPLUS[family]}; pass "
+    return (f"{params['steps']} steps (the {family} default) for {new} new tokens: {fam.surplus_steps}; pass "
             f"--steps {new} for one token per step")
-
-
-def greedy_params(family: str, new_tokens: int, *, steps: int | None = None, blocks: int | None = None,
-                  remasking: str | None = None, alg: str = "maskgit_plus", block_length: int | None = None) -> dict:
-    """Deterministic (temperature 0) confidence-ordered decoding of `new_tokens`: what the evaluator, the
-    trajectory recorder and the benchmarks decode with. LLaDA decodes in `blocks` semi-autoregressive blocks
-    (default 1); Dream runs its own single-block schedule unless `blocks` asks for Fast-dLLM's block decoding.
-    With blocks the canvas is rounded up to a multiple of them. Everything not set here is the family's
-    upstream default (Dream's top_k 50 included). `block_length` instead of `blocks`: as many blocks of that
-    length as cover the answer."""
-    if block_length is not None:
-        if blocks is not None:
-            raise UsageError("give blocks or block_length, not both", field="block_length")
-        _positive_int("block_length", block_length)
-        blocks = -(-new_tokens // block_length)
-    if blocks is not None and (not isinstance(blocks, int) or blocks < 1):
-        raise UsageError(f"blocks must be a positive integer, got {blocks!r}")
-    if family == "dream" and remasking is not None:
-        raise UsageError("remasking applies to LLaDA models")
-    if family == "dream" and blocks is None:
-        return DreamParams(max_new_tokens=new_tokens, steps=steps or new_tokens, alg=alg,
-                           temperature=0.0).validate().to_dict()
-    blocks = blocks or 1
-    length = blocks * block_length if block_length is not None else -(-new_tokens // blocks) * blocks
-    steps = steps or length
-    if steps % blocks:
-        raise UsageError(f"steps ({steps}) must be a multiple of blocks ({blocks})")
-    if family == "dream":
-        return DreamParams(max_new_tokens=length, steps=steps, block_length=length // blocks, alg=alg,
-                           temperature=0.0).validate().to_dict()
-    return LLaDAParams(gen_length=length, steps=steps, block_length=length // blocks, temperature=0.0,
-                       remasking=remasking or "low_confidence").validate().to_dict()

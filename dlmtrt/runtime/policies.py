@@ -47,12 +47,37 @@ class DecodeState:
 
 
 class CachePolicy(Protocol):
-    """Chooses (active, stable) rows for a step. `requires(family, remasking, parallel)` may refuse a schedule it
-    cannot serve, and `observe` (optional) sees each step's kv_drift."""
+    """Chooses (active, stable) rows for a step. Everything the decode loop reads is declared here; `Policy`
+    gives the defaults."""
 
     name: str
+    skips_needed_rows: bool  # may leave rows whose logits the rule wants uncomputed (they get -inf logits)
+    needs_blocks: bool  # defined over a block schedule (Fast-dLLM's prefix and dual caches)
+    observes_drift: bool  # `observe` reads each step's kv_drift (the backend must compute it)
+    order: str  # LLaDA random remasking: 'step' draws per step, 'block' once per block (dKV-Cache-Greedy)
 
     def plan(self, s: DecodeState) -> tuple[Tensor, Tensor]: ...
+
+    def requires(self, family, remasking: str | None, parallel: float | None) -> None:
+        """Refuse a schedule the policy's definition does not cover (UsageError)."""
+
+    def observe(self, memory: dict, active: Tensor, drift: Tensor, known: Tensor, committed: Tensor) -> None:
+        """See a step's rows and kv_drift (policies with `observes_drift`)."""
+
+
+class Policy:
+    """Defaults of the `CachePolicy` protocol: covers every family, skips no needed row, reads no drift."""
+
+    skips_needed_rows = False
+    observes_drift = False
+    order = "step"
+    needs_blocks = False  # defined over a block schedule (Fast-dLLM's caches): Dream then decodes in blocks
+
+    def requires(self, family, remasking: str | None, parallel: float | None) -> None:
+        pass
+
+    def observe(self, memory: dict, active: Tensor, drift: Tensor, known: Tensor, committed: Tensor) -> None:
+        pass
 
 
 def _all(s: DecodeState) -> tuple[Tensor, Tensor]:
@@ -76,7 +101,7 @@ def _exact(s: DecodeState, stable: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @dataclass
-class NoCache:
+class NoCache(Policy):
     """Every row is recomputed at every step: the reference behaviour and the baseline of every policy."""
 
     name: str = field(default="none", init=False)
@@ -110,7 +135,7 @@ def _check_shift(name: str, shift: str) -> None:
 
 
 @dataclass
-class DKVDecode:
+class DKVDecode(Policy):
     """dKV-Cache-Decode (arXiv 2505.15781), as its authors' code does it.
 
     Dream: rows are cached one step after the tokens that make them final are decoded (`shift`, see
@@ -141,13 +166,13 @@ class DKVDecode:
             return _all(s)
         return _exact(s, dream_cached_rows(s.decoded_at, s.i - 2, self.shift))
 
-    def requires(self, family: str, remasking: str | None, parallel: float | None) -> None:
-        if family != "dream" and self.shift != "un":
+    def requires(self, family, remasking: str | None, parallel: float | None) -> None:
+        if not family.logits_shift and self.shift != "un":
             raise UsageError("decode: shift applies to Dream (its logits shift); LLaDA's Decode has no shift option")
 
 
 @dataclass
-class DKVPrefill:
+class DKVPrefill(Policy):
     """dKV-Cache-Prefill (Dream): the prompt rows (the prompt mask moved left by one, as in Decode) are
     computed once at the first step and read from the cache for the rest of the generation."""
 
@@ -158,8 +183,8 @@ class DKVPrefill:
             return _all(s)
         return _exact(s, dream_cached_rows(s.decoded_at, -1, "un"))
 
-    def requires(self, family: str, remasking: str | None, parallel: float | None) -> None:
-        _dream_only(self.name, family)
+    def requires(self, family, remasking: str | None, parallel: float | None) -> None:
+        _published_for(self.name, family)
 
 
 @dataclass
@@ -176,12 +201,12 @@ class DKVPD(DKVDecode):
         j = -1 if s.i % self.cache_steps == 0 else s.i - 2
         return _exact(s, dream_cached_rows(s.decoded_at, j, self.shift))
 
-    def requires(self, family: str, remasking: str | None, parallel: float | None) -> None:
-        _dream_only(self.name, family)
+    def requires(self, family, remasking: str | None, parallel: float | None) -> None:
+        _published_for(self.name, family)
 
 
 @dataclass
-class DKVGreedy:
+class DKVGreedy(Policy):
     """dKV-Cache-Greedy (LLaDA with random remasking), as its authors' code does it: the order in which a
     block is decoded is drawn when the block starts, so each step knows the tokens the next step decodes.
     A step computes only the tokens it decodes, the tokens decoded by the step before (once more, with
@@ -216,8 +241,8 @@ class DKVGreedy:
                 window_tokens(compute[b], nxt.tolist(), was_masked[b], self.window)
         return _exact(s, ~compute)
 
-    def requires(self, family: str, remasking: str | None, parallel: float | None) -> None:
-        if family != "llada" or remasking != "random":
+    def requires(self, family, remasking: str | None, parallel: float | None) -> None:
+        if self.name not in family.published_policies or remasking != "random":
             raise UsageError("greedy: dKV-Cache-Greedy is defined for LLaDA with --remasking random (it decodes "
                              "each block in an order drawn when the block starts); for Dream, or with "
                              "low_confidence, use decode")
@@ -250,13 +275,14 @@ def window_tokens(chosen: Tensor, centres: list[int], masked: Tensor, window: in
 
 
 @dataclass
-class BlockCache:
+class BlockCache(Policy):
     """Fast-dLLM's prefix cache (`block`) and dual cache (`dual`): at the first step of each block every row
     is recomputed; for the rest of the block the rows before it (`dual`: and after it) are read from the
     cache. With Dream's own schedule (no block_length) the answer is one block, so this caches the prompt."""
 
     dual: bool = False
     name: str = field(default="block", init=False)
+    needs_blocks = True
 
     def __post_init__(self):
         self.name = "dual" if self.dual else "block"
@@ -271,7 +297,7 @@ class BlockCache:
 
 
 @dataclass
-class DelayedCache:
+class DelayedCache(Policy):
     """Ours (this project's first reading of dKV-Cache-Decode, kept for comparison): a row is cached once it
     was recomputed after its own token was decoded and its logits are no longer needed (Dream: the row p-1
     that predicts p stays active until p is decoded); every `cache_steps` steps every row is recomputed."""
@@ -289,7 +315,7 @@ class DelayedCache:
 
 
 @dataclass
-class AdaptiveCache:
+class AdaptiveCache(Policy):
     """Ours, beyond the papers: a row becomes stable when its keys moved less than `tol` (relative, the
     step's `kv_drift` output) between its last two computations, instead of after a fixed delay; it leaves
     the cache when its input token changes, and the refresh every `cache_steps` steps re-measures every
@@ -298,6 +324,7 @@ class AdaptiveCache:
     tol: float = 0.02
     cache_steps: int = 8
     name: str = field(default="adaptive", init=False)
+    observes_drift = True
 
     def __post_init__(self):
         if not isinstance(self.tol, (int, float)) or self.tol < 0:
@@ -326,10 +353,14 @@ def _check_steps(name: str, value) -> None:
         raise UsageError(f"{name}: cache_steps must be an integer >= 1, got {value!r}")
 
 
-def _dream_only(name: str, family: str) -> None:
-    if family != "dream":
-        raise UsageError(f"{name}: dKV-Cache defines {name.capitalize()} for Dream only; for LLaDA use decode, "
-                         "greedy, block or dual")
+def _published_for(name: str, family) -> None:
+    """A published policy runs only on the families its authors defined it for (their `published_policies`)."""
+    if name not in family.published_policies:
+        from .families import FAMILIES
+        defined = [f.title for f in FAMILIES.values() if name in f.published_policies]
+        raise UsageError(f"{name}: its authors' code defines it for {', '.join(defined)} only; for {family.title} "
+                         f"use {', '.join(sorted(family.published_policies)) or 'none'} (or our adaptive, delayed)",
+                         field="policy")
 
 
 def rows_of(positions: Tensor, shift: bool) -> Tensor:
@@ -412,20 +443,36 @@ class DecodePlan:
     early: EarlyCommit | None = None
     spec: str = "none"
 
-    def check(self, family: str, remasking: str | None = None) -> None:
-        """Refuse a combination the policy's definition does not cover, before any work (LLaDA's
-        `remasking` matters to Greedy)."""
-        if hasattr(self.cache, "requires"):
-            self.cache.requires(family, remasking, self.parallel.threshold if self.parallel is not None else None)
+    def check(self, family, remasking: str | None = None) -> None:
+        """Refuse a combination the policy's definition does not cover, before any work. `family`: a name or a
+        runtime family (runtime/families/); LLaDA's `remasking` matters to Greedy."""
+        if isinstance(family, str):
+            from .families import get
+            family = get(family)
+        self.cache.requires(family, remasking, self.parallel.threshold if self.parallel is not None else None)
+
+    def rule_options(self, blockwise: bool = False) -> dict:
+        """What a rule built for this plan is told once, at construction: `exact_ties` (a policy leaves needed
+        rows uncomputed, whose -inf/NaN ties upstream breaks with torch.topk) and, for block-wise rules,
+        `lockstep` (nothing can end a block before its steps are done)."""
+        opts = {"exact_ties": self.cache.skips_needed_rows}
+        if blockwise:
+            opts["lockstep"] = self.early is None and self.parallel is None
+        return opts
 
 
 def parse_policy(spec) -> DecodePlan:
-    """'decode:cache_steps=4+parallel:threshold=0.9+early:gaps=0.9/0.8/0.7' -> DecodePlan; a DecodePlan or
-    a cache policy object (anything with `plan(state)`) is accepted as is."""
+    """'decode:cache_steps=4+parallel:threshold=0.9+early:gaps=0.9/0.8/0.7' -> DecodePlan; a DecodePlan is
+    accepted as is, and a cache policy object (the `CachePolicy` protocol) becomes a plan of its own."""
     if isinstance(spec, DecodePlan):
         return spec
     if hasattr(spec, "plan"):
-        return DecodePlan(spec, spec=getattr(spec, "name", type(spec).__name__))
+        missing = [a for a in ("name", "skips_needed_rows", "observes_drift", "order", "needs_blocks", "requires",
+                               "observe") if not hasattr(spec, a)]
+        if missing:
+            raise UsageError(f"cache policy {type(spec).__name__} lacks {', '.join(missing)} of the CachePolicy "
+                             "protocol: subclass dlmtrt.runtime.policies.Policy for the defaults")
+        return DecodePlan(spec, spec=spec.name)
     if spec is not None and not isinstance(spec, str):
         raise UsageError(f"a policy is a string like 'decode:cache_steps=4+early', got {type(spec).__name__}")
     spec = (spec or "none").strip()

@@ -11,6 +11,7 @@ every rule. A rule object holds the state of one generation (one batch of reques
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +19,10 @@ from torch import Tensor
 
 from dlmtrt.errors import UsageError
 
-from .params import DreamParams, LLaDAParams
+if TYPE_CHECKING:
+    from .families.dream import DreamParams
+    from .families.llada import LLaDAParams
+
 from .sampling import add_gumbel_noise, sample_tokens, top_n
 
 
@@ -65,7 +69,7 @@ class Blockwise:
     """What a block-wise rule answers from its `cursor` (and `parallel`, `steps_per_block`)."""
 
     cursor: BlockCursor
-    lockstep = False  # the decode session sets it when nothing can end a block before its steps are done
+    lockstep: bool  # nothing can end a block before its steps are done (no parallel decoding, no early commit)
 
     def block(self, i: int) -> tuple[int, int]:
         return self.cursor.range()
@@ -99,7 +103,7 @@ class DreamRule:
     mask_token_id: int
     p: DreamParams
     parallel: float | None = None  # confidence threshold, or None
-    exact_ties: bool = False  # set by the decode session when a policy leaves needed rows uncomputed
+    exact_ties: bool = False  # a policy leaves needed rows uncomputed: break -inf ties as upstream (DecodePlan)
 
     def __post_init__(self):
         p = self.p.validate()
@@ -275,6 +279,7 @@ class DreamBlockRule(Blockwise):
     prompt_length: int
     parallel: float | None = None
     exact_ties: bool = False
+    lockstep: bool = False
 
     def __post_init__(self):
         p = self.p.validate()
@@ -390,6 +395,7 @@ class LLaDARule(Blockwise):
     parallel: float | None = None
     order: str = "step"
     exact_ties: bool = False
+    lockstep: bool = False
     scores: Tensor | None = field(default=None, init=False)  # order='block': this block's commit order
 
     def __post_init__(self):

@@ -22,18 +22,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dlmtrt import __version__
 from dlmtrt.errors import DlmtrtError
-from dlmtrt.runtime.params import DreamParams, LLaDAParams, check_step_budget, family_params
+from dlmtrt.runtime.families import get as family
+from dlmtrt.runtime.params import SEED_LIMIT, check_step_budget
 from dlmtrt.runtime.policies import parse_policy
 from dlmtrt.runtime.prefix import PrefixStore
-from dlmtrt.runtime.unmasking import DreamBlockRule, DreamRule, LLaDARule
 
 from .metrics import Metrics
 from .protocol import ApiError, ChatCompletionRequest, CompletionRequest, DiffusionFields
-from .scheduler import Job, QueueFull, Scheduler, ShuttingDown, draws_random
+from .scheduler import Job, QueueFull, Scheduler, ShuttingDown
 
-DREAM_ONLY = ("alg", "alg_temp", "eps", "top_p", "top_k")
-LLADA_ONLY = ("remasking", "cfg_scale")
-SEED_LIMIT = 2 ** 64  # what torch.manual_seed takes, as `dlmtrt generate --seed`
+# request fields that are generation parameters, by their generic names (a family takes some: runtime/families/)
+PARAM_FIELDS = ("steps", "temperature", "alg", "alg_temp", "eps", "top_p", "top_k", "block_length", "remasking",
+                "cfg_scale")
 
 
 @dataclass
@@ -56,6 +56,7 @@ class Served:
     def __init__(self, backend, tokenizer, source, config: ServeConfig):
         self.backend, self.tokenizer, self.source, self.config = backend, tokenizer, source, config
         self.family = source.family
+        self.fam = family(source.family)
         self.max_positions = source.args.max_position_embeddings
         self.metrics = Metrics()
         self.tok_lock = threading.Lock()
@@ -76,26 +77,24 @@ class Served:
         if req.model is not None and req.model != self.config.model_id:
             raise ApiError(404, f"model '{req.model}' is not served here; this server serves "
                                 f"'{self.config.model_id}' (GET /v1/models)", param="model", code="model_not_found")
-        other = LLADA_ONLY if fam == "dream" else DREAM_ONLY
-        wrong = [f for f in other if getattr(req, f) is not None]
+        wrong = [f for f in PARAM_FIELDS if getattr(req, f) is not None and not self.fam.takes(f)]
         if wrong:
             raise ApiError(400, f"{', '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} not apply to {fam} models",
                            param=wrong[0])
         max_tokens = getattr(req, "max_completion_tokens", None)
         if max_tokens is None:
             max_tokens = req.max_tokens
-        explicit = dict(max_new_tokens=max_tokens, steps=req.steps, temperature=req.temperature, alg=req.alg,
-                        alg_temp=req.alg_temp, eps=req.eps, top_p=req.top_p, top_k=req.top_k,
-                        block_length=req.block_length, remasking=req.remasking, cfg_scale=req.cfg_scale)
-        explicit = {k: v for k, v in explicit.items() if v is not None}
+        explicit = {f: getattr(req, f) for f in PARAM_FIELDS if getattr(req, f) is not None}
+        if max_tokens is not None:
+            explicit["max_new_tokens"] = max_tokens
         try:
-            params = family_params(fam, self.source.path, **explicit)
+            params = self.fam.resolve(self.source.path, **explicit)
             plan = parse_policy(req.policy if req.policy is not None else self.config.policy)
             plan.check(fam, params.get("remasking"))
             check_step_budget(fam, params, plan.parallel is not None, explicit_steps=req.steps is not None)
         except DlmtrtError as e:
             raise ApiError(400, str(e), param=_param_of(e, req)) from None
-        new = params.get("max_new_tokens") or params["gen_length"]
+        new = self.fam.new_tokens(params)
         limit = self.config.max_tokens_limit
         if limit is not None and new > limit:
             raise ApiError(400, f"max_tokens {new} exceeds this server's limit of {limit}", param="max_tokens")
@@ -135,7 +134,7 @@ class Served:
 
     def jobs_of(self, req: DiffusionFields, texts: list[str], param: str, sink) -> list[Job]:
         params, plan, seed = self.params_of(req)
-        new = params.get("max_new_tokens") or params["gen_length"]
+        new = self.fam.new_tokens(params)
         jobs = []
         for k, text in enumerate(texts):
             ids = self.tokenize(text, param)
@@ -144,25 +143,14 @@ class Served:
                                     f"{self.max_positions} positions; shorten the prompt or ask for fewer tokens",
                                param=param, code="context_length_exceeded")
             self._check_rule(params, plan, len(ids))
-            jobs.append(Job(ids, params, plan, seed, draws_random(self.family, params), new, sink,
+            jobs.append(Job(ids, params, plan, seed, self.fam.draws_random(params), new, sink,
                             stream=req.stream, canvas=req.dlmtrt_canvas, index=k))
         return jobs
 
     def _check_rule(self, params: dict, plan, prompt_length: int) -> None:
         """Build the rule once, so that whatever it refuses is a 400 now rather than an error mid-stream."""
-        info = self.backend.info
-        threshold = plan.parallel.threshold if plan.parallel is not None else None
         try:
-            if self.family == "dream":
-                p = DreamParams(**params).validate()
-                if p.block_length is None:
-                    DreamRule(info.mask_token_id, p, threshold)
-                else:
-                    DreamBlockRule(info.mask_token_id, p, prompt_length, threshold)
-            else:
-                p = LLaDAParams(**params).validate()
-                LLaDARule(p, prompt_length, parallel=threshold,
-                          order=getattr(plan.cache, "order", "step") if p.remasking == "random" else "step")
+            self.fam.check_rule(self.backend.info, params, prompt_length, plan)
         except DlmtrtError as e:
             raise ApiError(400, str(e), param=_param_of(e, None)) from None
 

@@ -37,7 +37,7 @@ class StreamOptions(BaseModel):
 
 class DiffusionFields(BaseModel):
     """The diffusion extensions, shared by both endpoints. Unset fields take the model family's defaults
-    (runtime/params.py: Dream's `diffusion_generate`, LLaDA's `generate`), exactly as `dlmtrt generate`."""
+    (runtime/families/: Dream's `diffusion_generate`, LLaDA's `generate`), exactly as `dlmtrt generate`."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -47,7 +47,7 @@ class DiffusionFields(BaseModel):
                           "Dream: Fast-dLLM block decoding with this block length (default off).")
     policy: Str | None = Field(
         None, description="dlmtrt: cache policy and modifiers, as `dlmtrt generate --policy` "
-                          "(none | decode | prefill | pd | greedy | block | dual | adaptive | delayed | window, "
+                          "(none, decode, greedy, prefill, pd, block, dual, adaptive, delayed; "
                           "e.g. 'dual+parallel:threshold=0.9') [default: the server's --policy].")
     alg: Str | None = Field(None, description="dlmtrt, Dream: unmasking order: origin | maskgit_plus | topk_margin | "
                                               "entropy [default: origin, as upstream].")

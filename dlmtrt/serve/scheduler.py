@@ -33,9 +33,8 @@ import torch
 
 from dlmtrt.errors import DlmtrtError
 from dlmtrt.runtime.decode import DecodeSession
-from dlmtrt.runtime.params import DreamParams, LLaDAParams
+from dlmtrt.runtime.families import get as family
 from dlmtrt.runtime.policies import DecodePlan
-from dlmtrt.runtime.generate import dream_session, llada_session
 
 log = logging.getLogger("dlmtrt.serve")
 
@@ -46,15 +45,6 @@ BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 6553
 def shares_cache(backend) -> bool:
     """Whether the backend owns one K/V buffer that every session's `new_cache` hands out again."""
     return getattr(backend, "name", "") in SHARED_CACHE_BACKENDS
-
-
-def draws_random(family: str, params: dict) -> bool:
-    """Whether decoding with `params` draws random numbers (so its tokens depend on the random state)."""
-    if float(params["temperature"]) > 0:
-        return True
-    if family == "dream":
-        return params["alg"] == "origin" or bool(params.get("alg_temp"))
-    return params["remasking"] == "random"
 
 
 def bucket_of(n: int, limit: int) -> int:
@@ -124,14 +114,12 @@ class Cohort:
         return [r for r, j in enumerate(self.jobs) if not j.finished and not j.cancelled]
 
 
-def build_session(backend, family: str, ids: torch.Tensor, am: torch.Tensor, params: dict,
+def build_session(backend, family_name: str, ids: torch.Tensor, am: torch.Tensor, params: dict,
                   plan: DecodePlan, prefix_store=None) -> DecodeSession:
-    """The `DecodeSession` that `dream_generate` / `llada_generate` (runtime/generate.py) drive for this
-    left-padded prompt batch, without running it. Prefix reuse is skipped under classifier-free guidance."""
-    if family == "dream":
-        return dream_session(backend, ids, am, DreamParams(**params).validate(), plan, prefix_store)
-    p = LLaDAParams(**params).validate()
-    return llada_session(backend, ids, am, p, plan, prefix_store if p.cfg_scale == 0 else None)
+    """The `DecodeSession` that the family's generation drives for this left-padded prompt batch, without
+    running it. Prefix reuse is skipped where the family's schedule does not allow it (LLaDA's CFG)."""
+    fam = family(family_name)
+    return fam.session(backend, ids, am, params, plan, prefix_store if fam.prefix_reuse(params) else None)
 
 
 class Scheduler:

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dlmtrt.errors import UsageError
-from dlmtrt.models.transformer import ModelArgs
+from dlmtrt.models.args import ModelArgs
 
 BACKENDS = ("torch", "torch-graph", "onnxruntime", "tensorrt")
 

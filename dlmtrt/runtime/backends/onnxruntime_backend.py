@@ -15,7 +15,7 @@ from dlmtrt.dtypes import DTYPES
 from dlmtrt.errors import UsageError
 
 from ..contract import ArtifactError, named_inputs, onnx_metadata, read_metadata
-from dlmtrt.models.transformer import ModelArgs
+from dlmtrt.models.args import ModelArgs
 
 from ..contract import ModelInfo, StepInputs, StepOutputs
 

@@ -21,7 +21,7 @@ import torch
 
 from dlmtrt.dtypes import DTYPES
 from dlmtrt.errors import DlmtrtError, UsageError
-from dlmtrt.models.transformer import ModelArgs
+from dlmtrt.models.args import ModelArgs
 
 from ..contract import ModelInfo, StepInputs, StepOutputs, input_names, named_inputs, output_names, read_metadata
 

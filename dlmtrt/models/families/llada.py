@@ -9,11 +9,37 @@ import re
 
 from dlmtrt.errors import UsageError
 
-from .transformer import ModelArgs
+from ..args import ModelArgs
 
 FAMILY = "llada"
 ARCHITECTURES = ("LLaDAModelLM",)
 MODEL_TYPES = ("llada", "LLaDA")
+ALIASES = {"llada-8b": "GSAI-ML/LLaDA-8B-Instruct", "llada-8b-base": "GSAI-ML/LLaDA-8B-Base"}
+SHAPES = {"llada-8b": dict(vocab_size=126464, hidden_size=4096, intermediate_size=12288, num_layers=32, num_heads=32,
+                           num_kv_heads=32, head_dim=128, rms_norm_eps=1e-5, rope_theta=5e5, mask_token_id=126336,
+                           eos_token_id=126081, pad_token_id=126081, bos_token_id=126080,
+                           max_position_embeddings=4096, qkv_bias=False, tie_word_embeddings=False,
+                           logits_shift=False)}
+
+# Tiny checkpoints (models/tiny.py): special tokens after the 256 byte symbols, in the real vocabulary's order.
+SPECIAL_TOKENS = ["<|startoftext|>", "<|endoftext|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+                  "<|mdm_mask|>"]
+TOKEN_ROLES = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+               "mask_token": "<|mdm_mask|>"}
+CHAT_TEMPLATE = ("{% for message in messages %}{% set content = '<|start_header_id|>' + message['role'] + "
+                 "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' %}"
+                 "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+
+
+def tiny_args(vocab_size: int, ids: dict[str, int], s: dict) -> ModelArgs:
+    """A tiny LLaDA: multi-head attention, no biases, no logits shift."""
+    return ModelArgs(
+        family=FAMILY, vocab_size=vocab_size, hidden_size=s["hidden_size"], intermediate_size=s["intermediate_size"],
+        num_layers=s["num_layers"], num_heads=s["num_heads"], num_kv_heads=s.get("num_kv_heads", s["num_heads"]),
+        head_dim=s["head_dim"], rms_norm_eps=1e-5, rope_theta=10000.0, qkv_bias=False, tie_word_embeddings=False,
+        logits_shift=False, mask_token_id=ids["mask"], eos_token_id=ids["eos"], pad_token_id=ids["pad"],
+        bos_token_id=ids.get("bos"), max_position_embeddings=s.get("max_position_embeddings", 2048))
 
 _BLOCK = {
     "attn_norm": "input_layernorm",

@@ -1,0 +1,106 @@
+"""LLaDA's generation (`generate`: semi-autoregressive blocks, low_confidence / random remasking,
+classifier-free guidance), with the defaults of its authors' code."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from dlmtrt.errors import UsageError
+
+from ..params import check_blocks, check_float, greedy_layout, positive_int
+from . import Family, canvas
+
+REMASKING = ("low_confidence", "random")
+
+
+@dataclass
+class LLaDAParams:
+    gen_length: int = 128
+    steps: int = 128
+    block_length: int = 128
+    temperature: float = 0.0
+    cfg_scale: float = 0.0
+    remasking: str = "low_confidence"
+
+    def validate(self) -> "LLaDAParams":
+        positive_int("gen_length", self.gen_length)
+        positive_int("steps", self.steps)
+        check_blocks("gen_length", self.gen_length, self.block_length, self.steps)
+        check_float("temperature", self.temperature)
+        check_float("cfg_scale", self.cfg_scale)
+        if self.remasking not in REMASKING:
+            raise UsageError(f"unknown remasking '{self.remasking}'; choose from {', '.join(REMASKING)}",
+                             field="remasking")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class LLaDA(Family):
+    name = "llada"
+    title = "LLaDA"
+    params = LLaDAParams
+    aliases = {"max_new_tokens": "gen_length"}
+    schedule = "blocks"
+    blockwise_schedule = True
+    published_policies = frozenset({"decode", "greedy", "block", "dual"})
+    surplus_steps = ("steps beyond one per token commit nothing (upstream runs them all; so do we, except after "
+                     "the last token)")
+
+    def fit_defaults(self, p: LLaDAParams, explicit: dict) -> None:
+        if "block_length" not in explicit and p.gen_length < p.block_length:
+            p.block_length = p.gen_length  # upstream's 128 does not fit a shorter answer: one block
+
+    def draws_random(self, params: dict) -> bool:
+        return float(params["temperature"]) > 0 or params["remasking"] == "random"
+
+    def prefix_reuse(self, params: dict) -> bool:
+        return params["cfg_scale"] == 0  # the unconditional copy masks the prompt
+
+    def schedule_name(self, params: dict) -> str:
+        name = f"blocks={params['gen_length'] // params['block_length']}"
+        return name + (f" {params['remasking']}" if params["remasking"] != "low_confidence" else "")
+
+    def greedy(self, new_tokens: int, *, steps=None, blocks=None, block_length=None, remasking=None, alg=None,
+               **own) -> dict:
+        if own:
+            raise UsageError(f"{', '.join(own)} does not apply to llada models", field=next(iter(own)))
+        length, steps, block = greedy_layout(new_tokens, steps, blocks or (None if block_length else 1),
+                                             block_length)
+        return LLaDAParams(gen_length=length, steps=steps, block_length=block, temperature=0.0,
+                           remasking=remasking or "low_confidence").validate().to_dict()
+
+    def rule(self, info, params: dict, prompt_length: int, plan):
+        from ..unmasking import LLaDARule
+        p = LLaDAParams(**params).validate()
+        return LLaDARule(p, prompt_length, parallel=plan.parallel.threshold if plan.parallel is not None else None,
+                         order=getattr(plan.cache, "order", "step") if p.remasking == "random" else "step",
+                         **plan.rule_options(blockwise=True))
+
+    def session(self, backend, input_ids, attention_mask, params: dict, plan, prefix_store=None):
+        """With classifier-free guidance every step also runs an unconditional copy of the canvas whose prompt
+        is masked; prefix reuse does not apply then."""
+        from ..decode import DecodeSession
+        info = backend.info
+        x, am = canvas(input_ids, attention_mask, params["gen_length"], info.mask_token_id)
+        prompt_index = x != info.mask_token_id
+        prompt_index[:, input_ids.shape[1]:] = False
+        return DecodeSession(backend, x, am, self.rule(info, params, input_ids.shape[1], plan), plan,
+                             cfg_scale=params["cfg_scale"], prompt_index=prompt_index, prefix_store=prefix_store)
+
+
+FAMILY = LLaDA()
+
+
+def llada_generate(backend, prompt, attention_mask=None, *, steps: int = 128, gen_length: int = 128,
+                   block_length: int = 128, temperature: float = 0.0, cfg_scale: float = 0.0,
+                   remasking: str = "low_confidence", policy=None, on_step=None, max_positions: int | None = None,
+                   prefix_store=None):
+    """LLaDA's `generate` (blocks, low_confidence / random remasking, CFG); returns the canvas and the statistics.
+
+    LLaDA's published model code applies no attention mask, so upstream attends to left padding: pass
+    `attention_mask=None` to reproduce that; with a mask, padding is never attended."""
+    return FAMILY.generate(backend, prompt, attention_mask, policy=policy, on_step=on_step,
+                           max_positions=max_positions, prefix_store=prefix_store, steps=steps, gen_length=gen_length,
+                           block_length=block_length, temperature=temperature, cfg_scale=cfg_scale,
+                           remasking=remasking)
