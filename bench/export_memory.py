@@ -14,9 +14,10 @@ What it does, per preset:
      bos) are moved to its ids so that the exporter's tokenizer checks pass. Shapes are untouched.
   2. exports it in a fresh interpreter (`export_step`, what `cli.py export` calls) and measures there: VmHWM
      (the kernel's high-water mark of resident memory, = ru_maxrss of a fresh mm) against the baselines
-     after `import torch` and after importing the exporter; a sampler thread splits the sampled peak into
-     anonymous and file-backed pages and attributes peaks to the export's stages (trace, write,
-     structure_check, numeric_check) via its log callback. The parent's own size cannot leak into VmHWM.
+     after `import torch` and after importing the exporter; a sampler thread (`evals.memory.RssSampler`)
+     splits the sampled peak into anonymous and file-backed pages and attributes peaks to the export's
+     stages (trace, write, structure_check, numeric_check) via its log callback. The parent's own size
+     cannot leak into VmHWM.
      The numeric check (fp32 reference + ONNX Runtime) runs only where it fits in RAM (`--numeric-check auto`).
   3. verifies the export: model.onnx (+ model.onnx.data), the data file's size against the weight bytes and
      the external-data records, and 4 initializers (embedding, lm_head, a middle down_proj, the last k_proj
@@ -45,7 +46,7 @@ from pathlib import Path
 
 import click
 
-from bench.load_memory import status as proc_status  # /proc/self/status memory lines, in bytes
+from dlmtrt.evals.memory import RssSampler, proc_status
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "bench" / "results"
@@ -65,60 +66,6 @@ PRESETS = {
                             num_layers=2, max_position_embeddings=2048, vocab_size=264), shard_bytes=100_000,
                  force_external=True),
 }
-
-
-# ----------------------------------------------------------------------------------------------- memory probes
-
-
-class StageSampler(threading.Thread):
-    """Polls /proc/self/status; keeps the largest sampled RSS (with its anon/file split) overall and per stage.
-    VmHWM stays the authoritative peak (a poll can miss a short spike); at each stage change the VmHWM is
-    recorded too, so a stage during which VmHWM rose holds the exact peak."""
-
-    def __init__(self, period_s: float = 0.01):
-        super().__init__(daemon=True)
-        self.period_s, self.stop_flag, self.lock = period_s, threading.Event(), threading.Lock()
-        self.stage, self.stages = "open", {}
-        self._enter("open", proc_status())
-
-    def _enter(self, stage: str, s: dict) -> None:
-        self.stage = stage
-        self.stages.setdefault(stage, {"hwm_before": s["VmHWM"], "max_rss": 0, "anon_at_max": 0, "file_at_max": 0,
-                                       "max_file": 0, "t_start": time.perf_counter()})
-
-    def set_stage(self, stage: str) -> None:
-        with self.lock:
-            s = proc_status()
-            self._record(s)
-            self.stages[self.stage]["hwm_after"] = s["VmHWM"]
-            self.stages[self.stage]["seconds"] = time.perf_counter() - self.stages[self.stage]["t_start"]
-            self._enter(stage, s)
-
-    def _record(self, s: dict) -> None:
-        st = self.stages[self.stage]
-        st["max_file"] = max(st["max_file"], s.get("RssFile", 0))
-        if s["VmRSS"] > st["max_rss"]:
-            st.update(max_rss=s["VmRSS"], anon_at_max=s.get("RssAnon", 0), file_at_max=s.get("RssFile", 0))
-
-    def run(self) -> None:
-        while not self.stop_flag.is_set():
-            with self.lock:
-                self._record(proc_status())
-            time.sleep(self.period_s)
-
-    def finish(self) -> dict:
-        self.set_stage("done")
-        self.stop_flag.set()
-        self.join()
-        out = {}
-        for name, st in self.stages.items():
-            if name == "done":
-                continue
-            st.pop("t_start")
-            rose = st["hwm_after"] > st["hwm_before"]
-            st["peak"] = st["hwm_after"] if rose else st["max_rss"]  # exact where the high-water mark rose
-            out[name] = st
-        return out
 
 
 def emit(kind: str, **data) -> None:
@@ -239,7 +186,7 @@ def export_child(ckpt: Path, out: Path, dtype: str, numeric_check: bool, force_e
     s_base = proc_status()
     if force_external:
         oe.EXTERNAL_DATA_BYTES = 0  # tiny preset: take the side-file path that 7b takes
-    sampler = StageSampler()
+    sampler = RssSampler(period_s=0.01)
     sampler.start()
 
     def log(msg: str) -> None:

@@ -16,6 +16,7 @@ import torch
 
 from dlmtrt.dtypes import DTYPES
 from dlmtrt.errors import UsageError
+from dlmtrt.evals.memory import reset_hwm, vm_hwm
 from dlmtrt.models.tiny import DEFAULT_SIZES, shaped_like, tiny_args
 from dlmtrt.models.transformer import DiffusionLM, ModelArgs, rope_inv_freq
 from dlmtrt.runtime.params import DreamParams, LLaDAParams
@@ -85,27 +86,6 @@ def copy_bandwidth(device: str, nbytes: int | None = None, repeats: int = 20) ->
     return 2 * nbytes / (median_ms(lambda: dst.copy_(src), device, repeats) / 1e3)
 
 
-def _vm_hwm() -> int | None:
-    """This process's peak resident memory in bytes (Linux /proc), or None where it cannot be read."""
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def _reset_hwm() -> bool:
-    """Reset the peak resident memory to the current one (Linux: /proc/self/clear_refs, value 5)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
 class PeakMemory:
     """Peak memory of a run: allocated device memory on a GPU; on the CPU the process's peak resident memory
     above what it held before the model was built (`baseline`), so both count weights, K/V and activations.
@@ -113,18 +93,18 @@ class PeakMemory:
 
     def __init__(self, device: str):
         self.cuda = str(device).startswith("cuda")
-        self.baseline = None if self.cuda else _vm_hwm()
+        self.baseline = None if self.cuda else vm_hwm()
 
     def reset(self) -> None:
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
-        elif not _reset_hwm():
+        elif not reset_hwm():
             self.baseline = None
 
     def peak(self) -> int | None:
         if self.cuda:
             return torch.cuda.max_memory_allocated()
-        hwm = _vm_hwm()
+        hwm = vm_hwm()
         return None if hwm is None or self.baseline is None else max(hwm - self.baseline, 0)
 
 
