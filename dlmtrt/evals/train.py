@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from dlmtrt.evals.tasks import TASKS
-from dlmtrt.models.tiny import build_tokenizer, save_checkpoint, tiny_args, TOKEN_ROLES
+from dlmtrt.models.tiny import build_tokenizer, save_checkpoint, tiny_args, token_ids
 from dlmtrt.models.transformer import DiffusionLM
 
 console = Console()
@@ -35,8 +35,7 @@ class Encoder:
 
     def __init__(self, family: str):
         self.tok = build_tokenizer(family)
-        ids = {k.removesuffix("_token"): self.tok.token_to_id(v) for k, v in TOKEN_ROLES[family].items() if v}
-        self.ids = ids
+        self.ids = token_ids(family, self.tok)
         self.vocab = int(math.ceil(self.tok.get_vocab_size() / 8) * 8)
 
     def encode(self, text: str) -> list[int]:
