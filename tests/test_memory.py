@@ -78,3 +78,19 @@ def test_importing_it_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.stdout.strip() == "False"
+
+
+@linux
+def test_peak_memory_is_not_hidden_by_an_earlier_peak():
+    """PeakMemory counts from what the process holds, so a larger peak before it (another test, a freed
+    model) does not swallow the run's figure."""
+    from dlmtrt.evals.speed import PeakMemory
+    earlier = b"\x01" * (256 * MiB)
+    del earlier
+    mem = PeakMemory("cpu")
+    mem.reset()
+    if mem.baseline is None:
+        pytest.skip("/proc/self/clear_refs is not writable here")
+    block = b"\x01" * (64 * MiB)
+    assert mem.peak() >= 60 * MiB
+    del block

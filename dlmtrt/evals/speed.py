@@ -16,7 +16,7 @@ import torch
 
 from dlmtrt.dtypes import DTYPES
 from dlmtrt.errors import UsageError
-from dlmtrt.evals.memory import reset_hwm, vm_hwm
+from dlmtrt.evals.memory import proc_status, reset_hwm, vm_hwm
 from dlmtrt.models.tiny import DEFAULT_SIZES, shaped_like, tiny_args
 from dlmtrt.models.transformer import DiffusionLM, ModelArgs, rope_inv_freq
 from dlmtrt.runtime.params import DreamParams, LLaDAParams
@@ -89,11 +89,12 @@ def copy_bandwidth(device: str, nbytes: int | None = None, repeats: int = 20) ->
 class PeakMemory:
     """Peak memory of a run: allocated device memory on a GPU; on the CPU the process's peak resident memory
     above what it held before the model was built (`baseline`), so both count weights, K/V and activations.
-    `peak()` is None where the CPU figure cannot be measured (no Linux /proc)."""
+    `peak()` is None where the CPU figure cannot be measured (no Linux /proc). The baseline is the resident
+    size (VmRSS), not the high-water mark, which an earlier peak of the process would have raised."""
 
     def __init__(self, device: str):
         self.cuda = str(device).startswith("cuda")
-        self.baseline = None if self.cuda else vm_hwm()
+        self.baseline = None if self.cuda else proc_status().get("VmRSS")
 
     def reset(self) -> None:
         if self.cuda:
