@@ -53,8 +53,9 @@ class RssSampler(threading.Thread):
 
     VmHWM stays the authoritative peak (a poll can miss a short spike): `finish()` gives each stage a `peak`,
     its VmHWM at the end where the high-water mark rose during the stage (then exact), else its largest
-    sample. `set_stage(name)` starts the next stage (a name seen before continues that stage, its seconds counted
-    from its first start); a run with one stage reads `finish()[stage]`. Byte counts throughout. Needs /proc/self/status."""
+    sample. `set_stage(name)` starts the next stage (a name seen before continues that stage, its seconds
+    counted from its first start); a run with one stage reads `finish()[stage]`. Byte counts throughout.
+    Needs /proc/self/status."""
 
     def __init__(self, period_s: float = 0.01, stage: str = "open"):
         super().__init__(daemon=True)

@@ -53,10 +53,20 @@ def random_model(args: ModelArgs, device: str, dtype: torch.dtype, seed: int = 0
     return m.eval()
 
 
-def median_ms(fn, device, repeats: int = 30, warmup: int = 3) -> float:
+def median_ms(fn, device, repeats: int = 30, warmup: int = 3, *, graph: bool = False) -> float:
     """Median milliseconds of `fn()` after `warmup` calls: CUDA events around each call on a GPU (the time of
-    the queued work, not of queueing it), wall time on the CPU."""
+    the queued work, not of queueing it), wall time on the CPU. `graph` (CUDA only): call `fn` once, capture
+    one call in a CUDA graph and time the graph's replays instead, i.e. the work without its launches, as a
+    captured step runs it (`fn` then runs in Python twice, whatever `repeats`)."""
     cuda = torch.device(device).type == "cuda"
+    if graph:
+        if not cuda:
+            raise ValueError(f"median_ms: graph=True times a CUDA graph; the device is {device}")
+        fn()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        fn = g.replay
     for _ in range(warmup):
         fn()
     times = []
@@ -155,6 +165,13 @@ def _sync(device: str) -> None:
 
 def step_ms(backend, B: int, active: int, length: int, repeats: int = 30) -> float:
     """Median time of one backend step with `active` rows over a canvas of `length` rows, the rest stable."""
+    s = step_inputs(backend, B, active, length)
+    return median_ms(lambda: backend.step(s), backend.info.device, repeats)
+
+
+def step_inputs(backend, B: int, active: int, length: int):
+    """The step `step_ms` times: random ids in the last `active` rows of a canvas of `length`, every other row
+    stable (read from a fresh cache), all attended, one logit row where the backend selects them."""
     from dlmtrt.runtime.contract import StepInputs
     dev = backend.info.device
     keys, values = backend.new_cache(B, length)
@@ -164,8 +181,7 @@ def step_ms(backend, B: int, active: int, length: int, repeats: int = 30) -> flo
     stable[:, length - active:] = False
     am = torch.ones(B, length, dtype=torch.bool, device=dev)
     rows = torch.zeros(B, 1, dtype=torch.long, device=dev) if getattr(backend, "selects_logit_rows", False) else None
-    s = StepInputs(ids, pos, keys, values, stable, am, logit_rows=rows, need_drift=False)
-    return median_ms(lambda: backend.step(s), dev, repeats)
+    return StepInputs(ids, pos, keys, values, stable, am, logit_rows=rows, need_drift=False)
 
 
 def run_policy(backend, family: str, B: int, prompt: int, answer: int, steps: int, policy: str,
