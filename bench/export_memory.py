@@ -8,15 +8,17 @@ checks that promise at the real shapes; this benchmark does, and verifies what w
 What it does, per preset:
   1. writes a random bf16 checkpoint with the real Dream-v0-Instruct-7B config (hidden 3584, intermediate 18944,
      28 layers, 28 heads / 4 kv heads of 128, vocab 152064, rope_theta 1e6, eps 1e-6, qkv bias, untied head) to
-     a temp dir, in a child process that streams each tensor into its safetensors shard (one fp32 chunk of at
-     most 64 MiB in memory at a time; the project's `save_checkpoint` needs the whole state dict in memory).
+     a temp dir, in a child process that streams each tensor into its safetensors shard
+     (`models.tiny.stream_checkpoint`: one fp32 chunk of at most 64 MiB in memory at a time, where the
+     project's `save_checkpoint` needs the whole state dict in memory).
      The tokenizer is the tiny byte-level one of `models.tiny`; the config's special ids (mask, eos, pad,
      bos) are moved to its ids so that the exporter's tokenizer checks pass. Shapes are untouched.
   2. exports it in a fresh interpreter (`export_step`, what `cli.py export` calls) and measures there: VmHWM
      (the kernel's high-water mark of resident memory, = ru_maxrss of a fresh mm) against the baselines
-     after `import torch` and after importing the exporter; a sampler thread splits the sampled peak into
-     anonymous and file-backed pages and attributes peaks to the export's stages (trace, write,
-     structure_check, numeric_check) via its log callback. The parent's own size cannot leak into VmHWM.
+     after `import torch` and after importing the exporter; a sampler thread (`evals.memory.RssSampler`)
+     splits the sampled peak into anonymous and file-backed pages and attributes peaks to the export's
+     stages (trace, write, structure_check, numeric_check) via its log callback. The parent's own size
+     cannot leak into VmHWM.
      The numeric check (fp32 reference + ONNX Runtime) runs only where it fits in RAM (`--numeric-check auto`).
   3. verifies the export: model.onnx (+ model.onnx.data), the data file's size against the weight bytes and
      the external-data records, and 4 initializers (embedding, lm_head, a middle down_proj, the last k_proj
@@ -45,7 +47,7 @@ from pathlib import Path
 
 import click
 
-from bench.load_memory import status as proc_status  # /proc/self/status memory lines, in bytes
+from dlmtrt.evals.memory import RssSampler, proc_status
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "bench" / "results"
@@ -67,60 +69,6 @@ PRESETS = {
 }
 
 
-# ----------------------------------------------------------------------------------------------- memory probes
-
-
-class StageSampler(threading.Thread):
-    """Polls /proc/self/status; keeps the largest sampled RSS (with its anon/file split) overall and per stage.
-    VmHWM stays the authoritative peak (a poll can miss a short spike); at each stage change the VmHWM is
-    recorded too, so a stage during which VmHWM rose holds the exact peak."""
-
-    def __init__(self, period_s: float = 0.01):
-        super().__init__(daemon=True)
-        self.period_s, self.stop_flag, self.lock = period_s, threading.Event(), threading.Lock()
-        self.stage, self.stages = "open", {}
-        self._enter("open", proc_status())
-
-    def _enter(self, stage: str, s: dict) -> None:
-        self.stage = stage
-        self.stages.setdefault(stage, {"hwm_before": s["VmHWM"], "max_rss": 0, "anon_at_max": 0, "file_at_max": 0,
-                                       "max_file": 0, "t_start": time.perf_counter()})
-
-    def set_stage(self, stage: str) -> None:
-        with self.lock:
-            s = proc_status()
-            self._record(s)
-            self.stages[self.stage]["hwm_after"] = s["VmHWM"]
-            self.stages[self.stage]["seconds"] = time.perf_counter() - self.stages[self.stage]["t_start"]
-            self._enter(stage, s)
-
-    def _record(self, s: dict) -> None:
-        st = self.stages[self.stage]
-        st["max_file"] = max(st["max_file"], s.get("RssFile", 0))
-        if s["VmRSS"] > st["max_rss"]:
-            st.update(max_rss=s["VmRSS"], anon_at_max=s.get("RssAnon", 0), file_at_max=s.get("RssFile", 0))
-
-    def run(self) -> None:
-        while not self.stop_flag.is_set():
-            with self.lock:
-                self._record(proc_status())
-            time.sleep(self.period_s)
-
-    def finish(self) -> dict:
-        self.set_stage("done")
-        self.stop_flag.set()
-        self.join()
-        out = {}
-        for name, st in self.stages.items():
-            if name == "done":
-                continue
-            st.pop("t_start")
-            rose = st["hwm_after"] > st["hwm_before"]
-            st["peak"] = st["hwm_after"] if rose else st["max_rss"]  # exact where the high-water mark rose
-            out[name] = st
-        return out
-
-
 def emit(kind: str, **data) -> None:
     print(EVENT + json.dumps({"event": kind, **data}), flush=True)
 
@@ -129,9 +77,9 @@ def emit(kind: str, **data) -> None:
 
 def preset_args(preset: str):
     """ModelArgs of the preset, with the special ids of the tiny tokenizer that is shipped with it."""
-    from dlmtrt.models.tiny import TOKEN_ROLES, build_tokenizer, shaped_like
+    from dlmtrt.models.tiny import build_tokenizer, shaped_like, token_ids
     tok = build_tokenizer("dream")
-    ids = {k.removesuffix("_token"): tok.token_to_id(v) for k, v in TOKEN_ROLES["dream"].items() if v is not None}
+    ids = token_ids("dream", tok)
     args = shaped_like("dream", mask_token_id=ids["mask"], eos_token_id=ids["eos"], pad_token_id=ids["pad"],
                        bos_token_id=ids["eos"], **PRESETS[preset]["sizes"])  # Dream's bos is its eos
     return args, tok
@@ -141,80 +89,45 @@ def _fill(name: str, shape, args, g, chunk):
     """Yield the tensor's values in fp32 row chunks with models.tiny.random_state_dict's initialisation."""
     import math
 
-    import torch
+    from dlmtrt.models.tiny import init_random_
     numel = math.prod(shape)
     row = math.prod(shape[1:]) if len(shape) > 1 else numel
     assert row <= CHUNK_ELEMS, f"{name}: rows of {row} elements exceed the {CHUNK_ELEMS}-element chunk"
     rows_per = max(1, CHUNK_ELEMS // row)
     for i in range(0, numel // row, rows_per):
         n = min(rows_per, numel // row - i) * row
-        t = chunk[:n].normal_(generator=g)
-        if name.endswith("layernorm.weight") or name == "model.norm.weight":
-            t.mul_(0.1).add_(1.0)
-        elif name.endswith(".bias"):
-            t.mul_(0.1)
-        elif name == "lm_head.weight":
-            t.mul_(0.5 / args.hidden_size ** 0.5 * 8)
-        else:
-            t.mul_(0.02)
-        yield t
+        yield init_random_(name, chunk[:n].normal_(generator=g), args)
 
 
 def write_checkpoint(out: Path, preset: str, seed: int = 0) -> dict:
     """Stream a random bf16 checkpoint of the preset into `out` (HF layout: sharded safetensors + index, config,
-    generation config, tokenizer). Tensors are written one fp32 chunk at a time, never held whole."""
+    generation config, tokenizer) with models.tiny.stream_checkpoint. Tensors are drawn and written one fp32
+    chunk at a time, never held whole."""
     import torch
 
-    from dlmtrt.models.families import FAMILIES
-    from dlmtrt.models.tiny import _save_tokenizer
-    from dlmtrt.models.transformer import DiffusionLM
+    from dlmtrt.models.tiny import stream_checkpoint
     args, tok = preset_args(preset)
-    fam = FAMILIES["dream"]
-    with torch.device("meta"):
-        shapes = [(fam.ours_to_checkpoint(n), n, tuple(p.shape)) for n, p in DiffusionLM(args).named_parameters()]
-    if args.tie_word_embeddings:
-        shapes = [s for s in shapes if s[1] != "lm_head.weight"]
-    nbytes = {key: 2 * int(torch.Size(shape).numel()) for key, _, shape in shapes}
-    total = sum(nbytes.values())
-    shards: list[list] = [[]]  # same greedy split as models.tiny.save_weights
-    size = 0
-    for s in shapes:
-        if shards[-1] and size + nbytes[s[0]] > PRESETS[preset]["shard_bytes"]:
-            shards.append([])
-            size = 0
-        shards[-1].append(s)
-        size += nbytes[s[0]]
-    out.mkdir(parents=True, exist_ok=False)
+    total = args.param_count * 2
     chunk = torch.empty(CHUNK_ELEMS)
     bf = torch.empty(CHUNK_ELEMS, dtype=torch.bfloat16)
     g = torch.Generator()
-    weight_map, done, t0 = {}, 0, time.perf_counter()
+    seen: dict[str, int] = {}
+    done = 0
+
+    def chunks(name: str, shape):
+        nonlocal done
+        g.manual_seed(seed * 1_000_003 + seen.setdefault(name, len(seen)))  # one seed per tensor, in order
+        for t in _fill(name, shape, args, g, chunk):
+            b = bf[: t.numel()]
+            b.copy_(t)
+            yield b
+            done += b.numel() * 2  # written by now
+            emit("progress", done=done)
+
+    t0 = time.perf_counter()
     emit("start", total=total, params=args.param_count)
-    for i, shard in enumerate(shards, 1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        header, off = {"__metadata__": {"format": "pt"}}, 0
-        for key, _, shape in shard:
-            header[key] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [off, off + nbytes[key]]}
-            off += nbytes[key]
-        hb = json.dumps(header, separators=(",", ":")).encode()
-        hb += b" " * (-len(hb) % 8)
-        with open(out / fname, "wb") as f:
-            f.write(len(hb).to_bytes(8, "little") + hb)
-            for j, (key, name, shape) in enumerate(shard):
-                g.manual_seed(seed * 1_000_003 + len(weight_map) + j)
-                for t in _fill(name, shape, args, g, chunk):
-                    b = bf[: t.numel()]
-                    b.copy_(t)
-                    f.write(memoryview(b.view(torch.int16).numpy()))
-                    done += b.numel() * 2
-                    emit("progress", done=done)
-        weight_map.update({key: fname for key, _, _ in shard})
-    (out / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
-    (out / "config.json").write_text(json.dumps(fam.make_config(args), indent=2) + "\n")
-    (out / "generation_config.json").write_text(json.dumps(fam.make_generation_config(args), indent=2) + "\n")
-    _save_tokenizer(out, "dream", tok)
-    return {"params": args.param_count, "weight_bytes": total, "shards": len(shards),
+    stream_checkpoint(out, args, chunks, torch.bfloat16, tok, max_shard_bytes=PRESETS[preset]["shard_bytes"])
+    return {"params": args.param_count, "weight_bytes": total, "shards": len(list(out.glob("*.safetensors"))),
             "make_s": time.perf_counter() - t0,
             "make_peak_rss": proc_status()["VmHWM"], "config": args.to_dict()}
 
@@ -239,7 +152,7 @@ def export_child(ckpt: Path, out: Path, dtype: str, numeric_check: bool, force_e
     s_base = proc_status()
     if force_external:
         oe.EXTERNAL_DATA_BYTES = 0  # tiny preset: take the side-file path that 7b takes
-    sampler = StageSampler()
+    sampler = RssSampler(period_s=0.01)
     sampler.start()
 
     def log(msg: str) -> None:

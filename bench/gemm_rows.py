@@ -19,10 +19,6 @@ H, I, KV, LAYERS, V = 3584, 18944, 512, 28, 152064
 SHAPES = {"qkv": (H, H + 2 * KV), "o": (H, H), "gate_up": (H, 2 * I), "down": (I, H)}
 
 
-def time_ms(fn, repeats: int = 20) -> float:
-    return median_ms(fn, "cuda", repeats)
-
-
 def main(path: str) -> None:
     w = {k: torch.randn(n, k_, device="cuda", dtype=torch.bfloat16) * 0.02 for k, (k_, n) in SHAPES.items()}
     rows = []
@@ -32,8 +28,9 @@ def main(path: str) -> None:
         def layer():
             for k in SHAPES:
                 torch.nn.functional.linear(x[k], w[k])
-        per_layer = {k: time_ms(lambda k=k: torch.nn.functional.linear(x[k], w[k])) for k in SHAPES}
-        total = LAYERS * time_ms(layer)
+        per_layer = {k: median_ms(lambda k=k: torch.nn.functional.linear(x[k], w[k]), "cuda", 20)
+                     for k in SHAPES}
+        total = LAYERS * median_ms(layer, "cuda", 20)
         flops = 2 * m * sum(a * b for a, b in SHAPES.values()) * LAYERS
         byts = 2 * sum(a * b for a, b in SHAPES.values()) * LAYERS
         rows.append({"rows": m, "layers_ms": round(total, 3), "tflops": round(flops / total / 1e9, 1),

@@ -120,15 +120,10 @@ def fp8_kernel() -> dict:
             variants["fp8_scaled_mm"] = scaled
             row = {"layer": name, "rows": m, "n": n, "k": kdim}
             for label, fn in variants.items():
-                fn()
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g):
-                    fn()
-                us = median_ms(g.replay, "cuda", 20) * 1000 / len(lins)
+                us = median_ms(fn, "cuda", 20, graph=True) * 1000 / len(lins)
                 wbytes = n * kdim * (2 if label == "bf16" else 1)
                 row[f"{label}_us"] = us
                 row[f"{label}_GBps"] = wbytes / us / 1e3
-                del g
             timing.append(row)
             print(row, flush=True)
         del lins, qs

@@ -8,8 +8,9 @@ checkpoint with Dream's layout is written to a temp dir, then each case is loade
 Peak is the kernel's high-water mark (VmHWM, equal to ru_maxrss) of that interpreter after loading *and
 then reading every weight once*, as the first forward pass will: weights that are merely mmapped views of
 the shards would otherwise look free at load time and become resident later. Baseline is the RSS after
-`import torch` and the loader, just before loading. A sampler thread also records which part of
-RSS was anonymous memory (our tensors) and which was file pages (mmapped shards) at the sampled peak.
+`import torch` and the loader, just before loading. A sampler thread (`evals.memory.RssSampler`) also
+records which part of RSS was anonymous memory (our tensors) and which was file pages (mmapped shards) at
+the sampled peak.
 The parent process imports no torch, so it cannot inflate its children's ru_maxrss through fork/exec.
 
     python -m bench.load_memory            # ~2 GB on disk, ~5 GB of RAM, a few minutes on 2 cores
@@ -24,42 +25,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+
+from dlmtrt.evals.memory import RssSampler, proc_status
 
 RESULTS = Path(__file__).resolve().parent / "results" / "load_memory.json"
 SIZES = dict(hidden_size=2048, intermediate_size=5632, num_heads=16, num_kv_heads=2, head_dim=128, vocab_size=152064)
 MiB = 2 ** 20
-
-
-def status() -> dict[str, int]:
-    """Memory lines of /proc/self/status, in bytes."""
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            k, _, v = line.partition(":")
-            if k in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem"):
-                out[k] = int(v.split()[0]) * 1024
-    return out
-
-
-class Sampler(threading.Thread):
-    """Polls /proc/self/status to split the peak into anonymous and file-backed pages; VmHWM stays the
-    authoritative peak since a poll can miss a short spike."""
-
-    def __init__(self, period_s: float = 0.002):
-        super().__init__(daemon=True)
-        self.period_s, self.stop_flag, self.peak = period_s, threading.Event(), {"VmRSS": 0}
-        self.max_file = 0
-
-    def run(self) -> None:
-        while not self.stop_flag.is_set():
-            s = status()
-            self.max_file = max(self.max_file, s["RssFile"])
-            if s["VmRSS"] > self.peak["VmRSS"]:
-                self.peak = s
-            time.sleep(self.period_s)
 
 
 def make(out: Path, layers: int, shard_bytes: int) -> dict:
@@ -82,22 +55,21 @@ def measure(path: Path, dtype: str) -> dict:
 
     from dlmtrt.dtypes import DTYPES
     from dlmtrt.models.loading import load_weights, open_checkpoint
-    base = status()
-    sampler = Sampler()
+    base = proc_status()
+    sampler = RssSampler(period_s=0.002, stage="load")  # the anon/file split of the sampled peak
     sampler.start()
     t0 = time.perf_counter()
     ck = open_checkpoint(str(path))
     model = load_weights(ck, DTYPES[dtype], torch.device("cpu"))
     load_s = time.perf_counter() - t0
-    after_load = status()
+    after_load = proc_status()
     params = list(model.parameters())
     assert all(p.dtype == DTYPES[dtype] for p in params)
     t0 = time.perf_counter()
     checksum = sum(float(p.sum()) for p in params)  # what a first forward pass does: read every weight once
     touch_s = time.perf_counter() - t0
-    sampler.stop_flag.set()
-    sampler.join()
-    end = status()
+    sampled = sampler.finish()["load"]
+    end = proc_status()
     return {
         "dtype": dtype, "load_s": load_s, "touch_s": touch_s, "checksum": checksum,
         "baseline_rss": base["VmRSS"], "baseline_hwm": base["VmHWM"],
@@ -106,8 +78,8 @@ def measure(path: Path, dtype: str) -> dict:
         "loaded_bytes": sum(p.numel() * p.element_size() for p in params),
         "peak_rss": end["VmHWM"], "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "end_rss": end["VmRSS"], "end_rss_file": end["RssFile"],
-        "sampled_peak_anon": sampler.peak.get("RssAnon", 0), "sampled_peak_file": sampler.peak.get("RssFile", 0),
-        "sampled_max_file": sampler.max_file,
+        "sampled_peak_anon": sampled["anon_at_max"], "sampled_peak_file": sampled["file_at_max"],
+        "sampled_max_file": sampled["max_file"],
     }
 
 

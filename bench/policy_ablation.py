@@ -21,7 +21,7 @@ from rich.table import Table
 
 from dlmtrt.evals.evaluate import evaluate
 from dlmtrt.runtime.backends import make_backend
-from dlmtrt.runtime.policies import DecodePlan, DecodeState, DKVDecode, _all, _exact
+from dlmtrt.runtime.policies import DecodePlan, DecodeState, DKVDecode, _exact
 
 
 @dataclass
@@ -56,7 +56,7 @@ def main(n, batch_size, device, out):
     be, tok, _ = make_backend("torch", "tiny-llada-tasks", dtype="float32", device=device)
     llada = [spec(DKVDecode(c), f"decode:cache_steps={c}") for c in (2, 4, 8)]
     llada += [spec(DecodeOnly(4, rows="prompt"), "decode, prompt rows only"),
-              spec(DecodeOnly(4, rows="answer"), "decode, answer rows only"), spec(_NoCache(), "none")]
+              spec(DecodeOnly(4, rows="answer"), "decode, answer rows only"), "none"]
     for blocks in (2, 1):
         res, _ = evaluate(be, tok, "countdown:numbers=3", n, llada, batch_size=batch_size, blocks=blocks)
         runs += [{"model": "tiny-llada-tasks", **r.to_dict()} for r in res]
@@ -74,13 +74,6 @@ def main(n, batch_size, device, out):
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"device": device, "torch": torch.__version__, "n": n, "runs": runs}, indent=1) + "\n")
     console.print(f"results: {out}")
-
-
-class _NoCache:
-    name = "none"
-
-    def plan(self, s):
-        return _all(s)
 
 
 if __name__ == "__main__":

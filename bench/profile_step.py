@@ -14,7 +14,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import os
 
-from dlmtrt.evals.speed import _sync, random_model, shape_args, step_ms
+from dlmtrt.evals.speed import _sync, random_model, shape_args, step_inputs, step_ms
 from dlmtrt.runtime.backends.torch_backend import TorchBackend
 from dlmtrt.runtime.backends.torch_graph_backend import TorchGraphBackend
 from dlmtrt.runtime.generate import dream_generate
@@ -81,14 +81,8 @@ def summarise(prof, wall_s: float, label: str, n: int) -> dict:
 
 def profile_steps(be, label: str, L: int, n: int = 20) -> dict:
     step_ms(be, 1, 1, L, repeats=3)  # captures / compiles outside the profile
-    from dlmtrt.runtime.contract import StepInputs
     dev = be.info.device
-    keys, values = be.new_cache(1, L)
-    stable = torch.ones(1, L, dtype=torch.bool, device=dev)
-    stable[:, -1] = False
-    rows = torch.zeros(1, 1, dtype=torch.long, device=dev) if getattr(be, "selects_logit_rows", False) else None
-    s = StepInputs(torch.randint(0, 200, (1, 1), device=dev), torch.full((1, 1), L - 1, device=dev), keys, values,
-                   stable, torch.ones(1, L, dtype=torch.bool, device=dev), logit_rows=rows, need_drift=False)
+    s = step_inputs(be, 1, 1, L)  # the one-row step that step_ms times
     be.step(s)
     _sync(dev)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

@@ -16,9 +16,12 @@ import torch
 
 from dlmtrt.dtypes import DTYPES
 from dlmtrt.errors import UsageError
-from dlmtrt.models.tiny import DEFAULT_SIZES, shaped_like, tiny_args, tiny_vocabulary
+from dlmtrt.evals.memory import proc_status, reset_hwm, vm_hwm
 from dlmtrt.models.args import ModelArgs
+from dlmtrt.models.tiny import DEFAULT_SIZES, shaped_like, tiny_args, tiny_vocabulary
 from dlmtrt.models.transformer import DiffusionLM, rope_inv_freq
+
+
 
 def shape_names() -> tuple[str, ...]:
     """Every model family's released sizes (dream-7b, llada-8b, ...) and tiny-<family>."""
@@ -58,10 +61,20 @@ def random_model(args: ModelArgs, device: str, dtype: torch.dtype, seed: int = 0
     return m.eval()
 
 
-def median_ms(fn, device, repeats: int = 30, warmup: int = 3) -> float:
+def median_ms(fn, device, repeats: int = 30, warmup: int = 3, *, graph: bool = False) -> float:
     """Median milliseconds of `fn()` after `warmup` calls: CUDA events around each call on a GPU (the time of
-    the queued work, not of queueing it), wall time on the CPU."""
+    the queued work, not of queueing it), wall time on the CPU. `graph` (CUDA only): call `fn` once, capture
+    one call in a CUDA graph and time the graph's replays instead, i.e. the work without its launches, as a
+    captured step runs it (`fn` then runs in Python twice, whatever `repeats`)."""
     cuda = torch.device(device).type == "cuda"
+    if graph:
+        if not cuda:
+            raise ValueError(f"median_ms: graph=True times a CUDA graph; the device is {device}")
+        fn()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        fn = g.replay
     for _ in range(warmup):
         fn()
     times = []
@@ -91,46 +104,26 @@ def copy_bandwidth(device: str, nbytes: int | None = None, repeats: int = 20) ->
     return 2 * nbytes / (median_ms(lambda: dst.copy_(src), device, repeats) / 1e3)
 
 
-def _vm_hwm() -> int | None:
-    """This process's peak resident memory in bytes (Linux /proc), or None where it cannot be read."""
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def _reset_hwm() -> bool:
-    """Reset the peak resident memory to the current one (Linux: /proc/self/clear_refs, value 5)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
 class PeakMemory:
     """Peak memory of a run: allocated device memory on a GPU; on the CPU the process's peak resident memory
     above what it held before the model was built (`baseline`), so both count weights, K/V and activations.
-    `peak()` is None where the CPU figure cannot be measured (no Linux /proc)."""
+    `peak()` is None where the CPU figure cannot be measured (no Linux /proc). The baseline is the resident
+    size (VmRSS), not the high-water mark, which an earlier peak of the process would have raised."""
 
     def __init__(self, device: str):
         self.cuda = str(device).startswith("cuda")
-        self.baseline = None if self.cuda else _vm_hwm()
+        self.baseline = None if self.cuda else proc_status().get("VmRSS")
 
     def reset(self) -> None:
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
-        elif not _reset_hwm():
+        elif not reset_hwm():
             self.baseline = None
 
     def peak(self) -> int | None:
         if self.cuda:
             return torch.cuda.max_memory_allocated()
-        hwm = _vm_hwm()
+        hwm = vm_hwm()
         return None if hwm is None or self.baseline is None else max(hwm - self.baseline, 0)
 
 
@@ -180,6 +173,13 @@ def _sync(device: str) -> None:
 
 def step_ms(backend, B: int, active: int, length: int, repeats: int = 30) -> float:
     """Median time of one backend step with `active` rows over a canvas of `length` rows, the rest stable."""
+    s = step_inputs(backend, B, active, length)
+    return median_ms(lambda: backend.step(s), backend.info.device, repeats)
+
+
+def step_inputs(backend, B: int, active: int, length: int):
+    """The step `step_ms` times: random ids in the last `active` rows of a canvas of `length`, every other row
+    stable (read from a fresh cache), all attended, one logit row where the backend selects them."""
     from dlmtrt.runtime.contract import StepInputs
     dev = backend.info.device
     keys, values = backend.new_cache(B, length)
@@ -189,8 +189,7 @@ def step_ms(backend, B: int, active: int, length: int, repeats: int = 30) -> flo
     stable[:, length - active:] = False
     am = torch.ones(B, length, dtype=torch.bool, device=dev)
     rows = torch.zeros(B, 1, dtype=torch.long, device=dev) if getattr(backend, "selects_logit_rows", False) else None
-    s = StepInputs(ids, pos, keys, values, stable, am, logit_rows=rows, need_drift=False)
-    return median_ms(lambda: backend.step(s), dev, repeats)
+    return StepInputs(ids, pos, keys, values, stable, am, logit_rows=rows, need_drift=False)
 
 
 def run_policy(backend, params: dict, B: int, prompt: int, policy: str, seed: int = 0,
