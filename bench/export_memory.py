@@ -80,7 +80,7 @@ def preset_args(preset: str):
     from dlmtrt.models.tiny import build_tokenizer, shaped_like, token_ids
     tok = build_tokenizer("dream")
     ids = token_ids("dream", tok)
-    args = shaped_like("dream", mask_token_id=ids["mask"], eos_token_id=ids["eos"], pad_token_id=ids["pad"],
+    args = shaped_like("dream-7b", mask_token_id=ids["mask"], eos_token_id=ids["eos"], pad_token_id=ids["pad"],
                        bos_token_id=ids["eos"], **PRESETS[preset]["sizes"])  # Dream's bos is its eos
     return args, tok
 

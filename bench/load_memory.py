@@ -41,7 +41,7 @@ def make(out: Path, layers: int, shard_bytes: int) -> dict:
     import torch
 
     from dlmtrt.models.tiny import random_state_dict, save_checkpoint, shaped_like
-    args = shaped_like("dream", num_layers=layers, max_position_embeddings=32768, **SIZES)
+    args = shaped_like("dream-7b", num_layers=layers, max_position_embeddings=32768, **SIZES)
     t0 = time.perf_counter()
     sd = random_state_dict(args, seed=0, dtype=torch.bfloat16)
     save_checkpoint(out, args, sd, tokenizer=None, max_shard_bytes=shard_bytes)

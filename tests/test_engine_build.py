@@ -30,7 +30,8 @@ from dlmtrt.engine.build import (AXES, EngineError, default_axes, engine_from_on
 from dlmtrt.errors import UsageError  # noqa: E402
 from dlmtrt.plugins import launcher  # noqa: E402
 from dlmtrt.plugins.flavour import flavour, import_trt  # noqa: E402
-from dlmtrt.runtime.contract import input_names, onnx_metadata, output_names  # noqa: E402
+from dlmtrt.runtime.artifacts import onnx_metadata  # noqa: E402
+from dlmtrt.runtime.contract import input_names, output_names  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = 6  # both tiny task models
@@ -93,7 +94,7 @@ def test_build_engine_writes_engine_and_manifest(built, exported, family, attent
     assert m["onnx"]["dir"] == str(export.absolute())
     assert m["onnx"]["sha256"] == {"model.onnx": _sha(export / "model.onnx")}
     assert m["onnx"]["metadata"] == meta and meta["dlmtrt.attention"] == attention
-    from dlmtrt.runtime.backends.tensorrt_backend import read_manifest
+    from dlmtrt.runtime.artifacts import read_manifest
     _, _, args, rmeta = read_manifest(engine)
     assert args.family == family and args.num_layers == LAYERS and rmeta["dtype"] == "float32"
     # the timing cache was written (TensorRT-RTX accepts one and ignores it: the manifest says so)

@@ -15,7 +15,7 @@ from dlmtrt import cli
 from dlmtrt.errors import OutputExistsError, UsageError
 from dlmtrt.export import attention as attn
 from dlmtrt.export.checks import CASES, numeric_check, random_step_inputs
-from dlmtrt.runtime.contract import onnx_metadata, read_metadata
+from dlmtrt.runtime.artifacts import onnx_metadata, read_metadata
 from dlmtrt.export.onnx_export import ExportError, checkpoint_sha256, export_step
 from dlmtrt.runtime.contract import input_names, output_names
 from dlmtrt.models.loading import load, open_checkpoint, read_tensor, tensor_index

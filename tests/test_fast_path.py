@@ -11,7 +11,8 @@ from click.testing import CliRunner
 
 from dlmtrt.cli import main
 from dlmtrt.runtime.backends import make_backend
-from dlmtrt.runtime.backends.torch_graph_backend import TorchGraphBackend, buckets_for
+from dlmtrt.runtime.backends.torch_graph_backend import TorchGraphBackend
+from dlmtrt.runtime.buckets import row_buckets as buckets_for
 from dlmtrt.runtime.generate import generate_text
 from dlmtrt.runtime.params import greedy_params
 
@@ -144,12 +145,12 @@ def test_a_generation_captures_a_few_shapes_and_holds_one_logits_buffer(pairs):
     p = greedy_params("dream", 64)
     out = generate_text(fast, tok, PROMPTS, policy="decode", **p)
     assert out.stats.steps == 64
-    keys = list(fast._static)
+    keys = list(fast._static.entries)
     L = keys[0][2]
     n_buckets = len(buckets_for(L))
     assert len(keys) <= 2 * n_buckets, keys
     assert all(r is not None and r <= a and r in buckets_for(L) for _, a, _, r, _ in keys)
-    ptrs = {st["logits"].data_ptr() for st in fast._static.values()}
+    ptrs = {st["logits"].data_ptr() for st in fast._static.entries.values()}
     assert ptrs == {fast._logits.data_ptr()}
     R = max(r for *_, r, _ in keys)
     assert fast._logits.numel() == len(PROMPTS) * R * fast.info.vocab_size

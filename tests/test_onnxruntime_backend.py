@@ -122,7 +122,7 @@ def test_errors_name_the_problem_and_the_fix(exported, tmp_path):
     m = onnx.load(str(bare / "model.onnx"))
     del m.metadata_props[:]
     onnx.save(m, str(bare / "model.onnx"))
-    with pytest.raises(ValueError, match="has no dlmtrt metadata.*cli.py export"):
+    with pytest.raises(ValueError, match="has no dlmtrt metadata.*dlmtrt export"):
         make_backend("onnxruntime", str(bare))
     r = CliRunner().invoke(cli.main, ["generate", "-m", str(bare), "--backend", "onnxruntime", "-p", "x"])
     assert r.exit_code != 0 and "no dlmtrt metadata" in r.output and "Traceback" not in r.output

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dlmtrt.runtime.backends import make_backend
-from dlmtrt.runtime.decode import pack_rows, source_rows
+from dlmtrt.runtime.decode import pack_rows
 from dlmtrt.runtime.generate import dream_generate, generate_text, llada_generate
 from dlmtrt.runtime.families.dream import DreamParams
 from dlmtrt.runtime.policies import Policy
@@ -25,12 +25,6 @@ def backends(tmp_path_factory):
 def test_pack_rows_lists_active_slots_and_pads_with_last():
     active = torch.tensor([[0, 1, 1, 0, 1], [1, 0, 0, 0, 0]], dtype=torch.bool)
     assert pack_rows(active).tolist() == [[1, 2, 4], [0, 0, 0]]
-
-
-def test_source_rows_undo_dream_shift():
-    p = torch.tensor([0, 1, 5])
-    assert source_rows(p, True).tolist() == [0, 0, 4]
-    assert source_rows(p, False).tolist() == [0, 1, 5]
 
 
 def test_num_transfer_tokens_distributes_remainder_first():
@@ -94,8 +88,8 @@ def test_llada_block_order_with_spy(backends):
     snapshots = []
     orig = rule.commit
 
-    def commit(i, x_, preds, rows):
-        new = orig(i, x_, preds, rows)
+    def commit(i, x_, preds, rows, seq):
+        new = orig(i, x_, preds, rows, seq)
         snapshots.append(new.clone())
         return new
     rule.commit = commit

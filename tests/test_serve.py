@@ -442,17 +442,18 @@ def test_cli_errors_are_one_line(tmp_path):
 
 
 def test_scheduler_rules():
-    from types import SimpleNamespace
-
+    from dlmtrt.runtime.backends import backend_class, make_backend
+    from dlmtrt.runtime.backends.torch_graph_backend import TorchGraphBackend
     from dlmtrt.runtime.families import get as family
-    from dlmtrt.serve.scheduler import Scheduler, bucket_of, shares_cache
-    info = SimpleNamespace(mask_token_id=9, eos_token_id=8, device="cpu")
-    tok = SimpleNamespace(pad_token_id=8)
-    for name, cohorts in (("torch", 8), ("onnxruntime", 8), ("torch-graph", 1), ("tensorrt", 1)):
-        be = SimpleNamespace(name=name, info=info)
-        assert shares_cache(be) == (cohorts == 1)
-        assert Scheduler(be, tok, "dream", max_positions=512, max_cohorts=8).max_cohorts == cohorts
-    assert [bucket_of(n, 500) for n in (1, 16, 17, 33, 300, 499)] == [16, 16, 32, 64, 500, 500]
+    from dlmtrt.serve.scheduler import Scheduler, bucket_of
+    be, tok, _ = make_backend("torch", "tiny-dream-tasks")
+    graph = TorchGraphBackend(make_backend("torch", "tiny-dream-tasks")[0].model)
+    for backend, cohorts in ((be, 8), (graph, 1)):  # the graph backend hands out one cache buffer again
+        a, b = backend.new_cache(1, 8), backend.new_cache(1, 8)
+        assert (a[0][0].data_ptr() == b[0][0].data_ptr()) == (cohorts == 1)
+        assert Scheduler(backend, tok, "dream", max_positions=512, max_cohorts=8).max_cohorts == cohorts
+    assert not backend_class("onnxruntime").shares_cache and backend_class("tensorrt").shares_cache
+    assert [bucket_of(n, 500) for n in (1, 16, 17, 33, 300, 499)] == [16, 16, 24, 48, 384, 500]
     dream = dict(temperature=0.0, alg="entropy", alg_temp=None)
     assert not family("dream").draws_random(dream)
     assert family("dream").draws_random({**dream, "alg": "origin"}) and family("dream").draws_random({**dream, "temperature": 0.5})

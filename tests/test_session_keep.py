@@ -49,7 +49,7 @@ def test_kept_rows_decode_as_in_the_full_batch(models, family, params, policy):
     for _ in range(3):
         cut.step()
     cut.keep([3, 1])  # reordered on purpose: row k of the session is the k-th kept row from now on
-    assert cut.x.shape[0] == 2 and cut.keys[0].shape[0] == (4 if params.get("cfg_scale") else 2)
+    assert cut.x.shape[0] == 2 and cut.cache.keys[0].shape[0] == (4 if params.get("cfg_scale") else 2)
     while not cut.done:
         cut.step()
     assert torch.equal(cut.x, full.x[[3, 1]])

@@ -1,8 +1,8 @@
 """The TensorRT backend up to TensorRT's own execution, on the CPU: its manifest reading, bindings (every input's
-shape set, every tensor bound by address, past and present cache sets alternating), static per-shape buffers
-and the step contract are driven through an emulated execution context that runs the same step in PyTorch from
-the bound tensors; generation through it is token-identical to the torch backend. Where an engine cannot run,
-one message says what was found and what is needed."""
+shape set, every tensor bound by address, past and present cache sets alternating), row buckets, static per-shape
+buffers and the step contract are driven through an emulated execution context that runs the engine's source, the
+exported ONNX graph, with ONNX Runtime on the bound tensors; generation through it is token-identical to the torch
+backend. Where an engine cannot run, one message says what was found and what is needed."""
 from __future__ import annotations
 
 import json
@@ -12,8 +12,10 @@ import torch
 
 from dlmtrt.runtime.backends import make_backend
 from dlmtrt.runtime.backends.tensorrt_backend import EngineRuntimeError, TensorRTBackend, check_executable
-from dlmtrt.runtime.contract import StepInputs, input_names, onnx_metadata, output_names
+from dlmtrt.runtime.artifacts import onnx_metadata
+from dlmtrt.runtime.contract import StepInputs, input_names, output_names
 from dlmtrt.runtime.generate import generate_text
+from dlmtrt.runtime.buckets import row_buckets
 from dlmtrt.runtime.params import greedy_params
 
 PROMPTS = ["sudoku\n0120\n4231\n2000\n0040\n", "countdown 3 4 5 -> 17\n"]
@@ -21,10 +23,12 @@ PROMPTS = ["sudoku\n0120\n4231\n2000\n0040\n", "countdown 3 4 5 -> 17\n"]
 
 class EmulatedContext:
     """An IExecutionContext stand-in: records shapes and addresses like TensorRT does, and on enqueue runs the
-    eager torch step on the tensors bound at those addresses, writing into the bound outputs."""
+    exported graph the engine was built from (ONNX Runtime) on the tensors bound at those addresses, writing into
+    the bound outputs."""
 
-    def __init__(self, torch_backend, n_layers: int):
-        self.ref = torch_backend
+    def __init__(self, export_dir, n_layers: int):
+        from dlmtrt.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+        self.ref = OnnxRuntimeBackend(export_dir)
         self.n = n_layers
         self.shapes, self.addresses = {}, {}
         self.backend = None  # set after construction: where the bound tensors are looked up by address
@@ -60,11 +64,11 @@ class EmulatedContext:
 
 
 def write_manifest(export_dir, tmp_path, flavour="tensorrt_rtx", version="1.7.1.116"):
+    from dlmtrt.runtime.artifacts import write_manifest as write
     engine = tmp_path / "model.engine"
     engine.write_bytes(b"not a real engine")
-    man = {"tensorrt": {"flavour": flavour, "version": version},
-           "onnx": {"dir": str(export_dir), "metadata": onnx_metadata(export_dir / "model.onnx")}}
-    (tmp_path / "model.engine.json").write_text(json.dumps(man))
+    write(engine, {"tensorrt": {"flavour": flavour, "version": version},
+                   "onnx": {"dir": str(export_dir), "metadata": onnx_metadata(export_dir / "model.onnx")}})
     return engine
 
 
@@ -72,7 +76,7 @@ def write_manifest(export_dir, tmp_path, flavour="tensorrt_rtx", version="1.7.1.
 def test_generation_through_the_bindings_is_token_identical(exported, tmp_path, family, policy):
     ref, tok, _ = make_backend("torch", f"tiny-{family}-tasks")
     engine = write_manifest(exported(family), tmp_path)
-    ctx = EmulatedContext(ref, ref.info.num_layers)
+    ctx = EmulatedContext(exported(family), ref.info.num_layers)
     be = TensorRTBackend(engine, device="cpu", context=ctx)
     ctx.backend = be
     assert be.info == ref.info
@@ -81,12 +85,32 @@ def test_generation_through_the_bindings_is_token_identical(exported, tmp_path, 
     b = generate_text(be, tok, PROMPTS, policy=policy, **p)
     assert torch.equal(a.sequences, b.sequences)
     assert be.enqueues == b.stats.steps
-    assert len(be._static) <= 2 * b.stats.steps and all(k[3] in (0, 1) for k in be._static)
+    L = a.sequences.shape[1]
+    keys = list(be._static.entries)
+    assert all(k[1] in row_buckets(L) and k[3] in (0, 1) for k in keys)  # row buckets, two cache sets
+    assert len(keys) <= 2 * len(row_buckets(L)), keys
+
+
+def test_static_buffers_are_bounded(exported, tmp_path, monkeypatch):
+    """Every shape a long generation meets gets buffers; beyond the cap the least recently used go."""
+    ref, _, _ = make_backend("torch", "tiny-dream-tasks")
+    ctx = EmulatedContext(exported("dream"), ref.info.num_layers)
+    monkeypatch.setattr(TensorRTBackend, "STATIC", 3)
+    be = TensorRTBackend(write_manifest(exported("dream"), tmp_path), device="cpu", context=ctx)
+    ctx.backend = be
+    keys, values = be.new_cache(1, 64)
+    stable = torch.zeros(1, 64, dtype=torch.bool)
+    am = torch.ones(1, 64, dtype=torch.bool)
+    for A in (1, 2, 3, 5, 9, 17, 33):
+        out = be.step(StepInputs(torch.full((1, A), 7), torch.arange(A)[None], keys, values, stable, am))
+        assert out.logits.shape[1] == A and out.kv_drift.shape == (1, A)
+        keys, values = out.present_keys, out.present_values
+    assert len(be._static) == 3 and be._static.evicted == 4
 
 
 def test_the_cache_sets_alternate_and_foreign_caches_are_refused(exported, tmp_path):
     ref, _, _ = make_backend("torch", "tiny-dream-tasks")
-    ctx = EmulatedContext(ref, ref.info.num_layers)
+    ctx = EmulatedContext(exported("dream"), ref.info.num_layers)
     be = TensorRTBackend(write_manifest(exported("dream"), tmp_path), device="cpu", context=ctx)
     ctx.backend = be
     keys, values = be.new_cache(1, 8)

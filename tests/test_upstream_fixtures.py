@@ -42,6 +42,9 @@ def _cases() -> list:
 class Recording:
     """A backend wrapper that keeps, per step, the rows computed and their logits."""
 
+    selects_logit_rows = False
+    shares_cache = False
+
     def __init__(self, backend):
         self.inner, self.info, self.name = backend, backend.info, backend.name
         self.rows: list[list[list[int]]] = []

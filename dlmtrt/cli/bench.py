@@ -8,6 +8,7 @@ from rich.table import Table
 
 from dlmtrt.dtypes import DTYPE_NAMES, QUANT_FORMATS
 from dlmtrt.models.families import shapes
+from dlmtrt.runtime.backends import BACKENDS
 
 from ._common import POSITIVE_TOKENS, SEED, TEXT, check_device, console, friendly_errors, out, output_file, positive
 
@@ -19,7 +20,7 @@ from ._common import POSITIVE_TOKENS, SEED, TEXT, check_device, console, friendl
 @click.option("--dtype", type=click.Choice(DTYPE_NAMES), default=None,
               help="Dtype of the random weights, the K/V cache and the arithmetic [default: bfloat16 on a GPU, "
                    "float32 on the CPU].")
-@click.option("--backend", type=click.Choice(["torch-graph", "torch"]), default="torch-graph", show_default=True,
+@click.option("--backend", type=click.Choice(BACKENDS), default="torch-graph", show_default=True,
               help="torch-graph: in-place cache, row buckets, CUDA graphs on a GPU; torch: the eager step.")
 @click.option("--attention", type=click.Choice(["sdpa", "kernel"]), default="sdpa", show_default=True,
               help="torch-graph: PyTorch's fused attention, or our cached-attention CUDA kernel (the TensorRT "

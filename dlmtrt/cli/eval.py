@@ -6,6 +6,8 @@ from pathlib import Path
 import click
 from rich.table import Table
 
+from dlmtrt.runtime.backends import BACKENDS
+
 from ._common import (MAX_PROBLEMS, POSITIVE_TOKENS, SEED, TEXT, check_device, console, dtype_choice,
                       friendly_errors, out, output_file, positive, progress, refuse_other_families)
 
@@ -29,8 +31,9 @@ from ._common import (MAX_PROBLEMS, POSITIVE_TOKENS, SEED, TEXT, check_device, c
 @click.option("--batch-size", type=positive(MAX_PROBLEMS), default=64, show_default=True,
               help="Problems decoded together in one batch (left-padded).")
 @click.option("--seed", type=SEED, default=1234, show_default=True, help="Seed of the problem generator.")
-@click.option("--backend", type=click.Choice(["torch", "torch-graph", "onnxruntime"]), default="torch", show_default=True,
-              help="torch runs a checkpoint; onnxruntime runs an export directory (dlmtrt export).")
+@click.option("--backend", type=click.Choice(BACKENDS), default="torch", show_default=True,
+              help="torch / torch-graph run a checkpoint; onnxruntime an export directory (dlmtrt export); "
+                   "tensorrt an engine file (dlmtrt build-engine) on a GPU.")
 @click.option("--device", default="cpu", show_default=True, callback=check_device, help="cpu, cuda, cuda:N or auto.")
 @click.option("--dtype", type=dtype_choice(), default=None, help="[default: float32; for onnxruntime the exported dtype]")
 @click.option("--out", "-o", "out_path", type=click.Path(path_type=Path), default=None, callback=output_file(),

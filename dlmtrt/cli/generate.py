@@ -7,13 +7,14 @@ from pathlib import Path
 import click
 from rich.table import Table
 
+from dlmtrt.runtime.backends import BACKENDS
+
 from ._common import (NONEMPTY_TEXT, NONNEGATIVE, POSITIVE_TOKENS, SEED, TEXT, check_device, refuse_other_families,
                       console, dtype_choice, friendly_errors, out, progress, read_prompt_file)
 
 # The cache policies `--policy` takes (runtime.policies.CACHE_POLICIES; a test keeps the two equal, so that
 # --help needs no torch import).
 POLICY_NAMES = ("none", "decode", "greedy", "prefill", "pd", "block", "dual", "adaptive", "delayed")
-BACKEND_NAMES = ("torch", "torch-graph", "onnxruntime", "tensorrt")
 POLICY_HELP = ("Cache policy and modifiers: " + " | ".join(POLICY_NAMES) + ", options as name:key=value,..., "
                "modifiers joined by '+': decode:cache_steps=4,shift=un+parallel:threshold=0.9+early.")
 
@@ -44,7 +45,7 @@ POLICY_HELP = ("Cache policy and modifiers: " + " | ".join(POLICY_NAMES) + ", op
               help="LLaDA: which predictions to commit [default: low_confidence].")
 @click.option("--cfg-scale", type=NONNEGATIVE, default=None, help="LLaDA: classifier-free guidance scale [default: 0].")
 @click.option("--policy", type=TEXT, default="none", show_default=True, metavar="SPEC", help=POLICY_HELP)
-@click.option("--backend", type=click.Choice(BACKEND_NAMES), default="torch",
+@click.option("--backend", type=click.Choice(BACKENDS), default="torch",
               show_default=True,
               help="torch / torch-graph run a checkpoint; onnxruntime runs an export directory (dlmtrt export); "
                    "tensorrt runs an engine file (dlmtrt build-engine) on a GPU (--device cuda).")

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import click
 
+from dlmtrt.runtime.backends import BACKENDS
+
 from ._common import TEXT, check_device, dtype_choice, friendly_errors, positive
 
 
@@ -102,7 +104,7 @@ def run_server(model, backend, device, dtype, policy, host, port, max_batch, max
 @click.option("--model", "-m", required=True,
               help="Checkpoint directory, alias or cached repo id (torch, torch-graph); export directory "
                    "(onnxruntime); engine file (tensorrt).")
-@click.option("--backend", type=click.Choice(["torch", "torch-graph", "onnxruntime", "tensorrt"]), default="torch",
+@click.option("--backend", type=click.Choice(BACKENDS), default="torch",
               show_default=True, help="Step backend (torch-graph and tensorrt run one cohort at a time).")
 @_model_options
 @_options

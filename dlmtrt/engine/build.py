@@ -33,8 +33,8 @@ from pathlib import Path
 from dlmtrt.errors import DlmtrtError, OutputExistsError, UsageError
 from dlmtrt.plugins.flavour import TensorRTMissingError, import_trt
 from dlmtrt.plugins.flavour import flavour as _flavour
+from dlmtrt.runtime.artifacts import read_manifest, write_manifest
 
-MANIFEST_FORMAT = "1"
 AXES = ("batch", "active", "canvas")
 PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 DEFAULT_CANVAS_CAP = 2048  # default max canvas when the model's positions allow more (pass --profile for longer)
@@ -204,7 +204,7 @@ def _plugin_node_count(path: Path) -> int:
 def read_export(onnx_dir: str | Path) -> ExportInfo:
     """What a build needs from an export directory (or its model.onnx), without loading external weights."""
     import onnx
-    from dlmtrt.runtime.contract import ArtifactError, read_metadata
+    from dlmtrt.runtime.artifacts import ArtifactError, read_metadata
     p = Path(onnx_dir).expanduser()
     if not p.exists():
         raise ArtifactError(f"--onnx {onnx_dir}: no such directory; pass the directory `dlmtrt export --out DIR` "
@@ -420,10 +420,6 @@ class BuildResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def manifest_path_for(engine: Path) -> Path:
-    return engine.with_name(engine.name + ".json")
-
-
 def build_engine(onnx_dir: str | Path, out: str | Path, *, precision: str | None = None,
                  profiles: Sequence[str] = (), timing_cache: str | Path | None = None, overwrite: bool = False,
                  events: Events | None = None) -> BuildResult:
@@ -495,7 +491,6 @@ def build_engine(onnx_dir: str | Path, out: str | Path, *, precision: str | None
     plugin_engine_layers = [r["name"] for r in res["engine_layers"]
                             if r["type"] in ("custom_layer", "PluginV3", "PluginV2") or "CachedAttention" in r["type"]]
     manifest = {
-        "format_version": MANIFEST_FORMAT,
         "engine": {"file": out.name, "bytes": res["engine_bytes"], "sha256": engine_sha},
         "tensorrt": {"flavour": res["flavour"], "version": res["version"], "strongly_typed": True,
                      "built": where, "host": {"machine": platform.machine(), "python": platform.python_version()}},
@@ -520,11 +515,8 @@ def build_engine(onnx_dir: str | Path, out: str | Path, *, precision: str | None
         "seconds": {"hash": round(t_hash, 3), **{k: round(v, 3) for k, v in res["seconds"].items()},
                     "total": round(time.perf_counter() - t_start, 3)},
     }
-    mpath = manifest_path_for(out)
-    mtmp = mpath.with_name(f".{mpath.name}.tmp-{os.getpid()}")
-    mtmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(mtmp, mpath)
-    return BuildResult(out, mpath, manifest, manifest["seconds"])
+    mpath = write_manifest(out, manifest)
+    return BuildResult(out, mpath, read_manifest(out)[1], manifest["seconds"])
 
 
 def _count(items) -> dict[str, int]:

@@ -22,7 +22,6 @@ from dlmtrt.runtime.contract import input_names, output_kind, output_names
 
 from .trajectory import DEFAULT_POLICIES, DEFAULT_STEPS_PER_POLICY
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
 OUTPUT_KINDS = ("logits", "present", "present_valid", "kv_drift")
 # export dtype -> output kind -> (rtol, atol), Polygraphy's element-wise check: an element fails only when it
 # is off by more than atol AND by more than rtol relative to the reference (PyTorch fp32). present_valid is a
@@ -225,11 +224,18 @@ class CompareReport:
         return [f"{r.backend} {r.output}" for r in self.rows if not r.ok]
 
 
+def comparable_backends() -> tuple[str, ...]:
+    """The backends with a Polygraphy runner (runtime/backends: `polygraphy_runner`)."""
+    from dlmtrt.runtime.backends import BACKENDS, backend_class
+    return tuple(n for n in BACKENDS if backend_class(n).polygraphy_runner)
+
+
 def check_backends(backends: str | list[str]) -> list[str]:
     names = [b.strip() for b in backends.split(",") if b.strip()] if isinstance(backends, str) else list(backends)
-    unknown = [b for b in names if b not in BACKENDS]
+    known = comparable_backends()
+    unknown = [b for b in names if b not in known]
     if unknown or len(set(names)) != len(names):
-        raise UsageError(f"--backends {','.join(names)!r}: give distinct backends among {', '.join(BACKENDS)}")
+        raise UsageError(f"--backends {','.join(names)!r}: give distinct backends among {', '.join(known)}")
     if len(names) < 2:
         raise UsageError("--backends: name at least two backends to compare")
     return names
@@ -244,7 +250,7 @@ def compare_backends(model: str, *, onnx_path: Path | None = None, backends="tor
     Without `onnx_path` the checkpoint is exported to a temporary directory first (when a graph is needed)."""
     from dlmtrt.models.loading import load
     from dlmtrt.runtime.backends.torch_backend import TorchBackend
-    from dlmtrt.runtime.contract import onnx_metadata, read_metadata
+    from dlmtrt.runtime.artifacts import onnx_metadata, read_metadata
     from dlmtrt.runtime.policies import parse_policy
 
     from .trajectory import describe, load_feeds, record_feeds, save_feeds, spread

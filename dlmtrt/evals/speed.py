@@ -262,8 +262,7 @@ def bench(shape: str, *, device: str = "cpu", dtype: str = "float32", backend: s
     random canvases (the numbers are meaningless, the speed is not); `quantize_head` quantises the head too;
     `keep_blocks` leaves the first N blocks unquantised (the bytes of `calibrate --keep-blocks N`; which blocks
     is meaningless with random weights)."""
-    from dlmtrt.runtime.backends.torch_backend import TorchBackend
-    from dlmtrt.runtime.backends.torch_graph_backend import TorchGraphBackend
+    from dlmtrt.runtime.backends import backend_class, names_with
     from dlmtrt.runtime.policies import parse_policy
 
     args = shape_args(shape)
@@ -275,8 +274,16 @@ def bench(shape: str, *, device: str = "cpu", dtype: str = "float32", backend: s
     if prompt + answer > args.max_position_embeddings:
         raise UsageError(f"prompt + answer = {prompt + answer} exceeds the shape's {args.max_position_embeddings} "
                          "positions")
-    if attention != "sdpa" and backend != "torch-graph":
-        raise UsageError("--attention kernel applies to the torch-graph backend")
+    cls = backend_class(backend)
+    if cls.takes != "checkpoint":
+        raise UsageError(f"bench runs random weights on a model in memory: use --backend "
+                         f"{' or '.join(names_with(takes='checkpoint'))}", field="backend")
+    step_options = {k: v for k, v in (("compile", compile), ("attention", attention))
+                    if v != {"compile": False, "attention": "sdpa"}[k]}
+    refused = [k for k in step_options if k not in getattr(cls, "step_options", ())]
+    if refused:
+        takers = [n for n in names_with(takes="checkpoint") if set(refused) <= set(backend_class(n).step_options)]
+        raise UsageError(f"--{' and --'.join(refused)} apply to the {', '.join(takers)} backend", field="backend")
     runs = []
     for p in policies:
         parse_policy(p).check(args.family, "low_confidence")
@@ -287,7 +294,7 @@ def bench(shape: str, *, device: str = "cpu", dtype: str = "float32", backend: s
     if quant is not None:
         log(f"quantising to {quant}" + (" (head included)" if quantize_head else ""))
         quantize_random(model, quant, prompt + answer, seed, head=quantize_head, keep_blocks=keep_blocks)
-    be = TorchGraphBackend(model, compile=compile, attention=attention) if backend == "torch-graph" else TorchBackend(model)
+    be = cls(model, **step_options)
     elem = DTYPES[dtype].itemsize
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     L = prompt + answer

@@ -2,21 +2,18 @@
 
 A backend runs one denoising step over an explicit K/V cache; the loop decides which rows are active and
 which cached rows are stable. The same tensors are the ONNX graph's inputs and outputs (their names, in
-graph order, are below) and an exported artifact describes itself by the metadata keys below, so the
-exporter, every backend and the comparison tools share one definition. Adding a backend means
+graph order, are below; how an artifact describes itself is runtime/artifacts.py), so the exporter, every
+backend and the comparison tools share one definition. Adding a backend means
 implementing `StepBackend` in one file.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 import torch
 from torch import Tensor
 
-from dlmtrt.errors import DlmtrtError
 from dlmtrt.models.args import ModelArgs
 
 
@@ -58,13 +55,24 @@ class ModelInfo:
     logits_shift: bool
     dtype: torch.dtype
     device: torch.device
+    attention: str = "bidirectional"  # the attention kind's spec (models/attention_kinds.py)
+
+    @classmethod
+    def of(cls, a: ModelArgs, dtype: torch.dtype, device: torch.device) -> "ModelInfo":
+        """What a backend of a model with `a` reports (the one place this is built)."""
+        return cls(family=a.family, num_layers=a.num_layers, num_kv_heads=a.num_kv_heads, head_dim=a.head_dim,
+                   vocab_size=a.vocab_size, mask_token_id=a.mask_token_id, eos_token_id=a.eos_token_id,
+                   pad_token_id=a.pad_token_id, logits_shift=a.logits_shift, dtype=dtype, device=torch.device(device),
+                   attention=a.attention)
 
 
 class StepBackend(Protocol):
+    """What the decode loop uses of a backend; the registry's capabilities are in runtime/backends/."""
+
     info: ModelInfo
     name: str
-    # backends that honour StepInputs.logit_rows / need_drift set this True (see TorchGraphBackend)
-    selects_logit_rows: bool = False
+    selects_logit_rows: bool  # honours StepInputs.logit_rows / need_drift (see TorchGraphBackend)
+    shares_cache: bool  # new_cache hands out the backend's own buffers again (KVCache owner "backend")
 
     def new_cache(self, batch: int, length: int) -> tuple[list[Tensor], list[Tensor]]:
         """Zeroed past K/V for a canvas of `length` rows."""
@@ -102,37 +110,3 @@ def named_inputs(s: StepInputs) -> dict[str, Tensor]:
     for i, (k, v) in enumerate(zip(s.past_keys, s.past_values)):
         feeds[f"past_key_values.{i}.key"], feeds[f"past_key_values.{i}.value"] = k, v
     return feeds
-
-
-# ---- artifact metadata: every key starts with `dlmtrt.`; `dlmtrt.model_args` holds the architecture as JSON
-
-METADATA_PREFIX = "dlmtrt."
-METADATA_FORMAT = "1"
-
-
-class ArtifactError(DlmtrtError, ValueError):
-    """An exported artifact is missing, unreadable or not ours; the message says how to make a good one."""
-
-
-def read_metadata(props: dict[str, str], where: str | Path) -> tuple[ModelArgs, dict[str, str]]:
-    """(ModelArgs, our props without prefix) from an artifact's metadata, with a clear error when absent."""
-    ours = {k.removeprefix(METADATA_PREFIX): v for k, v in props.items() if k.startswith(METADATA_PREFIX)}
-    if "model_args" not in ours:
-        raise ArtifactError(f"{where} has no dlmtrt metadata: it was not written by `dlmtrt export` (`python cli.py export`); export the "
-                            "checkpoint with `dlmtrt export --model M --out DIR` and pass DIR")
-    if ours.get("format_version") != METADATA_FORMAT:
-        raise ArtifactError(f"{where} was exported in metadata format {ours.get('format_version')!r}; this runtime "
-                            f"reads format {METADATA_FORMAT}: re-export it with this version")
-    return ModelArgs(**json.loads(ours["model_args"])), ours
-
-
-def onnx_metadata(path: str | Path) -> dict[str, str]:
-    """metadata_props of an .onnx file, without loading its weights."""
-    import onnx
-    from google.protobuf.message import DecodeError
-    try:
-        m = onnx.load(str(path), load_external_data=False)
-    except (DecodeError, OSError, ValueError, RuntimeError) as e:
-        raise ArtifactError(f"{path} is not a readable ONNX model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'truncated or corrupt'}); "
-                            "export the checkpoint again with `dlmtrt export`") from None
-    return {p.key: p.value for p in m.metadata_props}

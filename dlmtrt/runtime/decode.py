@@ -17,8 +17,9 @@ from torch import Tensor
 from dlmtrt.errors import UsageError
 
 from .prefix import attach, capture
-from .policies import NEVER, DecodePlan, DecodeState, parse_policy, rows_of
 from .contract import StepBackend, StepInputs, StepOutputs
+from .policies import NEVER, DecodePlan, DecodeState, parse_policy, rows_of
+from .state import KVCache, SequenceState
 
 
 @dataclass
@@ -54,26 +55,28 @@ class GenerationStats:
 
 
 class Rule(Protocol):
-    """An unmasking schedule (runtime/unmasking.py): which positions want predictions, how many tokens
-    a step commits, and the commit itself. One object per generation: it keeps that generation's state."""
+    """An unmasking schedule (runtime/unmasking.py): which positions want predictions, how many tokens a step
+    commits, and the commit itself. One object per generation, built once with the plan's options
+    (`DecodePlan.rule_options`); its per-sequence state lives in the session's `SequenceState` (`seq`, keys
+    `rule.*`), which every call receives, so that a batch cut needs nothing from the rule."""
 
-    @property
-    def num_steps(self) -> int: ...  # an upper bound on the steps; it may grow (parallel decoding)
+    remasking: str | None  # LLaDA's remasking (what Greedy needs), None for schedules without one
+    exact_ties: bool  # a policy leaves needed rows uncomputed: break their -inf ties as upstream does
 
-    def needed(self, i: int, mask_index: Tensor) -> Tensor: ...
+    def num_steps(self, seq: SequenceState) -> int: ...  # an upper bound; it may grow (parallel decoding)
+
+    def needed(self, i: int, mask_index: Tensor, seq: SequenceState) -> Tensor: ...
 
     def block(self, i: int) -> tuple[int, int] | None: ...
 
     def block_step(self, i: int) -> int: ...
 
-    def quota(self, i: int, needed: Tensor) -> Tensor: ...
+    def quota(self, i: int, needed: Tensor, seq: SequenceState) -> Tensor: ...
 
     @property
     def max_needed(self) -> int: ...  # the most positions one sequence can want at a step
 
-    def commit(self, i: int, x: Tensor, preds: "Predictions", rows: Tensor) -> Tensor: ...
-
-    def keep(self, rows: Tensor) -> None: ...  # go on with these sequences only (DecodeSession.keep)
+    def commit(self, i: int, x: Tensor, preds: "Predictions", rows: Tensor, seq: SequenceState) -> Tensor: ...
 
 
 def pack_rows(active: Tensor, A: int | None = None) -> Tensor:
@@ -85,11 +88,6 @@ def pack_rows(active: Tensor, A: int | None = None) -> Tensor:
     last = order.gather(1, (counts - 1).clamp_min(0)[:, None])
     pad = torch.arange(A, device=active.device)[None] >= counts[:, None]
     return torch.where(pad, last, order)
-
-
-def source_rows(positions: Tensor, shift: bool) -> Tensor:
-    """Row whose logits predict each position: p-1 under Dream's shift (row 0 predicts itself), else p."""
-    return (positions - 1).clamp_min(0) if shift else positions
 
 
 @dataclass
@@ -129,10 +127,12 @@ class Predictions:
 
 
 class DecodeSession:
-    """One generation (a batch of sequences that decode together): the canvas, the K/V cache it owns, the
-    rule with its schedule state, the policy's per-generation memory and the statistics. Policies are
-    stateless, so one `DecodePlan` serves any number of sessions at once; a server advances many sessions
-    one `step()` at a time.
+    """One generation (a batch of sequences that decode together). It owns the generation's state: the K/V cache
+    (`self.cache`, runtime/state.py, with its declared owner) and the per-sequence tensors (`self.seq`: the canvas
+    `x`, its attention mask `am`, the answer positions, which rows are valid, when each row was decoded and
+    computed, the prefix rows served from a store; the rule's schedule counts; the cache policy's memory).
+    Policies and rules are stateless towards it: one `DecodePlan` serves any number of sessions at once, and a
+    server advances many sessions one `step()` at a time.
 
     A step reads the device back once: the number of active rows (which also says whether anything is left),
     because the backend's shapes depend on it. Everything after the backend is queued without waiting, except
@@ -146,56 +146,58 @@ class DecodeSession:
     def __init__(self, backend: StepBackend, x: Tensor, attention_mask: Tensor, rule: Rule, plan: DecodePlan,
                  *, cfg_scale: float = 0.0, prompt_index: Tensor | None = None, prefix_store=None):
         info = backend.info
-        plan.check(info.family, getattr(rule, "remasking", None))
+        plan.check(info.family, rule.remasking)
         if cfg_scale > 0 and prompt_index is None:
             raise ValueError("cfg_scale > 0 needs prompt_index (the positions to mask in the unconditional copy)")
+        if plan.cache.skips_needed_rows and not rule.exact_ties:
+            raise ValueError(f"policy {plan.spec} leaves needed rows uncomputed: build the rule with "
+                             "plan.rule_options() (exact_ties), as the families do")
+        if prefix_store is not None and cfg_scale > 0:
+            raise UsageError("prefix reuse does not apply with classifier-free guidance (its unconditional copy "
+                             "masks the prompt); leave cfg_scale at 0 or turn prefix reuse off")
         self.backend, self.rule, self.plan, self.info = backend, rule, plan, info
-        self.cfg_scale, self.prompt_index = cfg_scale, prompt_index
+        self.cfg_scale = cfg_scale
         B, L = x.shape
-        self.x = x
-        self.am = attention_mask.bool()
-        self.am_in = torch.cat([self.am, self.am]) if cfg_scale > 0 else self.am
-        self.answer = x == info.mask_token_id
-        self.answer_start = int(self.answer.float().argmax(1).min()) if self.answer.any() else L
-        self.stats = GenerationStats(batch=B, canvas_length=L, new_tokens=int(self.answer.sum(1).max()))
-        self.keys, self.values = backend.new_cache(2 * B if cfg_scale > 0 else B, L)
         dev = x.device
-        self.valid = torch.zeros(B, L, dtype=torch.bool, device=dev)
-        self.decoded_at = torch.where(self.answer, NEVER, -1)
-        self.computed_at = torch.full((B, L), -1, dtype=torch.long, device=dev)
-        self.memory: dict = {}
-        self.frozen = torch.zeros(B, L, dtype=torch.bool, device=dev)  # prefix rows served from a store (prefix.py)
+        answer = x == info.mask_token_id
+        self.seq = seq = SequenceState(B)
+        seq["x"], seq["am"], seq["answer"] = x, attention_mask.bool(), answer
+        seq["valid"] = torch.zeros(B, L, dtype=torch.bool, device=dev)
+        seq["decoded_at"] = torch.where(answer, NEVER, -1)
+        seq["computed_at"] = torch.full((B, L), -1, dtype=torch.long, device=dev)
+        seq["frozen"] = torch.zeros(B, L, dtype=torch.bool, device=dev)  # prefix rows served from a store
+        if prompt_index is not None:
+            seq["prompt_index"] = prompt_index
+        self.answer_start = int(answer.float().argmax(1).min()) if answer.any() else L
+        self.stats = GenerationStats(batch=B, canvas_length=L, new_tokens=int(answer.sum(1).max()))
+        self.cache = KVCache.new(backend, B, L, copies=2 if cfg_scale > 0 else 1)
         self.i = 0
         self.finished = self.stats.new_tokens == 0
         self._seq_fwd = torch.zeros((), dtype=torch.long, device=dev)  # device-side counters, read at the end
         self._early = torch.zeros((), dtype=torch.long, device=dev)
-        if plan.cache.skips_needed_rows and not rule.exact_ties:
-            raise ValueError(f"policy {plan.spec} leaves needed rows uncomputed: build the rule with "
-                             "plan.rule_options() (exact_ties), as the families do")
         self.prefix_store = prefix_store  # serves stored prompt prefixes, and takes the ones step 0 computes
         if prefix_store is not None:
-            if cfg_scale > 0:
-                raise UsageError("prefix reuse does not apply with classifier-free guidance (its unconditional copy "
-                                 "masks the prompt); leave cfg_scale at 0 or turn prefix reuse off")
             self.stats.prefix_rows = attach(self, prefix_store)
+
+    # the per-sequence tensors the loop, the prefix store and the server read
+    x = property(lambda self: self.seq["x"])
+    am = property(lambda self: self.seq["am"])
+    answer = property(lambda self: self.seq["answer"])
+    valid = property(lambda self: self.seq["valid"])
+    frozen = property(lambda self: self.seq["frozen"])
+    computed_at = property(lambda self: self.seq["computed_at"])
 
     @property
     def done(self) -> bool:
-        return self.finished or self.i >= self.rule.num_steps
+        return self.finished or self.i >= self.rule.num_steps(self.seq)
 
     def step(self) -> None:
         """One denoising step: plan the rows, run the backend, commit tokens, keep the cache."""
-        info, rule, plan, i = self.info, self.rule, self.plan, self.i
-        x, shift, cfg = self.x, info.logits_shift, self.cfg_scale > 0
-        B, L = x.shape
-        dev = x.device
-        mask_index = x == info.mask_token_id
-        needed = rule.needed(i, mask_index)
-        state = DecodeState(i, rule.block_step(i), rows_of(needed, shift), rule.quota(i, needed), self.valid, self.am,
-                            self.decoded_at, self.computed_at, needed, rule.block(i) or (self.answer_start, L), shift,
-                            getattr(rule, "scores", None), self.memory)
-        active, stable = plan.cache.plan(state)
-        active, stable = active & ~self.frozen, stable | self.frozen
+        rule, plan, i, seq = self.rule, self.plan, self.i, self.seq
+        x, mask_id = seq["x"], self.info.mask_token_id
+        mask_index = x == mask_id
+        needed = rule.needed(i, mask_index, seq)
+        active, stable = self._plan_rows(i, needed)
         running = mask_index.any(1)
         active = active & running[:, None]  # a finished sequence computes nothing (its rows stay valid)
         counts = active.sum(1)
@@ -204,68 +206,81 @@ class DecodeSession:
             self.finished = True
             return
         pos = pack_rows(active, A)
-        known = stable | (active & self.valid)  # active rows with a valid past: kv_drift is measured against it
+        known = stable | (active & seq["valid"])  # active rows with a valid past: kv_drift is measured against it
         cand = self._candidates(pos, counts, needed, A)
-        x_in = x
-        if cfg:
-            x_in = torch.cat([x, torch.where(self.prompt_index, torch.full_like(x, info.mask_token_id), x)])
-            pos_in, known_in, cand_in = torch.cat([pos, pos]), torch.cat([known, known]), torch.cat([cand[0], cand[0]])
-        else:
-            pos_in, known_in, cand_in = pos, known, cand[0]
-        selects = getattr(self.backend, "selects_logit_rows", False)
+        out, logits = self._run(x, pos, known, cand[0])
+        preds = Predictions(logits, cand[1], cand[2], cand[0], needed)
+        new_x = rule.commit(i, x, preds, pos, seq)
+        if plan.early is not None:
+            new_x = _early_commit(plan.early, new_x, preds, seq["answer"], mask_id, self)
+        committed = (new_x != mask_id) & mask_index
+        seq["decoded_at"] = torch.where(committed, i, seq["decoded_at"])
+        seq["computed_at"] = torch.where(active, i, seq["computed_at"])
+        if plan.cache.observes_drift:
+            B, L = x.shape
+            drift = torch.zeros(B, L, device=x.device).scatter(1, pos, out.kv_drift[:B].float())
+            plan.cache.observe(seq, active, drift, known, committed)
+        seq["x"] = new_x
+        self._count(pos.shape[0] * (2 if self.cfg_scale > 0 else 1), A, x.shape[1], running)
+        if self.prefix_store is not None and i == 0:
+            capture(self, self.prefix_store, 0)
+
+    def _plan_rows(self, i: int, needed: Tensor) -> tuple[Tensor, Tensor]:
+        """The cache policy's (active, stable) rows; prefix rows served from a store are always stable."""
+        rule, seq, shift = self.rule, self.seq, self.info.logits_shift
+        L = needed.shape[1]
+        state = DecodeState(i, rule.block_step(i), rows_of(needed, shift), rule.quota(i, needed, seq), seq["valid"],
+                            seq["am"], seq["decoded_at"], seq["computed_at"], needed,
+                            rule.block(i) or (self.answer_start, L), shift, seq.get("rule.scores"), seq)
+        active, stable = self.plan.cache.plan(state)
+        return active & ~seq["frozen"], stable | seq["frozen"]
+
+    def _run(self, x: Tensor, pos: Tensor, known: Tensor, rows: Tensor) -> tuple[StepOutputs, Tensor]:
+        """The backend's step over the active rows `pos` (and the unconditional copy under CFG); returns its
+        outputs and the logits of the candidate rows `rows` (CFG-combined)."""
+        seq, info = self.seq, self.info
+        am = seq["am"]
+        if self.cfg_scale > 0:
+            uncond = torch.where(seq["prompt_index"], torch.full_like(x, info.mask_token_id), x)
+            x, am = torch.cat([x, uncond]), torch.cat([am, am])
+            pos, known, rows = torch.cat([pos, pos]), torch.cat([known, known]), torch.cat([rows, rows])
+        selects = self.backend.selects_logit_rows
         out: StepOutputs = self.backend.step(StepInputs(
-            x_in.gather(1, pos_in), pos_in, self.keys, self.values, known_in, self.am_in,
-            logit_rows=cand_in if selects else None, need_drift=plan.cache.observes_drift))
-        self.keys, self.values = out.present_keys, out.present_values
-        self.valid = out.present_valid[:B]
+            x.gather(1, pos), pos, self.cache.keys, self.cache.values, known, am,
+            logit_rows=rows if selects else None, need_drift=self.plan.cache.observes_drift))
+        self.cache.update(out.present_keys, out.present_values)
+        B = seq.batch
+        seq["valid"] = out.present_valid[:B]
         logits = out.logits
-        if cfg:
+        if self.cfg_scale > 0:
             cond, uncond = logits.chunk(2)
             logits = uncond + (self.cfg_scale + 1) * (cond - uncond)
         if not selects:
-            logits = logits.gather(1, cand[0][..., None].expand(-1, -1, logits.shape[-1]))
-        preds = Predictions(logits, cand[1], cand[2], cand[0], needed)
-        new_x = rule.commit(i, x, preds, pos)
-        if plan.early is not None:
-            new_x = _early_commit(plan.early, new_x, preds, self.answer, info.mask_token_id, self)
-        committed = (new_x != info.mask_token_id) & mask_index
-        self.decoded_at = torch.where(committed, i, self.decoded_at)
-        self.computed_at = torch.where(active, i, self.computed_at)
-        if plan.cache.observes_drift:
-            drift = torch.zeros(B, L, device=dev).scatter(1, pos, out.kv_drift[:B].float())
-            plan.cache.observe(self.memory, active, drift, known, committed)
-        self.x = new_x
-        n_rows = pos_in.shape[0] * A
+            logits = logits.gather(1, rows[:B][..., None].expand(-1, -1, logits.shape[-1]))
+        return out, logits
+
+    def _count(self, rows_in: int, A: int, L: int, running: Tensor) -> None:
         st = self.stats
+        n_rows = rows_in * A
         st.steps += 1
         st.forward_passes += 1
         self._seq_fwd += running.sum()
         st.rows_computed += n_rows
-        st.rows_full += pos_in.shape[0] * L
+        st.rows_full += rows_in * L
         st.per_step_rows.append(n_rows)
         self.i += 1
-        if self.prefix_store is not None and i == 0:
-            capture(self, self.prefix_store, 0)
 
     def keep(self, rows: list[int]) -> None:
         """Go on with these sequences only, in this order: a server drops the ones it has answered or whose
-        client has gone, so that later steps compute nothing for them. Every per-sequence tensor (canvas, masks,
-        cache, the rule's and the policy's state) is cut to `rows`; what the kept sequences compute does not
-        change. Only for a cache the session owns (not a backend's shared buffer)."""
-        B = self.x.shape[0]
+        client has gone, so that later steps compute nothing for them. Every per-sequence tensor (the session's,
+        the rule's, the policy's: `self.seq`) and the cache are cut to `rows`; what the kept sequences compute
+        does not change. Only for a cache the session owns (not a backend's shared buffer)."""
+        B = self.seq.batch
         if sorted(set(rows)) != sorted(rows) or not rows or not all(0 <= r < B for r in rows):
             raise ValueError(f"keep() takes distinct rows of the batch of {B}, got {rows}")
         idx = torch.tensor(rows, dtype=torch.long, device=self.x.device)
-        cache_idx = torch.cat([idx, idx + B]) if self.cfg_scale > 0 else idx
-        self.x, self.am, self.answer, self.valid = self.x[idx], self.am[idx], self.answer[idx], self.valid[idx]
-        self.decoded_at, self.computed_at, self.frozen = self.decoded_at[idx], self.computed_at[idx], self.frozen[idx]
-        self.am_in = self.am_in[cache_idx]
-        if self.prompt_index is not None:
-            self.prompt_index = self.prompt_index[idx]
-        self.keys = [k[cache_idx] for k in self.keys]
-        self.values = [v[cache_idx] for v in self.values]
-        self.memory = {k: v[idx] if isinstance(v, Tensor) and v.shape[:1] == (B,) else v for k, v in self.memory.items()}
-        self.rule.keep(idx)
+        self.cache.keep(idx)
+        self.seq.keep(idx)
         self.stats.batch = len(rows)
 
     def _candidates(self, pos: Tensor, counts: Tensor, needed: Tensor, A: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -297,7 +312,7 @@ def drive(session: DecodeSession, on_step: Callable[[int, int], None] | None = N
         i = session.i
         session.step()
         if on_step is not None and session.i > i:
-            on_step(session.i, max(session.i, session.rule.num_steps))
+            on_step(session.i, max(session.i, session.rule.num_steps(session.seq)))
     if session.x.device.type == "cuda":
         torch.cuda.synchronize(session.x.device)
     stats = session.finish()

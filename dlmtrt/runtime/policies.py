@@ -373,16 +373,6 @@ def rows_of(positions: Tensor, shift: bool) -> Tensor:
     return rows
 
 
-def positions_of(rows: Tensor, shift: bool) -> Tensor:
-    """Positions predicted by the given rows (inverse of `rows_of`)."""
-    if not shift:
-        return rows
-    pos = torch.zeros_like(rows)
-    pos[:, 1:] = rows[:, :-1]
-    pos[:, 0] = rows[:, 0]
-    return pos
-
-
 @dataclass
 class Parallel:
     """Fast-dLLM's confidence-threshold parallel decoding: commit every computed masked token whose
@@ -418,9 +408,6 @@ class EarlyCommit:
             self.gaps = (float(self.gaps),) * 3
         if len(self.gaps) != 3 or not all(0 < g <= 1 for g in self.gaps):
             raise UsageError(f"early: gaps must be three values in (0, 1] like 0.9/0.75/0.6, got {self.gaps}")
-
-    def threshold(self, progress: float) -> float:
-        return self.gaps[0] if progress < 1 / 3 else self.gaps[1] if progress < 2 / 3 else self.gaps[2]
 
     def thresholds(self, progress: Tensor) -> Tensor:
         """`threshold` for a batch of progress values, without leaving the device."""

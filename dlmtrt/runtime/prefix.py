@@ -118,14 +118,12 @@ def attach(session, store: PrefixStore) -> int:
             continue
         ks = torch.cat([store.entries[k][0] for k in keys], 2)  # [layers, Hkv, n, D]
         vs = torch.cat([store.entries[k][1] for k in keys], 2)
-        for layer in range(len(session.keys)):
-            session.keys[layer][b, :, start:start + n] = ks[layer]
-            session.values[layer][b, :, start:start + n] = vs[layer]
+        session.cache.write_rows(b, start, ks, vs)
         frozen[b, start:start + n] = True
         served += n
     store.stats.hit_rows += served
-    session.valid = session.valid | frozen
-    session.frozen = session.frozen | frozen
+    session.seq["valid"] = session.valid | frozen
+    session.seq["frozen"] = session.frozen | frozen
     return served
 
 
@@ -145,7 +143,6 @@ def capture(session, store: PrefixStore, step: int) -> int:
                 comp = computed[b].tolist()  # one read-back per sequence, only when something is new
             if not all(comp[lo:hi]):
                 break  # a chain must not have holes
-            store.put(key, torch.stack([k[b, :, lo:hi] for k in session.keys]).clone(),
-                      torch.stack([v[b, :, lo:hi] for v in session.values]).clone())
+            store.put(key, *session.cache.read_rows(b, lo, hi))
             added += 1
     return added

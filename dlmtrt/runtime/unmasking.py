@@ -80,11 +80,6 @@ class Blockwise:
     def needs_all(self, i: int) -> bool:
         return self.parallel is None and self.block_step(i) >= self.steps_per_block - 1
 
-    def keep(self, rows: Tensor) -> None:
-        """Go on with these sequences only (see `DecodeSession.keep`); the cursor is shared by all."""
-        for name in ("_transfer", "scores"):
-            if getattr(self, name, None) is not None:
-                setattr(self, name, getattr(self, name)[rows])
 
 
 @dataclass
@@ -103,6 +98,7 @@ class DreamRule:
     mask_token_id: int
     p: DreamParams
     parallel: float | None = None  # confidence threshold, or None
+    remasking = None  # Dream's schedules have no remasking option
     exact_ties: bool = False  # a policy leaves needed rows uncomputed: break -inf ties as upstream (DecodePlan)
 
     def __post_init__(self):
@@ -110,21 +106,15 @@ class DreamRule:
         self.steps, self.alg, self.alg_temp = p.steps, p.alg, p.alg_temp
         self.sampling = dict(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k)
         self.timesteps = torch.linspace(1, p.eps, p.steps + 1)
-        self._left: Tensor | None = None  # parallel: tokens declined so far, per sequence
-        self._steps: Tensor | None = None  # parallel: each sequence's step count (grows when the last step declines)
+        # parallel decoding's per-sequence counts live in the session's state: rule.per_step (tokens a step may
+        # commit), rule.left (declined so far), rule.steps (each sequence's step count; grows when the last declines)
 
-    def keep(self, rows: Tensor) -> None:
-        """Go on with these sequences only (see `DecodeSession.keep`)."""
-        if self._left is not None:
-            self._per_step, self._left, self._steps = self._per_step[rows], self._left[rows], self._steps[rows]
-
-    @property
-    def num_steps(self) -> int:
-        if self.parallel is None or self._steps is None:
+    def num_steps(self, seq) -> int:
+        if self.parallel is None or "rule.steps" not in seq:
             return self.steps
-        return int(self._steps.max())
+        return int(seq["rule.steps"].max())
 
-    def needed(self, i: int, mask_index: Tensor) -> Tensor:
+    def needed(self, i: int, mask_index: Tensor, seq) -> Tensor:
         return mask_index
 
     def block(self, i: int) -> tuple[int, int] | None:
@@ -136,7 +126,7 @@ class DreamRule:
     def needs_all(self, i: int) -> bool:
         return self.parallel is None and i == self.steps - 1
 
-    def quota(self, i: int, needed: Tensor) -> Tensor:
+    def quota(self, i: int, needed: Tensor, seq=None) -> Tensor:
         """Tokens per sequence this step commits (parallel: at least): a fraction 1 - s/t of its masked tokens,
         all of them at the last step. Upstream computes one count from the batch mean, which is the same
         thing while every sequence has the same number of masks (it always has, upstream); per sequence,
@@ -160,7 +150,7 @@ class DreamRule:
         return self.sampling["temperature"] == 0 and self.alg != "origin" and not self.alg_temp and \
             self.parallel is None and not self.exact_ties
 
-    def commit(self, i: int, x: Tensor, preds, rows: Tensor) -> Tensor:
+    def commit(self, i: int, x: Tensor, preds, rows: Tensor, seq) -> Tensor:
         """The new canvas from the step's predictions (`decode.Predictions`). Needed positions whose predicting
         row stayed cached get -inf logits, as upstream's dKV-Cache fills them."""
         needed = preds.needed
@@ -176,7 +166,7 @@ class DreamRule:
         if not torch.equal(computed, needed):
             logits = _fill_missing(needed, computed, logits)
         if self.parallel is not None:
-            return self._commit_parallel(i, x, needed, logits, kw)
+            return self._commit_parallel(i, x, needed, logits, kw, seq)
         t, s = self.timesteps[i], self.timesteps[i + 1]
         last = i == self.steps - 1
         if self.alg == "origin":
@@ -191,17 +181,18 @@ class DreamRule:
                                        neg_entropy=self.alg == "entropy", **kw)
         return _commit_top(x, needed, x0, confidence, self.quota(i, needed), self.alg_temp, logits.dtype)
 
-    def _commit_parallel(self, i: int, x: Tensor, needed: Tensor, logits: Tensor, kw: dict) -> Tensor:
+    def _commit_parallel(self, i: int, x: Tensor, needed: Tensor, logits: Tensor, kw: dict, seq) -> Tensor:
         B = x.shape[0]
-        if self._left is None:
+        if "rule.left" not in seq:
             total = needed.sum(1)
             if bool((total % self.steps).any()):
                 raise UsageError(f"parallel decoding of Dream without blocks commits max_new_tokens / steps tokens "
                                  f"per step, so max_new_tokens ({int(total.max())}) must be a multiple of steps "
                                  f"({self.steps}); pass --steps dividing it, or --block-length for block decoding")
-            self._per_step = total // self.steps
-            self._left = torch.zeros_like(total)
-            self._steps = torch.full_like(total, self.steps)
+            seq["rule.per_step"] = total // self.steps
+            seq["rule.left"] = torch.zeros_like(total)
+            seq["rule.steps"] = torch.full_like(total, self.steps)
+        per_step, left, steps = seq["rule.per_step"], seq["rule.left"], seq["rule.steps"]
         confidence, x0 = sample_tokens(logits, **kw)
         conf = torch.full(x.shape, -torch.inf, dtype=logits.dtype, device=x.device)
         conf[needed] = confidence
@@ -209,8 +200,8 @@ class DreamRule:
         cand[needed] = x0
         take = torch.zeros_like(needed)
         for b in range(B):
-            cur = int(self._per_step[b] + self._left[b])
-            self._left[b] = 0
+            cur = int(per_step[b] + left[b])
+            left[b] = 0
             cur = min(cur, int(needed[b].sum()))
             if cur <= 0:
                 continue
@@ -218,10 +209,10 @@ class DreamRule:
             take[b, idx[0]] = True
             for k in range(1, cur):
                 if vals[k] < self.parallel:
-                    self._left[b] += 1
-                    if i >= int(self._steps[b]) - 1:
-                        self._per_step[b] = 0
-                        self._steps[b] += 1
+                    left[b] += 1
+                    if i >= int(steps[b]) - 1:
+                        per_step[b] = 0
+                        steps[b] += 1
                 else:
                     take[b, idx[k]] = True
         x = x.clone()
@@ -278,6 +269,7 @@ class DreamBlockRule(Blockwise):
     p: DreamParams
     prompt_length: int
     parallel: float | None = None
+    remasking = None
     exact_ties: bool = False
     lockstep: bool = False
 
@@ -293,11 +285,10 @@ class DreamBlockRule(Blockwise):
                              f"got {self.steps_per_block}: pass more steps or a longer block_length")
         self.timesteps = torch.linspace(1, p.eps, self.steps_per_block + 1)
 
-    @property
-    def num_steps(self) -> int:
+    def num_steps(self, seq=None) -> int:
         return self.steps if self.parallel is None else self.p.max_new_tokens + self.cursor.num_blocks
 
-    def needed(self, i: int, mask_index: Tensor) -> Tensor:
+    def needed(self, i: int, mask_index: Tensor, seq=None) -> Tensor:
         self.cursor.advance(i, mask_index, self.lockstep)
         start, end = self.cursor.range()
         needed = torch.zeros_like(mask_index)
@@ -307,7 +298,7 @@ class DreamBlockRule(Blockwise):
             needed[:, start:end] = mask_index[:, start:end]
         return needed
 
-    def quota(self, i: int, needed: Tensor) -> Tensor:
+    def quota(self, i: int, needed: Tensor, seq=None) -> Tensor:
         num_mask = needed.sum(1)
         k = self.block_step(i)
         if k == 0 or self.parallel is not None:
@@ -321,7 +312,7 @@ class DreamBlockRule(Blockwise):
     def max_needed(self) -> int:
         return self.p.block_length
 
-    def commit(self, i: int, x: Tensor, preds, rows: Tensor) -> Tensor:
+    def commit(self, i: int, x: Tensor, preds, rows: Tensor, seq) -> Tensor:
         needed, kw = preds.needed, self.sampling
         if kw["temperature"] == 0 and not self.alg_temp and not self.exact_ties:  # fixed shapes, no read-back
             B = x.shape[0]
@@ -396,7 +387,6 @@ class LLaDARule(Blockwise):
     order: str = "step"
     exact_ties: bool = False
     lockstep: bool = False
-    scores: Tensor | None = field(default=None, init=False)  # order='block': this block's commit order
 
     def __post_init__(self):
         p = self.p.validate()
@@ -405,40 +395,40 @@ class LLaDARule(Blockwise):
         self.remasking, self.temperature = p.remasking, p.temperature
         self.cursor = BlockCursor(self.prompt_length, p.gen_length, p.block_length, p.steps)
         self.steps_per_block = self.cursor.steps_per_block
-        self._transfer: Tensor | None = None
+        # per sequence, in the session's state: rule.transfer (this block's tokens per step), rule.scores
+        # (order='block': this block's commit order)
 
-    @property
-    def num_steps(self) -> int:
+    def num_steps(self, seq=None) -> int:
         return self.p.steps if self.parallel is None else self.p.gen_length + self.cursor.num_blocks
 
-    def needed(self, i: int, mask_index: Tensor) -> Tensor:
+    def needed(self, i: int, mask_index: Tensor, seq) -> Tensor:
         """Masked positions of the current block: the first block that still has masks."""
         entered = self.cursor.advance(i, mask_index, self.lockstep)
         start, end = self.cursor.range()
         if entered:
-            self._transfer = num_transfer_tokens(mask_index[:, start:end], self.steps_per_block)
+            seq["rule.transfer"] = num_transfer_tokens(mask_index[:, start:end], self.steps_per_block)
             if self.order == "block":
                 s = torch.rand(mask_index.shape, device=mask_index.device)
                 s[:, end:] = -torch.inf
                 s[:, :start] = -torch.inf
-                self.scores = s
+                seq["rule.scores"] = s
         needed = torch.zeros_like(mask_index)
         needed[:, start:end] = mask_index[:, start:end]
         return needed
 
-    def quota(self, i: int, needed: Tensor) -> Tensor:
+    def quota(self, i: int, needed: Tensor, seq) -> Tensor:
         if self.parallel is not None:
             return torch.ones_like(needed.sum(1))
         k = self.block_step(i)
         if k >= self.steps_per_block:
             return needed.sum(1)
-        return self._transfer[:, k]
+        return seq["rule.transfer"][:, k]
 
     @property
     def max_needed(self) -> int:
         return self.p.block_length
 
-    def commit(self, i: int, x: Tensor, preds, rows: Tensor) -> Tensor:
+    def commit(self, i: int, x: Tensor, preds, rows: Tensor, seq) -> Tensor:
         """`rows` [B, A]: the canvas rows this step computed, in the order upstream's random draw follows. A
         needed position that was not computed is never committed (upstream gives it -inf confidence)."""
         needed = preds.needed
@@ -451,14 +441,14 @@ class LLaDARule(Blockwise):
                 p = torch.gather(F.softmax(preds.logits.to(torch.float64), dim=-1), -1, x0[..., None]).squeeze(-1)
                 conf = preds.full(p, -torch.inf)
             elif self.order == "block":
-                conf = torch.where(needed, self.scores, torch.full_like(self.scores, -torch.inf))
+                conf = torch.where(needed, seq["rule.scores"], torch.full_like(seq["rule.scores"], -torch.inf))
             else:
                 r = torch.rand(rows.shape, device=x.device)  # upstream: one draw per computed row
                 conf = preds.full(r.gather(1, preds.index), -torch.inf)
             if self.parallel is not None:
                 return commit_above_full(x, computed, full_x0, torch.where(computed, conf, -torch.inf),
                                          self.parallel)
-            take = top_n(conf, self.quota(i, needed).expand(B)) & computed
+            take = top_n(conf, self.quota(i, needed, seq).expand(B)) & computed
             return torch.where(take, full_x0, x)
         computed, logits = preds.computed, preds.flat()
         x0 = torch.argmax(add_gumbel_noise(logits, self.temperature), dim=-1)
@@ -467,7 +457,7 @@ class LLaDARule(Blockwise):
             conf = torch.full(x.shape, -torch.inf, dtype=torch.float64, device=x.device)
             conf[computed] = torch.gather(p, -1, x0[:, None]).squeeze(-1)
         elif self.order == "block":
-            conf = torch.where(computed, self.scores, torch.full_like(self.scores, -torch.inf))
+            conf = torch.where(computed, seq["rule.scores"], torch.full_like(seq["rule.scores"], -torch.inf))
         else:
             r = torch.rand(rows.shape, device=x.device)
             conf = torch.full(x.shape, -torch.inf, device=x.device).scatter(1, rows, r)
@@ -477,8 +467,8 @@ class LLaDARule(Blockwise):
         if self.parallel is not None:
             return commit_above(x, computed, cand[computed], conf[computed], self.parallel)
         if self.order == "block":  # commit in the drawn order, whether or not the row was computed
-            conf = torch.where(needed, self.scores, torch.full_like(self.scores, -torch.inf))
-        take = top_n(conf, self.quota(i, needed).expand(x.shape[0])) & computed
+            conf = torch.where(needed, seq["rule.scores"], torch.full_like(seq["rule.scores"], -torch.inf))
+        take = top_n(conf, self.quota(i, needed, seq).expand(x.shape[0])) & computed
         return torch.where(take, cand, x)
 
 

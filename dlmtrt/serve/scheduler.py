@@ -32,25 +32,18 @@ from dataclasses import dataclass, field
 import torch
 
 from dlmtrt.errors import DlmtrtError
+from dlmtrt.runtime.backends import shares_cache
+from dlmtrt.runtime.buckets import bucket
 from dlmtrt.runtime.decode import DecodeSession
 from dlmtrt.runtime.families import get as family
 from dlmtrt.runtime.policies import DecodePlan
 
 log = logging.getLogger("dlmtrt.serve")
 
-SHARED_CACHE_BACKENDS = ("torch-graph", "tensorrt")
-BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
-
-
-def shares_cache(backend) -> bool:
-    """Whether the backend owns one K/V buffer that every session's `new_cache` hands out again."""
-    return getattr(backend, "name", "") in SHARED_CACHE_BACKENDS
-
-
 def bucket_of(n: int, limit: int) -> int:
-    """The padded prompt length of a prompt of `n` tokens: the next bucket, never beyond `limit`."""
-    b = next((b for b in BUCKETS if b >= n), n)
-    return max(n, min(b, limit))
+    """The prompt-length bucket of a prompt of `n` tokens (runtime/buckets.py, from 16 up), never beyond `limit`:
+    prompts in one bucket may share a cohort."""
+    return bucket(n, max(limit, n), smallest=16)
 
 
 class QueueFull(Exception):

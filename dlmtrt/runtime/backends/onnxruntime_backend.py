@@ -14,7 +14,8 @@ import torch
 from dlmtrt.dtypes import DTYPES
 from dlmtrt.errors import UsageError
 
-from ..contract import ArtifactError, named_inputs, onnx_metadata, read_metadata
+from ..artifacts import ArtifactError, onnx_metadata, read_metadata
+from ..contract import named_inputs
 from dlmtrt.models.args import ModelArgs
 
 from ..contract import ModelInfo, StepInputs, StepOutputs
@@ -45,6 +46,28 @@ def describe(model: str | Path) -> tuple[Path, ModelArgs, dict[str, str]]:
 
 class OnnxRuntimeBackend:
     name = "onnxruntime"
+    takes = "export"
+    default_device = "cpu"
+    selects_logit_rows = False
+    shares_cache = False  # a fresh cache per session
+    polygraphy_runner = "onnxruntime"
+    step_options = ()
+
+    @classmethod
+    def describe(cls, model: str):
+        from . import ModelSource
+        path, args, meta = describe(model)
+        return ModelSource(path.parent, args.family, args, meta["dtype"])
+
+    @classmethod
+    def open(cls, model: str, dtype: str | None = None, device: str | None = None, progress=None):
+        from . import ModelSource
+        be = cls(model, device=device or cls.default_device)
+        if dtype is not None and dtype != be.meta["dtype"]:
+            raise UsageError(f"{be.path} was exported as {be.meta['dtype']}, not {dtype}: pass --dtype "
+                             f"{be.meta['dtype']} (or leave it out), or export again with --dtype {dtype}",
+                             field="dtype")
+        return be, load_tokenizer(be), ModelSource(be.path.parent, be.args.family, be.args, be.meta["dtype"])
 
     def __init__(self, model: str | Path, device: str = "cpu", providers: list[str] | None = None,
                  threads: int | None = None):
@@ -77,10 +100,7 @@ class OnnxRuntimeBackend:
         self.device = dev
         self.out_types = {o.name: _ORT_TYPES[o.type] for o in self.session.get_outputs()}
         a = self.args
-        self.info = ModelInfo(family=a.family, num_layers=a.num_layers, num_kv_heads=a.num_kv_heads,
-                              head_dim=a.head_dim, vocab_size=a.vocab_size, mask_token_id=a.mask_token_id,
-                              eos_token_id=a.eos_token_id, pad_token_id=a.pad_token_id, logits_shift=a.logits_shift,
-                              dtype=dtype, device=dev)
+        self.info = ModelInfo.of(a, dtype, dev)
 
     def new_cache(self, batch: int, length: int):
         a = self.args
@@ -137,3 +157,6 @@ def tokenizer_from_dir(d: Path, mask_token_id: int, what: str, artifact: Path):
         raise UsageError(f"the tokenizer in {d} does not match the {what}: mask token id {mask_id}, {what} metadata "
                          f"says {mask_token_id}; use the tokenizer the model was exported with")
     return tok
+
+
+BACKEND = OnnxRuntimeBackend

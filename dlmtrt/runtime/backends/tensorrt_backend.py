@@ -14,7 +14,6 @@ the whole backend on the CPU through an emulated execution context.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -23,42 +22,15 @@ from dlmtrt.dtypes import DTYPES
 from dlmtrt.errors import DlmtrtError, UsageError
 from dlmtrt.models.args import ModelArgs
 
-from ..contract import ModelInfo, StepInputs, StepOutputs, input_names, named_inputs, output_names, read_metadata
+from ..artifacts import read_manifest
+from ..buckets import StaticSteps, bucket, pad_rows
+from ..contract import ModelInfo, StepInputs, StepOutputs, input_names, output_names
 
 NO_RTX_ON = {(9, 0): "Hopper (H100/H200)", (10, 0): "Blackwell datacenter (B200)"}
 
 
 class EngineRuntimeError(DlmtrtError, RuntimeError):
     """An engine cannot execute here; the message names what was found and what is needed."""
-
-
-def manifest_path(engine: str | Path) -> tuple[Path, Path]:
-    """(engine file, manifest) for an engine file or the directory holding one."""
-    p = Path(engine).expanduser()
-    if p.is_dir():
-        found = sorted(p.glob("*.engine"))
-        if len(found) != 1:
-            raise UsageError(f"{p} holds {len(found)} .engine files; pass the engine file itself")
-        p = found[0]
-    if not p.is_file():
-        raise UsageError(f"no engine at {engine}: build one with `dlmtrt build-engine --onnx EXPORT_DIR --out "
-                         "FILE.engine`")
-    m = p.with_name(p.name + ".json")
-    if not m.is_file():
-        m = p.with_suffix(".json")
-    if not m.is_file():
-        raise UsageError(f"{p} has no manifest ({p.name}.json) beside it: it was not built by `dlmtrt build-engine`; "
-                         "build it again with that command")
-    return p, m
-
-
-def read_manifest(engine: str | Path) -> tuple[Path, dict, ModelArgs, dict]:
-    """(engine file, manifest, ModelArgs, dlmtrt export metadata) without TensorRT."""
-    p, m = manifest_path(engine)
-    man = json.loads(m.read_text())
-    props = man.get("metadata") or man.get("onnx", {}).get("metadata") or {}
-    args, meta = read_metadata(props, m)
-    return p, man, args, meta
 
 
 def check_executable(man: dict, device: str | torch.device) -> str:
@@ -105,6 +77,29 @@ def _deserialize(path: Path):
 
 class TensorRTBackend:
     name = "tensorrt"
+    takes = "engine"
+    default_device = "cuda"
+    selects_logit_rows = False
+    shares_cache = True  # two cache sets per backend: one session at a time
+    polygraphy_runner = "tensorrt"
+    step_options = ()
+    STATIC = 128  # static buffer sets (and graphs) kept, least recently used out
+
+    @classmethod
+    def describe(cls, model: str):
+        from . import ModelSource, export_dir_of
+        p, man, args, meta = read_manifest(model)
+        return ModelSource(export_dir_of(p), args.family, args, meta["dtype"])
+
+    @classmethod
+    def open(cls, model: str, dtype: str | None = None, device: str | None = None, progress=None):
+        from . import ModelSource, export_dir_of
+        _, _, _, meta = read_manifest(model)
+        if dtype is not None and dtype != meta["dtype"]:
+            raise UsageError(f"{model} was built from a {meta['dtype']} export, not {dtype}: leave --dtype out",
+                             field="dtype")
+        be = cls(model, device=device or cls.default_device)
+        return be, load_tokenizer(be), ModelSource(export_dir_of(be.path), be.args.family, be.args, be.meta["dtype"])
 
     def __init__(self, engine: str | Path, device: str = "cuda", *, context=None, graphs: bool | None = None):
         """`context` replaces the engine's execution context (anything with set_input_shape, set_tensor_address
@@ -120,13 +115,10 @@ class TensorRTBackend:
         self.device = torch.device(device)
         self.dtype = DTYPES[self.meta["dtype"]]
         a = self.args
-        self.info = ModelInfo(family=a.family, num_layers=a.num_layers, num_kv_heads=a.num_kv_heads,
-                              head_dim=a.head_dim, vocab_size=a.vocab_size, mask_token_id=a.mask_token_id,
-                              eos_token_id=a.eos_token_id, pad_token_id=a.pad_token_id, logits_shift=a.logits_shift,
-                              dtype=self.dtype, device=self.device)
+        self.info = ModelInfo.of(a, self.dtype, self.device)
         self.inputs, self.outputs = input_names(a.num_layers), output_names(a.num_layers)
         self._sets: list[tuple[list, list]] = []
-        self._static: dict[tuple, dict] = {}
+        self._static = StaticSteps(self._make_static, self.STATIC)
         self.bound: dict[str, torch.Tensor] = {}  # name -> tensor whose address the context has now
         self.enqueues = 0
         self.replays = 0
@@ -154,11 +146,8 @@ class TensorRTBackend:
         self.context.set_tensor_address(name, t.data_ptr())
         self.bound[name] = t
 
-    def _static_for(self, B: int, A: int, L: int, out_set: int) -> dict:
-        key = (B, A, L, out_set)
-        st = self._static.get(key)
-        if st is not None:
-            return st
+    def _make_static(self, key: tuple) -> dict:
+        B, A, L, out_set = key
         a, dev = self.args, self.device
         past = self._sets[1 - out_set]
         present = self._sets[out_set]
@@ -172,7 +161,6 @@ class TensorRTBackend:
         for i in range(a.num_layers):
             st[f"past_key_values.{i}.key"], st[f"past_key_values.{i}.value"] = past[0][i], past[1][i]
             st[f"present.{i}.key"], st[f"present.{i}.value"] = present[0][i], present[1][i]
-        self._static[key] = st
         return st
 
     def _enqueue(self, st: dict, stream) -> None:
@@ -187,13 +175,17 @@ class TensorRTBackend:
 
     @torch.no_grad()
     def step(self, s: StepInputs) -> StepOutputs:
+        """The active rows are padded to their row bucket (runtime/buckets.py: the last row repeated, which
+        rewrites the same slot), so a generation runs a few shapes, each with its static buffers and graph."""
         B, A = s.input_ids.shape
         L = s.stable_mask.shape[1]
         out_set = self._present_set(s.past_keys)
-        st = self._static_for(B, A, L, out_set)
-        for n, t in named_inputs(s).items():
-            if not n.startswith("past_key_values."):
-                st[n].copy_(t)
+        rows = bucket(A, L)
+        st = self._static.get((B, rows, L, out_set))
+        st["input_ids"].copy_(pad_rows(s.input_ids, rows))
+        st["position_ids"].copy_(pad_rows(s.position_ids, rows))
+        st["stable_mask"].copy_(s.stable_mask)
+        st["attention_mask"].copy_(s.attention_mask)
         cuda = self.device.type == "cuda"
         stream = torch.cuda.current_stream(self.device).cuda_stream if cuda else 0
         if self.graphs and cuda:
@@ -208,12 +200,8 @@ class TensorRTBackend:
         else:
             self._enqueue(st, stream)
         present = self._sets[out_set]
-        return StepOutputs(st["logits"], present[0], present[1], st["present_valid"].clone(), st["kv_drift"])
-
-
-def describe(engine: str | Path) -> tuple[Path, ModelArgs, dict]:
-    p, man, args, meta = read_manifest(engine)
-    return p, args, meta
+        return StepOutputs(st["logits"][:, :A], present[0], present[1], st["present_valid"].clone(),
+                           st["kv_drift"][:, :A])
 
 
 def load_tokenizer(be: TensorRTBackend):
@@ -224,3 +212,6 @@ def load_tokenizer(be: TensorRTBackend):
             return tokenizer_from_dir(d, be.args.mask_token_id, "engine", be.path)
     raise UsageError(f"no tokenizer.json beside {be.path} or in its export directory; copy the model's tokenizer "
                      f"files next to the engine")
+
+
+BACKEND = TensorRTBackend

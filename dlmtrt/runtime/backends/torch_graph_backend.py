@@ -25,6 +25,7 @@ from torch import Tensor
 from dlmtrt.errors import UsageError
 from dlmtrt.models.transformer import DiffusionLM
 
+from ..buckets import StaticSteps, bucket, pad_rows
 from ..contract import ModelInfo, StepInputs, StepOutputs
 
 
@@ -32,19 +33,6 @@ def gqa_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, gqa: bool = Fa
     """`models.transformer.cached_attention` without materialising the grouped K/V heads (`gqa` is fixed per
     model, so a compiled graph does not depend on it)."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :], enable_gqa=gqa)
-
-
-def buckets_for(length: int, smallest: int = 1) -> list[int]:
-    """Row buckets for a canvas of `length` rows: powers of two from `smallest`, with the midpoint 3/2 * 2^k
-    from 16 rows on (a prompt's new rows under prefix reuse, or a block plus its neighbours, pay at most a
-    third in padding rather than half), then the whole canvas."""
-    out, b = [], smallest
-    while b < length:
-        out.append(b)
-        if b >= 16 and b * 3 // 2 < length:
-            out.append(b * 3 // 2)
-        b *= 2
-    return out + [length]
 
 
 def _allow_recompiles(limit: int = 64) -> None:
@@ -58,7 +46,23 @@ def _allow_recompiles(limit: int = 64) -> None:
 
 class TorchGraphBackend:
     name = "torch-graph"
+    takes = "checkpoint"
+    default_device = "cpu"
     selects_logit_rows = True
+    shares_cache = True  # one cache buffer, written in place: one session at a time
+    polygraphy_runner = None
+    step_options = ("compile", "attention")  # what `bench` may pass to the constructor
+    GRAPHS = 512  # static buffer sets (and graphs) kept; far more than one canvas's buckets need
+
+    @classmethod
+    def describe(cls, model: str):
+        from . import checkpoint_source
+        return checkpoint_source(cls.name, model)
+
+    @classmethod
+    def open(cls, model: str, dtype: str | None = None, device: str | None = None, progress=None):
+        from . import open_checkpoint_backend
+        return open_checkpoint_backend(cls, model, dtype, device, progress)
 
     def __init__(self, model: DiffusionLM, *, graphs: bool | None = None, smallest_bucket: int = 1,
                  compile: bool = False, fuse: bool = True, attention: str = "sdpa"):
@@ -74,10 +78,7 @@ class TorchGraphBackend:
             model.fuse_projections()
         a = model.args
         w = model.model.embed_tokens.weight
-        self.info = ModelInfo(family=a.family, num_layers=a.num_layers, num_kv_heads=a.num_kv_heads,
-                              head_dim=a.head_dim, vocab_size=a.vocab_size, mask_token_id=a.mask_token_id,
-                              eos_token_id=a.eos_token_id, pad_token_id=a.pad_token_id, logits_shift=a.logits_shift,
-                              dtype=w.dtype, device=w.device)
+        self.info = ModelInfo.of(a, w.dtype, w.device)
         if w.is_cuda:
             from dlmtrt.plugins import fp8_linear  # noqa: F401  registers the few-row fp8 kernel with QuantLinear
         attend = functools.partial(gqa_attention, gqa=a.num_heads != a.num_kv_heads)
@@ -90,9 +91,9 @@ class TorchGraphBackend:
             raise ValueError("CUDA graphs need the model on a CUDA device")
         self.smallest = smallest_bucket
         self.kv: Tensor | None = None
-        self._static: dict[tuple, dict] = {}
         self._logits: Tensor | None = None  # flat; each graph's logits are a view of its start
         self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
+        self._static = StaticSteps(self._make_static, self.GRAPHS, evict_all=True, reset=self._new_pool)
         self.captures = 0
         self.replays = 0
         self._fn = self._eager
@@ -115,6 +116,8 @@ class TorchGraphBackend:
 
     def _drop_graphs(self) -> None:
         self._static.clear()
+
+    def _new_pool(self) -> None:
         if self.graphs:  # a pool whose graphs are all gone cannot take new captures (allocator assert)
             self._pool = torch.cuda.graph_pool_handle()
 
@@ -128,7 +131,7 @@ class TorchGraphBackend:
         return self._logits[:n].view(B, R, self.info.vocab_size)
 
     def _bucket(self, active: int, length: int) -> int:
-        return next(b for b in buckets_for(length, self.smallest) if b >= active)
+        return bucket(active, length, self.smallest)
 
     def _eager(self, ids, pos, keys, values, stable, am, rows, drift: bool):
         logits, _, _, valid, kv_drift = self.model(ids, pos, keys, values, stable, am, inplace=True,
@@ -140,11 +143,8 @@ class TorchGraphBackend:
                                                     st["am"], st["rows"], st["need_drift"])
         st["logits"].copy_(logits)
 
-    def _static_for(self, B: int, A: int, L: int, R: int | None, drift: bool) -> dict:
-        key = (B, A, L, R, drift)
-        st = self._static.get(key)
-        if st is not None:
-            return st
+    def _make_static(self, key: tuple) -> dict:
+        B, A, L, R, drift = key
         dev = self.info.device
         a = self.model.args
         logits = self._logits_view(B, A if R is None else R)
@@ -171,7 +171,6 @@ class TorchGraphBackend:
             self.kv.copy_(saved)
             del saved
             self.captures += 1
-        self._static[key] = st
         return st
 
     @torch.inference_mode()
@@ -181,24 +180,17 @@ class TorchGraphBackend:
         if self.kv is None or self.kv.shape[2] != B or self.kv.shape[4] != L or \
                 s.past_keys[0].data_ptr() != self.kv[0, 0].data_ptr():
             raise ValueError("the torch-graph backend steps over the cache its own new_cache() returned")
-        bucket = self._bucket(A, L)
+        rows_bucket = self._bucket(A, L)
         rows = s.logit_rows
         R = None if rows is None else rows.shape[1]
-        r_bucket = None if rows is None else min(self._bucket(R, L), bucket)
-        st = self._static_for(B, bucket, L, r_bucket, s.need_drift)
-        pad = bucket - A
-        ids, pos = s.input_ids, s.position_ids
-        if pad:
-            ids = torch.cat([ids, ids[:, -1:].expand(B, pad)], 1)
-            pos = torch.cat([pos, pos[:, -1:].expand(B, pad)], 1)
-        st["ids"].copy_(ids)
-        st["pos"].copy_(pos)
+        r_bucket = None if rows is None else min(self._bucket(R, L), rows_bucket)
+        st = self._static.get((B, rows_bucket, L, r_bucket, s.need_drift))
+        st["ids"].copy_(pad_rows(s.input_ids, rows_bucket))
+        st["pos"].copy_(pad_rows(s.position_ids, rows_bucket))
         st["stable"].copy_(s.stable_mask)
         st["am"].copy_(s.attention_mask)
         if rows is not None:
-            if r_bucket > R:
-                rows = torch.cat([rows, rows[:, -1:].expand(B, r_bucket - R)], 1)
-            st["rows"].copy_(rows)
+            st["rows"].copy_(pad_rows(rows, r_bucket))
         if self.graphs:
             st["graph"].replay()
             self.replays += 1
@@ -209,3 +201,6 @@ class TorchGraphBackend:
         return StepOutputs(st["logits"][:, :A if R is None else R],
                            [self.kv[i, 0] for i in range(a.num_layers)], [self.kv[i, 1] for i in range(a.num_layers)],
                            st["valid"].clone(), drift)
+
+
+BACKEND = TorchGraphBackend
