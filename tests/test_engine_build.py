@@ -205,11 +205,12 @@ def test_source_checkout_entry_point(exported, tmp_path):
 def _plugin(trt, **fields):
     from dlmtrt.plugins.trt_plugin import register
     creator = register(trt)
-    f = {"num_heads": 8, "num_kv_heads": 4, "head_dim": 32, "scale": 32 ** -0.5, **fields}
+    f = {"num_heads": 8, "num_kv_heads": 4, "head_dim": 32, "scale": 32 ** -0.5, "mask_type": 0, "block_size": 0,
+         **fields}
     import numpy as np
     fc = trt.PluginFieldCollection(
         [trt.PluginField(n, np.array([f[n]], dtype=np.int32), trt.PluginFieldType.INT32)
-         for n in ("num_heads", "num_kv_heads", "head_dim")]
+         for n in ("num_heads", "num_kv_heads", "head_dim", "mask_type", "block_size")]
         + [trt.PluginField("scale", np.array([f["scale"]], dtype=np.float32), trt.PluginFieldType.FLOAT32)])
     return creator, creator.create_plugin("attn", fc, trt.TensorRTPhase.BUILD)
 
@@ -247,6 +248,12 @@ def test_plugin_types_formats_and_serialization():
     from dlmtrt.plugins.trt_plugin import PluginFieldError
     with pytest.raises(PluginFieldError, match="multiple of num_kv_heads"):
         _plugin(trt, num_kv_heads=3)
+    with pytest.raises(PluginFieldError, match="block_causal attention needs a block size"):
+        _plugin(trt, mask_type=1, block_size=0)
+    with pytest.raises(PluginFieldError, match="unknown attention mask type 3"):
+        _plugin(trt, mask_type=3)
+    _, causal = _plugin(trt, mask_type=1, block_size=4)
+    assert causal.metadata_string.endswith("block_causal:4")
 
 
 def test_plugin_enqueue_calls_the_launcher(monkeypatch):
@@ -257,11 +264,15 @@ def test_plugin_enqueue_calls_the_launcher(monkeypatch):
     q = SimpleNamespace(dims=(2, 8, 5, 32), type=trt.DataType.BF16)
     kv = SimpleNamespace(dims=(2, 4, 40, 32), type=trt.DataType.BF16)
     valid = SimpleNamespace(dims=(2, 40), type=trt.DataType.BOOL)
-    p.enqueue([q, kv, kv, valid], [q], [0x1000, 0x2000, 0x3000, 0x4000], [0x5000], 0, 0x77)
+    qpos = SimpleNamespace(dims=(2, 5), type=trt.DataType.INT64)
+    kpos = SimpleNamespace(dims=(2, 40), type=trt.DataType.INT64)
+    p.enqueue([q, kv, kv, valid, qpos, kpos], [q], [0x1000, 0x2000, 0x3000, 0x4000, 0x4100, 0x4200], [0x5000], 0,
+              0x77)
     (a,) = calls
-    assert a[:5] == (0x1000, 0x2000, 0x3000, 0x4000, 0x5000)
-    assert a[5:11] == (2, 8, 4, 5, 40, 32)
-    assert a[11] == pytest.approx(32 ** -0.5) and a[12] == launcher.DTYPE_CODES["bfloat16"] and a[13] == 0x77
+    assert a[:7] == (0x1000, 0x2000, 0x3000, 0x4000, 0x4100, 0x4200, 0x5000)
+    assert a[7:13] == (2, 8, 4, 5, 40, 32)
+    assert a[13] == pytest.approx(32 ** -0.5) and a[14] == launcher.DTYPE_CODES["bfloat16"]
+    assert a[15:] == (p.fields["mask_type"], p.fields["block_size"], 0x77)
 
 
 def test_polygraphy_build_of_a_plugin_graph_never_aborts(exported):

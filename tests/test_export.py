@@ -138,14 +138,16 @@ def test_plugin_node_has_the_semantics_of_the_standard_graph(exported):
 
 
 def test_plugin_attention_is_the_model_attention_in_eager_mode():
+    from dlmtrt.models.attention_kinds import AttentionKind
     from dlmtrt.models.transformer import cached_attention
     q, k, v = torch.randn(2, 8, 3, 16), torch.randn(2, 2, 7, 16), torch.randn(2, 2, 7, 16)
     valid = torch.rand(2, 7) < 0.6
     valid[:, 0] = True
-    torch.testing.assert_close(attn.plugin_attention(q, k, v, valid), cached_attention(q, k, v, valid))
-    ref = torch.softmax((q @ k.repeat_interleave(4, 1).transpose(-1, -2)) / 4 + torch.where(
-        valid[:, None, None], 0.0, -math.inf), -1) @ v.repeat_interleave(4, 1)
-    torch.testing.assert_close(cached_attention(q, k, v, valid), ref)
+    k_pos = torch.arange(7).expand(2, 7)
+    q_pos = k_pos[:, 4:]
+    for kind in (AttentionKind(), AttentionKind("block_causal", 2)):
+        torch.testing.assert_close(attn.plugin_attention(q, k, v, valid, q_pos, k_pos, kind),
+                                   cached_attention(q, k, v, valid, q_pos, k_pos, kind))
 
 
 @pytest.mark.parametrize("family,dtype,onnx_type", [("llada", "float16", onnx.TensorProto.FLOAT16),

@@ -32,17 +32,21 @@ def test_the_library_is_built_with_the_c_abi_and_every_target_architecture():
     (dict(D=96), "head_dim 96 is not supported (64 or 128)"),
     (dict(dtype=7), "dtype code 7 is not supported"),
     (dict(A=-1), "bad shape"),
+    (dict(mask_type=2), "mask_type 2 is not supported"),
+    (dict(mask_type=1, block=0), "block_causal needs block >= 1"),
+    (dict(mask_type=1, block=4, pos=0), "block_causal needs block >= 1 (got 4) and query and key positions"),
 ])
 def test_bad_launches_are_refused_with_the_reason(kw, message):
-    args = dict(B=1, H=28, Hkv=4, A=1, L=8, D=128, dtype=2) | kw
+    args = dict(B=1, H=28, Hkv=4, A=1, L=8, D=128, dtype=2, mask_type=0, block=0, pos=0x100) | kw
     with pytest.raises(PluginError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        launch_ptrs(0, 0, 0, 0, 0, args["B"], args["H"], args["Hkv"], args["A"], args["L"], args["D"], 0.1,
-                    args["dtype"], 0)
+        launch_ptrs(0, 0, 0, 0, args["pos"], args["pos"], 0, args["B"], args["H"], args["Hkv"], args["A"], args["L"],
+                    args["D"], 0.1, args["dtype"], args["mask_type"], args["block"], 0)
 
 
 def test_an_empty_launch_is_a_no_op():
-    launch_ptrs(0, 0, 0, 0, 0, 0, 28, 4, 1, 8, 128, 0.1, 2, 0)
-    launch_ptrs(0, 0, 0, 0, 0, 2, 28, 4, 0, 8, 128, 0.1, 2, 0)
+    for mask_type, block in ((0, 0), (1, 4)):
+        launch_ptrs(0, 0, 0, 0, 0x100, 0x100, 0, 0, 28, 4, 1, 8, 128, 0.1, 2, mask_type, block, 0)
+        launch_ptrs(0, 0, 0, 0, 0x100, 0x100, 0, 2, 28, 4, 0, 8, 128, 0.1, 2, mask_type, block, 0)
 
 
 def test_missing_library_names_the_fix(monkeypatch, tmp_path):
@@ -54,11 +58,14 @@ def test_missing_library_names_the_fix(monkeypatch, tmp_path):
 
 def test_torch_op_shapes_and_cpu_refusal():
     q, k = torch.empty(2, 28, 3, 128, device="meta"), torch.empty(2, 4, 40, 128, device="meta")
-    out = torch.ops.dlmtrt.cached_attention_cuda(q, k, k, torch.empty(2, 40, dtype=torch.bool, device="meta"))
+    qp, kp = torch.empty(2, 3, dtype=torch.long, device="meta"), torch.empty(2, 40, dtype=torch.long, device="meta")
+    out = torch.ops.dlmtrt.cached_attention_cuda(q, k, k, torch.empty(2, 40, dtype=torch.bool, device="meta"), qp, kp,
+                                                 1, 4)
     assert out.shape == q.shape and out.device.type == "meta"
     with pytest.raises(PluginError, match="takes CUDA tensors"):
         cached_attention_cuda(torch.zeros(1, 2, 1, 64), torch.zeros(1, 1, 4, 64), torch.zeros(1, 1, 4, 64),
-                              torch.ones(1, 4, dtype=torch.bool))
+                              torch.ones(1, 4, dtype=torch.bool), torch.zeros(1, 1, dtype=torch.long),
+                              torch.zeros(1, 4, dtype=torch.long))
 
 
 def test_abi_version_is_checked(monkeypatch):

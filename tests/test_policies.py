@@ -38,6 +38,9 @@ def params(family: str, n: int = 12, **kw) -> dict:
 class Recorder:
     """Wraps a backend and records what each step computed and declared stable."""
 
+    selects_logit_rows = False
+    shares_cache = False
+
     def __init__(self, be):
         self.be, self.info, self.name, self.calls = be, be.info, be.name, []
 

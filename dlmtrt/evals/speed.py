@@ -188,7 +188,7 @@ def step_inputs(backend, B: int, active: int, length: int):
     stable = torch.ones(B, length, dtype=torch.bool, device=dev)
     stable[:, length - active:] = False
     am = torch.ones(B, length, dtype=torch.bool, device=dev)
-    rows = torch.zeros(B, 1, dtype=torch.long, device=dev) if getattr(backend, "selects_logit_rows", False) else None
+    rows = torch.zeros(B, 1, dtype=torch.long, device=dev) if backend.selects_logit_rows else None
     return StepInputs(ids, pos, keys, values, stable, am, logit_rows=rows, need_drift=False)
 
 

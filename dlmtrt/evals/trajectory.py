@@ -53,8 +53,11 @@ def feed_of(s: StepInputs) -> OrderedDict:
 class RecordingBackend:
     """A `StepBackend` that forwards every step to `backend` and keeps each step's inputs as a feed dict."""
 
+    selects_logit_rows = False  # every active row's logits: the feed is the whole step
+
     def __init__(self, backend, limit: int | None = None):
         self.backend = backend
+        self.shares_cache = backend.shares_cache  # its caches are the wrapped backend's
         self.info = backend.info
         self.name = f"recording({backend.name})"
         self.limit = limit

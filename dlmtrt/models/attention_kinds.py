@@ -84,7 +84,15 @@ def sequence_positions(attention_mask: "Tensor") -> "Tensor":
 def may_attend(kind: AttentionKind, q_pos: "Tensor", k_pos: "Tensor", k_valid: "Tensor") -> "Tensor":
     """The reference: [B, A, L] bool, may query row a (sequence position q_pos [B, A]) attend key l (sequence
     position k_pos [B, L], valid k_valid [B, L])?"""
-    allowed = k_valid[:, None, :].bool()
+    allowed = k_valid[:, None, :].bool().expand(-1, q_pos.shape[1], -1)
     if kind.causal_blocks:
         allowed = allowed & ((k_pos // kind.block)[:, None, :] <= (q_pos // kind.block)[:, :, None])
     return allowed
+
+
+def sdpa_mask(kind: AttentionKind, valid: "Tensor", q_pos: "Tensor", k_pos: "Tensor") -> "Tensor":
+    """`may_attend` as PyTorch's attention takes a boolean mask: [B, 1, 1, L] (bidirectional: the key validity
+    vector, broadcast over queries) or [B, 1, A, L] (block-causal)."""
+    if not kind.causal_blocks:
+        return valid[:, None, None, :]
+    return may_attend(kind, q_pos, k_pos, valid)[:, None]

@@ -1,13 +1,14 @@
-"""The bidirectional transformer behind every supported DLM, written against the step contract.
+"""The transformer behind every supported DLM, written against the step contract.
 
-Dream (Qwen2-style) and LLaDA (LLaMA-style) differ only in their config keys, weight names, q/k/v biases
-and whether row i predicts token i or i+1; those live in `dream.py` and `llada.py`, which map their
-checkpoints onto the one module below. Module names follow the Hugging Face Qwen2/Llama layout
+The families (models/families/: Dream, Qwen2-style; LLaDA, LLaMA-style) differ only in their config keys,
+weight names, q/k/v biases, whether row i predicts token i or i+1, and their attention kind; each family's file
+maps its checkpoints onto the one module below. Module names follow the Hugging Face Qwen2/Llama layout
 (`model.layers.{i}.self_attn.q_proj`, ...), so Dream checkpoints load with no renaming.
 
 The step contract (docs/ARCHITECTURE.md) makes the K/V cache explicit: a step computes only the *active* rows,
-writes their fresh K/V into the past at `position_ids`, and lets every active query attend bidirectionally
-to every row that is valid after the write (`present_valid & attention_mask`).
+writes their fresh K/V into the past at `position_ids`, and lets every active query attend the rows that are
+valid after the write (`present_valid & attention_mask`) and that its attention kind allows (bidirectional: all
+of them; block-causal: those of its block and earlier ones; models/attention_kinds.py).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .args import ModelArgs
+from .attention_kinds import AttentionKind, sdpa_mask, sequence_positions
 
 
 class RMSNorm(nn.Module):
@@ -51,22 +53,26 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotate_half(x) * sin
 
 
-def cached_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor) -> Tensor:
-    """softmax(q k^T / sqrt(D), keys where `valid`) v with grouped-query heads: q [B, H, A, D], k/v
-    [B, Hkv, L, D], valid [B, L] bool -> [B, H, A, D]. The ONNX export emits exactly this, either as standard
-    operators or as one `dlmtrt::CachedAttention` node (export/attention.py) that the TensorRT plugin implements."""
+def cached_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, q_pos: Tensor, k_pos: Tensor,
+                     kind: AttentionKind) -> Tensor:
+    """softmax(q k^T / sqrt(D), keys the query may attend) v with grouped-query heads: q [B, H, A, D], k/v
+    [B, Hkv, L, D], valid [B, L] bool, the queries' and keys' sequence positions q_pos [B, A], k_pos [B, L]
+    -> [B, H, A, D]; which keys a query may attend is `kind`'s (models/attention_kinds.py). The ONNX export
+    emits exactly this, either as standard operators or as one `dlmtrt::CachedAttention` node
+    (export/attention.py) that the TensorRT plugin implements."""
     B, H, A, D = q.shape
     Hkv = k.shape[1]
     kk = k[:, :, None].expand(B, Hkv, H // Hkv, *k.shape[2:]).reshape(B, H, -1, D)
     vv = v[:, :, None].expand(B, Hkv, H // Hkv, *v.shape[2:]).reshape(B, H, -1, D)
-    return F.scaled_dot_product_attention(q, kk, vv, attn_mask=valid[:, None, None, :])
+    return F.scaled_dot_product_attention(q, kk, vv, attn_mask=sdpa_mask(kind, valid, q_pos, k_pos))
 
 
 class Attention(nn.Module):
     def __init__(self, a: ModelArgs):
         super().__init__()
         self.a = a
-        self.attend = cached_attention  # swapped by the exporter for the plugin node
+        self.kind = a.attention_kind
+        self.attend = cached_attention  # swapped by the exporter for the plugin node, by torch-graph for its own
         self.q_proj = nn.Linear(a.hidden_size, a.num_heads * a.head_dim, bias=a.qkv_bias)
         self.k_proj = nn.Linear(a.hidden_size, a.num_kv_heads * a.head_dim, bias=a.qkv_bias)
         self.v_proj = nn.Linear(a.hidden_size, a.num_kv_heads * a.head_dim, bias=a.qkv_bias)
@@ -87,8 +93,8 @@ class Attention(nn.Module):
         return apply_rope(q, cos[:, None], sin[:, None]), apply_rope(k, cos[:, None], sin[:, None]), v
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, write_idx: Tensor, past_k: Tensor, past_v: Tensor,
-                valid: Tensor, inplace: bool = False, drift: bool = True, rows: tuple[Tensor, Tensor] | None = None
-                ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+                valid: Tensor, q_pos: Tensor, k_pos: Tensor, inplace: bool = False, drift: bool = True,
+                rows: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
         """`inplace` writes the fresh K/V into the past at `rows` (batch index [B, 1], positions [B, A]) by
         indexed assignment: torch.compile lowers that to stores fused into the kernel that produces K and V,
         whereas a `scatter_` into a graph input becomes a scatter into a fresh copy of the whole cache plus a
@@ -105,7 +111,7 @@ class Attention(nn.Module):
         else:
             present_k = past_k.scatter(2, write_idx, k.to(past_k.dtype))
             present_v = past_v.scatter(2, write_idx, v.to(past_v.dtype))
-        o = self.attend(q, present_k, present_v, valid)
+        o = self.attend(q, present_k, present_v, valid, q_pos, k_pos, self.kind)
         o = self.o_proj(o.transpose(1, 2).reshape(B, A, H * D))
         if not drift:
             return o, present_k, present_v, None, None
@@ -116,7 +122,7 @@ class Attention(nn.Module):
 
     def forward_full(self, x: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor) -> Tensor:
         """All rows at once with no cache: the training pass (same weights, same numbers as `forward`
-        with every row active, without the cache scatter and drift bookkeeping)."""
+        with every row active, without the cache scatter and drift bookkeeping). `key_mask`: `sdpa_mask`'s."""
         B, L, _ = x.shape
         H, Hkv, D = self.a.num_heads, self.a.num_kv_heads, self.a.head_dim
         q, k, v = self.qkv(x, cos, sin)
@@ -207,9 +213,9 @@ class DiffusionLM(nn.Module):
     def full_logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Logits of every row of a canvas in one pass, without K/V in or out: what training needs.
         Equal to `forward` with all rows active and nothing stable (tested)."""
-        rope_pos = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        rope_pos = sequence_positions(attention_mask)
         cos, sin = rope_cos_sin(rope_pos, self.inv_freq, self.model.embed_tokens.weight.dtype)
-        key_mask = attention_mask[:, None, None, :]
+        key_mask = sdpa_mask(self.args.attention_kind, attention_mask.bool(), rope_pos, rope_pos)
         x = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
             x = x + layer.self_attn.forward_full(layer.input_layernorm(x), cos, sin, key_mask)
@@ -235,7 +241,8 @@ class DiffusionLM(nn.Module):
         a = self.args
         B, A = input_ids.shape
         D = a.head_dim
-        rope_pos = (attention_mask.long().cumsum(-1) - 1).clamp_min(0).gather(1, position_ids)
+        k_pos = sequence_positions(attention_mask)
+        rope_pos = k_pos.gather(1, position_ids)  # the active rows' sequence positions: RoPE's and the mask's
         cos, sin = rope_cos_sin(rope_pos, self.inv_freq, self.model.embed_tokens.weight.dtype)
         written = torch.zeros_like(stable_mask).scatter(1, position_ids, torch.ones_like(position_ids, dtype=torch.bool))
         present_valid = stable_mask | written
@@ -249,7 +256,7 @@ class DiffusionLM(nn.Module):
         present_keys, present_values = [], []
         for layer, pk, pv in zip(self.model.layers, past_keys, past_values):
             h, nk, nv, dki, k0i = layer.self_attn(layer.input_layernorm(x), cos, sin, write_idx, pk, pv, key_mask,
-                                                  inplace, drift, rows)
+                                                  rope_pos, k_pos, inplace, drift, rows)
             x = x + h
             x = x + layer.mlp(layer.post_attention_layernorm(x))
             present_keys.append(nk)

@@ -17,7 +17,7 @@ from dlmtrt.errors import DlmtrtError
 
 LIB_NAME = "libdlmtrt_cached_attention.so"
 DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
-ABI_VERSION = 1
+ABI_VERSION = 2  # 2: query/key positions, mask type and block size (the attention kind)
 
 
 class PluginError(DlmtrtError, RuntimeError):
@@ -66,14 +66,19 @@ def open_library(path: Path, entry: str, argtypes: list, abi_version: int) -> ct
 @functools.cache
 def _lib() -> ctypes.CDLL:
     return open_library(library_path(), "dlmtrt_cached_attention",
-                        [ctypes.c_void_p] * 5 + [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_int, ctypes.c_void_p],
+                        [ctypes.c_void_p] * 7 + [ctypes.c_int] * 6 + [ctypes.c_float] + [ctypes.c_int] * 3
+                        + [ctypes.c_void_p],
                         ABI_VERSION)
 
 
-def launch_ptrs(q: int, k: int, v: int, valid: int, o: int, B: int, H: int, Hkv: int, A: int, L: int, D: int,
-                scale: float, dtype_code: int, stream: int) -> None:
-    """Enqueue the kernel on `stream` with raw device pointers (layouts in the .cu file); raises PluginError."""
+def launch_ptrs(q: int, k: int, v: int, valid: int, q_pos: int, k_pos: int, o: int, B: int, H: int, Hkv: int,
+                A: int, L: int, D: int, scale: float, dtype_code: int, mask_type: int, block: int,
+                stream: int) -> None:
+    """Enqueue the kernel on `stream` with raw device pointers (layouts in the .cu file; `q_pos`/`k_pos` int64
+    sequence positions, read for block_causal only, 0 allowed otherwise; `mask_type`/`block` as
+    models.attention_kinds.AttentionKind carries them); raises PluginError."""
     lib = _lib()
-    rc = lib.dlmtrt_cached_attention(q, k, v, valid, o, B, H, Hkv, A, L, D, scale, dtype_code, stream or None)
+    rc = lib.dlmtrt_cached_attention(q, k, v, valid, q_pos or None, k_pos or None, o, B, H, Hkv, A, L, D, scale,
+                                     dtype_code, mask_type, block, stream or None)
     if rc:
         raise PluginError(f"cached attention: {lib.dlmtrt_cached_attention_error().decode()}")

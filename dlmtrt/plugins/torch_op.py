@@ -1,6 +1,7 @@
 """`torch.ops.dlmtrt.cached_attention_cuda`: the kernel as a torch custom op (CUDA tensors), through the same
 launcher the TensorRT plugin calls, so the torch backends can run it and the GPU test exercises the plugin's
-code path. Semantics: `models.transformer.cached_attention` (q [B,H,A,D], k/v [B,Hkv,L,D], valid [B,L] bool)."""
+code path. Semantics: `models.transformer.cached_attention` (q [B,H,A,D], k/v [B,Hkv,L,D], valid [B,L] bool,
+q_pos [B,A] and k_pos [B,L] sequence positions, the attention kind as mask_type and block)."""
 from __future__ import annotations
 
 import math
@@ -12,7 +13,8 @@ from .launcher import DTYPE_CODES, PluginError, launch_ptrs
 
 
 @torch.library.custom_op("dlmtrt::cached_attention_cuda", mutates_args=())
-def cached_attention_cuda(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, scale: float | None = None) -> Tensor:
+def cached_attention_cuda(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, q_pos: Tensor, k_pos: Tensor,
+                          mask_type: int = 0, block: int = 0, scale: float | None = None) -> Tensor:
     if not (q.is_cuda and k.is_cuda and v.is_cuda and valid.is_cuda):
         raise PluginError("dlmtrt::cached_attention_cuda takes CUDA tensors; on the CPU use "
                           "models.transformer.cached_attention")
@@ -20,23 +22,26 @@ def cached_attention_cuda(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, scale:
         raise PluginError(f"q, k, v must share one of float32/float16/bfloat16, got {q.dtype}, {k.dtype}, {v.dtype}")
     B, H, A, D = q.shape
     _, Hkv, L, _ = k.shape
-    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D or tuple(valid.shape) != (B, L):
+    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D or tuple(valid.shape) != (B, L) or \
+            tuple(q_pos.shape) != (B, A) or tuple(k_pos.shape) != (B, L):
         raise PluginError(f"shapes do not fit: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
-                          f"valid {tuple(valid.shape)}")
+                          f"valid {tuple(valid.shape)}, q_pos {tuple(q_pos.shape)}, k_pos {tuple(k_pos.shape)}")
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     valid = valid.to(torch.bool).contiguous()
+    q_pos, k_pos = q_pos.to(torch.int64).contiguous(), k_pos.to(torch.int64).contiguous()
     o = torch.empty_like(q)
-    launch_ptrs(q.data_ptr(), k.data_ptr(), v.data_ptr(), valid.data_ptr(), o.data_ptr(), B, H, Hkv, A, L, D,
-                1.0 / math.sqrt(D) if scale is None else scale, DTYPE_CODES[str(q.dtype).removeprefix("torch.")],
+    launch_ptrs(q.data_ptr(), k.data_ptr(), v.data_ptr(), valid.data_ptr(), q_pos.data_ptr(), k_pos.data_ptr(),
+                o.data_ptr(), B, H, Hkv, A, L, D, 1.0 / math.sqrt(D) if scale is None else scale,
+                DTYPE_CODES[str(q.dtype).removeprefix("torch.")], mask_type, block,
                 torch.cuda.current_stream(q.device).cuda_stream)
     return o
 
 
 @cached_attention_cuda.register_fake
-def _(q, k, v, valid, scale=None):
+def _(q, k, v, valid, q_pos, k_pos, mask_type=0, block=0, scale=None):
     return torch.empty_like(q)
 
 
-def plugin_attend(q: Tensor, k: Tensor, v: Tensor, valid: Tensor) -> Tensor:
+def plugin_attend(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, q_pos: Tensor, k_pos: Tensor, kind) -> Tensor:
     """Drop-in for a layer's `attend` (models.transformer): the kernel instead of PyTorch's attention."""
-    return cached_attention_cuda(q, k, v, valid)
+    return cached_attention_cuda(q, k, v, valid, q_pos, k_pos, kind.mask_type, kind.block)

@@ -17,14 +17,16 @@ How the ONNX parser finds it. TensorRT's ONNX parser has no importer for `Cached
 to the plugin registry: it asks for the creator named after the node's op_type, version
 `plugin_version` (attribute, default "1") in namespace `plugin_namespace` (attribute, default ""); the
 node's ONNX domain (`dlmtrt`) plays no part. The exported node carries neither attribute (its schema in
-export/attention.py has exactly num_heads, num_kv_heads, head_dim, scale), so the creator is registered as
+export/attention.py has exactly num_heads, num_kv_heads, head_dim, scale, mask_type, block_size), so the
+creator is registered as
 `CachedAttention`, version "1", namespace "". Every node attribute becomes a plugin field of the same name
 (INT -> INT32, FLOAT -> FLOAT32). Under TensorRT-RTX 1.7 that import needs `libtensorrt_rtx.so` on the
 dynamic loader's path, which its wheel does not provide; engine/build.py says how builds get around it.
 
 Contract (export/attention.py documents the semantics): inputs q [B,H,A,D], k and v [B,Hkv,L,D] of one float
-type (fp32, fp16 or bf16), valid [B,L] bool; output o [B,H,A,D] of q's type; every tensor linear and
-contiguous.
+type (fp32, fp16 or bf16), valid [B,L] bool, q_pos [B,A] and k_pos [B,L] int64; output o [B,H,A,D] of q's type;
+every tensor linear and contiguous. The attention kind is the fields mask_type and block_size, as
+TensorRT-LLM's attention plugin takes its mask type.
 """
 from __future__ import annotations
 
@@ -34,13 +36,15 @@ from types import ModuleType
 import numpy as np
 
 from dlmtrt.errors import DlmtrtError
+from dlmtrt.models.attention_kinds import AttentionKind
 
 from .flavour import import_trt
 
 PLUGIN_NAME = "CachedAttention"
 PLUGIN_VERSION = "1"
 PLUGIN_NAMESPACE = ""
-FIELDS = ("num_heads", "num_kv_heads", "head_dim", "scale")
+INT_FIELDS = ("num_heads", "num_kv_heads", "head_dim", "mask_type", "block_size")
+FIELDS = (*INT_FIELDS, "scale")
 
 
 class PluginFieldError(DlmtrtError, ValueError):
@@ -63,6 +67,11 @@ def _fields(fc) -> dict[str, float | int]:
     if H <= 0 or Hkv <= 0 or D <= 0 or H % Hkv:
         raise PluginFieldError(f"{PLUGIN_NAME}: num_heads {H} must be a positive multiple of num_kv_heads {Hkv}, "
                                f"head_dim {D} positive")
+    try:
+        AttentionKind.of(got["mask_type"], got["block_size"])
+    except DlmtrtError as e:
+        raise PluginFieldError(f"{PLUGIN_NAME}: mask_type {got['mask_type']}, block_size {got['block_size']}: {e}") \
+            from None
     return got
 
 
@@ -86,8 +95,9 @@ def _classes(trt: ModuleType) -> tuple[type, type]:
             self.plugin_namespace = PLUGIN_NAMESPACE
             # nothing to time (one implementation); equal attributes share an id
             self.timing_cache_id = ""
+            kind = AttentionKind.of(fields["mask_type"], fields["block_size"])
             self.metadata_string = (f"H={fields['num_heads']} Hkv={fields['num_kv_heads']} D={fields['head_dim']} "
-                                    f"scale={fields['scale']:.9g}")
+                                    f"scale={fields['scale']:.9g} {kind.spec}")
 
         # ---- core
         def get_capability_interface(self, type):
@@ -111,6 +121,8 @@ def _classes(trt: ModuleType) -> tuple[type, type]:
                 return desc.type in FLOATS
             if pos == 3:
                 return desc.type == trt.DataType.BOOL
+            if pos in (4, 5):  # q_pos, k_pos
+                return desc.type == trt.DataType.INT64
             return desc.type == in_out[0].desc.type  # k, v, o: q's type
 
         def configure_plugin(self, inp, out):
@@ -135,17 +147,17 @@ def _classes(trt: ModuleType) -> tuple[type, type]:
         def get_fields_to_serialize(self):
             f = self.fields
             return trt.PluginFieldCollection([
-                trt.PluginField(n, np.array([f[n]], dtype=np.int32), trt.PluginFieldType.INT32)
-                for n in ("num_heads", "num_kv_heads", "head_dim")
+                trt.PluginField(n, np.array([f[n]], dtype=np.int32), trt.PluginFieldType.INT32) for n in INT_FIELDS
             ] + [trt.PluginField("scale", np.array([f["scale"]], dtype=np.float32), trt.PluginFieldType.FLOAT32)])
 
         def enqueue(self, input_desc, output_desc, inputs, outputs, workspace, stream):
             from . import launcher
             B, H, A, D = (int(d) for d in input_desc[0].dims)
             _, Hkv, L, _ = (int(d) for d in input_desc[1].dims)
-            launcher.launch_ptrs(int(inputs[0]), int(inputs[1]), int(inputs[2]), int(inputs[3]), int(outputs[0]),
-                                 B, H, Hkv, A, L, D, float(self.fields["scale"]),
-                                 launcher.DTYPE_CODES[FLOATS[input_desc[0].type]], int(stream))
+            launcher.launch_ptrs(int(inputs[0]), int(inputs[1]), int(inputs[2]), int(inputs[3]), int(inputs[4]),
+                                 int(inputs[5]), int(outputs[0]), B, H, Hkv, A, L, D, float(self.fields["scale"]),
+                                 launcher.DTYPE_CODES[FLOATS[input_desc[0].type]], self.fields["mask_type"],
+                                 self.fields["block_size"], int(stream))
 
     class CachedAttentionCreator(trt.IPluginCreatorV3One):
         def __init__(self):
@@ -154,8 +166,7 @@ def _classes(trt: ModuleType) -> tuple[type, type]:
             self.plugin_version = PLUGIN_VERSION
             self.plugin_namespace = PLUGIN_NAMESPACE
             self.field_names = trt.PluginFieldCollection(
-                [trt.PluginField(n, np.array([]), trt.PluginFieldType.INT32)
-                 for n in ("num_heads", "num_kv_heads", "head_dim")]
+                [trt.PluginField(n, np.array([]), trt.PluginFieldType.INT32) for n in INT_FIELDS]
                 + [trt.PluginField("scale", np.array([]), trt.PluginFieldType.FLOAT32)])
 
         def create_plugin(self, name, fc, phase):

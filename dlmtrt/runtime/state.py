@@ -56,7 +56,7 @@ class KVCache:
     @classmethod
     def new(cls, backend, batch: int, length: int, copies: int = 1) -> "KVCache":
         keys, values = backend.new_cache(copies * batch, length)
-        return cls(keys, values, owner="backend" if type(backend).shares_cache else "session", copies=copies)
+        return cls(keys, values, owner="backend" if backend.shares_cache else "session", copies=copies)
 
     @property
     def batch(self) -> int:

@@ -1,6 +1,9 @@
-// Cached bidirectional attention, exactly the ONNX node dlmtrt::CachedAttention (dlmtrt/export/attention.py):
-//   o[b,h,a] = sum_l softmax_l(scale * q[b,h,a] . k[b,g(h),l] over valid[b,l]) * v[b,g(h),l],  g(h) = h / (H/Hkv)
-// with probability 0 for invalid keys and o = 0 for a query with no valid key.
+// Cached attention, exactly the ONNX node dlmtrt::CachedAttention (dlmtrt/export/attention.py):
+//   o[b,h,a] = sum_l softmax_l(scale * q[b,h,a] . k[b,g(h),l] over allowed[b,a,l]) * v[b,g(h),l],  g(h) = h / (H/Hkv)
+//   allowed[b,a,l] = valid[b,l] && (mask_type == 0 || kpos[b,l] / block <= qpos[b,a] / block)
+// (mask_type 0 bidirectional, 1 block_causal: dlmtrt/models/attention_kinds.py) with probability 0 for keys a
+// query may not attend and o = 0 for a query with none. Key validity is a vector and the block test is computed
+// from positions on the fly: no [A, L] mask is ever materialized.
 //
 // Why this shape of kernel: a denoising step has anywhere from 1 to L active rows. One warp owns one query row
 // and walks the keys 32 at a time with an online softmax (lane j scores key j; each lane accumulates D/32 output
@@ -39,8 +42,9 @@ __device__ __forceinline__ float warp_sum(float x) {
 template <typename T, int D>
 __global__ void __launch_bounds__(kWarps * 32)
 cached_attention_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-                        const uint8_t* __restrict__ valid, T* __restrict__ o, int H, int Hkv, int A, int L,
-                        float scale, int rows) {
+                        const uint8_t* __restrict__ valid, const int64_t* __restrict__ qpos,
+                        const int64_t* __restrict__ kpos, T* __restrict__ o, int H, int Hkv, int A, int L,
+                        float scale, int rows, int mask_type, int block) {
   constexpr int P = D / 32;  // output dims per lane
   __shared__ float qs[kWarps][D];
   __shared__ float part_m[kWarps], part_l[kWarps];
@@ -60,6 +64,9 @@ cached_attention_kernel(const T* __restrict__ q, const T* __restrict__ k, const 
   const T* kb = k + ((size_t)b * Hkv + g) * (size_t)L * D;
   const T* vb = v + ((size_t)b * Hkv + g) * (size_t)L * D;
   const uint8_t* vm = valid + (size_t)b * L;
+  const int64_t* kp = kpos + (size_t)b * L;
+  const bool causal = mask_type == 1;
+  const int64_t qblock = causal && live ? qpos[(size_t)b * A + a] / block : 0;
 
   float m = -CUDART_INF_F, l = 0.f, acc[P];
 #pragma unroll
@@ -69,7 +76,7 @@ cached_attention_kernel(const T* __restrict__ q, const T* __restrict__ k, const 
   for (int t = stripe; live && t < tiles; t += stripes) {
     const int key = t * 32 + lane;
     float s = -CUDART_INF_F;
-    if (key < L && vm[key]) {
+    if (key < L && vm[key] && (!causal || kp[key] / block <= qblock)) {
       const T* kr = kb + (size_t)key * D;
       float dot = 0.f;
 #pragma unroll 16
@@ -121,13 +128,14 @@ cached_attention_kernel(const T* __restrict__ q, const T* __restrict__ k, const 
 }
 
 template <typename T, int D>
-cudaError_t launch(const void* q, const void* k, const void* v, const uint8_t* valid, void* o, int B, int H, int Hkv,
-                   int A, int L, float scale, cudaStream_t stream) {
+cudaError_t launch(const void* q, const void* k, const void* v, const uint8_t* valid, const int64_t* qpos,
+                   const int64_t* kpos, void* o, int B, int H, int Hkv, int A, int L, float scale, int mask_type,
+                   int block, cudaStream_t stream) {
   const int rows = A >= 8 ? 8 : A >= 4 ? 4 : A >= 2 ? 2 : 1;
   dim3 grid((A + rows - 1) / rows, H, B);
   cached_attention_kernel<T, D><<<grid, kWarps * 32, 0, stream>>>(
-      static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), valid, static_cast<T*>(o), H,
-      Hkv, A, L, scale, rows);
+      static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), valid, qpos, kpos,
+      static_cast<T*>(o), H, Hkv, A, L, scale, rows, mask_type, block);
   return cudaGetLastError();
 }
 
@@ -138,14 +146,24 @@ thread_local char g_error[256] = "";
 extern "C" {
 
 // The C ABI every caller uses (the torch op through ctypes, the TensorRT plugin's enqueue). Contiguous layouts:
-// q, o [B, H, A, D]; k, v [B, Hkv, L, D]; valid [B, L] one byte per key. dtype: 0 fp32, 1 fp16, 2 bf16.
-// Returns 0, or a nonzero code with dlmtrt_cached_attention_error() saying why.
-int dlmtrt_cached_attention(const void* q, const void* k, const void* v, const void* valid, void* o, int B, int H,
-                            int Hkv, int A, int L, int D, float scale, int dtype, void* stream) {
+// q, o [B, H, A, D]; k, v [B, Hkv, L, D]; valid [B, L] one byte per key; qpos [B, A], kpos [B, L] int64
+// sequence positions (read only for block_causal). dtype: 0 fp32, 1 fp16, 2 bf16. mask_type: 0 bidirectional,
+// 1 block_causal with block >= 1. Returns 0, or a nonzero code with dlmtrt_cached_attention_error() saying why.
+int dlmtrt_cached_attention(const void* q, const void* k, const void* v, const void* valid, const void* qpos,
+                            const void* kpos, void* o, int B, int H, int Hkv, int A, int L, int D, float scale,
+                            int dtype, int mask_type, int block, void* stream) {
   if (B < 0 || H <= 0 || Hkv <= 0 || A < 0 || L < 0 || H % Hkv != 0) {
     snprintf(g_error, sizeof g_error, "bad shape: B=%d H=%d Hkv=%d A=%d L=%d (H must be a multiple of Hkv)", B, H,
              Hkv, A, L);
     return 1;
+  }
+  if (mask_type != 0 && mask_type != 1) {
+    snprintf(g_error, sizeof g_error, "mask_type %d is not supported (0 bidirectional, 1 block_causal)", mask_type);
+    return 5;
+  }
+  if (mask_type == 1 && (block < 1 || qpos == nullptr || kpos == nullptr)) {
+    snprintf(g_error, sizeof g_error, "block_causal needs block >= 1 (got %d) and query and key positions", block);
+    return 5;
   }
   if (B == 0 || A == 0) return 0;
   if (D != 64 && D != 128) {
@@ -153,11 +171,13 @@ int dlmtrt_cached_attention(const void* q, const void* k, const void* v, const v
     return 2;
   }
   const uint8_t* m = static_cast<const uint8_t*>(valid);
+  const int64_t* qp = static_cast<const int64_t*>(qpos);
+  const int64_t* kp = static_cast<const int64_t*>(kpos);
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   cudaError_t e;
 #define DLMTRT_CASE(T)                                                               \
-  e = D == 64 ? launch<T, 64>(q, k, v, m, o, B, H, Hkv, A, L, scale, s)             \
-              : launch<T, 128>(q, k, v, m, o, B, H, Hkv, A, L, scale, s)
+  e = D == 64 ? launch<T, 64>(q, k, v, m, qp, kp, o, B, H, Hkv, A, L, scale, mask_type, block, s)   \
+              : launch<T, 128>(q, k, v, m, qp, kp, o, B, H, Hkv, A, L, scale, mask_type, block, s)
   switch (dtype) {
     case 0: DLMTRT_CASE(float); break;
     case 1: DLMTRT_CASE(__half); break;
@@ -176,6 +196,6 @@ int dlmtrt_cached_attention(const void* q, const void* k, const void* v, const v
 
 const char* dlmtrt_cached_attention_error(void) { return g_error; }
 
-int dlmtrt_cached_attention_abi_version(void) { return 1; }
+int dlmtrt_cached_attention_abi_version(void) { return 2; }
 
 }  // extern "C"

@@ -64,7 +64,7 @@ def make_backend(name: str, model: str, dtype: str | None = None, device: str | 
 
 def shares_cache(backend) -> bool:
     """Whether a backend object owns one K/V buffer that every session's `new_cache` hands out again."""
-    return bool(type(backend).shares_cache)
+    return bool(backend.shares_cache)
 
 
 # ---- shared by the backends that take a checkpoint -----------------------------------------------------------

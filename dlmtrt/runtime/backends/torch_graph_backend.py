@@ -23,16 +23,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dlmtrt.errors import UsageError
+from dlmtrt.models.attention_kinds import sdpa_mask
 from dlmtrt.models.transformer import DiffusionLM
 
 from ..buckets import StaticSteps, bucket, pad_rows
 from ..contract import ModelInfo, StepInputs, StepOutputs
 
 
-def gqa_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, gqa: bool = False) -> Tensor:
+def gqa_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, q_pos: Tensor, k_pos: Tensor, kind,
+                  gqa: bool = False) -> Tensor:
     """`models.transformer.cached_attention` without materialising the grouped K/V heads (`gqa` is fixed per
     model, so a compiled graph does not depend on it)."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :], enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask(kind, valid, q_pos, k_pos), enable_gqa=gqa)
 
 
 def _allow_recompiles(limit: int = 64) -> None:
