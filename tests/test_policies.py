@@ -35,23 +35,6 @@ def params(family: str, n: int = 12, **kw) -> dict:
     return {**dict(gen_length=n, steps=n, block_length=n // 3), **kw}
 
 
-class Recorder:
-    """Wraps a backend and records what each step computed and declared stable."""
-
-    selects_logit_rows = False
-    shares_cache = False
-
-    def __init__(self, be):
-        self.be, self.info, self.name, self.calls = be, be.info, be.name, []
-
-    def new_cache(self, b, n):
-        return self.be.new_cache(b, n)
-
-    def step(self, inp) -> StepOutputs:
-        self.calls.append((inp.position_ids.clone(), inp.stable_mask.clone()))
-        return self.be.step(inp)
-
-
 @settings(max_examples=30, deadline=None)
 @given(family=st.sampled_from(["dream", "llada"]), lengths=st.lists(st.integers(1, 9), min_size=1, max_size=3),
        new=st.sampled_from([4, 6, 8, 12]), steps_div=st.sampled_from([1, 2]), seed=st.integers(0, 2**16),
@@ -226,15 +209,24 @@ def test_plans_respect_the_step_contract(s, k):
         assert torch.equal(stable, (s.decoded_at <= s.i - 2) & s.valid)  # decoded two steps before
 
 
-def test_dream_cached_rows_by_shift_type():
-    P = 3  # prompt 0..2; token 3 decoded at step 0, token 5 at step 1; 4 and 6 still masked
-    d = torch.tensor([[-1, -1, -1, 0, NEVER, 1, NEVER]])
-    assert dream_cached_rows(d, -1, "un").tolist() == [[True, True, False, False, False, False, False]]
-    assert dream_cached_rows(d, 0, "un").tolist() == [[True, True, True, False, False, False, True]]
-    assert dream_cached_rows(d, 1, "un").tolist() == [[True, True, True, False, True, False, True]]
-    assert dream_cached_rows(d, 1, "right").tolist() == [[True, True, True, True, False, True, False]]
-    assert dream_cached_rows(d, 1, "un_right").tolist() == [[True, True, True, False, False, False, False]]
-    assert P == 3
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(-1, 4), min_size=3, max_size=12), st.integers(0, 4))
+def test_dream_cached_rows_by_shift_type(decoded, j):
+    """What each shift type means on Dream, whose row p predicts token p + 1 (dKV-Cache's definitions): `un`
+    caches row p once the token it predicts is decoded, `right` once its own token is, `un_right` once both
+    are; on the prompt-only canvas (j = -1) every type caches the rows before the last prompt token."""
+    d = torch.tensor([[NEVER if t == 4 else t for t in decoded]])
+    done = (d <= j)[0].tolist()
+    L = len(done)
+    un, right, both = (dream_cached_rows(d, j, s)[0].tolist() for s in ("un", "right", "un_right"))
+    assert right == done
+    for p in range(L - 1):
+        assert un[p] == done[p + 1]  # its prediction is no longer needed
+        assert both[p] == (done[p] and done[p + 1])
+    prompt = (d <= -1)[0].tolist()
+    for s in ("un", "right", "un_right"):
+        first = dream_cached_rows(d, -1, s)[0].tolist()
+        assert first[:-1] == prompt[1:]  # row p stored once token p + 1 is part of the prompt
 
 
 def test_window_tokens_follow_dkv_greedy_search():

@@ -14,7 +14,7 @@ from ._common import POSITIVE_TOKENS, SEED, TEXT, check_device, console, friendl
 
 
 @click.command("bench")
-@click.option("--shape", type=click.Choice(list(shapes())), default="tiny-dream",
+@click.option("--shape", type=click.Choice(list(shapes())), default=next(s for s in shapes() if s.startswith("tiny-")),
               show_default=True, help="Model shape, built with random weights (nothing is downloaded).")
 @click.option("--device", default="cpu", show_default=True, callback=check_device, help="cpu, cuda, cuda:N or auto.")
 @click.option("--dtype", type=click.Choice(DTYPE_NAMES), default=None,

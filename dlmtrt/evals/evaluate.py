@@ -16,6 +16,7 @@ import torch
 from dlmtrt.errors import UsageError
 from dlmtrt.evals.tasks import Problem, get_task, parse_task
 from dlmtrt.runtime.generate import generate_text
+from dlmtrt.runtime.prefix import BLOCK as PREFIX_BLOCK
 from dlmtrt.runtime.prefix import PrefixStore
 from dlmtrt.runtime.families import get as get_family
 from dlmtrt.runtime.params import greedy_params
@@ -45,7 +46,7 @@ class PolicyResult:
 def evaluate(backend, tokenizer, task_spec: str, n: int, policies: list[str], *, seed: int = 1234,
              batch_size: int = 64, steps: int | None = None, blocks: int | None = None, remasking: str | None = None,
              block_length: int | None = None, progress=None, prefix_store_bytes: int = 0,
-             prefix_block: int = 4) -> tuple[list[PolicyResult], list[dict]]:
+             prefix_block: int = PREFIX_BLOCK) -> tuple[list[PolicyResult], list[dict]]:
     """Run every policy on the same problems; returns the summary rows and per-problem records. `blocks` or
     `block_length` (not both) split the answer into blocks (`greedy_params`). `progress(k)` is told of k more
     problems done, in fractions as the steps of a batch go by. With `prefix_store_bytes` > 0 each policy gets

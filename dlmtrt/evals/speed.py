@@ -23,6 +23,11 @@ from dlmtrt.models.transformer import DiffusionLM, rope_inv_freq
 
 
 
+# Random prompts draw token ids below this: byte tokens of the tiny vocabularies (their specials start at 256),
+# ordinary tokens of the real ones, never a mask or EOS id.
+PROMPT_IDS = 250
+
+
 def shape_names() -> tuple[str, ...]:
     """Every model family's released sizes (dream-7b, llada-8b, ...) and tiny-<family>."""
     from dlmtrt.models.families import shapes
@@ -183,7 +188,7 @@ def step_inputs(backend, B: int, active: int, length: int):
     from dlmtrt.runtime.contract import StepInputs
     dev = backend.info.device
     keys, values = backend.new_cache(B, length)
-    ids = torch.randint(0, 200, (B, active), device=dev)
+    ids = torch.randint(0, PROMPT_IDS, (B, active), device=dev)
     pos = torch.arange(length - active, length, device=dev).expand(B, active).contiguous()
     stable = torch.ones(B, length, dtype=torch.bool, device=dev)
     stable[:, length - active:] = False
@@ -201,7 +206,7 @@ def run_policy(backend, params: dict, B: int, prompt: int, policy: str, seed: in
     dev = backend.info.device
     cuda = dev.type == "cuda"
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 250, (B, prompt), generator=g).to(dev)
+    ids = torch.randint(0, PROMPT_IDS, (B, prompt), generator=g).to(dev)
     answer = fam.new_tokens(params)
     events: list = []
 
@@ -334,7 +339,7 @@ def quantize_random(model: DiffusionLM, fmt: str, length: int, seed: int = 0, ca
     from dlmtrt.calibration.sensitivity import block_names
     from dlmtrt.calibration.statistics import collect
     g = torch.Generator().manual_seed(seed)
-    cs = [Canvas(torch.randint(0, 250, (length,), generator=g).tolist(), 1.0) for _ in range(canvases)]
+    cs = [Canvas(torch.randint(0, PROMPT_IDS, (length,), generator=g).tolist(), 1.0) for _ in range(canvases)]
     with torch.inference_mode():
         stats = collect(model, cs, strata=1, pad_id=model.args.pad_token_id, batch=1, head=head)
     with torch.no_grad():

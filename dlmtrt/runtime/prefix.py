@@ -47,12 +47,15 @@ class PrefixStats:
     evicted_blocks: int = 0
 
 
+BLOCK = 16  # tokens per store entry: the default of the server, the evaluator and the API
+
+
 @dataclass
 class PrefixStore:
     """K/V of prompt prefixes, `block` tokens per entry, at most `max_bytes` in all (LRU)."""
 
     max_bytes: int
-    block: int = 16
+    block: int = BLOCK
     entries: OrderedDict = field(default_factory=OrderedDict)  # key -> (K [layers, Hkv, block, D], V)
     bytes: int = 0
     stats: PrefixStats = field(default_factory=PrefixStats)

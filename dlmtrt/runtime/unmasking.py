@@ -11,17 +11,12 @@ every rule. A rule object holds the state of one generation (one batch of reques
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from dlmtrt.errors import UsageError
-
-if TYPE_CHECKING:
-    from .families.dream import DreamParams
-    from .families.llada import LLaDAParams
 
 from .sampling import add_gumbel_noise, sample_tokens, top_n
 
@@ -96,7 +91,7 @@ class DreamRule:
     upstream's dKV-Cache fills them: that is what makes its `shift=right` commit token 0 there."""
 
     mask_token_id: int
-    p: DreamParams
+    p: object  # the family's validated parameters (runtime/families/dream.py DreamParams)
     parallel: float | None = None  # confidence threshold, or None
     remasking = None  # Dream's schedules have no remasking option
     exact_ties: bool = False  # a policy leaves needed rows uncomputed: break -inf ties as upstream (DecodePlan)
@@ -266,7 +261,7 @@ class DreamBlockRule(Blockwise):
     threshold, until the block is done."""
 
     mask_token_id: int
-    p: DreamParams
+    p: object  # the family's validated parameters (runtime/families/dream.py DreamParams)
     prompt_length: int
     parallel: float | None = None
     remasking = None
@@ -381,7 +376,7 @@ class LLaDARule(Blockwise):
     (Fast-dLLM), each step commits the block's best token and every other one at or above the threshold,
     and a block runs until it has no mask left."""
 
-    p: LLaDAParams
+    p: object  # runtime/families/llada.py LLaDAParams
     prompt_length: int
     parallel: float | None = None
     order: str = "step"

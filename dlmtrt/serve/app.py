@@ -25,6 +25,7 @@ from dlmtrt.errors import DlmtrtError
 from dlmtrt.runtime.families import get as family
 from dlmtrt.runtime.params import SEED_LIMIT, check_step_budget
 from dlmtrt.runtime.policies import parse_policy
+from dlmtrt.runtime.prefix import BLOCK as PREFIX_BLOCK
 from dlmtrt.runtime.prefix import PrefixStore
 
 from .metrics import Metrics
@@ -47,7 +48,7 @@ class ServeConfig:
     max_steps_limit: int = 1024
     threads: int | None = None
     prefix_cache_bytes: int = 0  # cross-request prefix K/V reuse (runtime/prefix.py); 0 = off
-    prefix_block: int = 16
+    prefix_block: int = PREFIX_BLOCK
 
 
 class Served:

@@ -94,15 +94,15 @@ class Dream(Family):
         if own:
             raise UsageError(f"{', '.join(own)} does not apply to dream models", field=next(iter(own)))
         if blocks is None and block_length is None:
-            return DreamParams(max_new_tokens=new_tokens, steps=steps or new_tokens, alg=alg,
+            return self.params(max_new_tokens=new_tokens, steps=steps or new_tokens, alg=alg,
                                temperature=0.0).validate().to_dict()
         length, steps, block = greedy_layout(new_tokens, steps, blocks, block_length)
-        return DreamParams(max_new_tokens=length, steps=steps, block_length=block, alg=alg,
+        return self.params(max_new_tokens=length, steps=steps, block_length=block, alg=alg,
                            temperature=0.0).validate().to_dict()
 
     def rule(self, info, params: dict, prompt_length: int, plan):
         from ..unmasking import DreamBlockRule, DreamRule
-        p = DreamParams(**params).validate()
+        p = self.params(**params).validate()
         threshold = plan.parallel.threshold if plan.parallel is not None else None
         if p.block_length is None:
             return DreamRule(info.mask_token_id, p, threshold, **plan.rule_options())

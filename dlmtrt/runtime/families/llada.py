@@ -67,12 +67,12 @@ class LLaDA(Family):
             raise UsageError(f"{', '.join(own)} does not apply to llada models", field=next(iter(own)))
         length, steps, block = greedy_layout(new_tokens, steps, blocks or (None if block_length else 1),
                                              block_length)
-        return LLaDAParams(gen_length=length, steps=steps, block_length=block, temperature=0.0,
+        return self.params(gen_length=length, steps=steps, block_length=block, temperature=0.0,
                            remasking=remasking or "low_confidence").validate().to_dict()
 
     def rule(self, info, params: dict, prompt_length: int, plan):
         from ..unmasking import LLaDARule
-        p = LLaDAParams(**params).validate()
+        p = self.params(**params).validate()
         return LLaDARule(p, prompt_length, parallel=plan.parallel.threshold if plan.parallel is not None else None,
                          order=getattr(plan.cache, "order", "step") if p.remasking == "random" else "step",
                          **plan.rule_options(blockwise=True))
