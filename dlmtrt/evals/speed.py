@@ -285,7 +285,7 @@ def bench(shape: str, *, device: str = "cpu", dtype: str = "float32", backend: s
                          f"{' or '.join(names_with(takes='checkpoint'))}", field="backend")
     step_options = {k: v for k, v in (("compile", compile), ("attention", attention))
                     if v != {"compile": False, "attention": "sdpa"}[k]}
-    refused = [k for k in step_options if k not in getattr(cls, "step_options", ())]
+    refused = [k for k in step_options if k not in cls.step_options]
     if refused:
         takers = [n for n in names_with(takes="checkpoint") if set(refused) <= set(backend_class(n).step_options)]
         raise UsageError(f"--{' and --'.join(refused)} apply to the {', '.join(takers)} backend", field="backend")

@@ -55,3 +55,13 @@ class ModelArgs:
         layer = attn + 3 * h * i + 2 * h
         head = 0 if self.tie_word_embeddings else v * h
         return v * h + self.num_layers * layer + h + head
+
+
+def sized(family: str, vocab_size: int, ids: dict[str, int], sizes: dict, **fixed) -> ModelArgs:
+    """ModelArgs of a small model: `sizes` (hidden_size, intermediate_size, num_layers, num_heads, head_dim and
+    optionally num_kv_heads, max_position_embeddings), the special `ids` (mask, eos, pad, bos), and the family's
+    `fixed` choices (rms_norm_eps, qkv_bias, logits_shift, num_kv_heads when `sizes` has none, ...)."""
+    s = {"num_kv_heads": fixed.pop("num_kv_heads", sizes["num_heads"]), "max_position_embeddings": 2048,
+         "rope_theta": 10000.0, "tie_word_embeddings": False, **sizes}
+    return ModelArgs(family=family, vocab_size=vocab_size, mask_token_id=ids["mask"], eos_token_id=ids["eos"],
+                     pad_token_id=ids["pad"], bos_token_id=ids.get("bos"), **{**s, **fixed})

@@ -8,6 +8,14 @@ from dlmtrt.errors import UsageError
 SEED_LIMIT = 2 ** 64  # seeds are in [0, SEED_LIMIT): what torch.manual_seed takes (CLI --seed, the server's seed)
 
 
+class Params:
+    """What every family's parameter dataclass shares: `to_dict` (its own names, as its generation takes them)."""
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+        return asdict(self)
+
+
 def positive_int(name: str, value) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise UsageError(f"{name} must be a positive integer, got {value!r}", field=name)

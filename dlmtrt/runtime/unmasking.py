@@ -131,8 +131,7 @@ class DreamRule:
             return torch.ones_like(num_mask)
         if self.needs_all(i):
             return num_mask
-        t, s = self.timesteps[i], self.timesteps[i + 1]
-        return (num_mask * (1 - s / t)).long()
+        return linear_share(num_mask, self.timesteps, i)
 
     @property
     def max_needed(self) -> int:
@@ -213,6 +212,12 @@ class DreamRule:
         x = x.clone()
         x[take] = cand[take]
         return x
+
+
+def linear_share(num_mask: Tensor, timesteps: Tensor, k: int) -> Tensor:
+    """Dream's linear schedule: at step k, the fraction 1 - s/t of the masked tokens (t, s its timesteps)."""
+    t, s = timesteps[k], timesteps[k + 1]
+    return (num_mask * (1 - s / t)).long()
 
 
 def _fill_missing(needed: Tensor, computed: Tensor, logits: Tensor) -> Tensor:
@@ -300,8 +305,7 @@ class DreamBlockRule(Blockwise):
             return torch.ones_like(num_mask)
         if k >= self.steps_per_block - 1:
             return num_mask
-        t, s = self.timesteps[k], self.timesteps[k + 1]
-        return (num_mask * (1 - s / t)).long()
+        return linear_share(num_mask, self.timesteps, k)
 
     @property
     def max_needed(self) -> int:

@@ -7,7 +7,7 @@ than what it asked for.
 """
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict
 
@@ -76,19 +76,18 @@ class DiffusionFields(BaseModel):
     logit_bias: dict[str, Float] | None = Field(None, description="Only empty.")
     user: Str | None = None
 
+    # OpenAI fields accepted only at a neutral value: field -> (the neutral values, why another is refused)
+    NEUTRAL: ClassVar[dict[str, tuple[tuple, str]]] = {
+        "n": ((None, 1), "n must be 1 (one choice per prompt)"),
+        "stop": ((None, [], ""), "stop sequences are not supported yet; the answer ends at the model's EOS"),
+        "presence_penalty": ((None, 0), "presence_penalty is not supported (only 0)"),
+        "frequency_penalty": ((None, 0), "frequency_penalty is not supported (only 0)"),
+        "logit_bias": ((None, {}), "logit_bias is not supported"),
+    }
+
     def unsupported(self) -> list[tuple[str, str]]:
         """(field, why) for OpenAI fields set to something this server does not do."""
-        bad = []
-        if self.n not in (None, 1):
-            bad.append(("n", "n must be 1 (one choice per prompt)"))
-        if self.stop not in (None, [], ""):
-            bad.append(("stop", "stop sequences are not supported yet; the answer ends at the model's EOS"))
-        for f in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, f) not in (None, 0):
-                bad.append((f, f"{f} is not supported (only 0)"))
-        if self.logit_bias:
-            bad.append(("logit_bias", "logit_bias is not supported"))
-        return bad
+        return [(f, why) for f, (neutral, why) in self.NEUTRAL.items() if getattr(self, f) not in neutral]
 
 
 class CompletionRequest(DiffusionFields):
@@ -98,17 +97,13 @@ class CompletionRequest(DiffusionFields):
     logprobs: Int | None = Field(None, description="Only null.")
     best_of: Int | None = Field(None, description="Only 1.")
 
-    def unsupported(self) -> list[tuple[str, str]]:
-        bad = super().unsupported()
-        if self.echo:
-            bad.append(("echo", "echo is not supported"))
-        if self.suffix:
-            bad.append(("suffix", "suffix (insertion) is not supported yet"))
-        if self.logprobs is not None:
-            bad.append(("logprobs", "logprobs are not supported"))
-        if self.best_of not in (None, 1):
-            bad.append(("best_of", "best_of must be 1"))
-        return bad
+    NEUTRAL: ClassVar[dict[str, tuple[tuple, str]]] = {
+        **DiffusionFields.NEUTRAL,
+        "echo": ((False,), "echo is not supported"),
+        "suffix": ((None, ""), "suffix (insertion) is not supported yet"),
+        "logprobs": ((None,), "logprobs are not supported"),
+        "best_of": ((None, 1), "best_of must be 1"),
+    }
 
 
 class TextPart(BaseModel):
@@ -132,8 +127,5 @@ class ChatCompletionRequest(DiffusionFields):
     max_completion_tokens: Int | None = Field(None, description="Same as max_tokens.")
     logprobs: Bool | None = Field(None, description="Only false.")
 
-    def unsupported(self) -> list[tuple[str, str]]:
-        bad = super().unsupported()
-        if self.logprobs:
-            bad.append(("logprobs", "logprobs are not supported"))
-        return bad
+    NEUTRAL: ClassVar[dict[str, tuple[tuple, str]]] = {
+        **DiffusionFields.NEUTRAL, "logprobs": ((None, False), "logprobs are not supported")}

@@ -8,17 +8,17 @@ from __future__ import annotations
 
 from dlmtrt.errors import UsageError
 
-from ..args import ModelArgs
+from ..args import ModelArgs, sized
 
 FAMILY = "dream"
 ARCHITECTURES = ("DreamModel", "DreamForCausalLM")
 MODEL_TYPES = ("Dream", "dream")
 ALIASES = {"dream-7b": "Dream-org/Dream-v0-Instruct-7B", "dream-7b-base": "Dream-org/Dream-v0-Base-7B"}
-SHAPES = {"dream-7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
-                           num_kv_heads=4, head_dim=128, rms_norm_eps=1e-6, rope_theta=1e6, mask_token_id=151666,
-                           eos_token_id=151643, pad_token_id=151643, bos_token_id=151643,
-                           max_position_embeddings=131072, qkv_bias=True, tie_word_embeddings=False,
-                           logits_shift=True)}
+SHAPES = {  # Dream-v0-Instruct-7B's config
+    "dream-7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
+                     num_kv_heads=4, head_dim=128, rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=131072,
+                     mask_token_id=151666, eos_token_id=151643, pad_token_id=151643, bos_token_id=151643,
+                     qkv_bias=True, tie_word_embeddings=False, logits_shift=True)}
 
 # Tiny checkpoints (models/tiny.py): special tokens after the 256 byte symbols, in the real vocabulary's order.
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|mask|>"]
@@ -31,12 +31,8 @@ CHAT_TEMPLATE = ("{% for message in messages %}{% if loop.first and message['rol
 
 def tiny_args(vocab_size: int, ids: dict[str, int], s: dict) -> ModelArgs:
     """A tiny Dream: grouped-query heads (half as many K/V heads), q/k/v biases, the logits shift."""
-    return ModelArgs(
-        family=FAMILY, vocab_size=vocab_size, hidden_size=s["hidden_size"], intermediate_size=s["intermediate_size"],
-        num_layers=s["num_layers"], num_heads=s["num_heads"], num_kv_heads=s.get("num_kv_heads", s["num_heads"] // 2),
-        head_dim=s["head_dim"], rms_norm_eps=1e-6, rope_theta=10000.0, qkv_bias=True, tie_word_embeddings=False,
-        logits_shift=True, mask_token_id=ids["mask"], eos_token_id=ids["eos"], pad_token_id=ids["pad"],
-        bos_token_id=ids.get("bos"), max_position_embeddings=s.get("max_position_embeddings", 2048))
+    return sized(FAMILY, vocab_size, ids, s, num_kv_heads=s["num_heads"] // 2, rms_norm_eps=1e-6, qkv_bias=True,
+                 logits_shift=True)
 
 
 def _first_id(v):

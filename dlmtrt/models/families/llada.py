@@ -9,17 +9,17 @@ import re
 
 from dlmtrt.errors import UsageError
 
-from ..args import ModelArgs
+from ..args import ModelArgs, sized
 
 FAMILY = "llada"
 ARCHITECTURES = ("LLaDAModelLM",)
 MODEL_TYPES = ("llada", "LLaDA")
 ALIASES = {"llada-8b": "GSAI-ML/LLaDA-8B-Instruct", "llada-8b-base": "GSAI-ML/LLaDA-8B-Base"}
-SHAPES = {"llada-8b": dict(vocab_size=126464, hidden_size=4096, intermediate_size=12288, num_layers=32, num_heads=32,
-                           num_kv_heads=32, head_dim=128, rms_norm_eps=1e-5, rope_theta=5e5, mask_token_id=126336,
-                           eos_token_id=126081, pad_token_id=126081, bos_token_id=126080,
-                           max_position_embeddings=4096, qkv_bias=False, tie_word_embeddings=False,
-                           logits_shift=False)}
+SHAPES = {  # LLaDA-8B-Instruct's config
+    "llada-8b": dict(vocab_size=126464, hidden_size=4096, intermediate_size=12288, num_layers=32, num_heads=32,
+                     num_kv_heads=32, head_dim=128, rms_norm_eps=1e-5, rope_theta=5e5, max_position_embeddings=4096,
+                     mask_token_id=126336, eos_token_id=126081, pad_token_id=126081, bos_token_id=126080,
+                     qkv_bias=False, tie_word_embeddings=False, logits_shift=False)}
 
 # Tiny checkpoints (models/tiny.py): special tokens after the 256 byte symbols, in the real vocabulary's order.
 SPECIAL_TOKENS = ["<|startoftext|>", "<|endoftext|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
@@ -34,12 +34,7 @@ CHAT_TEMPLATE = ("{% for message in messages %}{% set content = '<|start_header_
 
 def tiny_args(vocab_size: int, ids: dict[str, int], s: dict) -> ModelArgs:
     """A tiny LLaDA: multi-head attention, no biases, no logits shift."""
-    return ModelArgs(
-        family=FAMILY, vocab_size=vocab_size, hidden_size=s["hidden_size"], intermediate_size=s["intermediate_size"],
-        num_layers=s["num_layers"], num_heads=s["num_heads"], num_kv_heads=s.get("num_kv_heads", s["num_heads"]),
-        head_dim=s["head_dim"], rms_norm_eps=1e-5, rope_theta=10000.0, qkv_bias=False, tie_word_embeddings=False,
-        logits_shift=False, mask_token_id=ids["mask"], eos_token_id=ids["eos"], pad_token_id=ids["pad"],
-        bos_token_id=ids.get("bos"), max_position_embeddings=s.get("max_position_embeddings", 2048))
+    return sized(FAMILY, vocab_size, ids, s, rms_norm_eps=1e-5, qkv_bias=False, logits_shift=False)
 
 _BLOCK = {
     "attn_norm": "input_layernorm",

@@ -28,6 +28,30 @@ _MODULES = {m.name.removesuffix("_backend").replace("_", "-"): m.name for m in p
 BACKENDS: tuple[str, ...] = tuple(sorted(_MODULES, key=lambda n: (n not in ("torch", "torch-graph"), n)))
 
 
+class Backend:
+    """The capabilities' defaults (see the module docstring); a backend class overrides what differs."""
+
+    name: str
+    takes = "checkpoint"
+    default_device = "cpu"
+    selects_logit_rows = False
+    shares_cache = False
+    polygraphy_runner: str | None = None
+    step_options: tuple[str, ...] = ()  # constructor options `bench` may pass (torch-graph: compile, attention)
+
+
+class CheckpointBackend(Backend):
+    """A backend over a checkpoint loaded into memory (`cls(model)` takes a models.transformer.DiffusionLM)."""
+
+    @classmethod
+    def describe(cls, model: str) -> "ModelSource":
+        return checkpoint_source(cls.name, model)
+
+    @classmethod
+    def open(cls, model: str, dtype: str | None = None, device: str | None = None, progress=None):
+        return open_checkpoint_backend(cls, model, dtype, device, progress)
+
+
 @dataclass(frozen=True)
 class ModelSource:
     """What a backend runs, described without loading it: where it is, its family and its architecture."""

@@ -16,6 +16,7 @@ from dlmtrt.errors import UsageError
 
 from ..artifacts import ArtifactError, onnx_metadata, read_metadata
 from ..contract import named_inputs
+from . import Backend
 from dlmtrt.models.args import ModelArgs
 
 from ..contract import ModelInfo, StepInputs, StepOutputs
@@ -44,14 +45,10 @@ def describe(model: str | Path) -> tuple[Path, ModelArgs, dict[str, str]]:
     return p, args, meta
 
 
-class OnnxRuntimeBackend:
+class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
     takes = "export"
-    default_device = "cpu"
-    selects_logit_rows = False
-    shares_cache = False  # a fresh cache per session
     polygraphy_runner = "onnxruntime"
-    step_options = ()
 
     @classmethod
     def describe(cls, model: str):

@@ -25,6 +25,7 @@ from dlmtrt.models.args import ModelArgs
 from ..artifacts import read_manifest
 from ..buckets import StaticSteps, bucket, pad_rows
 from ..contract import ModelInfo, StepInputs, StepOutputs, input_names, output_names
+from . import Backend
 
 NO_RTX_ON = {(9, 0): "Hopper (H100/H200)", (10, 0): "Blackwell datacenter (B200)"}
 
@@ -75,14 +76,12 @@ def _deserialize(path: Path):
     return engine, engine.create_execution_context()
 
 
-class TensorRTBackend:
+class TensorRTBackend(Backend):
     name = "tensorrt"
     takes = "engine"
     default_device = "cuda"
-    selects_logit_rows = False
     shares_cache = True  # two cache sets per backend: one session at a time
     polygraphy_runner = "tensorrt"
-    step_options = ()
     STATIC = 128  # static buffer sets (and graphs) kept, least recently used out
 
     @classmethod

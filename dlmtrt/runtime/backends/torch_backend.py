@@ -6,16 +6,12 @@ import torch
 from dlmtrt.models.transformer import DiffusionLM
 
 from ..contract import ModelInfo, StepInputs, StepOutputs
+from . import CheckpointBackend
 
 
-class TorchBackend:
+class TorchBackend(CheckpointBackend):
     name = "torch"
-    takes = "checkpoint"
-    default_device = "cpu"
-    selects_logit_rows = False
-    shares_cache = False  # a fresh cache per session
     polygraphy_runner = "torch"
-    step_options = ()
 
     def __init__(self, model: DiffusionLM):
         self.model = model.eval()
@@ -23,16 +19,6 @@ class TorchBackend:
         self.info = ModelInfo.of(model.args, w.dtype, w.device)
         if w.is_cuda:
             from dlmtrt.plugins import fp8_linear  # noqa: F401  registers the few-row fp8 kernel with QuantLinear
-
-    @classmethod
-    def describe(cls, model: str):
-        from . import checkpoint_source
-        return checkpoint_source(cls.name, model)
-
-    @classmethod
-    def open(cls, model: str, dtype: str | None = None, device: str | None = None, progress=None):
-        from . import open_checkpoint_backend
-        return open_checkpoint_backend(cls, model, dtype, device, progress)
 
     def new_cache(self, batch: int, length: int):
         return self.model.empty_cache(batch, length)

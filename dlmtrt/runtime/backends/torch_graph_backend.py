@@ -28,6 +28,7 @@ from dlmtrt.models.transformer import DiffusionLM
 
 from ..buckets import StaticSteps, bucket, pad_rows
 from ..contract import ModelInfo, StepInputs, StepOutputs
+from . import CheckpointBackend
 
 
 def gqa_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, q_pos: Tensor, k_pos: Tensor, kind,
@@ -46,25 +47,12 @@ def _allow_recompiles(limit: int = 64) -> None:
     setattr(cfg, name, max(getattr(cfg, name), limit))
 
 
-class TorchGraphBackend:
+class TorchGraphBackend(CheckpointBackend):
     name = "torch-graph"
-    takes = "checkpoint"
-    default_device = "cpu"
     selects_logit_rows = True
     shares_cache = True  # one cache buffer, written in place: one session at a time
-    polygraphy_runner = None
-    step_options = ("compile", "attention")  # what `bench` may pass to the constructor
+    step_options = ("compile", "attention")
     GRAPHS = 512  # static buffer sets (and graphs) kept; far more than one canvas's buckets need
-
-    @classmethod
-    def describe(cls, model: str):
-        from . import checkpoint_source
-        return checkpoint_source(cls.name, model)
-
-    @classmethod
-    def open(cls, model: str, dtype: str | None = None, device: str | None = None, progress=None):
-        from . import open_checkpoint_backend
-        return open_checkpoint_backend(cls, model, dtype, device, progress)
 
     def __init__(self, model: DiffusionLM, *, graphs: bool | None = None, smallest_bucket: int = 1,
                  compile: bool = False, fuse: bool = True, attention: str = "sdpa"):

@@ -9,11 +9,11 @@ a checkpoint's config.json (the CLI and the server; the Python API takes the def
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from dlmtrt.errors import UsageError
 
-from ..params import check_blocks, check_float, greedy_layout, positive_int
+from ..params import Params, check_blocks, check_float, greedy_layout, positive_int
 from . import Family, read_config
 
 ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
@@ -22,7 +22,7 @@ _PRETRAINED_GENERATION_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 50
 
 
 @dataclass
-class DreamParams:
+class DreamParams(Params):
     max_new_tokens: int = 20
     steps: int = 512
     eps: float = 1e-3
@@ -50,9 +50,6 @@ class DreamParams:
         if self.block_length is not None:
             check_blocks("max_new_tokens", self.max_new_tokens, self.block_length, self.steps)
         return self
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class Dream(Family):

@@ -2,18 +2,18 @@
 classifier-free guidance), with the defaults of its authors' code."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from dlmtrt.errors import UsageError
 
-from ..params import check_blocks, check_float, greedy_layout, positive_int
+from ..params import Params, check_blocks, check_float, greedy_layout, positive_int
 from . import Family, canvas
 
 REMASKING = ("low_confidence", "random")
 
 
 @dataclass
-class LLaDAParams:
+class LLaDAParams(Params):
     gen_length: int = 128
     steps: int = 128
     block_length: int = 128
@@ -31,9 +31,6 @@ class LLaDAParams:
             raise UsageError(f"unknown remasking '{self.remasking}'; choose from {', '.join(REMASKING)}",
                              field="remasking")
         return self
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class LLaDA(Family):
