@@ -222,7 +222,8 @@ def test_plugin_is_registered_once_under_the_parsers_name():
     assert register(trt) is c
     found = trt.get_plugin_registry().get_creator("CachedAttention", "1", "")
     assert found is not None and found.name == "CachedAttention"
-    assert [f.name for f in c.field_names] == ["num_heads", "num_kv_heads", "head_dim", "scale"]
+    assert [f.name for f in c.field_names] == ["num_heads", "num_kv_heads", "head_dim", "mask_type", "block_size",
+                                               "scale"]
 
 
 def test_plugin_types_formats_and_serialization():
@@ -230,18 +231,19 @@ def test_plugin_types_formats_and_serialization():
     creator, p = _plugin(trt)
     assert (p.plugin_name, p.plugin_version, p.plugin_namespace, p.num_outputs) == ("CachedAttention", "1", "", 1)
     F, H, B, I64 = trt.DataType.FLOAT, trt.DataType.HALF, trt.DataType.BOOL, trt.DataType.INT64
-    assert p.get_output_data_types([H, H, H, B]) == [H]
+    assert p.get_output_data_types([H, H, H, B, I64, I64]) == [H]
 
     def desc(t, fmt=trt.TensorFormat.LINEAR):
         return SimpleNamespace(desc=SimpleNamespace(type=t, format=fmt))
-    ok = [desc(t) for t in (F, F, F, B, F)]
-    assert all(p.supports_format_combination(k, ok, 4) for k in range(5))
-    assert p.supports_format_combination(0, [desc(trt.DataType.BF16)] * 5, 4)
-    assert not p.supports_format_combination(0, [desc(I64)] + ok[1:], 4)
-    assert not p.supports_format_combination(1, [ok[0], desc(H), *ok[2:]], 4)  # k must be q's type
-    assert not p.supports_format_combination(3, [*ok[:3], desc(F), ok[4]], 4)  # valid must be bool
-    assert not p.supports_format_combination(4, [*ok[:4], desc(H)], 4)  # o must be q's type
-    assert not p.supports_format_combination(0, [desc(F, trt.TensorFormat.CHW32)] + ok[1:], 4)
+    ok = [desc(t) for t in (F, F, F, B, I64, I64, F)]  # q, k, v, valid, q_pos, k_pos -> o
+    assert all(p.supports_format_combination(k, ok, 6) for k in range(7))
+    assert p.supports_format_combination(0, [desc(trt.DataType.BF16)] * 7, 6)
+    assert not p.supports_format_combination(0, [desc(I64)] + ok[1:], 6)
+    assert not p.supports_format_combination(1, [ok[0], desc(H), *ok[2:]], 6)  # k must be q's type
+    assert not p.supports_format_combination(3, [*ok[:3], desc(F), *ok[4:]], 6)  # valid must be bool
+    assert not p.supports_format_combination(4, [*ok[:4], desc(F), *ok[5:]], 6)  # positions must be int64
+    assert not p.supports_format_combination(6, [*ok[:6], desc(H)], 6)  # o must be q's type
+    assert not p.supports_format_combination(0, [desc(F, trt.TensorFormat.CHW32)] + ok[1:], 6)
     # serialized fields recreate the same plugin at run time
     again = creator.create_plugin("attn", p.get_fields_to_serialize(), trt.TensorRTPhase.RUNTIME)
     assert again.fields == p.fields and p.clone().fields == p.fields
