@@ -266,7 +266,33 @@ def _build(onnx_path: str, engine_path: str, profiles: list[dict], timing_cache:
     from dlmtrt.plugins.trt_plugin import register
     trt = import_trt()
     register(trt)
+    logger = _make_logger(trt)
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)  # kept alive until the build: it owns the parsed weights
+    t_parse = _parse(trt, parser, logger, onnx_path, events)
+    config = _builder_config(trt, builder, profiles, events)
+    cache_info = _use_timing_cache(config, timing_cache)
+    t0 = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    t_build = time.perf_counter() - t0
+    if serialized is None:
+        why = "; ".join(logger.errors)[:800] or "no reason given"
+        raise EngineError(f"{trt.__name__} could not build the engine: {why}")
+    data = memoryview(serialized)
+    with open(engine_path, "wb") as f:
+        f.write(data)
+    if cache_info is not None:
+        cache_info["bytes_after"] = _save_timing_cache(config, timing_cache)
+    return {"flavour": trt.__name__, "version": trt.__version__, "engine_bytes": len(data),
+            **_network_summary(network), "engine_layers": logger.layers,
+            "timing_cache": cache_info, "warnings": logger.warnings[:20],
+            "seconds": {"parse": t_parse, "build": t_build}}
 
+
+def _make_logger(trt):
+    """A logger on `trt` (whichever flavour builds) that keeps the errors, warnings and the verbose layer report
+    for the manifest and the error messages."""
     class Logger(trt.ILogger):
         def __init__(self):
             trt.ILogger.__init__(self)
@@ -279,7 +305,11 @@ def _build(onnx_path: str, engine_path: str, profiles: list[dict], timing_cache:
                 self.warnings.append(msg)
             elif msg.startswith(("Layers:", "Engine Layer Information")):
                 self.layers += _layer_report(msg)
+    return Logger()
 
+
+def _make_monitor(trt, events: Events):
+    """A progress monitor on `trt` that turns the builder's phases and steps into `events`."""
     class Monitor(trt.IProgressMonitor):
         def __init__(self):
             trt.IProgressMonitor.__init__(self)
@@ -293,11 +323,11 @@ def _build(onnx_path: str, engine_path: str, profiles: list[dict], timing_cache:
 
         def phase_finish(self, phase_name):
             events({"event": "phase_finish", "phase": phase_name})
+    return Monitor()
 
-    logger = Logger()
-    builder = trt.Builder(logger)
-    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
-    parser = trt.OnnxParser(network, logger)
+
+def _parse(trt, parser, logger, onnx_path: str, events: Events) -> float:
+    """Parse the ONNX file into the parser's network; returns the seconds it took."""
     events({"event": "parse_start"})
     t0 = time.perf_counter()
     if not parser.parse_from_file(onnx_path):
@@ -305,57 +335,57 @@ def _build(onnx_path: str, engine_path: str, profiles: list[dict], timing_cache:
         raise EngineError(f"{trt.__name__} cannot parse {onnx_path}: {errs[:600]}")
     t_parse = time.perf_counter() - t0
     events({"event": "parse_finish", "seconds": t_parse})
+    return t_parse
 
+
+def _builder_config(trt, builder, profiles: list[dict], events: Events):
+    """The builder config: detailed layer report, progress events, one optimization profile per `profiles`."""
     config = builder.create_builder_config()
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # layer report in the log and in the engine
-    config.progress_monitor = Monitor()
+    config.progress_monitor = _make_monitor(trt, events)
     for axes_shapes in profiles:
         prof = builder.create_optimization_profile()
         for name, s in axes_shapes.items():
             prof.set_shape(name, s["min"], s["opt"], s["max"])
         config.add_optimization_profile(prof)
-    cache_info = None
+    return config
+
+
+def _use_timing_cache(config, timing_cache: str | None) -> dict | None:
+    """Start the build from the timing cache file when there is one; None when no cache was asked for, else
+    what the manifest says of it."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # TensorRT-RTX: timing cache calls are no-ops
-        if timing_cache:
-            old = Path(timing_cache).read_bytes() if Path(timing_cache).is_file() else b""
-            cache = config.create_timing_cache(old)
-            config.set_timing_cache(cache, False)
-            cache_info = {"path": str(timing_cache), "reused": bool(old), "bytes_before": len(old)}
-    t0 = time.perf_counter()
-    serialized = builder.build_serialized_network(network, config)
-    t_build = time.perf_counter() - t0
-    if serialized is None:
-        why = "; ".join(logger.errors)[:800] or "no reason given"
-        raise EngineError(f"{trt.__name__} could not build the engine: {why}")
-    data = memoryview(serialized)
-    with open(engine_path, "wb") as f:
-        f.write(data)
-    if cache_info is not None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            blob = bytes(memoryview(config.get_timing_cache().serialize()))
-        Path(timing_cache).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(f"{timing_cache}.tmp-{os.getpid()}")
-        tmp.write_bytes(blob)
-        os.replace(tmp, timing_cache)
-        cache_info["bytes_after"] = len(blob)
+        if not timing_cache:
+            return None
+        old = Path(timing_cache).read_bytes() if Path(timing_cache).is_file() else b""
+        cache = config.create_timing_cache(old)
+        config.set_timing_cache(cache, False)
+        return {"path": str(timing_cache), "reused": bool(old), "bytes_before": len(old)}
 
+
+def _save_timing_cache(config, timing_cache: str) -> int:
+    """Write the build's timing cache back (atomically: a concurrent build never reads half a file); returns its
+    size in bytes."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        blob = bytes(memoryview(config.get_timing_cache().serialize()))
+    Path(timing_cache).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(f"{timing_cache}.tmp-{os.getpid()}")
+    tmp.write_bytes(blob)
+    os.replace(tmp, timing_cache)
+    return len(blob)
+
+
+def _network_summary(network) -> dict:
+    """The parsed network's IO tensors, layer counts by type and plugin layer names, for the manifest."""
     def tensors(n, get):
         return [{"name": t.name, "dtype": _trt_dtype(t.dtype), "shape": list(t.shape)} for t in map(get, range(n))]
-    layer_types = {}
-    for i in range(network.num_layers):
-        ty = network.get_layer(i).type.name
-        layer_types[ty] = layer_types.get(ty, 0) + 1
-    plugin_layers = [network.get_layer(i).name for i in range(network.num_layers)
-                     if network.get_layer(i).type.name in ("PLUGIN_V3", "PLUGIN_V2", "PLUGIN")]
-    return {"flavour": trt.__name__, "version": trt.__version__, "engine_bytes": len(data),
-            "inputs": tensors(network.num_inputs, network.get_input),
+    layers = [network.get_layer(i) for i in range(network.num_layers)]
+    return {"inputs": tensors(network.num_inputs, network.get_input),
             "outputs": tensors(network.num_outputs, network.get_output),
-            "network_layers": network.num_layers, "network_layer_types": layer_types,
-            "network_plugin_layers": plugin_layers, "engine_layers": logger.layers,
-            "timing_cache": cache_info, "warnings": logger.warnings[:20],
-            "seconds": {"parse": t_parse, "build": t_build}}
+            "network_layers": network.num_layers, "network_layer_types": _count(la.type.name for la in layers),
+            "network_plugin_layers": [la.name for la in layers if la.type.name in ("PLUGIN_V3", "PLUGIN_V2", "PLUGIN")]}
 
 
 def _child_main() -> None:
@@ -434,75 +464,33 @@ def build_engine(onnx_dir: str | Path, out: str | Path, *, precision: str | None
     events = events or (lambda ev: None)
     t_start = time.perf_counter()
     info = read_export(onnx_dir)
-    out = Path(out).expanduser().absolute()
-    if out.is_dir():
-        raise OutputExistsError(f"--out {out} is a directory; give the engine's file name (e.g. "
-                                f"{out / 'model.engine'})")
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"--out {out} exists; choose another file or pass --overwrite")
+    out = _check_out(out, overwrite)
     dtype = info.meta.get("dtype", "float32")
-    if precision is not None:
-        wanted = PRECISIONS.get(precision, precision)
-        if wanted != dtype:
-            raise UsageError(f"--precision {precision} does not match the export, which is {dtype}: the engine is "
-                             f"strongly typed (the graph's types are kept), so re-export with `dlmtrt export --dtype "
-                             f"{wanted}` or leave --precision out")
+    _check_precision(precision, dtype)
     defaults = default_axes(info.meta)
     axes_list = [parse_profile(s, defaults) for s in profiles] or [dict(defaults)]
     shapes_list = [input_shapes([(n, dims) for n, _, dims in info.inputs], axes) for axes in axes_list]
     name = flavour()
-    if info.plugin_nodes:
-        from dlmtrt.plugins.launcher import library_path, library_sha256, PluginError
-        lib_sha = library_sha256()
-        try:
-            lib_file = str(library_path())
-        except PluginError:
-            lib_file = None
-    else:
-        lib_sha = lib_file = None
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        tmp.touch()
-    except OSError as e:
-        raise EngineError(f"cannot write the engine to {out}: {e.strerror or e}; choose a writable --out") from None
+    lib_sha, lib_file = _plugin_library(info)
+    tmp = _reserve_tmp(out)
     t_hash = time.perf_counter()
     source_hashes = {f.name: _sha256(f) for f in info.files if f.is_file()}
     t_hash = time.perf_counter() - t_hash
     req = {"onnx": str(info.onnx_path), "engine": str(tmp), "profiles": shapes_list,
            "timing_cache": str(Path(timing_cache).expanduser().absolute()) if timing_cache else None}
-    try:
-        if info.plugin_nodes and not parser_can_import_plugins(name):
-            res = _build_in_child(req, events)
-            where = "in a child process (TensorRT-RTX loader path)"
-        else:
-            res = _build(req["onnx"], req["engine"], req["profiles"], req["timing_cache"], events)
-            where = "in this process"
-        engine_sha = _sha256(tmp)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    res, where, engine_sha = _build_into(out, tmp, req, bool(info.plugin_nodes), name, events)
 
     from dlmtrt import __version__
-    dims = {n: d for n, _, d in info.inputs + info.outputs}
-    onnx_types = {n: t for n, t, _ in info.inputs + info.outputs}
-    io = {kind: [{"name": t["name"], "dtype": t["dtype"], "onnx_dtype": onnx_types.get(t["name"]),
-                  "shape": dims.get(t["name"], t["shape"])} for t in res[kind]] for kind in ("inputs", "outputs")}
-    plugin_engine_layers = [r["name"] for r in res["engine_layers"]
-                            if r["type"] in ("custom_layer", "PluginV3", "PluginV2") or "CachedAttention" in r["type"]]
     manifest = {
         "engine": {"file": out.name, "bytes": res["engine_bytes"], "sha256": engine_sha},
         "tensorrt": {"flavour": res["flavour"], "version": res["version"], "strongly_typed": True,
                      "built": where, "host": {"machine": platform.machine(), "python": platform.python_version()}},
         "precision": dtype,
-        **io,
+        **_manifest_io(info, res),
         "profiles": [{"axes": {a: list(v) for a, v in axes.items()}, "shapes": shapes}
                      for axes, shapes in zip(axes_list, shapes_list)],
         "plugin_library_sha256": lib_sha,
-        "plugin": None if not info.plugin_nodes else {
-            "name": "CachedAttention", "version": "1", "namespace": "", "onnx_nodes": info.plugin_nodes,
-            "network_layers": res["network_plugin_layers"], "engine_layers": plugin_engine_layers,
-            "python_module": "dlmtrt.plugins.trt_plugin", "library": lib_file, "library_sha256": lib_sha},
+        "plugin": _manifest_plugin(info, res, lib_file, lib_sha),
         "layers": {"network": res["network_layers"], "network_types": res["network_layer_types"],
                    "engine": len(res["engine_layers"]),
                    "engine_types": _count(r["type"] for r in res["engine_layers"])},
@@ -517,6 +505,90 @@ def build_engine(onnx_dir: str | Path, out: str | Path, *, precision: str | None
     }
     mpath = write_manifest(out, manifest)
     return BuildResult(out, mpath, read_manifest(out)[1], manifest["seconds"])
+
+
+def _check_out(out: str | Path, overwrite: bool) -> Path:
+    """`out` as an absolute path, refused when it is a directory or (without `overwrite`) exists."""
+    out = Path(out).expanduser().absolute()
+    if out.is_dir():
+        raise OutputExistsError(f"--out {out} is a directory; give the engine's file name (e.g. "
+                                f"{out / 'model.engine'})")
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"--out {out} exists; choose another file or pass --overwrite")
+    return out
+
+
+def _check_precision(precision: str | None, dtype: str) -> None:
+    """A strongly typed network keeps the graph's types, so an asked precision must be the export's dtype."""
+    if precision is None:
+        return
+    wanted = PRECISIONS.get(precision, precision)
+    if wanted != dtype:
+        raise UsageError(f"--precision {precision} does not match the export, which is {dtype}: the engine is "
+                         f"strongly typed (the graph's types are kept), so re-export with `dlmtrt export --dtype "
+                         f"{wanted}` or leave --precision out")
+
+
+def _plugin_library(info: ExportInfo) -> tuple[str | None, str | None]:
+    """(sha256, path) of the plugin library a plugin graph's engine runs with (path None when it is not found
+    here), (None, None) for a graph without plugin nodes."""
+    if not info.plugin_nodes:
+        return None, None
+    from dlmtrt.plugins.launcher import library_path, library_sha256, PluginError
+    lib_sha = library_sha256()
+    try:
+        return lib_sha, str(library_path())
+    except PluginError:
+        return lib_sha, None
+
+
+def _reserve_tmp(out: Path) -> Path:
+    """The temporary file beside `out` the engine is written to (and renamed from), created now so that an
+    unwritable --out fails before the build."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        tmp.touch()
+    except OSError as e:
+        raise EngineError(f"cannot write the engine to {out}: {e.strerror or e}; choose a writable --out") from None
+    return tmp
+
+
+def _build_into(out: Path, tmp: Path, req: dict, plugin_graph: bool, trt_name: str,
+                events: Events) -> tuple[dict, str, str]:
+    """(build result, where it was built, engine sha256): the engine built into `tmp`, in a child process when
+    this one's parser cannot import the plugin nodes, then renamed to `out`; `tmp` is gone afterwards either way."""
+    try:
+        if plugin_graph and not parser_can_import_plugins(trt_name):
+            res = _build_in_child(req, events)
+            where = "in a child process (TensorRT-RTX loader path)"
+        else:
+            res = _build(req["onnx"], req["engine"], req["profiles"], req["timing_cache"], events)
+            where = "in this process"
+        engine_sha = _sha256(tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return res, where, engine_sha
+
+
+def _manifest_io(info: ExportInfo, res: dict) -> dict:
+    """The manifest's inputs and outputs: the engine's tensors with the export's dtypes and dimension names."""
+    dims = {n: d for n, _, d in info.inputs + info.outputs}
+    onnx_types = {n: t for n, t, _ in info.inputs + info.outputs}
+    return {kind: [{"name": t["name"], "dtype": t["dtype"], "onnx_dtype": onnx_types.get(t["name"]),
+                    "shape": dims.get(t["name"], t["shape"])} for t in res[kind]] for kind in ("inputs", "outputs")}
+
+
+def _manifest_plugin(info: ExportInfo, res: dict, lib_file: str | None, lib_sha: str | None) -> dict | None:
+    """The manifest's plugin entry (None for a graph without plugin nodes)."""
+    if not info.plugin_nodes:
+        return None
+    engine_layers = [r["name"] for r in res["engine_layers"]
+                     if r["type"] in ("custom_layer", "PluginV3", "PluginV2") or "CachedAttention" in r["type"]]
+    return {"name": "CachedAttention", "version": "1", "namespace": "", "onnx_nodes": info.plugin_nodes,
+            "network_layers": res["network_plugin_layers"], "engine_layers": engine_layers,
+            "python_module": "dlmtrt.plugins.trt_plugin", "library": lib_file, "library_sha256": lib_sha}
 
 
 def _count(items) -> dict[str, int]:

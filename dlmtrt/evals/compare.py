@@ -241,6 +241,19 @@ def check_backends(backends: str | list[str]) -> list[str]:
     return names
 
 
+# the Polygraphy runners (a backend's `polygraphy_runner`) that run the exported graph rather than the checkpoint
+GRAPH_RUNNERS = ("onnxruntime", "tensorrt")
+
+
+@dataclass(frozen=True)
+class _Graph:
+    """The exported step graph the graph runners run (path None when no backend needs one)."""
+
+    path: Path | None = None
+    dtype: str = "float32"
+    attention: str = "standard"
+
+
 def compare_backends(model: str, *, onnx_path: Path | None = None, backends="torch,onnxruntime,tensorrt",
                      policies=None, steps_per_policy: int = DEFAULT_STEPS_PER_POLICY, max_feeds: int | None = None,
                      seed: int = 0, rtol=(), atol=(), load_inputs: Path | None = None, save_inputs: Path | None = None,
@@ -249,24 +262,13 @@ def compare_backends(model: str, *, onnx_path: Path | None = None, backends="tor
     """Run the named backends on the same step inputs and compare each with the first, output by output.
     Without `onnx_path` the checkpoint is exported to a temporary directory first (when a graph is needed)."""
     from dlmtrt.models.loading import load
-    from dlmtrt.runtime.backends.torch_backend import TorchBackend
-    from dlmtrt.runtime.artifacts import onnx_metadata, read_metadata
-    from dlmtrt.runtime.policies import parse_policy
+    from dlmtrt.runtime.backends import backend_class
 
-    from .trajectory import describe, load_feeds, record_feeds, save_feeds, spread
-
-    from dlmtrt.models.loading import open_checkpoint
-
-    from dlmtrt.paths import check_output_file
+    from .trajectory import load_feeds
 
     names = check_backends(backends)
-    for path, what in ((save_inputs, "--save-inputs"), (save_outputs, "--save-outputs")):
-        if path is not None:
-            check_output_file(path, what)
-    policies = list(policies or DEFAULT_POLICIES)
-    family = open_checkpoint(model).family
-    for p in policies:
-        parse_policy(p).check(family, "low_confidence")
+    kinds = {b: backend_class(b).polygraphy_runner for b in names}
+    policies = _check_options(model, policies, save_inputs, save_outputs)
     loaded = load_feeds(load_inputs) if load_inputs is not None else None  # a bad file fails before any work
     t0 = time.perf_counter()
     log(f"loading {model} (fp32)")
@@ -274,105 +276,186 @@ def compare_backends(model: str, *, onnx_path: Path | None = None, backends="tor
     n_layers = ck.args.num_layers
     with contextlib.ExitStack() as stack:
         stack.enter_context(contextlib.redirect_stdout(sys.stderr))  # Polygraphy logs to stdout: keep it for tables
-        onnx_file, graph_dtype, graph_attention = None, "float32", "standard"
-        if {"onnxruntime", "tensorrt"} & set(names):
-            if onnx_path is None:
-                from dlmtrt.export.onnx_export import export_step
-                tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dlmtrt-compare-")))
-                onnx_file = export_step(model, tmp / "export", dtype=dtype, attention=attention, numeric_check=False,
-                                        log=log).onnx_path
-            else:
-                onnx_file = onnx_path / "model.onnx" if onnx_path.is_dir() else onnx_path
-                if not onnx_file.is_file():
-                    raise UsageError(f"--onnx {onnx_path} holds no model.onnx")
-            g_args, meta = read_metadata(onnx_metadata(onnx_file), onnx_file)
-            if g_args.to_dict() != ck.args.to_dict():
-                raise DlmtrtError(f"{onnx_file} was exported from {meta.get('source_path')}, whose "
-                                  f"architecture differs from {model}'s; pass the matching --model")
-            graph_dtype, graph_attention = meta.get("dtype", "float32"), meta.get("attention", "standard")
-        rtols = parse_tolerances(rtol, n_layers, graph_dtype, "rtol")
-        atols = parse_tolerances(atol, n_layers, graph_dtype, "atol")
-
-        if loaded is not None:
-            feeds, source = loaded, str(load_inputs)
-        else:
-            log("recording denoising trajectories")
-            feeds = record_feeds(TorchBackend(m), tok, ck, policies=policies, seed=seed,
-                                 steps_per_policy=steps_per_policy or None, log=log)
-            source = f"policies {', '.join(policies)}"
-        feeds = spread(feeds, max_feeds)
-        if not feeds:
-            raise UsageError("no step inputs to compare (--max-feeds 0 or an empty --load-inputs)")
-        cov = describe(feeds)
-        log(f"{cov['feeds']} step inputs ({source}): {cov['partial_active']} with partial active rows, "
-            f"{cov['with_stable_rows']} with stable rows, {cov['padded']} left padded")
-        if save_inputs is not None:
-            save_feeds(save_inputs, feeds)
-            log(f"step inputs: {save_inputs}")
-
-        runners, report = [], CompareReport(Path(str(ck.path)), len(feeds), names[0], names, graph_dtype,
-                                            graph_attention)
-        for b in names:
-            if b == "torch":
-                runners.append(make_torch_runner(m))
-            elif b == "onnxruntime":
-                runners.append(make_onnxrt_runner(onnx_file, graph_attention, graph_dtype))
-            else:
-                r, why = make_tensorrt_runner(onnx_file, feeds, log=log)
-                if r is None:
-                    report.skipped[b] = why
-                else:
-                    runners.append(r)
-        if len(runners) < 2:
-            raise DlmtrtError(f"nothing to compare: only {runners[0].name if runners else 'no backend'} can run "
-                              f"here (skipped: {', '.join(report.skipped)})")
-        report.reference = runners[0].name
-
-        from polygraphy.comparator import Comparator, RunResults
-        from polygraphy.comparator.compare import SimpleCompareFunc
-        from polygraphy.exception import PolygraphyException
-        from polygraphy.logger import G_LOGGER
-        severity = G_LOGGER.module_severity
-        stack.callback(setattr, G_LOGGER, "module_severity", severity)
-        # Polygraphy says PASSED for every output of every step at FINISH; our table is the summary
-        G_LOGGER.module_severity = G_LOGGER.INFO if verbose else G_LOGGER.ERROR
-        func = SimpleCompareFunc(rtol=dict(rtols), atol=dict(atols), check_error_stat="elemwise")
-        pairs = [(i, 0) for i in range(1, len(runners))]
-        try:
-            results = Comparator.run(runners, data_loader=feeds)
-            with np.errstate(divide="ignore", invalid="ignore"):  # relative error of boolean present_valid: 0/0
-                accuracy = Comparator.compare_accuracy(results, comparisons=pairs, compare_func=func)
-        except PolygraphyException as e:
-            raise DlmtrtError(f"Polygraphy failed: {str(e).strip().splitlines()[0]}") from None
+        graph = _Graph()
+        if set(GRAPH_RUNNERS) & set(kinds.values()):
+            graph = _step_graph(model, ck, onnx_path, dtype, attention, stack, log)
+        rtols = parse_tolerances(rtol, n_layers, graph.dtype, "rtol")
+        atols = parse_tolerances(atol, n_layers, graph.dtype, "atol")
+        feeds = _step_inputs(m, tok, ck, loaded, load_inputs, save_inputs, policies, seed, steps_per_policy,
+                             max_feeds, log)
+        report = CompareReport(Path(str(ck.path)), len(feeds), names[0], names, graph.dtype, graph.attention)
+        runners = _make_runners(kinds, m, graph, feeds, report, log)
+        results, accuracy = _run_polygraphy(runners, feeds, rtols, atols, verbose, stack)
         if save_outputs is not None:
-            ref = RunResults()
-            ref.append((runners[0].name, results[runners[0].name]))
-            ref.save(str(save_outputs))
-            log(f"{runners[0].name} outputs: {save_outputs}")
-            if runners[0].name == "torch" and graph_attention == "standard" and onnx_path is not None:
+            _save_reference(results, runners[0].name, save_outputs, log)
+            if kinds[runners[0].name] == "torch" and graph.attention == "standard" and onnx_path is not None:
                 env, argv = polygraphy_run_command(
-                    onnx_file, save_outputs, rtols, atols, model=model, policies=policies,
+                    graph.path, save_outputs, rtols, atols, model=model, policies=policies,
                     steps_per_policy=steps_per_policy, seed=seed, max_feeds=max_feeds, feeds_file=load_inputs)
                 report.polygraphy_command = shell_command(env, argv)
 
-    acc = accuracy[0]
     ref_name = runners[0].name
-    for i, _ in pairs:
-        name = runners[i].name
-        per_iter = acc[(name, ref_name)]
-        for out_name in output_names(n_layers):
-            rs = [it[out_name] for it in per_iter if out_name in it]
-            l2 = 0.0
-            for k in range(len(results[name])):
-                got = np.asarray(results[name][k][out_name], dtype=np.float64)
-                ref = np.asarray(results[ref_name][k][out_name], dtype=np.float64)
-                l2 = max(l2, float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-12))
-                         if got.shape == ref.shape else np.inf)
-            worst = []
-            for f in ("max_absdiff", "max_reldiff"):  # the relative error of a boolean is 0/0 where both are False
-                v = np.array([getattr(r, f, np.nan) for r in rs], dtype=float)
-                worst.append(float(np.nanmax(v)) if (~np.isnan(v)).any() else np.nan)
-            report.rows.append(OutputResult(name, out_name, sum(bool(r) for r in rs), len(rs), worst[0], worst[1],
-                                            l2, atols[out_name], rtols[out_name]))
+    for runner in runners[1:]:
+        report.rows += _output_rows(runner.name, ref_name, results, accuracy[0][(runner.name, ref_name)],
+                                    n_layers, rtols, atols)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _check_options(model: str, policies, save_inputs: Path | None, save_outputs: Path | None) -> list[str]:
+    """The policies to record with (the defaults when none are given), after checking them against the model's
+    family and the output files against what already exists: before anything slow is started."""
+    from dlmtrt.models.loading import open_checkpoint
+    from dlmtrt.paths import check_output_file
+    from dlmtrt.runtime.policies import parse_policy
+
+    for path, what in ((save_inputs, "--save-inputs"), (save_outputs, "--save-outputs")):
+        if path is not None:
+            check_output_file(path, what)
+    policies = list(policies or DEFAULT_POLICIES)
+    family = open_checkpoint(model).family
+    for p in policies:
+        parse_policy(p).check(family, "low_confidence")
+    return policies
+
+
+def _step_graph(model: str, ck, onnx_path: Path | None, dtype: str, attention: str, stack: contextlib.ExitStack,
+                log: Callable[[str], None]) -> _Graph:
+    """The given export (a directory or its model.onnx), else a fresh one in a temporary directory that lives as
+    long as `stack`; refused when it was exported from a model of another architecture."""
+    from dlmtrt.runtime.artifacts import onnx_metadata, read_metadata
+
+    if onnx_path is None:
+        from dlmtrt.export.onnx_export import export_step
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dlmtrt-compare-")))
+        onnx_file = export_step(model, tmp / "export", dtype=dtype, attention=attention, numeric_check=False,
+                                log=log).onnx_path
+    else:
+        onnx_file = onnx_path / "model.onnx" if onnx_path.is_dir() else onnx_path
+        if not onnx_file.is_file():
+            raise UsageError(f"--onnx {onnx_path} holds no model.onnx")
+    g_args, meta = read_metadata(onnx_metadata(onnx_file), onnx_file)
+    if g_args.to_dict() != ck.args.to_dict():
+        raise DlmtrtError(f"{onnx_file} was exported from {meta.get('source_path')}, whose "
+                          f"architecture differs from {model}'s; pass the matching --model")
+    return _Graph(onnx_file, meta.get("dtype", "float32"), meta.get("attention", "standard"))
+
+
+def _step_inputs(m, tok, ck, loaded: list | None, load_inputs: Path | None, save_inputs: Path | None, policies,
+                 seed: int, steps_per_policy: int, max_feeds: int | None, log: Callable[[str], None]) -> list:
+    """The step inputs to compare on: those loaded from a file, else recorded from the PyTorch model's denoising
+    trajectories; spread down to `max_feeds`, described in the log and saved when asked."""
+    from dlmtrt.runtime.backends.torch_backend import TorchBackend
+
+    from .trajectory import describe, record_feeds, save_feeds, spread
+
+    if loaded is not None:
+        feeds, source = loaded, str(load_inputs)
+    else:
+        log("recording denoising trajectories")
+        feeds = record_feeds(TorchBackend(m), tok, ck, policies=policies, seed=seed,
+                             steps_per_policy=steps_per_policy or None, log=log)
+        source = f"policies {', '.join(policies)}"
+    feeds = spread(feeds, max_feeds)
+    if not feeds:
+        raise UsageError("no step inputs to compare (--max-feeds 0 or an empty --load-inputs)")
+    cov = describe(feeds)
+    log(f"{cov['feeds']} step inputs ({source}): {cov['partial_active']} with partial active rows, "
+        f"{cov['with_stable_rows']} with stable rows, {cov['padded']} left padded")
+    if save_inputs is not None:
+        save_feeds(save_inputs, feeds)
+        log(f"step inputs: {save_inputs}")
+    return feeds
+
+
+def _make_runner(kind: str, name: str, m, graph: _Graph, feeds: list, log: Callable[[str], None]):
+    """(runner, None), or (None, why it cannot run here), for a backend whose Polygraphy runner is `kind`."""
+    if kind == "torch":
+        return make_torch_runner(m, name=name), None
+    if kind == "onnxruntime":
+        return make_onnxrt_runner(graph.path, graph.attention, graph.dtype, name=name), None
+    if kind == "tensorrt":
+        return make_tensorrt_runner(graph.path, feeds, name=name, log=log)
+    raise ValueError(f"backend {name!r} declares an unknown Polygraphy runner {kind!r}")
+
+
+def _make_runners(kinds: dict[str, str], m, graph: _Graph, feeds: list, report: CompareReport,
+                  log: Callable[[str], None]) -> list:
+    """The runners of the backends that can run here, in order; the others go to `report.skipped` with their
+    reason, and fewer than two runners is an error. The first one is the report's reference."""
+    runners = []
+    for name, kind in kinds.items():
+        r, why = _make_runner(kind, name, m, graph, feeds, log)
+        if r is None:
+            report.skipped[name] = why
+        else:
+            runners.append(r)
+    if len(runners) < 2:
+        raise DlmtrtError(f"nothing to compare: only {runners[0].name if runners else 'no backend'} can run "
+                          f"here (skipped: {', '.join(report.skipped)})")
+    report.reference = runners[0].name
+    return runners
+
+
+def _run_polygraphy(runners: list, feeds: list, rtols: OrderedDict, atols: OrderedDict, verbose: bool,
+                    stack: contextlib.ExitStack):
+    """(results, accuracy) of Polygraphy's Comparator: every runner on every feed, each compared with the first.
+    Polygraphy's logging stays quiet (unless `verbose`) until `stack` closes."""
+    from polygraphy.comparator import Comparator
+    from polygraphy.comparator.compare import SimpleCompareFunc
+    from polygraphy.exception import PolygraphyException
+    from polygraphy.logger import G_LOGGER
+    severity = G_LOGGER.module_severity
+    stack.callback(setattr, G_LOGGER, "module_severity", severity)
+    # Polygraphy says PASSED for every output of every step at FINISH; our table is the summary
+    G_LOGGER.module_severity = G_LOGGER.INFO if verbose else G_LOGGER.ERROR
+    func = SimpleCompareFunc(rtol=dict(rtols), atol=dict(atols), check_error_stat="elemwise")
+    pairs = [(i, 0) for i in range(1, len(runners))]
+    try:
+        results = Comparator.run(runners, data_loader=feeds)
+        with np.errstate(divide="ignore", invalid="ignore"):  # relative error of boolean present_valid: 0/0
+            accuracy = Comparator.compare_accuracy(results, comparisons=pairs, compare_func=func)
+    except PolygraphyException as e:
+        raise DlmtrtError(f"Polygraphy failed: {str(e).strip().splitlines()[0]}") from None
+    return results, accuracy
+
+
+def _save_reference(results, ref_name: str, path: Path, log: Callable[[str], None]) -> None:
+    """The reference runner's outputs in Polygraphy's format, for `polygraphy run --load-outputs`."""
+    from polygraphy.comparator import RunResults
+    ref = RunResults()
+    ref.append((ref_name, results[ref_name]))
+    ref.save(str(path))
+    log(f"{ref_name} outputs: {path}")
+
+
+def _output_rows(name: str, ref_name: str, results, per_iter, n_layers: int, rtols: OrderedDict,
+                 atols: OrderedDict) -> list[OutputResult]:
+    """One row per output of the step graph for runner `name` against the reference, from Polygraphy's
+    per-iteration accuracy results `per_iter`."""
+    rows = []
+    for out_name in output_names(n_layers):
+        rs = [it[out_name] for it in per_iter if out_name in it]
+        worst_abs, worst_rel = (_worst(rs, f) for f in ("max_absdiff", "max_reldiff"))
+        rows.append(OutputResult(name, out_name, sum(bool(r) for r in rs), len(rs), worst_abs, worst_rel,
+                                 _worst_rel_l2(results[name], results[ref_name], out_name),
+                                 atols[out_name], rtols[out_name]))
+    return rows
+
+
+def _worst(rs: list, stat: str) -> float:
+    """The largest `stat` over the iterations, NaN when none has one: the relative error of a boolean is 0/0
+    where both are False."""
+    v = np.array([getattr(r, stat, np.nan) for r in rs], dtype=float)
+    return float(np.nanmax(v)) if (~np.isnan(v)).any() else np.nan
+
+
+def _worst_rel_l2(got_iters, ref_iters, out_name: str) -> float:
+    """The largest relative L2 error of output `out_name` over the iterations (inf where the shapes differ)."""
+    l2 = 0.0
+    for k in range(len(got_iters)):
+        got = np.asarray(got_iters[k][out_name], dtype=np.float64)
+        ref = np.asarray(ref_iters[k][out_name], dtype=np.float64)
+        l2 = max(l2, float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-12))
+                 if got.shape == ref.shape else np.inf)
+    return l2

@@ -16,6 +16,7 @@ passed, so a failed export leaves nothing behind.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -193,7 +194,8 @@ def trace_step(ck: Checkpoint, dtype: torch.dtype, opset: int, attention: str,
         prog = torch.onnx.export(StepGraph(m).eval(), example_inputs(a, dtype, "meta"), dynamo=True, optimize=False,
                                  dynamic_shapes=dynamic_shapes(n), input_names=input_names(n),
                                  output_names=output_names(n), opset_version=opset,
-                                 custom_translation_table=attn.translation_table() if attention == "plugin" else None, verbose=bool(os.environ.get("DLMTRT_EXPORT_VERBOSE")))
+                                 custom_translation_table=attn.translation_table() if attention == "plugin" else None,
+                                 verbose=bool(os.environ.get("DLMTRT_EXPORT_VERBOSE")))
     model = prog.model
     index = index if index is not None else tensor_index(ck)
     fmt = quantization_format(ck)
@@ -209,6 +211,31 @@ def export_step(model: str, out: Path, *, dtype: str = "float32", opset: int | N
     """Export, check, and move into `out`: model.onnx (+ model.onnx.data above 2 GB), tokenizer and configs.
     A calibrated checkpoint (`dlmtrt calibrate`) becomes a Q/DQ graph (export/qdq.py). `opset` None: the
     default, 18, or 19 for fp8 (E4M3 Q/DQ needs it)."""
+    _check_choices(opset, dtype, attention)
+    out = check_output_dir(out, "--out", overwrite=overwrite, offer_overwrite=True)
+    ck = open_checkpoint(model)
+    opset = _opset_for(ck, model, opset)
+    tok_dir = _checked_tokenizer_dir(ck, tokenizer)
+    index = tensor_index(ck)  # validates the weights before any heavy work
+    tmp = _prepare_out_dir(out)
+    times: dict[str, float] = {}
+    try:
+        path, nbytes = _write_export(ck, index, tmp, tok_dir, dtype, opset, attention, times, log)
+        with _timed(times, "structure_check"):
+            log("checking: onnx.checker (full), shape inference, step contract inputs/outputs")
+            check_structure(path, ck.args.num_layers)
+        report = _check_numerics(path, ck, nbytes, dtype, attention, times, log) if numeric_check else None
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    data = out / DATA_FILE
+    return ExportResult(out, out / ONNX_FILE, data if data.exists() else None, dtype, opset, attention, nbytes, times,
+                        report)
+
+
+def _check_choices(opset: int | None, dtype: str, attention: str) -> None:
+    """Refuse an unsupported opset, dtype or attention before any work."""
     if opset is not None and opset not in SUPPORTED_OPSETS:
         raise ExportError(f"opset {opset} is not supported: choose one of {SUPPORTED_OPSETS.start}.."
                           f"{SUPPORTED_OPSETS.stop - 1} (default {DEFAULT_OPSET})")
@@ -216,14 +243,23 @@ def export_step(model: str, out: Path, *, dtype: str = "float32", opset: int | N
         raise ExportError(f"dtype {dtype!r} is not supported: choose one of {', '.join(DTYPES)}")
     if attention not in ("standard", "plugin"):
         raise ExportError(f"attention {attention!r} is not supported: choose standard or plugin")
-    out = check_output_dir(out, "--out", overwrite=overwrite, offer_overwrite=True)
-    ck = open_checkpoint(model)
+
+
+def _opset_for(ck: Checkpoint, model: str, opset: int | None) -> int:
+    """The opset to export with: the default when none is given, at least FP8_MIN_OPSET for an fp8 checkpoint
+    (its E4M3 Q/DQ needs it), where a lower one asked for is refused."""
     fp8 = quantization_format(ck) == "fp8"
     if opset is None:
         opset = max(DEFAULT_OPSET, FP8_MIN_OPSET) if fp8 else DEFAULT_OPSET
     if fp8 and opset < FP8_MIN_OPSET:
         raise ExportError(f"{model} is an fp8 checkpoint: its E4M3 QuantizeLinear/DequantizeLinear need opset "
                           f"{FP8_MIN_OPSET} or later; pass --opset {FP8_MIN_OPSET} (or leave --opset out)")
+    return opset
+
+
+def _checked_tokenizer_dir(ck: Checkpoint, tokenizer: str | None) -> Path:
+    """The directory whose tokenizer files the export ships (`tokenizer`, else the checkpoint's), after checking
+    that its tokenizer belongs to the model."""
     tok_dir = Path(tokenizer).expanduser() if tokenizer else ck.path
     if tokenizer:
         from transformers import PreTrainedTokenizerFast
@@ -233,60 +269,72 @@ def export_step(model: str, out: Path, *, dtype: str = "float32", opset: int | N
     else:
         tok = load_tokenizer(ck)
     check_tokenizer(tok, ck, tok_dir)
-    index = tensor_index(ck)  # validates the weights before any heavy work
-    tmp = _prepare_out_dir(out)
-    times: dict[str, float] = {}
-    try:
-        t0 = time.perf_counter()
+    return tok_dir
+
+
+@contextlib.contextmanager
+def _timed(times: dict[str, float], key: str):
+    """Record the seconds the block took as times[key] (not when it raises: the export fails then)."""
+    t0 = time.perf_counter()
+    yield
+    times[key] = time.perf_counter() - t0
+
+
+def _write_export(ck: Checkpoint, index: dict, tmp: Path, tok_dir: Path, dtype: str, opset: int, attention: str,
+                  times: dict[str, float], log) -> tuple[Path, int]:
+    """(path of model.onnx, weight bytes): the traced graph with its metadata written into `tmp` (the weights read
+    from the checkpoint while it is written), the tokenizer and configs beside it."""
+    with _timed(times, "trace"):
         log(f"tracing the {ck.family} step graph ({ck.args.num_layers} layers, {dtype}, opset {opset}, "
             f"{attention} attention)")
         graph, nbytes = trace_step(ck, DTYPES[dtype], opset, attention, index)
-        times["trace"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
+    with _timed(times, "hash"):
         write_metadata(graph, ck, dtype=dtype, attention=attention, opset=opset,
                        source_sha256=checkpoint_sha256(ck), dlmtrt=_dlmtrt_version())
-        times["hash"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
+    with _timed(times, "write"):
         path = tmp / ONNX_FILE
         external = nbytes > EXTERNAL_DATA_BYTES
         log(f"writing {nbytes / 2**20:.1f} MiB of weights" + (f" to {DATA_FILE}" if external else ""))
         ir.save(graph, path, external_data=DATA_FILE if external else None)
         del graph
-        for name in TOKENIZER_FILES:
-            if (tok_dir / name).exists():
-                shutil.copy2(tok_dir / name, tmp / name)
-            elif name in ("config.json", "generation_config.json") and (ck.path / name).exists():
-                shutil.copy2(ck.path / name, tmp / name)
-        times["write"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        log("checking: onnx.checker (full), shape inference, step contract inputs/outputs")
-        check_structure(path, ck.args.num_layers)
-        times["structure_check"] = time.perf_counter() - t0
-        report = None
-        if numeric_check:
-            need, have = memory_needed(ck.args, nbytes), available_memory()
-            if need > have:
-                raise ExportError(f"the numeric check needs about {need / 2**30:.1f} GiB (fp32 reference model + "
-                                  f"ONNX Runtime) but {have / 2**30:.1f} GiB are available; pass --no-numeric-check "
-                                  "(the structural checks still run) or check on a larger machine with "
-                                  "`dlmtrt compare`")
-            log("checking: ONNX Runtime vs PyTorch fp32 on random step inputs")
-            t0 = time.perf_counter()
-            report = run_numeric_check(path, ck, dtype, attention, quantized=quantization_format(ck) is not None)
-            times["numeric_check"] = time.perf_counter() - t0
-            if not report.ok:
-                raise ExportError("ONNX Runtime disagrees with PyTorch beyond tolerance (outputs out of tolerance "
-                                  "below); nothing was written.\n" + report.render_text(), report)
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            out.rename(trash / out.name)
-            tmp.rename(out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    data = out / DATA_FILE
-    return ExportResult(out, out / ONNX_FILE, data if data.exists() else None, dtype, opset, attention, nbytes, times,
-                        report)
+        _copy_tokenizer_files(ck, tok_dir, tmp)
+    return path, nbytes
+
+
+def _copy_tokenizer_files(ck: Checkpoint, tok_dir: Path, tmp: Path) -> None:
+    """The tokenizer's files from `tok_dir`; the model's configs from the checkpoint where `tok_dir` has none."""
+    for name in TOKENIZER_FILES:
+        if (tok_dir / name).exists():
+            shutil.copy2(tok_dir / name, tmp / name)
+        elif name in ("config.json", "generation_config.json") and (ck.path / name).exists():
+            shutil.copy2(ck.path / name, tmp / name)
+
+
+def _check_numerics(path: Path, ck: Checkpoint, nbytes: int, dtype: str, attention: str, times: dict[str, float],
+                    log):
+    """ONNX Runtime against PyTorch fp32 on random step inputs (export.checks.NumericReport); refused up front
+    when this machine lacks the memory for both, and an error carrying the report when they disagree."""
+    need, have = memory_needed(ck.args, nbytes), available_memory()
+    if need > have:
+        raise ExportError(f"the numeric check needs about {need / 2**30:.1f} GiB (fp32 reference model + "
+                          f"ONNX Runtime) but {have / 2**30:.1f} GiB are available; pass --no-numeric-check "
+                          "(the structural checks still run) or check on a larger machine with "
+                          "`dlmtrt compare`")
+    log("checking: ONNX Runtime vs PyTorch fp32 on random step inputs")
+    with _timed(times, "numeric_check"):
+        report = run_numeric_check(path, ck, dtype, attention, quantized=quantization_format(ck) is not None)
+    if not report.ok:
+        raise ExportError("ONNX Runtime disagrees with PyTorch beyond tolerance (outputs out of tolerance "
+                          "below); nothing was written.\n" + report.render_text(), report)
+    return report
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished export to `out`; an old export there is moved aside first and removed after."""
+    if out.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        out.rename(trash / out.name)
+        tmp.rename(out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        tmp.rename(out)

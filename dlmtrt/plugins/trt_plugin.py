@@ -77,7 +77,11 @@ def _fields(fc) -> dict[str, float | int]:
 
 @functools.cache
 def _classes(trt: ModuleType) -> tuple[type, type]:
-    """(plugin class, creator class) built on `trt` (tensorrt or tensorrt_rtx)."""
+    """(plugin class, creator class) built on `trt` (tensorrt or tensorrt_rtx).
+
+    Over the project's ~80 lines on purpose: both classes must subclass the module picked at run time, so they
+    are defined here (once per module), and the length is the plugin class's body, one short method per
+    TensorRT callback; splitting it would spread one class over several factories."""
     FLOATS = {trt.DataType.FLOAT: "float32", trt.DataType.HALF: "float16", trt.DataType.BF16: "bfloat16"}
 
     class CachedAttentionPlugin(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild,

@@ -190,65 +190,97 @@ async def _disconnected(request: Request) -> None:
 
 
 def create_app(served: Served) -> FastAPI:
-    sched, metrics, cfg = served.scheduler, served.metrics, served.config
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        sched.start()
-        yield
-        await asyncio.get_running_loop().run_in_executor(None, sched.stop)
-
-    app = FastAPI(title="dlmtrt", version=__version__, lifespan=lifespan,
+    """The app serving `served`: OpenAI's error shape for every failure, the health, metrics and models routes,
+    and the completion routes; the scheduler runs for the app's lifespan."""
+    app = FastAPI(title="dlmtrt", version=__version__, lifespan=_lifespan,
                   description="OpenAI-compatible serving of diffusion language models (Dream, LLaDA). "
                               "Fields marked dlmtrt are extensions; see README 'Serving'.")
     app.state.served = served
+    _add_error_handlers(app)
+    _Routes(served).add_to(app)
+    return app
 
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, e: ApiError):
-        return _error(e)
 
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, e: RequestValidationError):
-        errs = e.errors()
-        first = errs[0] if errs else {}
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        kind = first.get("type", "")
-        if kind in ("json_invalid",) or not loc and kind != "missing":
-            msg = f"the body is not valid JSON: {first.get('msg', 'parse error')}" if kind == "json_invalid" else \
-                f"the body must be a JSON object: {first.get('msg', '')}"
-            return _error(ApiError(400, msg, code="invalid_body"))
-        where = ".".join(loc) or "body"
-        msg = first.get("msg", "invalid value")
-        if kind == "extra_forbidden":
-            msg = "unknown field (see GET /openapi.json for the fields this server takes)"
-        more = f" (and {len(errs) - 1} more problem(s))" if len(errs) > 1 else ""
-        return _error(ApiError(400, f"{where}: {msg}{more}", param=loc[0] if loc else None, code="invalid_value"))
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI):
+    sched = app.state.served.scheduler
+    sched.start()
+    yield
+    await asyncio.get_running_loop().run_in_executor(None, sched.stop)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, e: StarletteHTTPException):
-        typ = "invalid_request_error" if e.status_code < 500 else "server_error"
-        detail = e.detail if isinstance(e.detail, str) else json.dumps(e.detail)
-        if e.status_code == 400:
-            detail = f"the body cannot be read as JSON: {detail}"
-        return _error(ApiError(e.status_code, detail, type=typ, headers=getattr(e, "headers", None)))
 
-    @app.exception_handler(Exception)
-    async def _bug(request: Request, e: Exception):
-        return _error(ApiError(500, f"internal error: {type(e).__name__}: {e}", type="server_error"))
+# ---- errors: every failure in OpenAI's error shape ----------------------------------------------------------
 
-    @app.get("/health")
-    async def health():
+def _add_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(RequestValidationError, _validation)
+    app.add_exception_handler(StarletteHTTPException, _http)
+    app.add_exception_handler(Exception, _bug)
+
+
+async def _api_error(request: Request, e: ApiError):
+    return _error(e)
+
+
+async def _validation(request: Request, e: RequestValidationError):
+    """A body FastAPI cannot parse or validate: one message for the first problem, naming its field."""
+    errs = e.errors()
+    first = errs[0] if errs else {}
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    kind = first.get("type", "")
+    if kind in ("json_invalid",) or not loc and kind != "missing":
+        msg = f"the body is not valid JSON: {first.get('msg', 'parse error')}" if kind == "json_invalid" else \
+            f"the body must be a JSON object: {first.get('msg', '')}"
+        return _error(ApiError(400, msg, code="invalid_body"))
+    where = ".".join(loc) or "body"
+    msg = first.get("msg", "invalid value")
+    if kind == "extra_forbidden":
+        msg = "unknown field (see GET /openapi.json for the fields this server takes)"
+    more = f" (and {len(errs) - 1} more problem(s))" if len(errs) > 1 else ""
+    return _error(ApiError(400, f"{where}: {msg}{more}", param=loc[0] if loc else None, code="invalid_value"))
+
+
+async def _http(request: Request, e: StarletteHTTPException):
+    typ = "invalid_request_error" if e.status_code < 500 else "server_error"
+    detail = e.detail if isinstance(e.detail, str) else json.dumps(e.detail)
+    if e.status_code == 400:
+        detail = f"the body cannot be read as JSON: {detail}"
+    return _error(ApiError(e.status_code, detail, type=typ, headers=getattr(e, "headers", None)))
+
+
+async def _bug(request: Request, e: Exception):
+    return _error(ApiError(500, f"internal error: {type(e).__name__}: {e}", type="server_error"))
+
+
+# ---- routes -------------------------------------------------------------------------------------------------
+
+class _Routes:
+    """The route handlers over one `Served`. They have no docstrings: FastAPI would publish them in
+    /openapi.json as the operations' descriptions."""
+
+    def __init__(self, served: Served):
+        self.served = served
+        self.sched, self.metrics, self.cfg = served.scheduler, served.metrics, served.config
+
+    def add_to(self, app: FastAPI) -> None:
+        app.add_api_route("/health", self.health, methods=["GET"])
+        app.add_api_route("/metrics", self.prometheus, methods=["GET"])
+        app.add_api_route("/v1/models", self.models, methods=["GET"])
+        app.add_api_route("/v1/completions", self.completions, methods=["POST"])
+        app.add_api_route("/v1/chat/completions", self.chat_completions, methods=["POST"])
+
+    async def health(self):
+        sched = self.sched
         state = "draining" if sched.draining else "ok"
-        return JSONResponse({"status": state, "model": cfg.model_id, "queue_depth": sched.queue_depth,
+        return JSONResponse({"status": state, "model": self.cfg.model_id, "queue_depth": sched.queue_depth,
                              "running_requests": sched.running_requests},
                             status_code=503 if sched.draining else 200)
 
-    @app.get("/metrics")
-    async def prometheus():
-        return Response(metrics.render(), media_type=metrics.content_type)
+    async def prometheus(self):
+        return Response(self.metrics.render(), media_type=self.metrics.content_type)
 
-    @app.get("/v1/models")
-    async def models():
+    async def models(self):
+        served, cfg = self.served, self.cfg
         src = served.source
         return {"object": "list", "data": [{
             "id": cfg.model_id, "object": "model", "created": served.created, "owned_by": "dlmtrt",
@@ -257,18 +289,19 @@ def create_app(served: Served) -> FastAPI:
                        "max_tokens_limit": cfg.max_tokens_limit, "max_steps_limit": cfg.max_steps_limit,
                        "path": str(Path(src.path))}}]}
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
+    async def completions(self, body: CompletionRequest, request: Request):
         texts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
         if not texts:
             raise ApiError(400, "prompt is an empty list", param="prompt")
-        return await _generate(request, body, texts, "prompt", chat=False)
+        return await self._generate(request, body, texts, "prompt", chat=False)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
-        return await _generate(request, body, None, "messages", chat=True)
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request):
+        return await self._generate(request, body, None, "messages", chat=True)
 
-    async def _generate(request: Request, body: DiffusionFields, texts, param: str, chat: bool):
+    # ---- completions, both endpoints
+    async def _generate(self, request: Request, body: DiffusionFields, texts, param: str, chat: bool):
+        """Queue one job per prompt, then stream their events or wait for all of them (a 499 when the client
+        goes away first)."""
         endpoint = "chat" if chat else "completions"
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -277,28 +310,43 @@ def create_app(served: Served) -> FastAPI:
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening any more
                 loop.call_soon_threadsafe(queue.put_nowait, (job.index, kind, payload))
 
+        jobs = self._submit(body, texts, param, chat, sink, endpoint)
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        head = {"id": rid, "created": int(time.time()), "model": self.cfg.model_id}
+        if body.stream:
+            self.metrics.requests.labels(endpoint, "200").inc()
+            return StreamingResponse(self._stream(body, jobs, queue, head, chat), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        results = await self._results(request, jobs, queue, endpoint)
+        if results is None:
+            return Response(status_code=499)  # nobody reads it
+        self.metrics.requests.labels(endpoint, "200").inc()
+        return _completion(head, results, chat)
+
+    def _submit(self, body: DiffusionFields, texts, param: str, chat: bool, sink, endpoint: str) -> list[Job]:
+        """The request's jobs, validated and queued; a refusal is counted in the metrics under its status."""
+        served = self.served
         try:
             if chat:
                 texts = [served.chat_text(body)]
             jobs = served.jobs_of(body, texts, param, sink)
             try:
-                sched.submit(jobs)
+                self.sched.submit(jobs)
             except QueueFull:
-                raise ApiError(429, f"the queue is full ({cfg.max_queue} requests waiting); retry later",
+                raise ApiError(429, f"the queue is full ({self.cfg.max_queue} requests waiting); retry later",
                                type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
             except ShuttingDown:
                 raise ApiError(503, "the server is shutting down and accepts no new requests",
                                type="server_error", code="shutting_down") from None
         except ApiError as e:
-            metrics.requests.labels(endpoint, str(e.status)).inc()
+            self.metrics.requests.labels(endpoint, str(e.status)).inc()
             raise
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        created = int(time.time())
-        head = {"id": rid, "created": created, "model": cfg.model_id}
-        if body.stream:
-            metrics.requests.labels(endpoint, "200").inc()
-            return StreamingResponse(_stream(request, body, jobs, queue, head, chat), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return jobs
+
+    async def _results(self, request: Request, jobs: list[Job], queue: asyncio.Queue,
+                       endpoint: str) -> list[dict] | None:
+        """Every job's result, in prompt order; None when the client went away first. The jobs are cancelled
+        whichever way this ends, so none keeps the worker busy for nobody."""
         results: list[dict | None] = [None] * len(jobs)
         gone = asyncio.ensure_future(_disconnected(request))
         try:
@@ -307,62 +355,41 @@ def create_app(served: Served) -> FastAPI:
                 done, _ = await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
                 if get not in done:
                     get.cancel()
-                    metrics.requests.labels(endpoint, "499").inc()
-                    return Response(status_code=499)  # nobody reads it
+                    self.metrics.requests.labels(endpoint, "499").inc()
+                    return None
                 idx, kind, payload = get.result()
                 if kind == "done":
                     results[idx] = payload
                 elif kind == "error":
                     status, msg = payload
-                    metrics.requests.labels(endpoint, str(status)).inc()
+                    self.metrics.requests.labels(endpoint, str(status)).inc()
                     raise ApiError(status, msg, type="server_error" if status >= 500 else "invalid_request_error")
         finally:
             gone.cancel()
-            sched.cancel(jobs)
-        metrics.requests.labels(endpoint, "200").inc()
-        prompt_tokens = sum(r["prompt_tokens"] for r in results)
-        completion_tokens = sum(r["completion_tokens"] for r in results)
-        if chat:
-            choices = [{"index": k, "message": {"role": "assistant", "content": r["text"]},
-                        "finish_reason": r["finish_reason"], "logprobs": None} for k, r in enumerate(results)]
-        else:
-            choices = [{"index": k, "text": r["text"], "finish_reason": r["finish_reason"], "logprobs": None}
-                       for k, r in enumerate(results)]
-        return {**head, "object": "chat.completion" if chat else "text_completion", "choices": choices,
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                          "total_tokens": prompt_tokens + completion_tokens},
-                "dlmtrt": [r["dlmtrt"] for r in results]}
+            self.sched.cancel(jobs)
+        return results
 
-    async def _stream(request: Request, body: DiffusionFields, jobs: list[Job], queue: asyncio.Queue, head: dict,
-                      chat: bool):
+    async def _stream(self, body: DiffusionFields, jobs: list[Job], queue: asyncio.Queue, head: dict, chat: bool):
+        """Server-sent events: the jobs' deltas, canvases (`event: dlmtrt`) and final chunks as they come, the
+        usage when asked for, then [DONE]; the first error ends the stream."""
         obj = "chat.completion.chunk" if chat else "text_completion"
-
-        def chunk(index: int, text: str | None, finish: str | None, first: bool = False) -> dict:
-            if chat:
-                delta = {"role": "assistant", "content": text or ""} if first else \
-                    ({"content": text} if text is not None else {})
-                choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
-            else:
-                choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}
-            return {**head, "object": obj, "choices": [choice]}
-
         left = len(jobs)
         usage = [0, 0]
         try:
             if chat:
                 for j in jobs:
-                    yield _sse(chunk(j.index, "", None, first=True))
+                    yield _sse(_chunk(head, obj, chat, j.index, "", None, first=True))
             while left:
                 idx, kind, payload = await queue.get()
                 if kind == "delta":
-                    yield _sse(chunk(idx, payload, None))
+                    yield _sse(_chunk(head, obj, chat, idx, payload, None))
                 elif kind == "canvas":
                     yield _sse(payload, event="dlmtrt")
                 elif kind == "done":
                     left -= 1
                     usage[0] += payload["prompt_tokens"]
                     usage[1] += payload["completion_tokens"]
-                    final = chunk(idx, None if chat else "", payload["finish_reason"])
+                    final = _chunk(head, obj, chat, idx, None if chat else "", payload["finish_reason"])
                     final["dlmtrt"] = payload["dlmtrt"]
                     yield _sse(final)
                 elif kind == "error":
@@ -376,6 +403,32 @@ def create_app(served: Served) -> FastAPI:
                                       "total_tokens": usage[0] + usage[1]}})
             yield "data: [DONE]\n\n"
         finally:
-            sched.cancel(jobs)
+            self.sched.cancel(jobs)
 
-    return app
+
+def _completion(head: dict, results: list[dict], chat: bool) -> dict:
+    """The body of a finished (not streamed) completion: one choice per prompt, the summed usage."""
+    prompt_tokens = sum(r["prompt_tokens"] for r in results)
+    completion_tokens = sum(r["completion_tokens"] for r in results)
+    if chat:
+        choices = [{"index": k, "message": {"role": "assistant", "content": r["text"]},
+                    "finish_reason": r["finish_reason"], "logprobs": None} for k, r in enumerate(results)]
+    else:
+        choices = [{"index": k, "text": r["text"], "finish_reason": r["finish_reason"], "logprobs": None}
+                   for k, r in enumerate(results)]
+    return {**head, "object": "chat.completion" if chat else "text_completion", "choices": choices,
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens},
+            "dlmtrt": [r["dlmtrt"] for r in results]}
+
+
+def _chunk(head: dict, obj: str, chat: bool, index: int, text: str | None, finish: str | None,
+           first: bool = False) -> dict:
+    """One streamed chunk of choice `index`: a chat delta (the first one carries the role) or a text piece."""
+    if chat:
+        delta = {"role": "assistant", "content": text or ""} if first else \
+            ({"content": text} if text is not None else {})
+        choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
+    else:
+        choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}
+    return {**head, "object": obj, "choices": [choice]}
