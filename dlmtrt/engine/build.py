@@ -34,6 +34,7 @@ from dlmtrt.errors import DlmtrtError, OutputExistsError, UsageError
 from dlmtrt.plugins.flavour import TensorRTMissingError, import_trt
 from dlmtrt.plugins.flavour import flavour as _flavour
 from dlmtrt.runtime.artifacts import read_manifest, write_manifest
+from dlmtrt.runtime.buckets import bucket
 
 AXES = ("batch", "active", "canvas")
 PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -129,10 +130,12 @@ def _rtx_library_file() -> Path:
 # ---- optimization profiles over the export's dynamic axes
 
 def default_axes(meta: Mapping[str, str]) -> dict[str, tuple[int, int, int]]:
-    """(min, opt, max) per dynamic axis from the export's metadata: batch 1:1:8; canvas 1:min(512, cap):cap where
-    cap = min(max_position_embeddings, 2048); active rows 1:min(32, cap):cap (32: a typical block)."""
+    """(min, opt, max) per dynamic axis from the export's metadata: batch 1:1:8; canvas 1:512:cap where
+    cap = min(max_position_embeddings, 2048); active rows 1:32:cap. The opt values are the row buckets
+    (runtime/buckets.py) the TensorRT backend pads 32 active rows (a typical block) and a 512-row canvas to."""
     cap = max(1, min(int(meta.get("max_position_embeddings") or DEFAULT_CANVAS_CAP), DEFAULT_CANVAS_CAP))
-    return {"batch": (1, 1, 8), "active": (1, min(32, cap), cap), "canvas": (1, min(512, cap), cap)}
+    return {"batch": (1, 1, 8), "active": (1, bucket(min(32, cap), cap), cap),
+            "canvas": (1, bucket(min(512, cap), cap), cap)}
 
 
 def parse_profile(spec: str, defaults: Mapping[str, tuple[int, int, int]]) -> dict[str, tuple[int, int, int]]:

@@ -24,6 +24,13 @@ from torch import Tensor
 
 from dlmtrt.errors import UsageError
 
+
+class PolicyError(UsageError):
+    """A policy spec or combination that is refused; the field is always the policy."""
+
+    def __init__(self, message: str):
+        super().__init__(message, field="policy")
+
 NEVER = 1 << 30  # decoded_at of a row whose input is still masked
 
 
@@ -131,7 +138,7 @@ def dream_cached_rows(decoded_at: Tensor, j: int, shift: str) -> Tensor:
 
 def _check_shift(name: str, shift: str) -> None:
     if shift not in SHIFTS:
-        raise UsageError(f"{name}: shift must be one of {', '.join(SHIFTS)}, got '{shift}'")
+        raise PolicyError(f"{name}: shift must be one of {', '.join(SHIFTS)}, got '{shift}'")
 
 
 @dataclass
@@ -168,7 +175,7 @@ class DKVDecode(Policy):
 
     def requires(self, family, remasking: str | None, parallel: float | None) -> None:
         if not family.logits_shift and self.shift != "un":
-            raise UsageError("decode: shift applies to Dream (its logits shift); LLaDA's Decode has no shift option")
+            raise PolicyError("decode: shift applies to Dream (its logits shift); LLaDA's Decode has no shift option")
 
 
 @dataclass
@@ -222,7 +229,7 @@ class DKVGreedy(Policy):
     def __post_init__(self):
         _check_steps(self.name, self.cache_steps)
         if not isinstance(self.window, int) or self.window < 0:
-            raise UsageError(f"greedy: window must be an integer >= 0, got {self.window!r}")
+            raise PolicyError(f"greedy: window must be an integer >= 0, got {self.window!r}")
 
     def plan(self, s: DecodeState) -> tuple[Tensor, Tensor]:
         if s.block_step % self.cache_steps == 0:
@@ -243,11 +250,11 @@ class DKVGreedy(Policy):
 
     def requires(self, family, remasking: str | None, parallel: float | None) -> None:
         if self.name not in family.published_policies or remasking != "random":
-            raise UsageError("greedy: dKV-Cache-Greedy is defined for LLaDA with --remasking random (it decodes "
+            raise PolicyError("greedy: dKV-Cache-Greedy is defined for LLaDA with --remasking random (it decodes "
                              "each block in an order drawn when the block starts); for Dream, or with "
                              "low_confidence, use decode")
         if parallel is not None:
-            raise UsageError("greedy decodes a fixed number of tokens per step in a drawn order; it does not "
+            raise PolicyError("greedy decodes a fixed number of tokens per step in a drawn order; it does not "
                              "combine with +parallel")
 
 
@@ -328,7 +335,7 @@ class AdaptiveCache(Policy):
 
     def __post_init__(self):
         if not isinstance(self.tol, (int, float)) or self.tol < 0:
-            raise UsageError(f"adaptive: tol must be a number >= 0, got {self.tol!r}")
+            raise PolicyError(f"adaptive: tol must be a number >= 0, got {self.tol!r}")
         _check_steps(self.name, self.cache_steps)
 
     def plan(self, s: DecodeState) -> tuple[Tensor, Tensor]:
@@ -350,7 +357,7 @@ class AdaptiveCache(Policy):
 
 def _check_steps(name: str, value) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise UsageError(f"{name}: cache_steps must be an integer >= 1, got {value!r}")
+        raise PolicyError(f"{name}: cache_steps must be an integer >= 1, got {value!r}")
 
 
 def _published_for(name: str, family) -> None:
@@ -358,9 +365,8 @@ def _published_for(name: str, family) -> None:
     if name not in family.published_policies:
         from .families import FAMILIES
         defined = [f.title for f in FAMILIES.values() if name in f.published_policies]
-        raise UsageError(f"{name}: its authors' code defines it for {', '.join(defined)} only; for {family.title} "
-                         f"use {', '.join(sorted(family.published_policies)) or 'none'} (or our adaptive, delayed)",
-                         field="policy")
+        raise PolicyError(f"{name}: its authors' code defines it for {', '.join(defined)} only; for {family.title} "
+                         f"use {', '.join(sorted(family.published_policies)) or 'none'} (or our adaptive, delayed)")
 
 
 def rows_of(positions: Tensor, shift: bool) -> Tensor:
@@ -383,7 +389,7 @@ class Parallel:
 
     def __post_init__(self):
         if not isinstance(self.threshold, (int, float)) or not 0 < self.threshold <= 1:
-            raise UsageError(f"parallel: threshold must be in (0, 1], got {self.threshold!r}")
+            raise PolicyError(f"parallel: threshold must be in (0, 1], got {self.threshold!r}")
 
 
 @dataclass
@@ -403,11 +409,11 @@ class EarlyCommit:
             try:
                 self.gaps = tuple(float(v) for v in self.gaps.split("/"))
             except ValueError:
-                raise UsageError(f"early: gaps must be three numbers like 0.9/0.75/0.6, got '{self.gaps}'") from None
+                raise PolicyError(f"early: gaps must be three numbers like 0.9/0.75/0.6, got '{self.gaps}'") from None
         if isinstance(self.gaps, (int, float)):
             self.gaps = (float(self.gaps),) * 3
         if len(self.gaps) != 3 or not all(0 < g <= 1 for g in self.gaps):
-            raise UsageError(f"early: gaps must be three values in (0, 1] like 0.9/0.75/0.6, got {self.gaps}")
+            raise PolicyError(f"early: gaps must be three values in (0, 1] like 0.9/0.75/0.6, got {self.gaps}")
 
     def thresholds(self, progress: Tensor) -> Tensor:
         """`threshold` for a batch of progress values, without leaving the device."""
@@ -457,26 +463,26 @@ def parse_policy(spec) -> DecodePlan:
         missing = [a for a in ("name", "skips_needed_rows", "observes_drift", "order", "needs_blocks", "requires",
                                "observe") if not hasattr(spec, a)]
         if missing:
-            raise UsageError(f"cache policy {type(spec).__name__} lacks {', '.join(missing)} of the CachePolicy "
+            raise PolicyError(f"cache policy {type(spec).__name__} lacks {', '.join(missing)} of the CachePolicy "
                              "protocol: subclass dlmtrt.runtime.policies.Policy for the defaults")
         return DecodePlan(spec, spec=spec.name)
     if spec is not None and not isinstance(spec, str):
-        raise UsageError(f"a policy is a string like 'decode:cache_steps=4+early', got {type(spec).__name__}")
+        raise PolicyError(f"a policy is a string like 'decode:cache_steps=4+early', got {type(spec).__name__}")
     spec = (spec or "none").strip()
     parts = [p.strip() for p in spec.split("+")]
     name, kwargs = _component(parts[0])
     if name not in CACHE_POLICIES:
         hint = " (parallel and early are modifiers: none+parallel)" if name in MODIFIERS else ""
-        raise UsageError(f"unknown cache policy '{name}'{hint}; available: {', '.join(CACHE_POLICIES)}")
+        raise PolicyError(f"unknown cache policy '{name}'{hint}; available: {', '.join(CACHE_POLICIES)}")
     if name == "dual":
         kwargs["dual"] = True
     plan = DecodePlan(_make(name, CACHE_POLICIES[name], kwargs), spec=spec)
     for part in parts[1:]:
         mod, kw = _component(part)
         if mod not in MODIFIERS:
-            raise UsageError(f"unknown modifier '{mod}' in policy '{spec}'; available: {', '.join(MODIFIERS)}")
+            raise PolicyError(f"unknown modifier '{mod}' in policy '{spec}'; available: {', '.join(MODIFIERS)}")
         if getattr(plan, mod) is not None:
-            raise UsageError(f"modifier '{mod}' appears twice in policy '{spec}'")
+            raise PolicyError(f"modifier '{mod}' appears twice in policy '{spec}'")
         setattr(plan, mod, _make(mod, MODIFIERS[mod], kw))
     return plan
 
@@ -487,7 +493,7 @@ def _component(text: str) -> tuple[str, dict]:
     for item in filter(None, (i.strip() for i in rest.split(","))):
         key, eq, val = item.partition("=")
         if not eq or not key.strip():
-            raise UsageError(f"policy option '{item}' must look like key=value")
+            raise PolicyError(f"policy option '{item}' must look like key=value")
         kwargs[key.strip().replace("-", "_")] = _value(val.strip())
     return name.strip(), kwargs
 
@@ -498,7 +504,7 @@ def _make(name: str, cls: type, kwargs: dict):
     unknown = sorted(set(kwargs) - set(allowed) - {"dual"})
     if unknown:
         takes = f"it takes {', '.join(allowed)}" if allowed else "it takes no options"
-        raise UsageError(f"'{name}' has no option {', '.join(unknown)}; {takes}")
+        raise PolicyError(f"'{name}' has no option {', '.join(unknown)}; {takes}")
     return cls(**kwargs)
 
 

@@ -182,7 +182,7 @@ class DreamRule:
             if bool((total % self.steps).any()):
                 raise UsageError(f"parallel decoding of Dream without blocks commits max_new_tokens / steps tokens "
                                  f"per step, so max_new_tokens ({int(total.max())}) must be a multiple of steps "
-                                 f"({self.steps}); pass --steps dividing it, or --block-length for block decoding")
+                                 f"({self.steps}); pass --steps dividing it, or --block-length for block decoding", field="steps")
             seq["rule.per_step"] = total // self.steps
             seq["rule.left"] = torch.zeros_like(total)
             seq["rule.steps"] = torch.full_like(total, self.steps)
@@ -282,7 +282,7 @@ class DreamBlockRule(Blockwise):
         self.steps_per_block = self.cursor.steps_per_block
         if self.parallel is None and self.steps_per_block < 2:
             raise UsageError(f"block decoding needs at least 2 steps per block (the first commits one token), "
-                             f"got {self.steps_per_block}: pass more steps or a longer block_length")
+                             f"got {self.steps_per_block}: pass more steps or a longer block_length", field="steps")
         self.timesteps = torch.linspace(1, p.eps, self.steps_per_block + 1)
 
     def num_steps(self, seq=None) -> int:
@@ -390,7 +390,7 @@ class LLaDARule(Blockwise):
     def __post_init__(self):
         p = self.p.validate()
         if self.order not in ("step", "block") or (self.order == "block" and p.remasking != "random"):
-            raise UsageError("order='block' applies to remasking='random' only")
+            raise UsageError("order='block' applies to remasking='random' only", field="remasking")
         self.remasking, self.temperature = p.remasking, p.temperature
         self.cursor = BlockCursor(self.prompt_length, p.gen_length, p.block_length, p.steps)
         self.steps_per_block = self.cursor.steps_per_block

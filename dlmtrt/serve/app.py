@@ -94,7 +94,7 @@ class Served:
             plan.check(fam, params.get("remasking"))
             check_step_budget(fam, params, plan.parallel is not None, explicit_steps=req.steps is not None)
         except DlmtrtError as e:
-            raise ApiError(400, str(e), param=_param_of(e, req)) from None
+            raise ApiError(400, str(e), param=_param_of(e)) from None
         new = self.fam.new_tokens(params)
         limit = self.config.max_tokens_limit
         if limit is not None and new > limit:
@@ -153,23 +153,13 @@ class Served:
         try:
             self.fam.check_rule(self.backend.info, params, prompt_length, plan)
         except DlmtrtError as e:
-            raise ApiError(400, str(e), param=_param_of(e, None)) from None
+            raise ApiError(400, str(e), param=_param_of(e)) from None
 
 
-def _param_of(e: Exception, req) -> str | None:
-    """The request field a runtime error is about, as the client spells it."""
-    message = str(e)
+def _param_of(e: Exception) -> str | None:
+    """The request field a runtime error is about, as the client spells it (the error's `field`)."""
     field = getattr(e, "field", None)
-    if field is not None:
-        return {"max_new_tokens": "max_tokens", "gen_length": "max_tokens"}.get(field, field)
-    if "polic" in message or "modifier" in message:
-        return "policy"
-    word = message.split(" ", 1)[0].strip("'\"(")
-    word = {"max_new_tokens": "max_tokens", "gen_length": "max_tokens"}.get(word, word)
-    for name in ("alg", "remasking"):
-        if message.startswith(f"unknown {name} "):
-            return name
-    return word if word in DiffusionFields.model_fields else None
+    return {"max_new_tokens": "max_tokens", "gen_length": "max_tokens"}.get(field, field)
 
 
 def _error(e: ApiError) -> JSONResponse:
