@@ -78,7 +78,8 @@ def _node_model(kind: AttentionKind, shapes: dict) -> onnx.ModelProto:
                             head_dim=shapes["q"][3], scale=1 / math.sqrt(shapes["q"][3]), mask_type=kind.mask_type,
                             block_size=kind.block)
     graph = helper.make_graph([node], "attn", inputs, [helper.make_tensor_value_info("o", TensorProto.FLOAT, None)])
-    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, VERSION)])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, VERSION)],
+                          ir_version=10)  # what ONNX Runtime 1.30 (the GPU machine's) still reads
     return with_reference(m)
 
 
