@@ -149,10 +149,10 @@ def test_a_generation_captures_a_few_shapes_and_holds_one_logits_buffer(pairs):
     L = keys[0][2]
     n_buckets = len(buckets_for(L))
     assert len(keys) <= 2 * n_buckets, keys
-    assert all(r is not None and r <= a and r in buckets_for(L) for _, a, _, r, _ in keys)
+    assert all(r is not None and r <= a and r in buckets_for(L) for _, a, _, r, _, _ in keys)
     ptrs = {st["logits"].data_ptr() for st in fast._static.entries.values()}
     assert ptrs == {fast._logits.data_ptr()}
-    R = max(r for *_, r, _ in keys)
+    R = max(k[3] for k in keys)
     assert fast._logits.numel() == len(PROMPTS) * R * fast.info.vocab_size
 
 

@@ -14,7 +14,7 @@ from ._common import (NONEMPTY_TEXT, NONNEGATIVE, POSITIVE_TOKENS, SEED, TEXT, c
 
 # The cache policies `--policy` takes (runtime.policies.CACHE_POLICIES; a test keeps the two equal, so that
 # --help needs no torch import).
-POLICY_NAMES = ("none", "decode", "greedy", "prefill", "pd", "block", "dual", "adaptive", "delayed")
+POLICY_NAMES = ("none", "append", "decode", "greedy", "prefill", "pd", "block", "dual", "adaptive", "delayed")
 POLICY_HELP = ("Cache policy and modifiers: " + " | ".join(POLICY_NAMES) + ", options as name:key=value,..., "
                "modifiers joined by '+': decode:cache_steps=4,shift=un+parallel:threshold=0.9+early.")
 

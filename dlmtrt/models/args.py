@@ -31,9 +31,17 @@ class ModelArgs:
     bos_token_id: int | None = None
     max_position_embeddings: int = 4096
     attention: str = "bidirectional"  # the attention kind's spec (models/attention_kinds.py): block_causal:4, ...
+    qk_norm: bool = False  # RMSNorm over head_dim on each query and key head before RoPE (Qwen3, SDAR)
+    stop_token_ids: tuple[int, ...] = ()  # ids that end an answer besides eos_token_id (SDAR: <|im_end|>)
 
     def __post_init__(self):
         AttentionKind.parse(self.attention)  # a bad kind fails where the args are made
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))  # from JSON metadata: a list
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Every id that ends an answer: eos_token_id, then the others."""
+        return (self.eos_token_id, *(i for i in self.stop_token_ids if i != self.eos_token_id))
 
     @property
     def attention_kind(self) -> AttentionKind:
@@ -52,7 +60,7 @@ class ModelArgs:
         h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         attn = h * q + 2 * h * kv + q * h + ((q + 2 * kv) if self.qkv_bias else 0)
-        layer = attn + 3 * h * i + 2 * h
+        layer = attn + 3 * h * i + 2 * h + (2 * self.head_dim if self.qk_norm else 0)
         head = 0 if self.tie_word_embeddings else v * h
         return v * h + self.num_layers * layer + h + head
 

@@ -78,6 +78,9 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(a.hidden_size, a.num_kv_heads * a.head_dim, bias=a.qkv_bias)
         self.o_proj = nn.Linear(a.num_heads * a.head_dim, a.hidden_size, bias=False)
         self.qkv_proj: nn.Linear | None = None  # set by `DiffusionLM.fuse_projections`
+        if a.qk_norm:
+            self.q_norm = RMSNorm(a.head_dim, a.rms_norm_eps)
+            self.k_norm = RMSNorm(a.head_dim, a.rms_norm_eps)
 
     def qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """q [B, H, A, D] and k, v [B, Hkv, A, D] of rows `x`, RoPE applied to q and k."""
@@ -87,14 +90,17 @@ class Attention(nn.Module):
             q, k, v = self.qkv_proj(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(B, A, H, D).transpose(1, 2)
-        k = k.view(B, A, Hkv, D).transpose(1, 2)
+        q, k = q.view(B, A, H, D), k.view(B, A, Hkv, D)
+        if self.a.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(B, A, Hkv, D).transpose(1, 2)
         return apply_rope(q, cos[:, None], sin[:, None]), apply_rope(k, cos[:, None], sin[:, None]), v
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, write_idx: Tensor, past_k: Tensor, past_v: Tensor,
                 valid: Tensor, q_pos: Tensor, k_pos: Tensor, inplace: bool = False, drift: bool = True,
-                rows: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+                rows: tuple[Tensor, Tensor] | None = None, kind: AttentionKind | None = None
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
         """`inplace` writes the fresh K/V into the past at `rows` (batch index [B, 1], positions [B, A]) by
         indexed assignment: torch.compile lowers that to stores fused into the kernel that produces K and V,
         whereas a `scatter_` into a graph input becomes a scatter into a fresh copy of the whole cache plus a
@@ -111,7 +117,7 @@ class Attention(nn.Module):
         else:
             present_k = past_k.scatter(2, write_idx, k.to(past_k.dtype))
             present_v = past_v.scatter(2, write_idx, v.to(past_v.dtype))
-        o = self.attend(q, present_k, present_v, valid, q_pos, k_pos, self.kind)
+        o = self.attend(q, present_k, present_v, valid, q_pos, k_pos, kind or self.kind)
         o = self.o_proj(o.transpose(1, 2).reshape(B, A, H * D))
         if not drift:
             return o, present_k, present_v, None, None
@@ -224,7 +230,7 @@ class DiffusionLM(nn.Module):
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, past_keys: list[Tensor], past_values: list[Tensor],
                 stable_mask: Tensor, attention_mask: Tensor, inplace: bool = False, logit_index: Tensor | None = None,
-                drift: bool = True):
+                drift: bool = True, attention: AttentionKind | None = None):
         """Returns (logits [B,A,V], present_keys, present_values, present_valid [B,L], kv_drift [B,A]).
 
         `inplace` writes the fresh K/V into `past_keys`/`past_values` themselves (the fast path's one cache
@@ -236,7 +242,9 @@ class DiffusionLM(nn.Module):
         unpadded sequence. `position_ids` are canvas slots: where the fresh K/V are written.
         `kv_drift` is ||K_new - K_past|| / ||K_past|| over all layers and heads, for active rows whose
         past was valid (`stable_mask` true at their slot); the fresh K/V always replace the past. With
-        `drift=False` it is not computed (zeros): only the adaptive policy reads it.
+        `drift=False` it is not computed (zeros): only the adaptive policy reads it. `attention` overrides the
+        model's attention kind for this call (a block-causal model generating with another block length than
+        it was trained with, as SDAR's generation allows).
         """
         a = self.args
         B, A = input_ids.shape
@@ -256,7 +264,7 @@ class DiffusionLM(nn.Module):
         present_keys, present_values = [], []
         for layer, pk, pv in zip(self.model.layers, past_keys, past_values):
             h, nk, nv, dki, k0i = layer.self_attn(layer.input_layernorm(x), cos, sin, write_idx, pk, pv, key_mask,
-                                                  rope_pos, k_pos, inplace, drift, rows)
+                                                  rope_pos, k_pos, inplace, drift, rows, attention)
             x = x + h
             x = x + layer.mlp(layer.post_attention_layernorm(x))
             present_keys.append(nk)

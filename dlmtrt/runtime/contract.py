@@ -29,6 +29,10 @@ class StepInputs:
     # needs (the output head then runs on R rows, not A), and whether kv_drift is read at all.
     logit_rows: Tensor | None = None
     need_drift: bool = True
+    # The attention kind of this step when it is not the model's own (models/attention_kinds.py spec): a
+    # block-causal model generating with another block length. Backends whose kind is fixed (an export, an
+    # engine) refuse a different one.
+    attention: str | None = None
 
 
 @dataclass
@@ -80,6 +84,18 @@ class StepBackend(Protocol):
 
     def step(self, inputs: StepInputs) -> StepOutputs:
         ...
+
+
+def fixed_attention(s: StepInputs, info: ModelInfo, what: str) -> None:
+    """A backend whose attention kind is fixed (`what`: an export, an engine) refuses a step that asks for
+    another one."""
+    if s.attention and s.attention != info.attention:
+        from dlmtrt.errors import UsageError
+        from dlmtrt.models.attention_kinds import AttentionKind
+        kind = AttentionKind.parse(info.attention)
+        raise UsageError(f"this {what} computes attention {info.attention}, the generation asks for {s.attention}: "
+                         f"generate with block_length {kind.block} (the model's), or run the checkpoint with a torch "
+                         "backend", field="block_length")
 
 
 # ---- the graph's names (Hugging Face / Optimum convention, so ONNX Runtime IO binding and Polygraphy

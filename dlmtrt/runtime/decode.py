@@ -62,6 +62,13 @@ class Rule(Protocol):
 
     remasking: str | None  # LLaDA's remasking (what Greedy needs), None for schedules without one
     exact_ties: bool  # a policy leaves needed rows uncomputed: break their -inf ties as upstream does
+    attention: str | None  # the attention kind of its steps when not the model's (SDAR's block length)
+
+    def start(self, seq: SequenceState) -> None: ...  # register its per-sequence state
+
+    def scope(self, i: int, seq: SequenceState) -> Tensor | None: ...  # rows it computes itself, or None
+
+    def running(self, mask_index: Tensor, seq: SequenceState) -> Tensor: ...  # [B] sequences still decoding
 
     def num_steps(self, seq: SequenceState) -> int: ...  # an upper bound; it may grow (parallel decoding)
 
@@ -175,6 +182,7 @@ class DecodeSession:
         self.finished = self.stats.new_tokens == 0
         self._seq_fwd = torch.zeros((), dtype=torch.long, device=dev)  # device-side counters, read at the end
         self._early = torch.zeros((), dtype=torch.long, device=dev)
+        rule.start(seq)
         self.prefix_store = prefix_store  # serves stored prompt prefixes, and takes the ones step 0 computes
         if prefix_store is not None:
             self.stats.prefix_rows = attach(self, prefix_store)
@@ -198,7 +206,7 @@ class DecodeSession:
         mask_index = x == mask_id
         needed = rule.needed(i, mask_index, seq)
         active, stable = self._plan_rows(i, needed)
-        running = mask_index.any(1)
+        running = rule.running(mask_index, seq)
         active = active & running[:, None]  # a finished sequence computes nothing (its rows stay valid)
         counts = active.sum(1)
         A = int(counts.max())  # the step's one read-back: the backend's shapes depend on it
@@ -231,7 +239,8 @@ class DecodeSession:
         L = needed.shape[1]
         state = DecodeState(i, rule.block_step(i), rows_of(needed, shift), rule.quota(i, needed, seq), seq["valid"],
                             seq["am"], seq["decoded_at"], seq["computed_at"], needed,
-                            rule.block(i) or (self.answer_start, L), shift, seq.get("rule.scores"), seq)
+                            rule.block(i) or (self.answer_start, L), shift, seq.get("rule.scores"), seq,
+                            rule.scope(i, seq))
         active, stable = self.plan.cache.plan(state)
         return active & ~seq["frozen"], stable | seq["frozen"]
 
@@ -247,7 +256,8 @@ class DecodeSession:
         selects = self.backend.selects_logit_rows
         out: StepOutputs = self.backend.step(StepInputs(
             x.gather(1, pos), pos, self.cache.keys, self.cache.values, known, am,
-            logit_rows=rows if selects else None, need_drift=self.plan.cache.observes_drift))
+            logit_rows=rows if selects else None, need_drift=self.plan.cache.observes_drift,
+            attention=self.rule.attention))
         self.cache.update(out.present_keys, out.present_values)
         B = seq.batch
         seq["valid"] = out.present_valid[:B]

@@ -17,6 +17,7 @@ from .decode import GenerationStats
 from .families import get as family
 from .families.dream import dream_generate  # noqa: F401  (the public API)
 from .families.llada import llada_generate  # noqa: F401
+from .families.sdar import sdar_generate  # noqa: F401
 from .policies import DecodePlan
 
 

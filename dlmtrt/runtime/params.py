@@ -100,13 +100,13 @@ def check_step_budget(family: str, params: dict, parallel: bool, explicit_steps:
     if not explicit_steps:
         return
     fam = get(family)
-    new, steps = fam.new_tokens(params), params["steps"]
+    steps, new, what = fam.budget(params)
     if parallel and fam.blockwise(params) and steps < new:
         raise UsageError(f"steps ({steps}) cannot bound +parallel in block decoding: Fast-dLLM's threshold rule "
                          f"decodes each block until it is done (up to one step per token, here {new}); leave "
                          "steps out, or drop +parallel for a fixed step budget", field="steps")
     if steps > new:
-        raise UsageError(f"steps ({steps}) exceeds the {new} new tokens: {fam.surplus_steps}; ask for at most "
+        raise UsageError(f"steps ({steps}) exceeds the {new} {what}: {fam.surplus_steps}; ask for at most "
                          f"{new} steps (one token per step)", field="steps")
 
 
@@ -115,8 +115,8 @@ def surplus_steps_note(family: str, params: dict) -> str | None:
     default is 512 steps for any length), or None."""
     from .families import get
     fam = get(family)
-    new = fam.new_tokens(params)
-    if params["steps"] <= new:
+    steps, new, what = fam.budget(params)
+    if steps <= new:
         return None
-    return (f"{params['steps']} steps (the {family} default) for {new} new tokens: {fam.surplus_steps}; pass "
+    return (f"{steps} steps (the {family} default) for {new} {what}: {fam.surplus_steps}; pass "
             f"--steps {new} for one token per step")

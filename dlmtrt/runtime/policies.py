@@ -50,7 +50,8 @@ class DecodeState:
     block: tuple[int, int]  # [start, end) canvas positions of the rule's current block
     shift: bool  # Dream's logits shift: row p-1 predicts position p
     order: Tensor | None = None  # scores the rule commits by, when it drew them ahead (LLaDA random, order='block')
-    memory: dict = field(default_factory=dict)  # per-generation state of the policy, kept across steps
+    memory: dict = field(default_factory=dict)  # per-sequence state (the session's SequenceState), kept across steps
+    scope: Tensor | None = None  # rows the rule's schedule computes itself (block-causal families), else None
 
 
 class CachePolicy(Protocol):
@@ -105,6 +106,27 @@ def _exact(s: DecodeState, stable: Tensor) -> tuple[Tensor, Tensor]:
     whose row stayed cached, as upstream does)."""
     stable = stable & s.valid
     return ~stable, stable
+
+
+@dataclass
+class AppendCache(Policy):
+    """The block-causal families' cache (SDAR, the authors' DynamicCache): each step computes the rows the
+    schedule names (the prompt's whole blocks once, then the current block) and reads every earlier row from
+    the cache; a committed block is stored once, from its final tokens, and never recomputed. Exact: under
+    block-causal attention no row attends a later block."""
+
+    name: str = field(default="append", init=False)
+
+    def plan(self, s: DecodeState) -> tuple[Tensor, Tensor]:
+        if s.scope is None:
+            raise PolicyError("append: this schedule names no rows of its own; the policy is for block-causal "
+                              "families (SDAR)")
+        return s.scope, s.valid & ~s.scope
+
+    def requires(self, family, remasking: str | None, parallel: float | None) -> None:
+        if not family.block_causal:
+            raise PolicyError(f"append: an append-only cache is exact only for block-causal families; {family.title} "
+                              "attends bidirectionally (use decode, block or dual)")
 
 
 @dataclass
@@ -421,7 +443,7 @@ class EarlyCommit:
         return g[(progress >= 1 / 3).long() + (progress >= 2 / 3).long()]
 
 
-CACHE_POLICIES: dict[str, type] = {"none": NoCache, "decode": DKVDecode, "greedy": DKVGreedy,
+CACHE_POLICIES: dict[str, type] = {"none": NoCache, "append": AppendCache, "decode": DKVDecode, "greedy": DKVGreedy,
                                    "prefill": DKVPrefill, "pd": DKVPD, "block": BlockCache, "dual": BlockCache,
                                    "adaptive": AdaptiveCache, "delayed": DelayedCache}
 MODIFIERS: dict[str, type] = {"parallel": Parallel, "early": EarlyCommit}
@@ -442,6 +464,13 @@ class DecodePlan:
         if isinstance(family, str):
             from .families import get
             family = get(family)
+        if family.block_causal and self.cache.name not in ("none", "append"):
+            raise PolicyError(f"{self.cache.name}: {family.title} is block-causal, so its cache is exact already: use "
+                              "append (its default) or none")
+        for mod in ("parallel", "early"):
+            if getattr(self, mod) is not None and mod not in family.modifiers:
+                raise PolicyError(f"+{mod} is not defined for {family.title} (its own remasking strategies decide how "
+                                  "many tokens a step commits)")
         self.cache.requires(family, remasking, self.parallel.threshold if self.parallel is not None else None)
 
     def rule_options(self, blockwise: bool = False) -> dict:

@@ -60,7 +60,28 @@ class BlockCursor:
         return i - self.start
 
 
-class Blockwise:
+class Schedule:
+    """The defaults of the decode loop's `Rule` protocol (runtime/decode.py) that most rules share: they keep
+    no per-sequence state beyond what they register lazily, let the cache policy choose the rows, run while a
+    sequence has masks, use the model's own attention kind and have no remasking option."""
+
+    remasking = None
+    attention: str | None = None  # the attention kind of its steps when not the model's
+
+    def start(self, seq) -> None:
+        """Register the per-sequence state the rule needs from the first step on (runtime/state.py)."""
+
+    def scope(self, i: int, seq) -> Tensor | None:
+        """[B, L] rows the schedule itself computes at step i (block-causal families), or None: the cache
+        policy decides."""
+        return None
+
+    def running(self, mask_index: Tensor, seq) -> Tensor:
+        """[B] sequences that still decode."""
+        return mask_index.any(1)
+
+
+class Blockwise(Schedule):
     """What a block-wise rule answers from its `cursor` (and `parallel`, `steps_per_block`)."""
 
     cursor: BlockCursor
@@ -78,7 +99,7 @@ class Blockwise:
 
 
 @dataclass
-class DreamRule:
+class DreamRule(Schedule):
     """Dream's `diffusion_generate` (its generation_utils `_sample`): a linear timestep schedule from 1 to
     `eps`; at step i a fraction 1 - s/t of the masked tokens is committed (the most confident by `alg`;
     `origin` commits each masked token with that probability), everything left at the last step.
@@ -93,7 +114,6 @@ class DreamRule:
     mask_token_id: int
     p: object  # the family's validated parameters (runtime/families/dream.py DreamParams)
     parallel: float | None = None  # confidence threshold, or None
-    remasking = None  # Dream's schedules have no remasking option
     exact_ties: bool = False  # a policy leaves needed rows uncomputed: break -inf ties as upstream (DecodePlan)
 
     def __post_init__(self):
@@ -269,7 +289,6 @@ class DreamBlockRule(Blockwise):
     p: object  # the family's validated parameters (runtime/families/dream.py DreamParams)
     prompt_length: int
     parallel: float | None = None
-    remasking = None
     exact_ties: bool = False
     lockstep: bool = False
 

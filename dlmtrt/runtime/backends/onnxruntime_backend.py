@@ -15,7 +15,7 @@ from dlmtrt.dtypes import DTYPES
 from dlmtrt.errors import UsageError
 
 from ..artifacts import ArtifactError, onnx_metadata, read_metadata
-from ..contract import named_inputs
+from ..contract import fixed_attention, named_inputs
 from . import Backend
 from dlmtrt.models.args import ModelArgs
 
@@ -110,6 +110,7 @@ class OnnxRuntimeBackend(Backend):
         (io.bind_output if output else io.bind_input)(*args)
 
     def step(self, s: StepInputs) -> StepOutputs:
+        fixed_attention(s, self.info, "export")
         a = self.args
         B, A = s.input_ids.shape
         L = s.stable_mask.shape[1]

@@ -24,7 +24,7 @@ from dlmtrt.models.args import ModelArgs
 
 from ..artifacts import read_manifest
 from ..buckets import StaticSteps, bucket, pad_rows
-from ..contract import ModelInfo, StepInputs, StepOutputs, input_names, output_names
+from ..contract import ModelInfo, StepInputs, StepOutputs, fixed_attention, input_names, output_names
 from . import Backend
 
 NO_RTX_ON = {(9, 0): "Hopper (H100/H200)", (10, 0): "Blackwell datacenter (B200)"}
@@ -176,6 +176,7 @@ class TensorRTBackend(Backend):
     def step(self, s: StepInputs) -> StepOutputs:
         """The active rows are padded to their row bucket (runtime/buckets.py: the last row repeated, which
         rewrites the same slot), so a generation runs a few shapes, each with its static buffers and graph."""
+        fixed_attention(s, self.info, "engine")
         B, A = s.input_ids.shape
         L = s.stable_mask.shape[1]
         out_set = self._present_set(s.past_keys)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from dlmtrt.models.attention_kinds import AttentionKind
 from dlmtrt.models.transformer import DiffusionLM
 
 from ..contract import ModelInfo, StepInputs, StepOutputs
@@ -25,8 +26,9 @@ class TorchBackend(CheckpointBackend):
 
     @torch.inference_mode()
     def step(self, s: StepInputs) -> StepOutputs:
+        kind = AttentionKind.parse(s.attention) if s.attention else None
         logits, pk, pv, valid, drift = self.model(s.input_ids, s.position_ids, s.past_keys, s.past_values,
-                                                  s.stable_mask, s.attention_mask)
+                                                  s.stable_mask, s.attention_mask, attention=kind)
         return StepOutputs(logits, pk, pv, valid, drift)
 
 

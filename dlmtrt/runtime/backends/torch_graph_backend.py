@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dlmtrt.errors import UsageError
-from dlmtrt.models.attention_kinds import sdpa_mask
+from dlmtrt.models.attention_kinds import AttentionKind, sdpa_mask
 from dlmtrt.models.transformer import DiffusionLM
 
 from ..buckets import StaticSteps, bucket, pad_rows
@@ -123,25 +123,25 @@ class TorchGraphBackend(CheckpointBackend):
     def _bucket(self, active: int, length: int) -> int:
         return bucket(active, length, self.smallest)
 
-    def _eager(self, ids, pos, keys, values, stable, am, rows, drift: bool):
+    def _eager(self, ids, pos, keys, values, stable, am, rows, drift: bool, kind):
         logits, _, _, valid, kv_drift = self.model(ids, pos, keys, values, stable, am, inplace=True,
-                                                   logit_index=rows, drift=drift)
+                                                   logit_index=rows, drift=drift, attention=kind)
         return logits, valid, kv_drift
 
     def _forward(self, st: dict) -> None:
         logits, st["valid"], st["drift"] = self._fn(st["ids"], st["pos"], st["keys"], st["values"], st["stable"],
-                                                    st["am"], st["rows"], st["need_drift"])
+                                                    st["am"], st["rows"], st["need_drift"], st["kind"])
         st["logits"].copy_(logits)
 
     def _make_static(self, key: tuple) -> dict:
-        B, A, L, R, drift = key
+        B, A, L, R, drift, attention = key
         dev = self.info.device
         a = self.model.args
         logits = self._logits_view(B, A if R is None else R)
         st = {"logits": logits, "ids": torch.zeros(B, A, dtype=torch.long, device=dev),
               "pos": torch.arange(A, device=dev).expand(B, A).contiguous(),
               "rows": None if R is None else torch.zeros(B, R, dtype=torch.long, device=dev),
-              "need_drift": drift,
+              "need_drift": drift, "kind": AttentionKind.parse(attention) if attention else None,
               "stable": torch.zeros(B, L, dtype=torch.bool, device=dev),
               "am": torch.ones(B, L, dtype=torch.bool, device=dev),
               "keys": [self.kv[i, 0] for i in range(a.num_layers)],
@@ -174,7 +174,7 @@ class TorchGraphBackend(CheckpointBackend):
         rows = s.logit_rows
         R = None if rows is None else rows.shape[1]
         r_bucket = None if rows is None else min(self._bucket(R, L), rows_bucket)
-        st = self._static.get((B, rows_bucket, L, r_bucket, s.need_drift))
+        st = self._static.get((B, rows_bucket, L, r_bucket, s.need_drift, s.attention))
         st["ids"].copy_(pad_rows(s.input_ids, rows_bucket))
         st["pos"].copy_(pad_rows(s.position_ids, rows_bucket))
         st["stable"].copy_(s.stable_mask)

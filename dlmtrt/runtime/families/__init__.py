@@ -39,6 +39,9 @@ class Family:
     published_policies: ClassVar[frozenset[str]] = frozenset()  # cache policies whose authors' code covers it
     logits_shift: ClassVar[bool] = False  # row p's logits predict token p + 1 (Dream)
     blockwise_schedule: ClassVar[bool] = False  # its own schedule decodes in blocks (LLaDA), not only on request
+    block_causal: ClassVar[bool] = False  # block-causal attention: committed blocks' K/V are exact (SDAR)
+    default_policy: ClassVar[str] = "none"  # the cache policy when none is asked for
+    modifiers: ClassVar[frozenset[str]] = frozenset({"parallel", "early"})  # policy modifiers defined for it
     surplus_steps: ClassVar[str] = "steps beyond one per token commit nothing"  # what extra steps do
 
     # ---- parameters --------------------------------------------------------------------------------------
@@ -79,6 +82,11 @@ class Family:
 
     def new_tokens(self, params: dict) -> int:
         return params[self.own("max_new_tokens")]
+
+    def budget(self, params: dict) -> tuple[int, int, str]:
+        """(steps, the tokens they decode, what those are): more steps than tokens buy nothing
+        (`check_step_budget`)."""
+        return params[self.own("steps")], self.new_tokens(params), "new tokens"
 
     def blockwise(self, params: dict) -> bool:
         """Whether `params` decode the answer in blocks."""
@@ -147,11 +155,11 @@ def canvas(ids: "Tensor", attention_mask: "Tensor | None", new: int, mask_id: in
     return x, am
 
 
-def read_config(checkpoint_dir: str | Path | None) -> dict:
-    """A checkpoint's config.json, {} when there is none."""
-    if checkpoint_dir is None or not (Path(checkpoint_dir) / "config.json").exists():
+def read_config(checkpoint_dir: str | Path | None, name: str = "config.json") -> dict:
+    """A checkpoint's config.json (or another of its JSON files), {} when there is none."""
+    if checkpoint_dir is None or not (Path(checkpoint_dir) / name).exists():
         return {}
-    return json.loads((Path(checkpoint_dir) / "config.json").read_text())
+    return json.loads((Path(checkpoint_dir) / name).read_text())
 
 
 FAMILIES: dict[str, Family] = {}
