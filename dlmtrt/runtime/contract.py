@@ -60,6 +60,7 @@ class ModelInfo:
     dtype: torch.dtype
     device: torch.device
     attention: str = "bidirectional"  # the attention kind's spec (models/attention_kinds.py)
+    stop_ids: tuple[int, ...] = ()  # every id that ends an answer, eos first (ModelArgs.stop_ids)
 
     @classmethod
     def of(cls, a: ModelArgs, dtype: torch.dtype, device: torch.device) -> "ModelInfo":
@@ -67,7 +68,7 @@ class ModelInfo:
         return cls(family=a.family, num_layers=a.num_layers, num_kv_heads=a.num_kv_heads, head_dim=a.head_dim,
                    vocab_size=a.vocab_size, mask_token_id=a.mask_token_id, eos_token_id=a.eos_token_id,
                    pad_token_id=a.pad_token_id, logits_shift=a.logits_shift, dtype=dtype, device=torch.device(device),
-                   attention=a.attention)
+                   attention=a.attention, stop_ids=a.stop_ids)
 
 
 class StepBackend(Protocol):

@@ -55,12 +55,17 @@ def generate_text(backend: StepBackend, tokenizer, prompts: list[str], *, chat: 
     x, stats = fam.generate(backend, ids, am, policy=policy, on_step=on_step, max_positions=max_positions,
                             prefix_store=prefix_store, **params)
     P = ids.shape[1]
-    return Generation([decode_answer(tokenizer, row[P:], backend.info.eos_token_id) for row in x], x, P, stats)
+    stops = backend.info.stop_ids or (backend.info.eos_token_id,)
+    return Generation([decode_answer(tokenizer, row[P:], stops) for row in x], x, P, stats)
 
 
-def decode_answer(tokenizer, tokens: Tensor, eos_token_id: int) -> str:
-    """Text of the generated tokens up to (not including) the first EOS, special tokens skipped."""
+def answer_end(tokens: list[int], stop_ids) -> int:
+    """Where an answer ends: at its first stop id (EOS, and the family's others), else its length."""
+    stops = {stop_ids} if isinstance(stop_ids, int) else set(stop_ids)
+    return next((k for k, t in enumerate(tokens) if t in stops), len(tokens))
+
+
+def decode_answer(tokenizer, tokens: Tensor, stop_ids) -> str:
+    """Text of the generated tokens up to (not including) the first stop id, special tokens skipped."""
     t = tokens.tolist()
-    if eos_token_id in t:
-        t = t[: t.index(eos_token_id)]
-    return tokenizer.decode(t, skip_special_tokens=True)
+    return tokenizer.decode(t[:answer_end(t, stop_ids)], skip_special_tokens=True)

@@ -36,6 +36,7 @@ from dlmtrt.runtime.backends import shares_cache
 from dlmtrt.runtime.buckets import bucket
 from dlmtrt.runtime.decode import DecodeSession
 from dlmtrt.runtime.families import get as family
+from dlmtrt.runtime.generate import answer_end
 from dlmtrt.runtime.policies import DecodePlan
 
 log = logging.getLogger("dlmtrt.serve")
@@ -348,19 +349,21 @@ class Scheduler:
     def _publish(self, cohort: Cohort, live: list[int], final: bool) -> None:
         """After a step: stream the newly committed prefixes, answer the rows whose answer is final."""
         s, P = cohort.session, cohort.prompt_length
-        mask_id, eos_id = self.info.mask_token_id, self.info.eos_token_id
+        mask_id = self.info.mask_token_id
+        stops = self.info.stop_ids or (self.info.eos_token_id,)
         answers = s.x[live, P:].tolist()
         for r, toks in zip(live, answers):
             job = cohort.jobs[r]
             first_mask = toks.index(mask_id) if mask_id in toks else len(toks)
-            first_eos = toks.index(eos_id) if eos_id in toks[:first_mask] else None
+            first_eos = answer_end(toks[:first_mask], stops)
+            first_eos = first_eos if first_eos < first_mask else None
             done = final or first_eos is not None or first_mask == len(toks)
             if job.canvas:
                 prompt = job.ids
                 job.post("canvas", {"index": job.index, "step": s.i, "prompt_tokens": len(prompt),
                                     "canvas": prompt + [None if t == mask_id else t for t in toks]})
             if done:
-                end = toks.index(eos_id) if eos_id in toks else len(toks)  # as runtime.generate.decode_answer
+                end = answer_end(toks, stops)  # as runtime.generate.decode_answer
                 text = self._decode(toks[:end])
                 if job.stream and text.startswith(job.emitted) and len(text) > len(job.emitted):
                     job.post("delta", text[len(job.emitted):])
@@ -368,7 +371,7 @@ class Scheduler:
                 now = time.perf_counter()
                 st = s.stats
                 job.post("done", {
-                    "text": text, "finish_reason": "stop" if eos_id in toks else "length",
+                    "text": text, "finish_reason": "stop" if end < len(toks) else "length",
                     "completion_tokens": end, "prompt_tokens": len(job.ids),
                     "dlmtrt": {"cohort_batch": len(cohort.jobs), "cohort_steps": st.steps,
                                "answered_at_step": s.i, "rows_computed": st.rows_computed,
