@@ -31,11 +31,13 @@ from ._common import POSITIVE_TOKENS, SEED, TEXT, check_device, console, friendl
               help="Sequences generated together (the same prompt length each).")
 @click.option("--prompt", "prompt_len", type=POSITIVE_TOKENS, default=512, show_default=True, help="Prompt tokens.")
 @click.option("--answer", type=POSITIVE_TOKENS, default=256, show_default=True, help="New tokens.")
-@click.option("--steps", type=POSITIVE_TOKENS, default=None, help="Denoising steps [default: --answer].")
+@click.option("--steps", type=POSITIVE_TOKENS, default=None,
+              help="Denoising steps (SDAR: per block) [default: one token per step].")
 @click.option("--block-length", type=POSITIVE_TOKENS, default=32, show_default=True,
               help="Block of block/dual (Fast-dLLM's block decoding for Dream) and of LLaDA.")
-@click.option("--policy", "policies", multiple=True, default=["none", "decode", "dual"], show_default=True,
-              metavar="SPEC", type=TEXT, help="Policy spec, repeatable (as `generate --policy`).")
+@click.option("--policy", "policies", multiple=True, metavar="SPEC", type=TEXT,
+              help="Policy spec, repeatable (as `generate --policy`) [default: none, decode, dual; block-causal "
+                   "families: none, append].")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the random weights and prompts.")
 @click.option("--quant", type=click.Choice(QUANT_FORMATS), default=None,
               help="Quantise the random model first (as `dlmtrt calibrate` does; fp8 runs our few-row kernel for "

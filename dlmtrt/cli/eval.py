@@ -17,8 +17,9 @@ from ._common import (MAX_PROBLEMS, POSITIVE_TOKENS, SEED, TEXT, check_device, c
 @click.option("--task", "tasks", multiple=True, required=True, type=TEXT,
               help="sudoku4, countdown or shift128, optionally with difficulty: sudoku4:clues=8-12, countdown:numbers=3.")
 @click.option("--n", type=positive(MAX_PROBLEMS), default=50, show_default=True, help="Problems per task (the same for every policy).")
-@click.option("--policy", "policies", multiple=True, default=["none"], show_default=True, type=TEXT, metavar="SPEC",
-              help="Policy spec, repeatable (see generate --help): none, decode, greedy:window=2, dual+parallel, ...")
+@click.option("--policy", "policies", multiple=True, type=TEXT, metavar="SPEC",
+              help="Policy spec, repeatable (see generate --help): none, decode, greedy:window=2, dual+parallel, ... "
+                   "[default: the family's: none; SDAR append].")
 @click.option("--steps", type=POSITIVE_TOKENS, default=None, help="Denoising steps [default: the answer length].")
 @click.option("--blocks", type=positive(1000), default=None,
               help="Decode each task's answer in this many blocks: LLaDA's semi-autoregressive blocks [default: 1]; "
@@ -26,8 +27,8 @@ from ._common import (MAX_PROBLEMS, POSITIVE_TOKENS, SEED, TEXT, check_device, c
 @click.option("--block-length", type=POSITIVE_TOKENS, default=None,
               help="Instead of --blocks: blocks of this many tokens, as `generate --block-length` (each task's "
                    "answer is rounded up to whole blocks).")
-@click.option("--remasking", type=click.Choice(["low_confidence", "random"]), default=None,
-              help="LLaDA: which predictions to commit [default: low_confidence].")
+@click.option("--remasking", type=TEXT, default=None, metavar="NAME",
+              help="LLaDA: low_confidence | random [default: low_confidence]; SDAR: low_confidence_static (default: one token per step) | low_confidence_dynamic | sequential.")
 @click.option("--batch-size", type=positive(MAX_PROBLEMS), default=64, show_default=True,
               help="Problems decoded together in one batch (left-padded).")
 @click.option("--seed", type=SEED, default=1234, show_default=True, help="Seed of the problem generator.")
@@ -48,6 +49,7 @@ def eval_cmd(model, tasks, n, policies, steps, blocks, block_length, remasking, 
     from dlmtrt.runtime.backends import describe_model, make_backend
     from dlmtrt.errors import UsageError
     from dlmtrt.paths import check_output_file
+    from dlmtrt.runtime.families import get as get_family
     from dlmtrt.runtime.params import check_step_budget, greedy_params
     from dlmtrt.runtime.policies import parse_policy
 
@@ -63,6 +65,9 @@ def eval_cmd(model, tasks, n, policies, steps, blocks, block_length, remasking, 
         answer_tokens[spec] = task_.answer_tokens
     plans = [parse_policy(p) for p in policies]
     src = describe_model(backend, model)
+    if not policies:  # the family's default policy
+        policies = (get_family(src.family).default_policy,)
+        plans = [parse_policy(policies[0])]
     refuse_other_families(src.family, {"remasking": remasking} if remasking is not None else {})
     for plan in plans:
         plan.check(src.family, remasking or "low_confidence")

@@ -27,24 +27,34 @@ POLICY_HELP = ("Cache policy and modifiers: " + " | ".join(POLICY_NAMES) + ", op
               help="UTF-8 text file of prompts, one per line (a literal \\n is a newline); after any --prompt.")
 @click.option("--chat/--no-chat", default=False, help="Wrap each prompt in the model's chat template.")
 @click.option("--max-new-tokens", "-n", type=POSITIVE_TOKENS, default=None,
-              help="Tokens to generate (LLaDA: gen_length) [default: the family's, Dream 20, LLaDA 128].")
-@click.option("--steps", "-s", type=POSITIVE_TOKENS, default=None, help="Denoising steps [default: the family's, Dream 512, LLaDA 128].")
+              help="Tokens to generate (LLaDA, SDAR: gen_length) [default: the family's, Dream 20, LLaDA 128, SDAR 128].")
+@click.option("--steps", "-s", type=POSITIVE_TOKENS, default=None,
+              help="Denoising steps (SDAR: per block, denoising_steps) [default: the family's, Dream 512, LLaDA 128, "
+                   "SDAR its block size].")
 @click.option("--temperature", "-t", type=NONNEGATIVE, default=None,
-              help="Sampling temperature; 0 is greedy [default: the family's, Dream 1.0 (as upstream), LLaDA 0].")
+              help="Sampling temperature; 0 is greedy (SDAR: use --top-k 1) [default: the family's, Dream 1.0 (as "
+                   "upstream), LLaDA 0, SDAR its generation_config's].")
 @click.option("--alg", type=click.Choice(["origin", "maskgit_plus", "topk_margin", "entropy"]), default=None,
               help="Dream: unmasking order [default: origin, as upstream].")
 @click.option("--alg-temp", type=NONNEGATIVE, default=None, help="Dream: temperature of the confidence-based order.")
 @click.option("--eps", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None, help="Dream: final timestep of the schedule [default: 1e-3].")
-@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None, help="Dream: nucleus sampling threshold [default: off].")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Dream, SDAR: nucleus sampling threshold [default: Dream off; SDAR its generation_config's].")
 @click.option("--top-k", type=click.IntRange(min=0), default=None,
-              help="Dream: keep the k largest logits before confidences [default: 50, as upstream; 0 turns it off].")
+              help="Dream, SDAR: keep the k largest logits; 0 turns it off [default: Dream 50, as upstream; SDAR its "
+                   "generation_config's]. SDAR's greedy decoding is --top-k 1.")
 @click.option("--block-length", type=POSITIVE_TOKENS, default=None,
               help="LLaDA: semi-autoregressive block [default: 128, or the whole answer when shorter]. Dream: "
-                   "Fast-dLLM's block decoding with this block length [default: off, Dream's own schedule].")
-@click.option("--remasking", type=click.Choice(["low_confidence", "random"]), default=None,
-              help="LLaDA: which predictions to commit [default: low_confidence].")
+                   "Fast-dLLM's block decoding with this block length [default: off, Dream's own schedule]. SDAR: "
+                   "its diffusion block [default: the model's block_size].")
+@click.option("--remasking", type=TEXT, default=None, metavar="NAME",
+              help="Which predictions to commit. LLaDA: low_confidence | random [default: low_confidence]; SDAR: "
+                   "low_confidence_static | low_confidence_dynamic | sequential [default: low_confidence_dynamic].")
+@click.option("--confidence-threshold", type=NONNEGATIVE, default=None,
+              help="SDAR: low_confidence_dynamic commits every token above it [default: 0.85].")
 @click.option("--cfg-scale", type=NONNEGATIVE, default=None, help="LLaDA: classifier-free guidance scale [default: 0].")
-@click.option("--policy", type=TEXT, default="none", show_default=True, metavar="SPEC", help=POLICY_HELP)
+@click.option("--policy", type=TEXT, default=None, metavar="SPEC",
+              help=POLICY_HELP + " [default: the family's: none; SDAR append, its exact cache].")
 @click.option("--backend", type=click.Choice(BACKENDS), default="torch",
               show_default=True,
               help="torch / torch-graph run a checkpoint; onnxruntime runs an export directory (dlmtrt export); "
@@ -57,7 +67,7 @@ POLICY_HELP = ("Cache policy and modifiers: " + " | ".join(POLICY_NAMES) + ", op
 @click.option("--json", "as_json", is_flag=True, help="Print answers and statistics as JSON on stdout.")
 @friendly_errors
 def generate(model, prompts, prompt_file, chat, max_new_tokens, steps, temperature, alg, alg_temp, eps, top_p, top_k,
-             block_length, remasking, cfg_scale, policy, backend, device, dtype, seed, as_json):
+             block_length, remasking, confidence_threshold, cfg_scale, policy, backend, device, dtype, seed, as_json):
     """Generate answers for one or more prompts and print the statistics of the run.
 
     Unset parameters take the family's upstream defaults (Dream's diffusion_generate, LLaDA's generate)."""
@@ -75,11 +85,13 @@ def generate(model, prompts, prompt_file, chat, max_new_tokens, steps, temperatu
     prompts = list(prompts) + (read_prompt_file(prompt_file) if prompt_file is not None else [])
     if not prompts:
         raise click.UsageError("no prompt: pass --prompt TEXT (repeatable) or --prompt-file FILE")
-    plan = parse_policy(policy)
+    if policy is not None:
+        parse_policy(policy)  # a misspelt policy is one line before the model is even looked at
     ck = describe_model(backend, model)
+    plan = parse_policy(policy or family(ck.family).default_policy)
     explicit = dict(max_new_tokens=max_new_tokens, steps=steps, temperature=temperature, alg=alg, alg_temp=alg_temp,
                     eps=eps, top_p=top_p, top_k=top_k, block_length=block_length, remasking=remasking,
-                    cfg_scale=cfg_scale)
+                    confidence_threshold=confidence_threshold, cfg_scale=cfg_scale)
     explicit = {k: v for k, v in explicit.items() if v is not None}
     refuse_other_families(ck.family, explicit)
     params = family_params(ck.family, ck.path, **explicit)
@@ -101,9 +113,9 @@ def generate(model, prompts, prompt_file, chat, max_new_tokens, steps, temperatu
     be, tok, ck = make_backend(backend, model, dtype=dtype, device=device)
     load_s = time.perf_counter() - t0
     with progress() as prog:
-        task = prog.add_task("denoising", total=params["steps"])
+        task = prog.add_task("denoising", total=None)  # the schedule says its bound with every step
         res = generate_text(be, tok, prompts, chat=chat, max_positions=ck.args.max_position_embeddings,
-                            policy=plan, on_step=lambda i, n: prog.update(task, completed=i), **params)
+                            policy=plan, on_step=lambda i, n: prog.update(task, completed=i, total=n), **params)
         prog.update(task, completed=res.stats.steps, total=res.stats.steps)
     s = res.stats
     if as_json:

@@ -24,8 +24,9 @@ def _engine_options(fn):
 
 def _options(fn):
     for opt in reversed([
-        click.option("--policy", default="none", show_default=True, metavar="SPEC", type=TEXT,
-                     help="Default cache policy of requests that name none (as `dlmtrt generate --policy`)."),
+        click.option("--policy", default=None, metavar="SPEC", type=TEXT,
+                     help="Default cache policy of requests that name none (as `dlmtrt generate --policy`) [default: "
+                          "the family's: none; SDAR append, its exact cache]."),
         click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on."),
         click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
                      help="Port (0 = any free port; the URL is printed)."),
@@ -39,10 +40,11 @@ def _options(fn):
                      help="Largest max_tokens a request may ask for [default: the model's positions - 1]."),
         click.option("--max-steps-limit", type=positive(), default=1024, show_default=True,
                      help="Largest steps a request may ask for (its default included: Dream's is 512)."),
-        click.option("--prefix-cache-mb", type=click.IntRange(0, 1 << 20), default=0, show_default=True,
-                     help="Cross-request prefix K/V reuse: MiB of prompt-prefix K/V kept on the device (0 = off). "
-                          "Exact only for identical prompts; an approximation for different continuations on "
-                          "bidirectional models (README: 'Cross-request prefix K/V reuse')."),
+        click.option("--prefix-cache-mb", type=click.IntRange(0, 1 << 20), default=None,
+                     help="Cross-request prefix K/V reuse: MiB of prompt-prefix K/V kept on the device (0 = off) "
+                          f"[default: {BLOCK_CAUSAL_PREFIX_MB} for block-causal families (SDAR), where a shared "
+                          "prefix's whole blocks are exact; 0 for bidirectional ones, where reuse is an approximation: "
+                          "docs/serving.md]."),
         click.option("--served-model-name", default=None, type=TEXT, help="Model id in the API [default: the --model/--engine "
                                                                "value]."),
         click.option("--threads", type=positive(1024), default=None,
@@ -52,6 +54,17 @@ def _options(fn):
     ]):
         fn = opt(fn)
     return fn
+
+
+BLOCK_CAUSAL_PREFIX_MB = 256
+
+
+def prefix_cache_bytes(mb: int | None, family: str) -> int:
+    """--prefix-cache-mb, or its default: on for block-causal families (exact there), off for the others."""
+    if mb is not None:
+        return mb << 20
+    from dlmtrt.runtime.families import get
+    return (BLOCK_CAUSAL_PREFIX_MB << 20) if get(family).block_causal else 0
 
 
 def run_server(model, backend, device, dtype, policy, host, port, max_batch, max_cohorts, max_queue, max_tokens_limit,
@@ -70,7 +83,8 @@ def run_server(model, backend, device, dtype, policy, host, port, max_batch, max
     if device is None:
         device = "cuda" if backend == "tensorrt" else "cpu"
     src = describe_model(backend, model)  # a missing model is one line, before anything binds or loads
-    parse_policy(policy)
+    if policy is not None:
+        parse_policy(policy)
     if max_tokens_limit is not None and max_tokens_limit >= src.args.max_position_embeddings:
         raise click.BadParameter(f"{max_tokens_limit} does not fit the model's {src.args.max_position_embeddings} "
                                  "positions with any prompt", param_hint="--max-tokens-limit")
@@ -82,7 +96,7 @@ def run_server(model, backend, device, dtype, policy, host, port, max_batch, max
     be, tok, src = make_backend(backend, model, dtype=dtype, device=device)
     cfg = ServeConfig(model_id=served_model_name or model, policy=policy, max_batch=max_batch, max_queue=max_queue,
                       max_cohorts=max_cohorts, max_tokens_limit=max_tokens_limit, max_steps_limit=max_steps_limit,
-                      threads=threads, prefix_cache_bytes=prefix_cache_mb << 20)
+                      threads=threads, prefix_cache_bytes=prefix_cache_bytes(prefix_cache_mb, src.family))
     served = Served(be, tok, src, cfg)
     load_s = time.perf_counter() - t0
 

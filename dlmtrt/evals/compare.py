@@ -20,7 +20,7 @@ import numpy as np
 from dlmtrt.errors import DlmtrtError, UsageError
 from dlmtrt.runtime.contract import input_names, output_kind, output_names
 
-from .trajectory import DEFAULT_POLICIES, DEFAULT_STEPS_PER_POLICY
+from .trajectory import DEFAULT_POLICIES, DEFAULT_STEPS_PER_POLICY, default_policies
 
 OUTPUT_KINDS = ("logits", "present", "present_valid", "kv_drift")
 # export dtype -> output kind -> (rtol, atol), Polygraphy's element-wise check: an element fails only when it
@@ -312,8 +312,8 @@ def _check_options(model: str, policies, save_inputs: Path | None, save_outputs:
     for path, what in ((save_inputs, "--save-inputs"), (save_outputs, "--save-outputs")):
         if path is not None:
             check_output_file(path, what)
-    policies = list(policies or DEFAULT_POLICIES)
     family = open_checkpoint(model).family
+    policies = list(policies or default_policies(family))
     for p in policies:
         parse_policy(p).check(family, "low_confidence")
     return policies

@@ -237,7 +237,14 @@ def run_policy(backend, params: dict, B: int, prompt: int, policy: str, seed: in
                      statistics.median(durs), st.rows_computed / max(st.steps, 1), memory.peak())
 
 
-def policy_params(family: str, policy: str, answer: int, steps: int, block_length: int | None) -> dict:
+def default_bench_policies(family: str) -> tuple[str, ...]:
+    """No cache, dKV-Cache's Decode and Fast-dLLM's dual cache; for a block-causal family no cache and its own."""
+    from dlmtrt.runtime.families import get
+    fam = get(family)
+    return ("none", fam.default_policy) if fam.block_causal else ("none", "decode", "dual")
+
+
+def policy_params(family: str, policy: str, answer: int, steps: int | None, block_length: int | None) -> dict:
     """The greedy parameters a bench run of `policy` decodes with: blocks of `block_length` where the family's
     schedule is block-wise or the policy is defined over blocks, else the family's own schedule; validated
     (before anything is built or run)."""
@@ -259,7 +266,7 @@ def policy_params(family: str, policy: str, answer: int, steps: int, block_lengt
 
 def bench(shape: str, *, device: str = "cpu", dtype: str = "float32", backend: str = "torch-graph",
           compile: bool = False, attention: str = "sdpa", batch: int = 1,
-          prompt: int = 512, answer: int = 256, steps: int | None = None, policies=("none", "decode", "dual"),
+          prompt: int = 512, answer: int = 256, steps: int | None = None, policies=(),
           block_length: int | None = 32, seed: int = 0, quant: str | None = None, quantize_head: bool = False,
           keep_blocks: int = 0, log=print) -> BenchReport:
     """Build the shape with random weights on `device`, measure the floor, then every policy. With `quant`
@@ -271,7 +278,6 @@ def bench(shape: str, *, device: str = "cpu", dtype: str = "float32", backend: s
     from dlmtrt.runtime.policies import parse_policy
 
     args = shape_args(shape)
-    steps = steps or answer
     if (quantize_head or keep_blocks) and quant is None:
         raise UsageError("--quantize-head and --keep-blocks change how --quant quantises: give --quant too")
     if not 0 <= keep_blocks < args.num_layers:
@@ -290,7 +296,7 @@ def bench(shape: str, *, device: str = "cpu", dtype: str = "float32", backend: s
         takers = [n for n in names_with(takes="checkpoint") if set(refused) <= set(backend_class(n).step_options)]
         raise UsageError(f"--{' and --'.join(refused)} apply to the {', '.join(takers)} backend", field="backend")
     runs = []
-    for p in policies:
+    for p in policies or default_bench_policies(args.family):
         parse_policy(p).check(args.family, "low_confidence")
         runs.append((p, policy_params(args.family, p, answer, steps, block_length)))
     memory = PeakMemory(device)

@@ -29,7 +29,15 @@ import torch
 from dlmtrt.errors import UsageError
 from dlmtrt.runtime.contract import StepInputs, StepOutputs, named_inputs
 
-DEFAULT_POLICIES = ("none", "decode", "dual+parallel")
+DEFAULT_POLICIES = ("none", "decode", "dual+parallel")  # full and partial active sets, empty and filled stable masks
+
+
+def default_policies(family: str) -> tuple[str, ...]:
+    """The policies whose trajectories a comparison records: DEFAULT_POLICIES, or for a block-causal family
+    (whose cache is exact) no cache and its own."""
+    from dlmtrt.runtime.families import get
+    fam = get(family)
+    return ("none", fam.default_policy) if fam.block_causal else DEFAULT_POLICIES
 DEFAULT_STEPS_PER_POLICY = 6
 # different prompt lengths (the batch is left padded); the canvas is sudoku4's 20 answer tokens, which also
 # holds every 3-number countdown answer

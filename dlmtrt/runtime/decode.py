@@ -182,10 +182,10 @@ class DecodeSession:
         self.finished = self.stats.new_tokens == 0
         self._seq_fwd = torch.zeros((), dtype=torch.long, device=dev)  # device-side counters, read at the end
         self._early = torch.zeros((), dtype=torch.long, device=dev)
-        rule.start(seq)
         self.prefix_store = prefix_store  # serves stored prompt prefixes, and takes the ones step 0 computes
         if prefix_store is not None:
             self.stats.prefix_rows = attach(self, prefix_store)
+        rule.start(seq)  # after the prefix store: a schedule may skip what it served
 
     # the per-sequence tensors the loop, the prefix store and the server read
     x = property(lambda self: self.seq["x"])

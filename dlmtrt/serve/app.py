@@ -34,13 +34,13 @@ from .scheduler import Job, QueueFull, Scheduler, ShuttingDown
 
 # request fields that are generation parameters, by their generic names (a family takes some: runtime/families/)
 PARAM_FIELDS = ("steps", "temperature", "alg", "alg_temp", "eps", "top_p", "top_k", "block_length", "remasking",
-                "cfg_scale")
+                "confidence_threshold", "cfg_scale")
 
 
 @dataclass
 class ServeConfig:
     model_id: str
-    policy: str = "none"
+    policy: str | None = None  # requests that name none; None: the family's default (runtime/families)
     max_batch: int = 32
     max_queue: int = 256
     max_cohorts: int = 8
@@ -62,7 +62,8 @@ class Served:
         self.metrics = Metrics()
         self.tok_lock = threading.Lock()
         self.created = int(time.time())
-        parse_policy(config.policy)  # a misspelt --policy fails at startup; combinations are checked per request
+        self.default_policy = config.policy or family(source.family).default_policy
+        parse_policy(self.default_policy)  # a misspelt --policy fails at startup; combinations are checked per request
         self.scheduler = Scheduler(backend, tokenizer, self.family, max_positions=self.max_positions,
                                    max_batch=config.max_batch, max_queue=config.max_queue,
                                    max_cohorts=config.max_cohorts, metrics=self.metrics,
@@ -90,7 +91,7 @@ class Served:
             explicit["max_new_tokens"] = max_tokens
         try:
             params = self.fam.resolve(self.source.path, **explicit)
-            plan = parse_policy(req.policy if req.policy is not None else self.config.policy)
+            plan = parse_policy(req.policy if req.policy is not None else self.default_policy)
             plan.check(fam, params.get("remasking"))
             check_step_budget(fam, params, plan.parallel is not None, explicit_steps=req.steps is not None)
         except DlmtrtError as e:
@@ -102,8 +103,9 @@ class Served:
         if new >= self.max_positions:
             raise ApiError(400, f"max_tokens {new} does not fit the model's {self.max_positions} positions with any "
                                 "prompt; ask for fewer", param="max_tokens")
-        if params["steps"] > self.config.max_steps_limit:
-            raise ApiError(400, f"steps {params['steps']} exceeds this server's limit of "
+        steps = params[self.fam.own("steps")]
+        if steps > self.config.max_steps_limit:
+            raise ApiError(400, f"steps {steps} exceeds this server's limit of "
                                 f"{self.config.max_steps_limit}", param="steps")
         seed = 0 if req.seed is None else req.seed
         if not 0 <= seed < SEED_LIMIT:
@@ -275,7 +277,7 @@ class _Routes:
         return {"object": "list", "data": [{
             "id": cfg.model_id, "object": "model", "created": served.created, "owned_by": "dlmtrt",
             "dlmtrt": {"family": served.family, "backend": served.backend.name, "dtype": src.dtype,
-                       "max_positions": served.max_positions, "policy": cfg.policy,
+                       "max_positions": served.max_positions, "policy": served.default_policy,
                        "max_tokens_limit": cfg.max_tokens_limit, "max_steps_limit": cfg.max_steps_limit,
                        "path": str(Path(src.path))}}]}
 

@@ -54,7 +54,11 @@ class DiffusionFields(BaseModel):
     alg_temp: Float | None = Field(None, description="dlmtrt, Dream: temperature of the confidence-based order.")
     eps: Float | None = Field(None, description="dlmtrt, Dream: final timestep of the schedule [default 1e-3].")
     top_k: Int | None = Field(None, description="dlmtrt, Dream: keep the k largest logits (0 = off) [default 50].")
-    remasking: Str | None = Field(None, description="dlmtrt, LLaDA: low_confidence | random [default low_confidence].")
+    remasking: Str | None = Field(None, description="dlmtrt, LLaDA: low_confidence | random [default low_confidence]; "
+                                                    "SDAR: low_confidence_static | low_confidence_dynamic | sequential "
+                                                    "[default low_confidence_dynamic].")
+    confidence_threshold: Float | None = Field(None, description="dlmtrt, SDAR: low_confidence_dynamic commits every "
+                                                                 "token above it [default 0.85].")
     cfg_scale: Float | None = Field(None, description="dlmtrt, LLaDA: classifier-free guidance scale [default 0].")
     dlmtrt_canvas: Bool = Field(False, description="dlmtrt, streaming only: after every step also send an "
                                                    "`event: dlmtrt` with the whole canvas (mask positions null).")

@@ -175,7 +175,10 @@ class SDARRule(Schedule):
         seq["rule.blocks"] = -(-(P + self.p.gen_length) // self.B)
         seq["rule.blk"] = P // self.B  # the first block to decode: the one holding the prompt's tail
         seq["rule.step"] = torch.zeros_like(P)
-        seq["rule.phase"] = torch.where(P // self.B > 0, PREFILL, DENOISE)
+        prefill = P // self.B * self.B
+        served = torch.tensor([bool(seq["frozen"][b, int(pad[b]):int(pad[b] + prefill[b])].all())
+                               for b in range(seq.batch)])  # every prompt block came from a prefix store
+        seq["rule.phase"] = torch.where((prefill > 0) & ~served, PREFILL, DENOISE)
         self.max_steps = int((1 + seq["rule.blocks"] * (self.p.denoising_steps + 2)).max())
 
     def _rows(self, seq, b: int, lo_block: int, hi_block: int) -> slice:
