@@ -1,6 +1,6 @@
 """GPU check of the fast path (run on the device, bench/gpu_fastpath.sh): the torch-graph backend (in-place
 cache, row buckets, CUDA graphs) decodes the same tokens as the eager torch backend, for every policy, on the
-shipped tiny checkpoints; fp32 must be token-identical, bf16 within tolerance (the step logits' relative error
+shipped tiny checkpoints and a tiny random SDAR (block-causal, the append-only cache); fp32 must be token-identical, bf16 within tolerance (the step logits' relative error
 and the share of tokens that agree are reported). Writes JSON to argv[1]. COMPILE=1 checks the graph backend
 with `torch.compile` instead (the compiled in-place K/V write)."""
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 
 import torch
 
@@ -19,6 +20,9 @@ POLICIES = {"dream": ["none", "decode", "decode:shift=un_right", "prefill", "pd"
                       "none+parallel", "decode+early"],
             "llada": ["none", "decode", "block", "dual", "adaptive", "delayed", "dual+parallel", "decode+early"]}
 BLOCKS = {"dream": [None, 2], "llada": [2]}
+SDAR = [dict(block_length=4, denoising_steps=4, remasking="low_confidence_static"),
+        dict(block_length=8, denoising_steps=4, remasking="low_confidence_dynamic"),
+        dict(block_length=4, denoising_steps=2, remasking="sequential")]
 PROMPTS = ["sudoku\n0120\n4231\n2000\n0040\n", "countdown 3 4 5 -> 17\n", "sudoku\n1000\n0200\n0030\n0004\n"]
 
 
@@ -47,6 +51,7 @@ def main(out: str) -> int:
                                      identical=identical, ok=ok))
                     print(f"{dtype:8s} {fam:5s} blocks={blocks} {pol:24s} agreement {same:.3f} {'ok' if ok else 'FAIL'}")
             print(f"{fam} {dtype}: {fast.captures} graphs captured, {fast.replays} replays")
+        bad += check_sdar(dtype, rows)
     json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows, "failed": bad,
                "compile": os.environ.get("COMPILE") == "1"},
               open(out, "w"), indent=1)
@@ -54,6 +59,36 @@ def main(out: str) -> int:
     return 1 if bad else 0
 
 
+def sdar_checkpoint() -> str:
+    from dlmtrt.models.tiny import make_tiny
+    global _SDAR
+    if "_SDAR" not in globals():
+        _SDAR = str(make_tiny("sdar", os.path.join(tempfile.mkdtemp(), "tiny-sdar"), seed=3))
+    return _SDAR
+
+
+def check_sdar(dtype: str, rows: list) -> int:
+    """SDAR's block steps on the graph backend (graphs per row bucket over the in-place cache) against eager,
+    with both the append-only cache and no cache."""
+    from dlmtrt.runtime.params import family_params
+    ckpt, bad = sdar_checkpoint(), 0
+    ref, tok, _ = make_backend("torch", ckpt, dtype=dtype, device="cuda")
+    fast, _, _ = make_backend("torch-graph", ckpt, dtype=dtype, device="cuda")
+    for kw in SDAR:
+        for pol in ("append", "none"):
+            p = family_params("sdar", ckpt, max_new_tokens=24, top_k=1, **kw)
+            a = generate_text(ref, tok, PROMPTS, policy=pol, **p)
+            b = generate_text(fast, tok, PROMPTS, policy=pol, **p)
+            same = (a.sequences == b.sequences).double().mean().item()
+            identical = bool(torch.equal(a.sequences, b.sequences))
+            ok = identical if dtype == "float32" else same >= 0.9
+            bad += not ok
+            rows.append(dict(dtype=dtype, family="sdar", blocks=kw["block_length"], policy=pol,
+                             remasking=kw["remasking"], token_agreement=same, identical=identical, ok=ok))
+            print(f"{dtype:8s} sdar  block={kw['block_length']} {kw['remasking']:22s} {pol:6s} "
+                  f"agreement {same:.3f} {'ok' if ok else 'FAIL'}")
+    print(f"sdar {dtype}: {fast.captures} graphs captured, {fast.replays} replays")
+    return bad
 
 
 def count_syncs(out: str) -> int:
@@ -84,6 +119,27 @@ def count_syncs(out: str) -> int:
         res[f"{fam} {pol}"] = {"syncs_16": n16, "steps_16": s16, "syncs_32": n32, "steps_32": s32, "per_step": per,
                                "ok": ok}
         print(f"syncs {fam:5s} {pol:14s}: {n16} in {s16} steps, {n32} in {s32} steps -> {per:.2f} per step "
+              f"{'ok' if ok else 'FAIL'}")
+    be, tok, _ = make_backend("torch-graph", sdar_checkpoint(), dtype="bfloat16", device="cuda")
+    for pol in ("append",):  # SDAR's rule reads back once more per step: whether any sequence denoises
+        def sdar_syncs(n):
+            from dlmtrt.runtime.params import family_params
+            p = family_params("sdar", sdar_checkpoint(), max_new_tokens=n, top_k=1, block_length=4,
+                              denoising_steps=4, remasking="low_confidence_static")
+            generate_text(be, tok, PROMPTS, policy=pol, **p)
+            with warnings.catch_warnings(record=True) as w:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                g = generate_text(be, tok, PROMPTS, policy=pol, **p)
+                torch.cuda.set_sync_debug_mode("default")
+            return sum("synchroniz" in str(x.message) for x in w), g.stats.steps
+        (n16, s16), (n32, s32) = sdar_syncs(16), sdar_syncs(32)
+        per = (n32 - n16) / max(s32 - s16, 1)
+        ok = per <= 2.0
+        bad += not ok
+        res[f"sdar {pol}"] = {"syncs_16": n16, "steps_16": s16, "syncs_32": n32, "steps_32": s32, "per_step": per,
+                              "ok": ok}
+        print(f"syncs sdar  {pol:14s}: {n16} in {s16} steps, {n32} in {s32} steps -> {per:.2f} per step "
               f"{'ok' if ok else 'FAIL'}")
     json.dump(res, open(out, "w"), indent=1)
     return bad

@@ -80,6 +80,19 @@ def test_onnxruntime_is_token_identical(ckpt, export_dir):
         generate_text(ort, ort_tok, PROMPTS[:1], policy="append", **{**p, "block_length": 8, "denoising_steps": 8})
 
 
+def test_torch_graph_is_token_identical(ckpt):
+    """The fast path's in-place cache and row buckets (no CUDA graphs on the CPU): the block step computes the
+    current block's rows over the cache, per step's attention kind, and decodes what eager torch does."""
+    ref, tok, _ = make_backend("torch", str(ckpt))
+    fast, _, _ = make_backend("torch-graph", str(ckpt))
+    for p in (_greedy(ckpt), {**_greedy(ckpt), "block_length": 8, "denoising_steps": 4,
+                              "remasking_strategy": "low_confidence_dynamic"}):
+        for pol in ("append", "none"):
+            a = generate_text(ref, tok, PROMPTS, policy=pol, **p)
+            b = generate_text(fast, tok, PROMPTS, policy=pol, **p)
+            assert torch.equal(a.sequences, b.sequences), (pol, p["block_length"])
+
+
 def test_engines_build_with_standard_attention_and_the_block_causal_plugin(ckpt, export_dir, tmp_path):
     from dlmtrt.engine.build import build_engine
     from dlmtrt.export.onnx_export import export_step

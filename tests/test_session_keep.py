@@ -1,7 +1,7 @@
 """`DecodeSession.keep`: a server drops answered sequences from a running batch. The sequences that stay must
 decode exactly the tokens they decode in the full batch (float32), under every kind of per-sequence state a
 session carries: LLaDA's per-block transfer counts and classifier-free guidance, Dream's parallel decoding
-counters, a policy's memory (`adaptive`'s calm rows), dual-cache blocks."""
+counters, a policy's memory (`adaptive`'s calm rows), dual-cache blocks, SDAR's per-sequence block state."""
 from __future__ import annotations
 
 import pytest
@@ -15,8 +15,15 @@ PROMPTS = ["sudoku\n0120\n4231\n2000\n", "countdown 3 5 7 -> 22\n", "sudoku\n100
 
 
 @pytest.fixture(scope="module")
-def models():
-    return {f: make_backend("torch", f"tiny-{f}-tasks")[:2] for f in ("dream", "llada")}
+def models(tmp_path_factory):
+    from click.testing import CliRunner
+
+    from dlmtrt.cli import main
+    sdar = tmp_path_factory.mktemp("sdar") / "ckpt"
+    r = CliRunner().invoke(main, ["make-tiny", "--arch", "sdar", "--out", str(sdar), "--seed", "5"])
+    assert r.exit_code == 0, r.output
+    return {**{f: make_backend("torch", f"tiny-{f}-tasks")[:2] for f in ("dream", "llada")},
+            "sdar": make_backend("torch", str(sdar))[:2]}
 
 
 def session(models, family: str, params: dict, policy: str):
@@ -36,6 +43,10 @@ CASES = [
     ("llada", dict(gen_length=16, steps=16, block_length=4, temperature=0.0), "dual"),
     ("llada", dict(gen_length=16, steps=16, block_length=8, temperature=0.0, cfg_scale=1.0), "none"),
     ("llada", dict(gen_length=16, steps=16, block_length=16, temperature=0.0), "none+parallel:threshold=0.5"),
+    ("sdar", dict(gen_length=16, block_length=4, denoising_steps=4, top_k=1,
+                  remasking_strategy="low_confidence_dynamic", confidence_threshold=0.05), "append"),
+    ("sdar", dict(gen_length=16, block_length=8, denoising_steps=2, top_k=1,
+                  remasking_strategy="sequential"), "append"),
 ]
 
 

@@ -33,8 +33,9 @@ from ._common import POSITIVE_TOKENS, SEED, TEXT, check_device, console, friendl
 @click.option("--answer", type=POSITIVE_TOKENS, default=256, show_default=True, help="New tokens.")
 @click.option("--steps", type=POSITIVE_TOKENS, default=None,
               help="Denoising steps (SDAR: per block) [default: one token per step].")
-@click.option("--block-length", type=POSITIVE_TOKENS, default=32, show_default=True,
-              help="Block of block/dual (Fast-dLLM's block decoding for Dream) and of LLaDA.")
+@click.option("--block-length", type=POSITIVE_TOKENS, default=None,
+              help="Block of block/dual (Fast-dLLM's block decoding for Dream), of LLaDA and of SDAR "
+                   "[default: 32; block-causal families: the model's block size].")
 @click.option("--policy", "policies", multiple=True, metavar="SPEC", type=TEXT,
               help="Policy spec, repeatable (as `generate --policy`) [default: none, decode, dual; block-causal "
                    "families: none, append].")

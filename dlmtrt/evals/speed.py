@@ -267,7 +267,7 @@ def policy_params(family: str, policy: str, answer: int, steps: int | None, bloc
 def bench(shape: str, *, device: str = "cpu", dtype: str = "float32", backend: str = "torch-graph",
           compile: bool = False, attention: str = "sdpa", batch: int = 1,
           prompt: int = 512, answer: int = 256, steps: int | None = None, policies=(),
-          block_length: int | None = 32, seed: int = 0, quant: str | None = None, quantize_head: bool = False,
+          block_length: int | None = None, seed: int = 0, quant: str | None = None, quantize_head: bool = False,
           keep_blocks: int = 0, log=print) -> BenchReport:
     """Build the shape with random weights on `device`, measure the floor, then every policy. With `quant`
     (fp8, int8-wo, w8a8) the random model is quantised first, its activation scales calibrated on a few
@@ -295,6 +295,8 @@ def bench(shape: str, *, device: str = "cpu", dtype: str = "float32", backend: s
     if refused:
         takers = [n for n in names_with(takes="checkpoint") if set(refused) <= set(backend_class(n).step_options)]
         raise UsageError(f"--{' and --'.join(refused)} apply to the {', '.join(takers)} backend", field="backend")
+    if block_length is None:
+        block_length = args.attention_kind.block or 32
     runs = []
     for p in policies or default_bench_policies(args.family):
         parse_policy(p).check(args.family, "low_confidence")

@@ -18,8 +18,8 @@ What the authors' code does, and so what this does (tests/fixtures/upstream/sdar
   `eb_threshold=None` cannot be a tensor).
 
 Upstream runs one prompt at a time; here a batch runs each sequence on its own block schedule (left padding moves
-no block boundary). Sampling draws from the one global random stream in sequence order, so a batch equals its
-prompts run alone where the draws do not matter (top_k=1) and for a batch of one.
+no block boundary). A step samples the blocks of every sequence in one draw from the global random stream, so a
+batch equals its prompts run alone where the draws do not matter (top_k=1) and for a batch of one.
 """
 from __future__ import annotations
 
@@ -151,7 +151,9 @@ class SDAR(Family):
 
 @dataclass
 class SDARRule(Schedule):
-    """`block_diffusion_generate`'s schedule, one state machine per sequence (prefill, denoise, store, done)."""
+    """`block_diffusion_generate`'s schedule as a per-sequence state machine (prefill, denoise, store, done),
+    held in [B] tensors on the canvas's device so that a batch of any size costs the same few kernels per step;
+    its one read-back per step (whether any sequence denoises, whether one is stuck) decides whether to draw."""
 
     mask_token_id: int
     p: SDARParams
@@ -162,41 +164,37 @@ class SDARRule(Schedule):
         self.attention = f"block_causal:{self.B}"
         n, s = self.B, self.p.denoising_steps
         self.transfer = [n // s + (1 if k < n % s else 0) for k in range(s)]  # get_num_transfer_tokens
+        self._denoising = False
 
-    # ---- per-sequence state
     def start(self, seq) -> None:
-        am = seq["am"].cpu()
-        answer = seq["answer"].cpu()
-        real = am & ~answer
-        P = real.sum(1)  # prompt tokens
+        am, answer = seq["am"], seq["answer"]
+        dev = am.device
+        P = (am & ~answer).sum(1)  # prompt tokens
         pad = (~am).sum(1)  # left padding
         self.L = am.shape[1]
-        seq["rule.prompt"], seq["rule.pad"] = P, pad
+        bidx = (torch.arange(self.L, device=dev)[None] - pad[:, None]).div(self.B, rounding_mode="floor")
+        blk = P // self.B  # the first block to decode: the one holding the prompt's tail
+        prompt_blocks = (bidx >= 0) & (bidx < blk[:, None])
+        served = (seq["frozen"] | ~prompt_blocks).all(1)  # every prompt block came from a prefix store
+        seq["rule.pad"], seq["rule.bidx"], seq["rule.blk"] = pad, bidx, blk
         seq["rule.blocks"] = -(-(P + self.p.gen_length) // self.B)
-        seq["rule.blk"] = P // self.B  # the first block to decode: the one holding the prompt's tail
         seq["rule.step"] = torch.zeros_like(P)
-        prefill = P // self.B * self.B
-        served = torch.tensor([bool(seq["frozen"][b, int(pad[b]):int(pad[b] + prefill[b])].all())
-                               for b in range(seq.batch)])  # every prompt block came from a prefix store
-        seq["rule.phase"] = torch.where((prefill > 0) & ~served, PREFILL, DENOISE)
+        seq["rule.phase"] = torch.where((blk > 0) & ~served, PREFILL, DENOISE)
         self.max_steps = int((1 + seq["rule.blocks"] * (self.p.denoising_steps + 2)).max())
+        self._shares = torch.tensor(self.transfer, device=dev)
+        self._stops = None if not self.p.stopping_criteria_idx else \
+            torch.tensor(self.p.stopping_criteria_idx, device=dev)
 
-    def _rows(self, seq, b: int, lo_block: int, hi_block: int) -> slice:
-        base = int(seq["rule.pad"][b])
-        return slice(base + lo_block * self.B, base + hi_block * self.B)
+    def _in_block(self, seq) -> Tensor:
+        return seq["rule.bidx"] == seq["rule.blk"][:, None]
 
     def scope(self, i: int, seq) -> Tensor:
-        rows = torch.zeros(seq.batch, self.L, dtype=torch.bool)
-        for b in range(seq.batch):
-            phase, blk = int(seq["rule.phase"][b]), int(seq["rule.blk"][b])
-            if phase == PREFILL:
-                rows[b, self._rows(seq, b, 0, blk)] = True
-            elif phase in (DENOISE, STORE):
-                rows[b, self._rows(seq, b, blk, blk + 1)] = True
-        return rows.to(seq["x"].device)
+        phase, bidx = seq["rule.phase"][:, None], seq["rule.bidx"]
+        prefill = (phase == PREFILL) & (bidx >= 0) & (bidx < seq["rule.blk"][:, None])
+        return prefill | (((phase == DENOISE) | (phase == STORE)) & self._in_block(seq))
 
     def running(self, mask_index: Tensor, seq) -> Tensor:
-        return (seq["rule.phase"] != DONE).to(mask_index.device)
+        return seq["rule.phase"] != DONE
 
     def num_steps(self, seq) -> int:
         return self.max_steps
@@ -214,65 +212,68 @@ class SDARRule(Schedule):
     def needed(self, i: int, mask_index: Tensor, seq) -> Tensor:
         """Every row of the current block of the sequences that denoise this step; a block with no mask left is
         stored instead (upstream's check at the top of its step loop)."""
-        needed = torch.zeros_like(mask_index)
-        for b in range(seq.batch):
-            if int(seq["rule.phase"][b]) != DENOISE:
-                continue
-            rows = self._rows(seq, b, int(seq["rule.blk"][b]), int(seq["rule.blk"][b]) + 1)
-            if not bool(mask_index[b, rows].any()):
-                seq["rule.phase"][b] = STORE
-                continue
-            if int(seq["rule.step"][b]) >= self.p.denoising_steps:
-                raise UsageError("a block still has masks after its denoising steps (a sampled token was the mask "
-                                 "id); SDAR's generation fails here too", field="denoising_steps")
-            needed[b, rows] = True
-        return needed
+        in_block = self._in_block(seq)
+        phase = seq["rule.phase"]
+        den = phase == DENOISE
+        has_mask = (mask_index & in_block).any(1)
+        seq["rule.phase"] = torch.where(den & ~has_mask, STORE, phase)
+        den = den & has_mask
+        stuck = den & (seq["rule.step"] >= self.p.denoising_steps)
+        self._denoising, is_stuck = torch.stack([den.any(), stuck.any()]).tolist()
+        if is_stuck:
+            raise UsageError("a block still has masks after its denoising steps (a sampled token was the mask "
+                             "id); SDAR's generation fails here too", field="denoising_steps")
+        return den[:, None] & in_block
 
     def quota(self, i: int, needed: Tensor, seq=None) -> Tensor:
         return needed.sum(1)
 
     def commit(self, i: int, x: Tensor, preds, rows: Tensor, seq) -> Tensor:
-        x = x.clone()
-        for b in range(seq.batch):
-            phase, blk = int(seq["rule.phase"][b]), int(seq["rule.blk"][b])
-            block = self._rows(seq, b, blk, blk + 1)
-            if phase == PREFILL:
-                seq["rule.phase"][b] = DENOISE
-            elif phase == DENOISE:
-                x[b, block] = self._denoise(x[b, block], preds.logits[b, :self.B], int(seq["rule.step"][b]))
-                seq["rule.step"][b] += 1
-            elif phase == STORE:
-                self._next_block(seq, b, x[b])
+        phase, blk, step = seq["rule.phase"], seq["rule.blk"], seq["rule.step"]
+        if self._denoising:  # no draw at a step that only prefills or stores, as upstream
+            den = phase == DENOISE
+            idx = ((seq["rule.pad"] + blk * self.B)[:, None] + torch.arange(self.B, device=x.device)
+                   ).clamp_max(self.L - 1)
+            cur = x.gather(1, idx)
+            new = self._denoise(cur, preds.logits[:, :self.B], step)
+            x = x.scatter(1, idx, torch.where(den[:, None], new, cur))
+            step = step + den.long()
+        store = phase == STORE
+        if self._stops is not None:
+            stopped = store & (torch.isin(x, self._stops) & seq["answer"]).any(1)
+        else:
+            stopped = torch.zeros_like(store)
+        advance = store & ~stopped  # after a block's store pass: stop on a stop id, else the next block
+        blk = blk + advance.long()
+        phase = torch.where(phase == PREFILL, DENOISE, phase)
+        phase = torch.where(stopped, DONE, phase)
+        phase = torch.where(advance, torch.where(blk >= seq["rule.blocks"], DONE, DENOISE), phase)
+        seq["rule.phase"], seq["rule.blk"] = phase, blk
+        seq["rule.step"] = torch.where(advance, 0, step)
         return x
 
-    def _denoise(self, cur: Tensor, logits: Tensor, step: int) -> Tensor:
-        """One of upstream's denoising steps on one block: sample every row, commit by the strategy."""
-        x0, x0_p = sample(logits, self.p.temperature, self.p.top_k, self.p.top_p)
+    def _denoise(self, cur: Tensor, logits: Tensor, step: Tensor) -> Tensor:
+        """One of upstream's denoising steps on each sequence's block ([n, block] tokens, [n, block, V] logits):
+        sample every row, commit by the strategy the step's share of the block."""
+        n, B = cur.shape
+        x0, x0_p = sample(logits.reshape(n * B, -1), self.p.temperature, self.p.top_k, self.p.top_p)
+        x0, x0_p = x0.view(n, B), x0_p.view(n, B)
         mask = cur == self.mask_token_id
-        k = self.transfer[step]
-        take = torch.zeros_like(mask)
+        k = self._shares[step.clamp_max(len(self.transfer) - 1)]
         if self.p.remasking_strategy == "sequential":
-            first = int(mask.nonzero()[0])
-            take[first:first + k] = True
+            first = mask.int().argmax(1, keepdim=True)  # the first mask
+            j = torch.arange(B, device=cur.device)[None]
+            take = (j >= first) & (j < first + k[:, None])
         else:
             conf = torch.where(mask, x0_p, -torch.inf)
-            high = conf > self.p.confidence_threshold
-            if self.p.remasking_strategy == "low_confidence_dynamic" and int(high.sum()) >= k:
-                take = high
-            else:
-                take[torch.topk(conf, k).indices] = True
+            take = torch.zeros_like(mask)
+            for share in sorted(set(self.transfer)):
+                top = torch.zeros_like(mask).scatter(1, torch.topk(conf, share, dim=1).indices, True)
+                take = torch.where((k == share)[:, None], top, take)
+            if self.p.remasking_strategy == "low_confidence_dynamic":
+                high = conf > self.p.confidence_threshold
+                take = torch.where((high.sum(1) >= k)[:, None], high, take)
         return torch.where(take, x0, cur)
-
-    def _next_block(self, seq, b: int, x: Tensor) -> None:
-        """After a block's store pass: stop on a stop id in the answer, else go on to the next block."""
-        stops = self.p.stopping_criteria_idx
-        answer = x[int(seq["rule.pad"][b]) + int(seq["rule.prompt"][b]):]
-        if stops and bool(torch.isin(answer, torch.tensor(stops, device=x.device)).any()):
-            seq["rule.phase"][b] = DONE
-            return
-        seq["rule.blk"][b] += 1
-        seq["rule.step"][b] = 0
-        seq["rule.phase"][b] = DONE if seq["rule.blk"][b] >= seq["rule.blocks"][b] else DENOISE
 
 
 def sample(logits: Tensor, temperature: float, top_k: int, top_p: float) -> tuple[Tensor, Tensor]:
