@@ -418,7 +418,7 @@ def test_quantize_head_is_refused_for_tied_embeddings_and_bad_configs(tmp_path, 
 def test_bench_quantises_the_head_and_keeps_blocks_on_request(tmp_path):
     from dlmtrt.errors import UsageError
     from dlmtrt.evals.speed import bench
-    kw = dict(prompt=16, answer=8, policies=(), log=lambda m: None)
+    kw = dict(prompt=16, answer=8, policies=("none",), log=lambda m: None)
     plain, head, kept = (bench("tiny-dream", quant="fp8", **kw), bench("tiny-dream", quant="fp8", quantize_head=True, **kw),
                          bench("tiny-dream", quant="fp8", keep_blocks=1, **kw))
     assert head.backend.endswith("+fp8+head") and kept.backend.endswith("+fp8+keep1")
