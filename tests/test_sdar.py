@@ -85,7 +85,7 @@ def run(backend, case: dict, policy: str = "append"):
 @pytest.mark.parametrize("case", _cases(True))
 def test_token_identical_to_upstream(case, backend, logits):
     rec = Recording(backend[0])
-    x, stats = run(rec, case)
+    x, stats = run(rec, case, policy="append:store=separate")
     assert x.tolist() == case["output"], f"{case['name']}: tokens differ from upstream"
     assert stats.forward_passes == case["forward_calls"] == len(case["rows"])
     for k, (ours, call) in enumerate(zip(rec.rows, case["rows"])):
@@ -95,6 +95,39 @@ def test_token_identical_to_upstream(case, backend, logits):
             ref = logits[f"{case['name']}/{k}"]
             assert got.shape == ref.shape
             assert np.abs(got - ref).max() <= 1e-5 * max(np.abs(ref).max(), 1.0), f"{case['name']}: call {k}"
+
+
+def upstream_calls(case: dict) -> tuple[list[int], list[int]]:
+    """Upstream's (prefill, denoising) calls: its calls come in runs over the same rows (a block's denoising steps,
+    then its store pass); a run of one is the prompt's prefill, the last call of a longer run the store."""
+    rows = [sorted(set(c[0])) for c in case["rows"]]
+    runs, start = [], 0
+    for k in range(1, len(rows) + 1):
+        if k == len(rows) or rows[k] != rows[start]:
+            runs.append(range(start, k))
+            start = k
+    return ([r[0] for r in runs if len(r) == 1], [k for r in runs if len(r) > 1 for k in list(r)[:-1]])
+
+
+@pytest.mark.parametrize("case", _cases(True))
+def test_the_fused_store_is_upstream_with_a_pass_less_per_block(case, backend, logits):
+    """The default append cache stores a finished block in the next block's first pass: the same tokens, and the
+    same logits at every denoising step, with no store pass of its own (and none after the last block)."""
+    rec = Recording(backend[0])
+    x, stats = run(rec, case)
+    assert x.tolist() == case["output"], f"{case['name']}: tokens differ from upstream"
+    pre, den = upstream_calls(case)
+    assert pre in ([], [0])
+    prefill = len(pre)
+    assert stats.forward_passes == len(den) + prefill
+    assert stats.forward_passes < case["forward_calls"]
+    ours = rec.logits[prefill:]
+    for k, (got, call) in enumerate(zip(ours, den)):
+        n = len(sorted(set(case["rows"][call][0])))
+        assert rec.rows[prefill + k][-n:] == sorted(set(case["rows"][call][0]))
+        if case.get("logits"):
+            ref = logits[f"{case['name']}/{call}"]
+            assert np.abs(got[:, -n:] - ref).max() <= 1e-5 * max(np.abs(ref).max(), 1.0), f"{case['name']}: {k}"
 
 
 @pytest.mark.parametrize("case", _cases(False))
@@ -153,3 +186,11 @@ def test_answers_end_at_any_stop_id(backend):
         ends = [answer.index(i) for i in (258, 256) if i in answer]
         expected = tok.decode(answer[:min(ends)] if ends else answer, skip_special_tokens=True)
         assert text == expected
+
+
+def test_the_store_option_is_checked():
+    from dlmtrt.runtime.policies import PolicyError, parse_policy
+    assert parse_policy("append").rule_options() == {"exact_ties": False, "fuse_store": True}
+    assert parse_policy("append:store=separate").rule_options() == {"exact_ties": False}
+    with pytest.raises(PolicyError, match="store must be fused or separate"):
+        parse_policy("append:store=later")

@@ -113,9 +113,16 @@ class AppendCache(Policy):
     """The block-causal families' cache (SDAR, the authors' DynamicCache): each step computes the rows the
     schedule names (the prompt's whole blocks once, then the current block) and reads every earlier row from
     the cache; a committed block is stored once, from its final tokens, and never recomputed. Exact: under
-    block-causal attention no row attends a later block."""
+    block-causal attention no row attends a later block. `store=fused` (the default) stores a finished block in
+    the next block's first pass, with the same logits and tokens; `store=separate` in a pass of its own, as the
+    authors' code does."""
 
     name: str = field(default="append", init=False)
+    store: str = "fused"
+
+    def __post_init__(self):
+        if self.store not in ("fused", "separate"):
+            raise PolicyError(f"append: store must be fused or separate, got {self.store!r}")
 
     def plan(self, s: DecodeState) -> tuple[Tensor, Tensor]:
         if s.scope is None:
@@ -475,9 +482,12 @@ class DecodePlan:
 
     def rule_options(self, blockwise: bool = False) -> dict:
         """What a rule built for this plan is told once, at construction: `exact_ties` (a policy leaves needed
-        rows uncomputed, whose -inf/NaN ties upstream breaks with torch.topk) and, for block-wise rules,
-        `lockstep` (nothing can end a block before its steps are done)."""
+        rows uncomputed, whose -inf/NaN ties upstream breaks with torch.topk), `fuse_store` (the append cache
+        stores a finished block in the next block's pass) and, for block-wise rules, `lockstep` (nothing can end
+        a block before its steps are done)."""
         opts = {"exact_ties": self.cache.skips_needed_rows}
+        if getattr(self.cache, "store", None) == "fused":
+            opts["fuse_store"] = True
         if blockwise:
             opts["lockstep"] = self.early is None and self.parallel is None
         return opts

@@ -17,6 +17,11 @@ What the authors' code does, and so what this does (tests/fixtures/upstream/sdar
   `entropy_bounded` (it fails at the first denoising step: `transfer_index` is never assigned, or
   `eb_threshold=None` cannot be a tensor).
 
+The append-only cache stores a finished block in the pass that denoises the next one (`append:store=fused`, the
+default): under block-causal attention the next block's rows see the finished block's K/V computed in the same pass
+from the same final tokens, so every denoising step's logits, every draw and every token are upstream's, with one
+pass less per block (and none after the last block or a stop). `append:store=separate` keeps upstream's passes.
+
 Upstream runs one prompt at a time; here a batch runs each sequence on its own block schedule (left padding moves
 no block boundary). A step samples the blocks of every sequence in one draw from the global random stream, so a
 batch equals its prompts run alone where the draws do not matter (top_k=1) and for a batch of one.
@@ -158,6 +163,7 @@ class SDARRule(Schedule):
     mask_token_id: int
     p: SDARParams
     exact_ties: bool = False
+    fuse_store: bool = False  # store a finished block in the next block's first denoising pass
 
     def __post_init__(self):
         self.B = self.p.block_length
@@ -179,6 +185,7 @@ class SDARRule(Schedule):
         seq["rule.pad"], seq["rule.bidx"], seq["rule.blk"] = pad, bidx, blk
         seq["rule.blocks"] = -(-(P + self.p.gen_length) // self.B)
         seq["rule.step"] = torch.zeros_like(P)
+        seq["rule.carry"] = torch.zeros_like(P, dtype=torch.bool)  # the previous block is stored this step
         seq["rule.phase"] = torch.where((blk > 0) & ~served, PREFILL, DENOISE)
         self.max_steps = int((1 + seq["rule.blocks"] * (self.p.denoising_steps + 2)).max())
         self._shares = torch.tensor(self.transfer, device=dev)
@@ -191,7 +198,8 @@ class SDARRule(Schedule):
     def scope(self, i: int, seq) -> Tensor:
         phase, bidx = seq["rule.phase"][:, None], seq["rule.bidx"]
         prefill = (phase == PREFILL) & (bidx >= 0) & (bidx < seq["rule.blk"][:, None])
-        return prefill | (((phase == DENOISE) | (phase == STORE)) & self._in_block(seq))
+        carried = seq["rule.carry"][:, None] & (bidx == seq["rule.blk"][:, None] - 1)
+        return prefill | carried | (((phase == DENOISE) | (phase == STORE)) & self._in_block(seq))
 
     def running(self, mask_index: Tensor, seq) -> Tensor:
         return seq["rule.phase"] != DONE
@@ -210,14 +218,25 @@ class SDARRule(Schedule):
         return self.B
 
     def needed(self, i: int, mask_index: Tensor, seq) -> Tensor:
-        """Every row of the current block of the sequences that denoise this step; a block with no mask left is
-        stored instead (upstream's check at the top of its step loop)."""
+        """Every row of the current block of the sequences that denoise this step. A block with no mask left is
+        stored instead (upstream's check at the top of its step loop), in a pass of its own or, fused, in the
+        next block's first pass; a fused sequence stops here on a stop id or after its last block."""
         in_block = self._in_block(seq)
         phase = seq["rule.phase"]
         den = phase == DENOISE
-        has_mask = (mask_index & in_block).any(1)
-        seq["rule.phase"] = torch.where(den & ~has_mask, STORE, phase)
-        den = den & has_mask
+        ended = den & ~(mask_index & in_block).any(1)
+        if self.fuse_store:
+            nxt = seq["rule.blk"] + 1
+            advance = ended & ~self._stopped(seq["x"], seq) & (nxt < seq["rule.blocks"])
+            seq["rule.phase"] = phase = torch.where(ended & ~advance, DONE, phase)
+            seq["rule.blk"] = torch.where(advance, nxt, seq["rule.blk"])
+            seq["rule.step"] = torch.where(advance, 0, seq["rule.step"])
+            seq["rule.carry"] = advance
+            in_block = self._in_block(seq)
+            den = phase == DENOISE  # a new block is all masks
+        else:
+            seq["rule.phase"] = torch.where(ended, STORE, phase)
+            den = den & ~ended
         stuck = den & (seq["rule.step"] >= self.p.denoising_steps)
         self._denoising, is_stuck = torch.stack([den.any(), stuck.any()]).tolist()
         if is_stuck:
@@ -239,10 +258,7 @@ class SDARRule(Schedule):
             x = x.scatter(1, idx, torch.where(den[:, None], new, cur))
             step = step + den.long()
         store = phase == STORE
-        if self._stops is not None:
-            stopped = store & (torch.isin(x, self._stops) & seq["answer"]).any(1)
-        else:
-            stopped = torch.zeros_like(store)
+        stopped = store & self._stopped(x, seq)
         advance = store & ~stopped  # after a block's store pass: stop on a stop id, else the next block
         blk = blk + advance.long()
         phase = torch.where(phase == PREFILL, DENOISE, phase)
@@ -251,6 +267,12 @@ class SDARRule(Schedule):
         seq["rule.phase"], seq["rule.blk"] = phase, blk
         seq["rule.step"] = torch.where(advance, 0, step)
         return x
+
+    def _stopped(self, x: Tensor, seq) -> Tensor:
+        """[B] whether a stop id is in the answer (upstream's check after each stored block)."""
+        if self._stops is None:
+            return torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        return (torch.isin(x, self._stops) & seq["answer"]).any(1)
 
     def _denoise(self, cur: Tensor, logits: Tensor, step: Tensor) -> Tensor:
         """One of upstream's denoising steps on each sequence's block ([n, block] tokens, [n, block, V] logits):
