@@ -4,6 +4,7 @@ rows and, where recorded, the same logits; batched generation equal to each prom
 upstream cannot run; the append-only cache equal to recomputing every row."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from functools import cache
 from pathlib import Path
@@ -190,7 +191,59 @@ def test_answers_end_at_any_stop_id(backend):
 
 def test_the_store_option_is_checked():
     from dlmtrt.runtime.policies import PolicyError, parse_policy
-    assert parse_policy("append").rule_options() == {"exact_ties": False, "fuse_store": True}
-    assert parse_policy("append:store=separate").rule_options() == {"exact_ties": False}
+    assert parse_policy("append").rule_options() == {"exact_ties": False, "scoped": True, "fuse_store": True}
+    assert parse_policy("append:store=separate").rule_options() == {"exact_ties": False, "scoped": True}
     with pytest.raises(PolicyError, match="store must be fused or separate"):
         parse_policy("append:store=later")
+
+
+class MaskAt(Recording):
+    """Makes the mask id the top logit of every row from one step on: the samples leave their rows masked."""
+
+    def __init__(self, backend, at: int):
+        super().__init__(backend)
+        self.at = at
+
+    def step(self, s: StepInputs) -> StepOutputs:
+        out = self.inner.step(s)
+        if len(self.rows) >= self.at:
+            logits = out.logits.clone()
+            logits[..., self.info.mask_token_id] = 1e4
+            out = dataclasses.replace(out, logits=logits)
+        self.rows.append([])
+        return out
+
+
+@pytest.mark.parametrize("strategy", ["low_confidence_static", "sequential", "low_confidence_dynamic"])
+def test_a_block_left_masked_after_its_steps_is_refused(backend, strategy):
+    """A sampled mask id leaves its row masked; after the block's last step upstream fails, and so do we, whether
+    the host predicted the block's steps or read every one back."""
+    kw = dict(gen_length=8, block_length=4, denoising_steps=4, top_k=1, remasking_strategy=strategy)
+    prompt = torch.arange(8)[None]
+    with pytest.raises(UsageError, match="still has masks after its denoising steps"):
+        sdar_generate(MaskAt(backend[0], at=1), prompt, None, **kw)  # from the first denoising step on
+
+
+@pytest.mark.parametrize("strategy,per_block", [("low_confidence_static", True), ("sequential", True),
+                                                ("low_confidence_dynamic", False)])
+def test_the_host_reads_back_once_per_block_where_the_schedule_is_known(backend, strategy, per_block):
+    """Static and sequential remasking commit a known share per step: the rule reads the device back at the
+    first step and where a block ends (a stop or the next block is decided there), and the append cache's row
+    count needs no read-back in between; the dynamic threshold reads back every step. Tokens are the same."""
+    from dlmtrt.runtime.families.sdar import FAMILY
+    from dlmtrt.runtime.policies import parse_policy
+    kw = dict(gen_length=16, block_length=4, denoising_steps=4, top_k=1, remasking_strategy=strategy)
+    prompt = torch.arange(8)[None]
+    session = FAMILY.session(backend[0], prompt, None, FAMILY.params(**kw).validate().to_dict(),
+                             parse_policy("append"))
+    hinted = 0
+    while not session.done:
+        session.step()
+        hinted += session.rule.known_rows is not None
+    assert session.x.tolist() == sdar_generate(backend[0], prompt, None, policy="none", **kw)[0].tolist()
+    blocks = 16 // 4
+    if per_block:
+        assert session.rule.read_backs == blocks + 1  # the prefill, then each block's end
+        assert hinted == session.stats.steps - session.rule.read_backs + 1
+    else:
+        assert session.rule.read_backs == session.stats.steps + 1 and hinted == 0

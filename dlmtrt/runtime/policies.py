@@ -482,12 +482,14 @@ class DecodePlan:
 
     def rule_options(self, blockwise: bool = False) -> dict:
         """What a rule built for this plan is told once, at construction: `exact_ties` (a policy leaves needed
-        rows uncomputed, whose -inf/NaN ties upstream breaks with torch.topk), `fuse_store` (the append cache
-        stores a finished block in the next block's pass) and, for block-wise rules, `lockstep` (nothing can end
+        rows uncomputed, whose -inf/NaN ties upstream breaks with torch.topk), `scoped` (the append cache computes
+        exactly the rule's scope), `fuse_store` (it stores a finished block in the next block's pass) and, for block-wise rules, `lockstep` (nothing can end
         a block before its steps are done)."""
         opts = {"exact_ties": self.cache.skips_needed_rows}
-        if getattr(self.cache, "store", None) == "fused":
-            opts["fuse_store"] = True
+        if self.cache.name == "append":
+            opts["scoped"] = True
+            if self.cache.store == "fused":
+                opts["fuse_store"] = True
         if blockwise:
             opts["lockstep"] = self.early is None and self.parallel is None
         return opts

@@ -38,8 +38,8 @@ class SequenceState:
         return self._t.get(name, default)
 
     def keep(self, idx: Tensor) -> None:
-        """Go on with sequences `idx` only (in that order)."""
-        self._t = {k: t[idx] for k, t in self._t.items()}
+        """Go on with sequences `idx` only (in that order); host copies (a rule's predictions) are cut alike."""
+        self._t = {k: t[idx.to(t.device)] for k, t in self._t.items()}
         self.batch = len(idx)
 
 

@@ -157,13 +157,22 @@ class SDAR(Family):
 @dataclass
 class SDARRule(Schedule):
     """`block_diffusion_generate`'s schedule as a per-sequence state machine (prefill, denoise, store, done),
-    held in [B] tensors on the canvas's device so that a batch of any size costs the same few kernels per step;
-    its one read-back per step (whether any sequence denoises, whether one is stuck) decides whether to draw."""
+    held in [B] tensors on the canvas's device so that a batch of any size costs the same few kernels per step.
+
+    Whether a step draws (any sequence denoising) and how many rows it computes are host decisions. The static
+    and sequential strategies commit a known share of each block per step, so a host copy of the schedule
+    (`rule.host`: phase, step, masks left) predicts them inside a block, and the device is read back only where
+    a block may end (one read-back per block, where a stop id, a finished answer or a stuck block is decided);
+    with `scoped` (the append cache computes exactly the rule's scope) the loop then needs no read-back either.
+    A predicted step's masks can only be fewer than the device's (a sampled mask id stays masked), so a block
+    the host thinks unfinished is unfinished; where they differ, the read-back at the block's end resyncs. The
+    dynamic strategy's threshold commits any number, so it reads back every step."""
 
     mask_token_id: int
     p: SDARParams
     exact_ties: bool = False
     fuse_store: bool = False  # store a finished block in the next block's first denoising pass
+    scoped: bool = False  # the cache policy computes exactly scope() (append): the row count is the rule's
 
     def __post_init__(self):
         self.B = self.p.block_length
@@ -171,6 +180,9 @@ class SDARRule(Schedule):
         n, s = self.B, self.p.denoising_steps
         self.transfer = [n // s + (1 if k < n % s else 0) for k in range(s)]  # get_num_transfer_tokens
         self._denoising = False
+        self.predicts = self.p.remasking_strategy in ("low_confidence_static", "sequential")
+        self.known_rows: int | None = None  # this step's active row count, where the rule knows it on the host
+        self.read_backs = 0
 
     def start(self, seq) -> None:
         am, answer = seq["am"], seq["answer"]
@@ -186,6 +198,9 @@ class SDARRule(Schedule):
         seq["rule.blocks"] = -(-(P + self.p.gen_length) // self.B)
         seq["rule.step"] = torch.zeros_like(P)
         seq["rule.carry"] = torch.zeros_like(P, dtype=torch.bool)  # the previous block is stored this step
+        host = torch.zeros(len(P), 3, dtype=torch.long)  # phase, step, masks left, as the host predicts them
+        host[:, 0] = PREFILL  # unknown until the first read-back
+        seq["rule.host"] = host
         seq["rule.phase"] = torch.where((blk > 0) & ~served, PREFILL, DENOISE)
         self.max_steps = int((1 + seq["rule.blocks"] * (self.p.denoising_steps + 2)).max())
         self._shares = torch.tensor(self.transfer, device=dev)
@@ -237,12 +252,30 @@ class SDARRule(Schedule):
         else:
             seq["rule.phase"] = torch.where(ended, STORE, phase)
             den = den & ~ended
-        stuck = den & (seq["rule.step"] >= self.p.denoising_steps)
-        self._denoising, is_stuck = torch.stack([den.any(), stuck.any()]).tolist()
-        if is_stuck:
+        self._plan_host(seq, mask_index & in_block)
+        return den[:, None] & in_block
+
+    def _plan_host(self, seq, masked_in_block: Tensor) -> None:
+        """This step's host decisions (draw or not, the row count), predicted or read back, and the host copy of
+        the schedule after the step's commit."""
+        h = seq["rule.host"]
+        phase, step, masks = h[:, 0], h[:, 1], h[:, 2]
+        unsure = (phase == PREFILL) | (phase == STORE) | ((phase == DENOISE) & (masks == 0))
+        if self.predicts and not bool(unsure.any()):
+            self.known_rows = self.B if self.scoped else None
+        else:
+            self.read_backs += 1
+            h = torch.stack([seq["rule.phase"], seq["rule.step"], masked_in_block.sum(1)], 1).cpu()
+            phase, step, masks = h[:, 0], h[:, 1], h[:, 2]
+            self.known_rows = None
+        den = (phase == DENOISE) & (masks > 0)
+        if bool((den & (step >= self.p.denoising_steps)).any()):
             raise UsageError("a block still has masks after its denoising steps (a sampled token was the mask "
                              "id); SDAR's generation fails here too", field="denoising_steps")
-        return den[:, None] & in_block
+        self._denoising = bool(den.any())
+        share = torch.tensor(self.transfer)[step.clamp(0, len(self.transfer) - 1)]
+        seq["rule.host"] = torch.stack([torch.where(phase == PREFILL, DENOISE, phase), step + den.long(),
+                                        torch.where(den, (masks - share).clamp_min(0), masks)], 1)
 
     def quota(self, i: int, needed: Tensor, seq=None) -> Tensor:
         return needed.sum(1)
