@@ -1,6 +1,7 @@
 """The SDAR family through every stage on a tiny random checkpoint (`make-tiny --arch sdar`): generate, eval,
 export and ONNX Runtime (token-identical in fp32), build-engine with standard attention and with the plugin in its
-block-causal mode (TensorRT-RTX on the CPU; nothing executes an engine here), compare, calibrate, serve, bench;
+block-causal mode (TensorRT-RTX on the CPU; nothing executes an engine here), the TensorRT backend through an
+emulated execution context, compare, calibrate, serve, bench;
 and cross-request prefix reuse, exact for a block-causal family: answers identical with and without the store."""
 from __future__ import annotations
 
@@ -106,6 +107,26 @@ def test_engines_build_with_standard_attention_and_the_block_causal_plugin(ckpt,
     assert len(nodes) == 2 and attrs["mask_type"] == 1 and attrs["block_size"] == 4
     res = build_engine(tmp_path / "plugin", tmp_path / "plugin.engine")
     assert res.manifest["plugin"]["onnx_nodes"] == 2
+
+
+def test_the_tensorrt_backend_through_its_bindings_is_token_identical(ckpt, export_dir, tmp_path):
+    """The TensorRT backend's bindings, row buckets and the block-causal kind from the engine's manifest, driven by
+    the emulated execution context (it runs the exported graph with ONNX Runtime on the bound tensors): the same
+    tokens as torch, and a generation asking for another block length is refused."""
+    from test_tensorrt_backend import EmulatedContext, write_manifest
+
+    from dlmtrt.runtime.backends.tensorrt_backend import TensorRTBackend
+    ref, tok, _ = make_backend("torch", str(ckpt))
+    ctx = EmulatedContext(export_dir, ref.info.num_layers)
+    be = TensorRTBackend(write_manifest(export_dir, tmp_path), device="cpu", context=ctx)
+    ctx.backend = be
+    assert be.info == ref.info and be.info.attention == "block_causal:4"
+    p = _greedy(ckpt)
+    a = generate_text(ref, tok, PROMPTS, policy="append", **p)
+    b = generate_text(be, tok, PROMPTS, policy="append", **p)
+    assert torch.equal(a.sequences, b.sequences) and be.enqueues == b.stats.steps
+    with pytest.raises(ValueError, match="block_causal:8"):
+        generate_text(be, tok, PROMPTS[:1], policy="append", **{**p, "block_length": 8, "denoising_steps": 8})
 
 
 def test_compare_and_calibrate(ckpt, export_dir, tmp_path):
