@@ -1,4 +1,5 @@
-"""Masked-diffusion training of the tiny task models (Dream-style with logits shift, or LLaDA-style).
+"""Training of the tiny task models: masked diffusion (Dream-style with logits shift, or LLaDA-style) for the
+bidirectional families, block diffusion (block_diffusion.py) for the block-causal ones (SDAR's layout).
 
 Objective (LLaDA / Dream SFT): per sequence t ~ U(0, 1); every answer token (EOS padding included) is
 masked with probability t; cross-entropy on the masked answer tokens, weighted 1/t, normalised by the
@@ -6,6 +7,10 @@ answer length. The prompt is never masked. Problems are drawn fresh from the tas
 models never see a fixed training set. Reproducible with --seed; one run is bounded by --minutes.
 
     python -m dlmtrt.evals.train --family dream --out checkpoints/tiny-dream-tasks --minutes 8
+    python -m dlmtrt.evals.train --family sdar --block-size 4 --out checkpoints/tiny-sdar-tasks --minutes 8
+
+Block diffusion masks the same way with the same weighting, but each block of the noisy canvas is predicted while
+attending to itself and to the clean earlier blocks only (one pass over [x_t | x_0]).
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from dlmtrt.evals.block_diffusion import NOISE, block_diffusion_logits, masking_rates
 from dlmtrt.evals.tasks import TASKS
 from dlmtrt.models.families import FAMILIES
 from dlmtrt.models.tiny import build_tokenizer, save_checkpoint, tiny_args, tiny_vocabulary
@@ -78,17 +84,28 @@ class Batches(torch.utils.data.IterableDataset):
             yield (*make_batch(enc, task, rng, self.batch, "cpu"), task.name)
 
 
-def diffusion_loss(logits_fn, shift: bool, x0, am, ans, mask_id: int, g: torch.Generator) -> torch.Tensor:
-    """`logits_fn` is the model's cache-free full pass (`DiffusionLM.full_logits`, possibly compiled)."""
-    B, L = x0.shape
-    t = torch.rand(B, 1, device=x0.device, generator=g).clamp_min(1e-3)
-    masked = (torch.rand(B, L, device=x0.device, generator=g) < t) & ans
+def diffusion_loss(logits_fn, shift: bool, x0, am, ans, mask_id: int, g: torch.Generator, block: int | None = None,
+                   noise: str = "sequence") -> torch.Tensor:
+    """The loss of either objective. `logits_fn(xt, x0, am)` gives the noisy canvas's logits: the model's cache-free
+    full pass (`DiffusionLM.full_logits`, masked diffusion) or `block_diffusion_logits` (block diffusion, `block`
+    its block size), possibly compiled. Answer tokens are masked with their row's rate (`masking_rates`: one per
+    sequence, or per block), the prompt never."""
+    t = masking_rates(ans, am, block, noise, g)
+    masked = (torch.rand(x0.shape, device=x0.device, generator=g) < t) & ans
     xt = torch.where(masked, torch.full_like(x0, mask_id), x0)
-    logits = logits_fn(xt, am)
+    logits = logits_fn(xt, x0, am)
     if shift:  # row p-1 predicts token p
         logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
     ce = F.cross_entropy(logits.float().transpose(1, 2), x0, reduction="none")
     return ((ce * masked / t).sum(1) / ans.sum(1)).mean()
+
+
+def objective(model: DiffusionLM):
+    """The model's training pass `(xt, x0, am) -> logits`: block diffusion for a block-causal model (its cache is
+    exact because it was trained so), masked diffusion over the whole canvas otherwise."""
+    if model.args.attention_kind.block:
+        return lambda xt, x0, am: block_diffusion_logits(model, xt, x0, am)
+    return lambda xt, x0, am: model.full_logits(xt, am)
 
 
 @click.command()
@@ -103,12 +120,46 @@ def diffusion_loss(logits_fn, shift: bool, x0, am, ans, mask_id: int, g: torch.G
 @click.option("--workers", default=8, show_default=True, help="Processes generating problems.")
 @click.option("--compile/--no-compile", "compile_", default=True, show_default=True,
               help="torch.compile the training pass on CUDA (falls back to eager if compilation fails).")
-def main(family, out, minutes, max_steps, batch, lr, seed, device, workers, compile_):
-    """Train one tiny task model and save it (bf16, HF layout, with tokenizer) to OUT."""
+@click.option("--block-size", type=click.IntRange(1, 512), default=None,
+              help="Block-causal families (sdar): the block size trained for, which the checkpoint records "
+                   "[default: the family's tiny block, 4]. The objective is block diffusion.")
+@click.option("--noise", type=click.Choice(NOISE), default="sequence", show_default=True,
+              help="Block diffusion: one masking rate per sequence (SDAR's) or per block (BD3-LM's).")
+def main(family, out, minutes, max_steps, batch, lr, seed, device, workers, compile_, block_size, noise):
+    """Train one tiny task model and save it (bf16, HF layout, with tokenizer) to OUT: masked diffusion for a
+    bidirectional family, block diffusion (dlmtrt/evals/block_diffusion.py) for a block-causal one."""
+    from dlmtrt.errors import UsageError
+    try:
+        train(family, out, minutes=minutes, max_steps=max_steps, batch=batch, lr=lr, seed=seed, device=device,
+              workers=workers, compile_=compile_, block_size=block_size, noise=noise)
+    except UsageError as e:
+        raise click.UsageError(str(e)) from None
+
+
+def model_args(family: str, enc: Encoder, block_size: int | None = None, noise: str = "sequence", sizes=None):
+    """The task model's architecture; `block_size` sets a block-causal family's block (refused for the others)."""
+    from dataclasses import replace
+
+    from dlmtrt.errors import UsageError
+    args = tiny_args(family, enc.vocab, enc.ids, max_position_embeddings=512, **(sizes or SIZES))
+    block_causal = bool(args.attention_kind.block)
+    if block_size is not None and not block_causal:
+        raise UsageError(f"--block-size is for block-causal families; {family} attends bidirectionally and trains "
+                         "with masked diffusion", field="block_size")
+    if noise != "sequence" and not block_causal:
+        raise UsageError(f"--noise {noise} is for block diffusion; {family} trains with masked diffusion", field="noise")
+    return replace(args, attention=f"block_causal:{block_size}") if block_size else args
+
+
+def train(family: str, out: Path, *, minutes: float = 8.0, max_steps: int = 100_000, batch: int = 1024,
+          lr: float = 2e-3, seed: int = 0, device: str = "cuda", workers: int = 8, compile_: bool = True,
+          block_size: int | None = None, noise: str = "sequence", sizes: dict | None = None) -> dict:
+    """One training run; returns what it writes to OUT/training.json."""
     torch.manual_seed(seed)
     g = torch.Generator(device=device).manual_seed(seed)
     enc = Encoder(family)
-    args = tiny_args(family, enc.vocab, enc.ids, max_position_embeddings=512, **SIZES)
+    args = model_args(family, enc, block_size, noise, sizes)
+    block = args.attention_kind.block
     model = DiffusionLM(args).to(device)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -119,13 +170,14 @@ def main(family, out, minutes, max_steps, batch, lr, seed, device, workers, comp
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     loader = iter(torch.utils.data.DataLoader(Batches(family, batch, seed), batch_size=None, num_workers=workers,
                                               prefetch_factor=4 if workers else None, persistent_workers=bool(workers)))
-    logits_fn = model.full_logits
-    if compile_ and torch.device(device).type == "cuda":
-        logits_fn = torch.compile(model.full_logits, dynamic=True)
+    eager = objective(model)
+    logits_fn = torch.compile(eager, dynamic=True) if compile_ and torch.device(device).type == "cuda" else eager
     budget = minutes * 60
     warmup = 300
     log, t0, step = [], time.perf_counter(), 0
-    console.print(f"[bold]{family}[/]: {args.param_count / 1e6:.2f} M parameters, batch {batch}, budget {minutes} min")
+    what = f"block diffusion, blocks of {block}, noise per {noise}" if block else "masked diffusion"
+    console.print(f"[bold]{family}[/]: {args.param_count / 1e6:.2f} M parameters, {what}, batch {batch}, "
+                  f"budget {minutes} min")
     with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console) as prog:
         bar = prog.add_task("training", total=budget)
         while step < max_steps:
@@ -138,16 +190,18 @@ def main(family, out, minutes, max_steps, batch, lr, seed, device, workers, comp
                 group["lr"] = cur
             x0, am, ans, task_name = next(loader)
             x0, am, ans = x0.to(device, non_blocking=True), am.to(device), ans.to(device)
+            loss_of = lambda fn: diffusion_loss(fn, args.logits_shift, x0, am, ans, args.mask_token_id, g,  # noqa: E731
+                                                block, noise)
             with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
                                 enabled=torch.device(device).type == "cuda"):
                 try:
-                    loss = diffusion_loss(logits_fn, args.logits_shift, x0, am, ans, args.mask_token_id, g)
+                    loss = loss_of(logits_fn)
                 except Exception as e:  # noqa: BLE001
-                    if logits_fn is model.full_logits:
+                    if logits_fn is eager:
                         raise
                     console.print(f"[yellow]torch.compile failed ({type(e).__name__}: {e}); training eagerly")
-                    logits_fn = model.full_logits
-                    loss = diffusion_loss(logits_fn, args.logits_shift, x0, am, ans, args.mask_token_id, g)
+                    logits_fn = eager
+                    loss = loss_of(logits_fn)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -161,12 +215,14 @@ def main(family, out, minutes, max_steps, batch, lr, seed, device, workers, comp
     sd = {k: v.detach().to("cpu", torch.bfloat16) for k, v in model.state_dict().items() if k != "inv_freq"}
     save_checkpoint(out, args, sd, enc.tok)
     info = {"family": family, "params": args.param_count, "steps": step, "batch": batch, "lr": lr, "seed": seed,
-            "train_seconds": round(train_s, 1), "mix": MIX, "sizes": SIZES,
-            "compiled": logits_fn is not model.full_logits,
+            "objective": "block diffusion" if block else "masked diffusion", "block_size": block,
+            "noise": noise if block else None, "train_seconds": round(train_s, 1), "mix": MIX,
+            "sizes": sizes or SIZES, "compiled": logits_fn is not eager,
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "torch": torch.__version__, "log": log}
     (Path(out) / "training.json").write_text(json.dumps(info, indent=1) + "\n")
     console.print(f"saved {out}: {step} steps in {train_s:.0f} s, last loss {log[-1]['loss'] if log else 'n/a'}")
+    return info
 
 
 if __name__ == "__main__":
