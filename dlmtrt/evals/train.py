@@ -35,6 +35,8 @@ from dlmtrt.models.transformer import DiffusionLM
 console = Console()
 MIX = {"sudoku4": 0.15, "countdown": 0.5, "shift128": 0.35}
 SIZES = dict(hidden_size=256, intermediate_size=768, num_layers=6, num_heads=8, head_dim=32)
+# block-causal task models are compared with tiny-llada-tasks at its size: as many K/V heads as query heads
+BLOCK_SIZES = {**SIZES, "num_kv_heads": SIZES["num_heads"]}
 
 
 class Encoder:
@@ -143,6 +145,8 @@ def model_args(family: str, enc: Encoder, block_size: int | None = None, noise: 
     from dlmtrt.errors import UsageError
     args = tiny_args(family, enc.vocab, enc.ids, max_position_embeddings=512, **(sizes or SIZES))
     block_causal = bool(args.attention_kind.block)
+    if block_causal and sizes is None:
+        args = tiny_args(family, enc.vocab, enc.ids, max_position_embeddings=512, **BLOCK_SIZES)
     if block_size is not None and not block_causal:
         raise UsageError(f"--block-size is for block-causal families; {family} attends bidirectionally and trains "
                          "with masked diffusion", field="block_size")
@@ -217,7 +221,7 @@ def train(family: str, out: Path, *, minutes: float = 8.0, max_steps: int = 100_
     info = {"family": family, "params": args.param_count, "steps": step, "batch": batch, "lr": lr, "seed": seed,
             "objective": "block diffusion" if block else "masked diffusion", "block_size": block,
             "noise": noise if block else None, "train_seconds": round(train_s, 1), "mix": MIX,
-            "sizes": sizes or SIZES, "compiled": logits_fn is not eager,
+            "sizes": sizes or (BLOCK_SIZES if block else SIZES), "compiled": logits_fn is not eager,
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "torch": torch.__version__, "log": log}
     (Path(out) / "training.json").write_text(json.dumps(info, indent=1) + "\n")
