@@ -12,6 +12,8 @@ of them; block-causal: those of its block and earlier ones; models/attention_kin
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -126,14 +128,16 @@ class Attention(nn.Module):
         return o, present_k, present_v, dk, k0
 
 
-    def forward_full(self, x: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor) -> Tensor:
+    def forward_full(self, x: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor, kv: bool = False):
         """All rows at once with no cache: the training pass (same weights, same numbers as `forward`
-        with every row active, without the cache scatter and drift bookkeeping). `key_mask`: `sdpa_mask`'s."""
+        with every row active, without the cache scatter and drift bookkeeping). `key_mask`: `sdpa_mask`'s.
+        With `kv` also the rows' K (RoPE applied, as a cache holds it) and V."""
         B, L, _ = x.shape
         H, Hkv, D = self.a.num_heads, self.a.num_kv_heads, self.a.head_dim
         q, k, v = self.qkv(x, cos, sin)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, enable_gqa=H != Hkv)
-        return self.o_proj(o.transpose(1, 2).reshape(B, L, H * D))
+        o = self.o_proj(o.transpose(1, 2).reshape(B, L, H * D))
+        return (o, k, v) if kv else o
 
 
 class MLP(nn.Module):
@@ -166,6 +170,16 @@ class Backbone(nn.Module):
         self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
         self.layers = nn.ModuleList(Block(a) for _ in range(a.num_layers))
         self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+
+
+@dataclass
+class DeepRows:
+    """Rows that join a step from layer `layer` on (BiCache's recomputed prefix): canvas slots [B, P] and their
+    hidden state entering that layer [B, P, hidden]. Their slots must be valid (stable) already."""
+
+    layer: int
+    position_ids: Tensor
+    hidden: Tensor
 
 
 class DiffusionLM(nn.Module):
@@ -228,9 +242,27 @@ class DiffusionLM(nn.Module):
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.lm_head(self.model.norm(x))
 
+    def layer_states(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """A cache-free pass over a canvas that keeps, per layer, its K (RoPE applied) and V [B, Hkv, L, D] and its
+        output hidden state [B, L, hidden] (after both residual adds): what a prefix store keeps of a prefix
+        computed alone (runtime/bicache.py)."""
+        rope_pos = sequence_positions(attention_mask)
+        cos, sin = rope_cos_sin(rope_pos, self.inv_freq, self.model.embed_tokens.weight.dtype)
+        key_mask = sdpa_mask(self.args.attention_kind, attention_mask.bool(), rope_pos, rope_pos)
+        x = self.model.embed_tokens(input_ids)
+        keys, values, hidden = [], [], []
+        for layer in self.model.layers:
+            h, k, v = layer.self_attn.forward_full(layer.input_layernorm(x), cos, sin, key_mask, kv=True)
+            x = x + h
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            keys.append(k)
+            values.append(v)
+            hidden.append(x)
+        return keys, values, hidden
+
     def forward(self, input_ids: Tensor, position_ids: Tensor, past_keys: list[Tensor], past_values: list[Tensor],
                 stable_mask: Tensor, attention_mask: Tensor, inplace: bool = False, logit_index: Tensor | None = None,
-                drift: bool = True, attention: AttentionKind | None = None):
+                drift: bool = True, attention: AttentionKind | None = None, deep: "DeepRows | None" = None):
         """Returns (logits [B,A,V], present_keys, present_values, present_valid [B,L], kv_drift [B,A]).
 
         `inplace` writes the fresh K/V into `past_keys`/`past_values` themselves (the fast path's one cache
@@ -245,6 +277,10 @@ class DiffusionLM(nn.Module):
         `drift=False` it is not computed (zeros): only the adaptive policy reads it. `attention` overrides the
         model's attention kind for this call (a block-causal model generating with another block length than
         it was trained with, as SDAR's generation allows).
+
+        `deep` (BiCache, runtime/bicache.py) adds rows from layer `deep.layer` on: their hidden state enters that
+        layer as `deep.hidden` and they are computed, written and attended in every deeper layer, while the
+        shallower layers compute the step's rows only. Their logits and kv_drift are not returned.
         """
         a = self.args
         B, A = input_ids.shape
@@ -262,7 +298,16 @@ class DiffusionLM(nn.Module):
         dk = torch.zeros(B, A, device=x.device)
         k0 = torch.zeros(B, A, device=x.device)
         present_keys, present_values = [], []
-        for layer, pk, pv in zip(self.model.layers, past_keys, past_values):
+        extra = 0  # deep rows in front of the step's rows
+        for n, (layer, pk, pv) in enumerate(zip(self.model.layers, past_keys, past_values)):
+            if deep is not None and n == deep.layer:
+                extra = deep.position_ids.shape[1]
+                x = torch.cat([deep.hidden.to(x.dtype), x], 1)
+                slots = torch.cat([deep.position_ids, position_ids], 1)
+                rope_pos = k_pos.gather(1, slots)
+                cos, sin = rope_cos_sin(rope_pos, self.inv_freq, self.model.embed_tokens.weight.dtype)
+                write_idx = slots[:, None, :, None].expand(B, a.num_kv_heads, slots.shape[1], D)
+                rows = (rows[0], slots) if inplace else None
             h, nk, nv, dki, k0i = layer.self_attn(layer.input_layernorm(x), cos, sin, write_idx, pk, pv, key_mask,
                                                   rope_pos, k_pos, inplace, drift, rows, attention)
             x = x + h
@@ -270,7 +315,8 @@ class DiffusionLM(nn.Module):
             present_keys.append(nk)
             present_values.append(nv)
             if drift:
-                dk, k0 = dk + dki, k0 + k0i
+                dk, k0 = dk + dki[:, extra:], k0 + k0i[:, extra:]
+        x = x[:, extra:]
         if logit_index is not None:
             x = x.gather(1, logit_index[..., None].expand(-1, -1, x.shape[-1]))
         logits = self.lm_head(self.model.norm(x))

@@ -33,6 +33,9 @@ class StepInputs:
     # block-causal model generating with another block length. Backends whose kind is fixed (an export, an
     # engine) refuse a different one.
     attention: str | None = None
+    # Rows that join from a deeper layer on (`models.transformer.DeepRows`: BiCache's recomputed prefix); only
+    # backends that declare `deep_rows` take them.
+    deep: object | None = None
 
 
 @dataclass

@@ -16,7 +16,6 @@ from torch import Tensor
 
 from dlmtrt.errors import UsageError
 
-from .prefix import attach, capture
 from .contract import StepBackend, StepInputs, StepOutputs
 from .policies import NEVER, DecodePlan, DecodeState, parse_policy, rows_of
 from .state import KVCache, SequenceState
@@ -182,9 +181,9 @@ class DecodeSession:
         self.finished = self.stats.new_tokens == 0
         self._seq_fwd = torch.zeros((), dtype=torch.long, device=dev)  # device-side counters, read at the end
         self._early = torch.zeros((), dtype=torch.long, device=dev)
-        self.prefix_store = prefix_store  # serves stored prompt prefixes, and takes the ones step 0 computes
+        self.prefix_store = prefix_store  # serves stored prompt prefixes (runtime/prefix.py, runtime/bicache.py)
         if prefix_store is not None:
-            self.stats.prefix_rows = attach(self, prefix_store)
+            self.stats.prefix_rows = prefix_store.attach(self)
         rule.start(seq)  # after the prefix store: a schedule may skip what it served
 
     # the per-sequence tensors the loop, the prefix store and the server read
@@ -231,8 +230,8 @@ class DecodeSession:
             plan.cache.observe(seq, active, drift, known, committed)
         seq["x"] = new_x
         self._count(pos.shape[0] * (2 if self.cfg_scale > 0 else 1), A, x.shape[1], running)
-        if self.prefix_store is not None and i == 0:
-            capture(self, self.prefix_store, 0)
+        if self.prefix_store is not None:
+            self.prefix_store.capture(self, i)
 
     def _plan_rows(self, i: int, needed: Tensor) -> tuple[Tensor, Tensor]:
         """The cache policy's (active, stable) rows; prefix rows served from a store are always stable."""
@@ -258,7 +257,8 @@ class DecodeSession:
         out: StepOutputs = self.backend.step(StepInputs(
             x.gather(1, pos), pos, self.cache.keys, self.cache.values, known, am,
             logit_rows=rows if selects else None, need_drift=self.plan.cache.observes_drift,
-            attention=self.rule.attention))
+            attention=self.rule.attention,
+            deep=self.prefix_store.deep(self, self.i) if self.prefix_store is not None else None))
         self.cache.update(out.present_keys, out.present_values)
         B = seq.batch
         seq["valid"] = out.present_valid[:B]

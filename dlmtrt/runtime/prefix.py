@@ -68,6 +68,18 @@ class PrefixStore:
     def __len__(self) -> int:
         return len(self.entries)
 
+    def attach(self, session) -> int:
+        """Before a session's first step (`attach` below)."""
+        return attach(session, self)
+
+    def deep(self, session, step: int) -> None:
+        """Rows the deep layers add at a step (BiCache's, runtime/bicache.py): none, every layer is frozen."""
+        return None
+
+    def capture(self, session, step: int) -> int:
+        """After a step (`capture` below): only the first step's prompt blocks are taken."""
+        return capture(session, self, step) if step == 0 else 0
+
     def match(self, tokens: list[int], limit: int) -> list[str]:
         """Keys of the longest stored block chain that starts `tokens` and covers at most `limit` tokens."""
         keys = block_keys(tokens[:limit], self.block)

@@ -13,6 +13,7 @@ from . import CheckpointBackend
 class TorchBackend(CheckpointBackend):
     name = "torch"
     polygraphy_runner = "torch"
+    deep_rows = True  # takes StepInputs.deep (BiCache)
 
     def __init__(self, model: DiffusionLM):
         self.model = model.eval()
@@ -28,8 +29,14 @@ class TorchBackend(CheckpointBackend):
     def step(self, s: StepInputs) -> StepOutputs:
         kind = AttentionKind.parse(s.attention) if s.attention else None
         logits, pk, pv, valid, drift = self.model(s.input_ids, s.position_ids, s.past_keys, s.past_values,
-                                                  s.stable_mask, s.attention_mask, attention=kind)
+                                                  s.stable_mask, s.attention_mask, attention=kind, deep=s.deep)
         return StepOutputs(logits, pk, pv, valid, drift)
+
+    @torch.inference_mode()
+    def prefix_states(self, input_ids):
+        """Per layer K, V and the hidden states (embeddings first) of a prefix computed alone (BiCache's store)."""
+        keys, values, hidden = self.model.layer_states(input_ids, torch.ones_like(input_ids, dtype=torch.bool))
+        return keys, values, [self.model.model.embed_tokens(input_ids)] + hidden
 
 
 BACKEND = TorchBackend

@@ -1,0 +1,166 @@
+"""BiCache (Go et al., EMNLP 2026, arXiv 2606.07571; OSSS-KU/BiCache): reuse a shared prefix's K/V across requests in
+the shallow layers only, and recompute the prefix in the deep ones.
+
+Freezing a stored prefix in every layer (runtime/prefix.py) is exact for block-causal models, but for a
+bidirectional model the prefix's deep K/V depend on what follows it, and the paper measures that the all-layer
+freeze drives accuracy to near zero. The prefix's shallow K/V barely move, so BiCache keeps those: a request whose
+shared prefix is P of its N canvas tokens (ratio r = round(100 P / N), the answer counted) reuses the prefix-only
+forward's K/V in the first b(r) layers, the depth its profile allows (`DepthTable`). At a refresh step (every
+`interval` steps, from the first) the deep layers recompute the prefix rows: they enter layer b with the stored
+hidden state of layer b-1 and attend the whole canvas (`models.transformer.DeepRows`); between refreshes every
+layer reads the prefix from the cache, the deep ones as the last refresh computed it. This is the authors' code as
+tests/fixtures/upstream/bicache/ records it, token for token.
+
+The store is keyed by the exact prefix (its token ids), bounded in prefix tokens, least recently used first out,
+and holds every layer's K/V and output hidden state of the prefix computed alone. A request says where its shared
+prefix ends (`prefix_lengths`: the turns before the last user message), as the authors' engine does.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from dlmtrt.errors import UsageError
+
+
+def prefix_ratio(prefix: int, total: int) -> int:
+    """The authors' ratio bucket: round(100 * prefix / total), Python's round (halves to even)."""
+    return round(prefix / total * 100)
+
+
+@dataclass(frozen=True)
+class DepthTable:
+    """ratio bucket -> layers whose prefix K/V are reused (the profile's b(r), growing with r)."""
+
+    depths: tuple[tuple[int, int], ...]  # (ratio, depth), ratios ascending
+
+    @classmethod
+    def of(cls, table: dict) -> "DepthTable":
+        items = tuple(sorted((int(r), int(b)) for r, b in table.items()))
+        if not items or any(b < 0 for _, b in items):
+            raise UsageError(f"a BiCache depth table maps prefix ratios to layer counts >= 0, got {table!r}")
+        return cls(items)
+
+    def depth(self, ratio: int, layers: int) -> int:
+        """The depth of the greatest ratio key <= `ratio`."""
+        below = [b for r, b in self.depths if r <= ratio]
+        if not below:
+            raise UsageError(f"the BiCache depth table starts at ratio {self.depths[0][0]}, above this request's "
+                             f"{ratio}: add a depth for ratio 0 (0 reuses nothing)")
+        if below[-1] > layers:
+            raise UsageError(f"the BiCache depth table asks for {below[-1]} layers of a {layers}-layer model")
+        return below[-1]
+
+
+@dataclass
+class Entry:
+    keys: list[Tensor]  # per layer [Hkv, P, D], RoPE applied at positions 0..P-1
+    values: list[Tensor]
+    hidden: list[Tensor]  # L + 1 states [P, hidden]: the embeddings, then each layer's output
+
+
+@dataclass
+class BiCacheStats:
+    hits: int = 0
+    misses: int = 0  # each a forward pass over the prefix alone
+    evictions: int = 0
+
+
+@dataclass
+class BiCacheStore:
+    """Prefix-only states of shared prefixes, at most `max_tokens` prefix tokens in all (LRU)."""
+
+    max_tokens: int
+    entries: OrderedDict = field(default_factory=OrderedDict)  # tuple(prefix ids) -> Entry
+    tokens: int = 0
+    stats: BiCacheStats = field(default_factory=BiCacheStats)
+
+    def get(self, backend, ids: list[int]) -> Entry:
+        """The prefix's entry, computed on a miss (after evicting until it fits: the authors' strict test)."""
+        key = tuple(ids)
+        if key in self.entries:
+            self.stats.hits += 1
+            self.entries.move_to_end(key)
+            return self.entries[key]
+        while not len(ids) < self.max_tokens - self.tokens:
+            if not self.entries:
+                raise UsageError(f"a shared prefix of {len(ids)} tokens does not fit a BiCache store of "
+                                 f"{self.max_tokens} tokens: raise the store's size")
+            _, old = self.entries.popitem(last=False)
+            self.tokens -= old.keys[0].shape[1]
+            self.stats.evictions += 1
+        self.stats.misses += 1
+        dev = backend.info.device
+        keys, values, hidden = backend.prefix_states(torch.tensor([ids], device=dev))
+        entry = Entry([k[0] for k in keys], [v[0] for v in values], [h[0] for h in hidden])
+        self.entries[key] = entry
+        self.tokens += len(ids)
+        return entry
+
+
+@dataclass
+class BiCache:
+    """One generation's BiCache: the store, the depth table, each sequence's shared-prefix length and the refresh
+    interval (the authors' run script: 16). Passed as a session's `prefix_store`."""
+
+    store: BiCacheStore
+    table: DepthTable
+    prefix_lengths: list[int]
+    interval: int = 16
+    depth: int | None = field(default=None, init=False)  # the generation's depth, set by attach
+    _slots: Tensor | None = field(default=None, init=False, repr=False)
+    _hidden: Tensor | None = field(default=None, init=False, repr=False)
+
+    def attach(self, session) -> int:
+        """Write each sequence's stored prefix K/V into the cache and freeze those rows; returns the rows served."""
+        if not getattr(session.backend, "deep_rows", False):
+            raise UsageError(f"BiCache recomputes the prefix in the deep layers, which the {session.backend.name} "
+                             "backend cannot: use --backend torch")
+        if self.interval < 1:
+            raise UsageError(f"the BiCache refresh interval must be >= 1, got {self.interval}")
+        x, am, answer = session.x, session.am, session.answer
+        B, L = x.shape
+        if len(self.prefix_lengths) != B:
+            raise UsageError(f"BiCache needs one shared-prefix length per sequence: {B} sequences, "
+                             f"{len(self.prefix_lengths)} lengths")
+        layers = session.info.num_layers
+        depths, slots, hidden = set(), [], []
+        frozen = torch.zeros_like(session.valid)
+        for b in range(B):
+            real = am[b].nonzero().flatten()
+            start, P = int(real[0]), self.prefix_lengths[b]
+            prompt = int((am[b] & ~answer[b]).sum())
+            if not 0 < P < prompt:
+                raise UsageError(f"a shared prefix must be shorter than its prompt and not empty: sequence {b} has "
+                                 f"{prompt} prompt tokens, prefix length {P}")
+            depth = self.table.depth(prefix_ratio(P, int(am[b].sum())), layers)
+            depths.add(depth)
+            entry = self.store.get(session.backend, x[b, start:start + P].tolist())
+            session.cache.write_rows(b, start, torch.stack(entry.keys), torch.stack(entry.values))
+            frozen[b, start:start + P] = True
+            slots.append(torch.arange(start, start + P, device=x.device))
+            hidden.append(entry.hidden[depth])
+        if len(depths) > 1:
+            raise UsageError(f"BiCache decodes sequences of one reuse depth together, these need {sorted(depths)}: "
+                             "batch requests of similar prefix ratios")
+        self.depth = depths.pop()
+        Pm = max(len(s) for s in slots)  # shorter prefixes repeat their last row (an idempotent rewrite)
+        self._slots = torch.stack([torch.cat([s, s[-1:].expand(Pm - len(s))]) for s in slots])
+        self._hidden = torch.stack([torch.cat([h, h[-1:].expand(Pm - len(h), -1)]) for h in hidden])
+        session.seq["valid"] = session.valid | frozen
+        session.seq["frozen"] = session.frozen | frozen
+        return int(frozen.sum())
+
+    def deep(self, session, step: int):
+        """The rows the deep layers add at `step`: the prefix, at refresh steps (none when every layer reuses it)."""
+        from dlmtrt.models.transformer import DeepRows
+        if step % self.interval or self.depth >= session.info.num_layers:
+            return None
+        return DeepRows(self.depth, self._slots, self._hidden)
+
+    def capture(self, session, step: int) -> int:
+        """Nothing: the store takes prefixes computed alone, on a miss."""
+        return 0

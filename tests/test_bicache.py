@@ -1,0 +1,77 @@
+"""BiCache (runtime/bicache.py): the deep-rows forward, the store and the depth table; token identity with the
+authors' engine is tests/test_bicache_upstream.py."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from dlmtrt.errors import UsageError
+from dlmtrt.models.loading import load
+from dlmtrt.models.transformer import DeepRows
+from dlmtrt.runtime.backends.torch_backend import TorchBackend
+from dlmtrt.runtime.bicache import BiCache, BiCacheStore, DepthTable, prefix_ratio
+from dlmtrt.runtime.generate import llada_generate
+
+CKPT = Path(__file__).resolve().parent / "fixtures" / "upstream" / "ckpt-llada"
+
+
+@pytest.fixture(scope="module")
+def backend():
+    model, _, _ = load(str(CKPT), dtype="float32", device="cpu")
+    return TorchBackend(model)
+
+
+def test_rows_that_join_at_layer_zero_are_rows_computed_from_the_start(backend):
+    """Deep rows entering layer 0 with their embeddings are ordinary active rows."""
+    m = backend.model
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 200, (1, 12), generator=g)
+    am = torch.ones(1, 12, dtype=torch.bool)
+    k, v = m.empty_cache(1, 12)
+    with torch.no_grad():
+        full, fk, fv, _, _ = m(ids, torch.arange(12)[None], k, v, torch.zeros_like(am), am)
+        k, v = m.empty_cache(1, 12)
+        stable = torch.zeros_like(am)
+        stable[:, :5] = True  # the prefix slots are valid: they are written in every layer
+        deep = DeepRows(0, torch.arange(5)[None], m.model.embed_tokens(ids[:, :5]))
+        part, pk, pv, _, _ = m(ids[:, 5:], torch.arange(5, 12)[None], k, v, stable, am, deep=deep)
+    assert part.shape[1] == 7 and torch.allclose(part, full[:, 5:], atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(pk, fk))
+
+
+def test_the_store_reuses_evicts_and_refuses(backend):
+    store = BiCacheStore(max_tokens=10)
+    a, b = store.get(backend, [5, 6, 7, 8]), store.get(backend, [5, 6, 7, 8])
+    assert a is b and (store.stats.hits, store.stats.misses) == (1, 1)
+    keys, values, hidden = backend.prefix_states(torch.tensor([[5, 6, 7, 8]]))
+    assert torch.equal(a.keys[1], keys[1][0]) and len(a.hidden) == backend.info.num_layers + 1
+    store.get(backend, [1, 2, 3, 4, 5, 6])  # 6 is not below 10 - 4 (the authors' strict test): the first goes
+    assert store.stats.evictions == 1 and list(store.entries) == [(1, 2, 3, 4, 5, 6)] and store.tokens == 6
+    with pytest.raises(UsageError, match="does not fit a BiCache store of 10 tokens"):
+        store.get(backend, list(range(10)))
+
+
+def test_the_depth_table_takes_the_greatest_ratio_below():
+    t = DepthTable.of({"0": 1, "30": 2, "60": 3})
+    assert [t.depth(r, 4) for r in (0, 29, 30, 99)] == [1, 1, 2, 3]
+    assert prefix_ratio(1, 8) == 12 and prefix_ratio(5, 8) == 62 and prefix_ratio(1, 200) == 0  # halves to even
+    with pytest.raises(UsageError, match="starts at ratio 10"):
+        DepthTable.of({10: 1}).depth(5, 4)
+    with pytest.raises(UsageError, match="asks for 5 layers of a 4-layer model"):
+        DepthTable.of({0: 5}).depth(50, 4)
+
+
+def test_depth_zero_refreshed_every_step_is_no_reuse(backend):
+    """b = 0 with interval 1: every step recomputes the prefix in every layer from its embeddings."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 200, (1, 14), generator=g)
+    kw = dict(gen_length=8, steps=8, block_length=8)
+    plain, _ = llada_generate(backend, ids, **kw)
+    bc = BiCache(BiCacheStore(1000), DepthTable.of({0: 0}), [9], interval=1)
+    reused, st = llada_generate(backend, ids, prefix_store=bc, **kw)
+    assert torch.equal(plain, reused) and st.prefix_rows == 9
+    full = BiCache(BiCacheStore(1000), DepthTable.of({0: backend.info.num_layers}), [9], interval=1)
+    frozen, st = llada_generate(backend, ids, prefix_store=full, **kw)
+    assert st.rows_computed < 8 * 22  # the prefix is never recomputed
