@@ -78,6 +78,10 @@ class BiCacheStore:
     tokens: int = 0
     stats: BiCacheStats = field(default_factory=BiCacheStats)
 
+    def __post_init__(self):
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise UsageError(f"a BiCache store holds max_tokens >= 1 prefix tokens, got {self.max_tokens!r}")
+
     def get(self, backend, ids: list[int]) -> Entry:
         """The prefix's entry, computed on a miss (after evicting until it fits: the authors' strict test)."""
         key = tuple(ids)

@@ -1,0 +1,112 @@
+"""BiCache as its authors' code defines it: every request of their single-block engine (`LLaDAEngine`, OSSS-KU/BiCache
+as vendored in sands-lab/ACache) on the tiny checkpoint, run through our BiCache on one store per case, in the
+case's order: the same tokens (the user turn and the answer, as upstream returns them), the same depth, the same
+store hits, misses and evictions, and, where recorded, the same logits of every step (tests/fixtures/upstream/bicache).
+Their Fast-dLLM dual-cache engine's cases are recorded there too and not yet reproduced (see its README)."""
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dlmtrt.errors import UsageError
+from dlmtrt.models.loading import load
+from dlmtrt.runtime.backends.torch_backend import TorchBackend
+from dlmtrt.runtime.bicache import BiCache, BiCacheStore, DepthTable
+from dlmtrt.runtime.generate import llada_generate
+
+FIX = Path(__file__).resolve().parent / "fixtures" / "upstream" / "bicache"
+
+
+@cache
+def suite() -> dict:
+    return json.loads((FIX / "bicache.json").read_text())
+
+
+def _cases(refused: bool) -> list:
+    return [pytest.param(c, id=c["name"]) for c in suite()["cases"]
+            if c["engine"] == "LLaDAEngine" and c["name"].startswith("refused") == refused]
+
+
+class Recording:
+    """The torch backend, keeping every step's logits."""
+
+    selects_logit_rows = False
+    shares_cache = False
+    deep_rows = True
+
+    def __init__(self, backend):
+        self.inner, self.info, self.name = backend, backend.info, backend.name
+        self.logits: list[np.ndarray] = []
+
+    def new_cache(self, batch, length):
+        return self.inner.new_cache(batch, length)
+
+    def prefix_states(self, ids):
+        return self.inner.prefix_states(ids)
+
+    def step(self, s):
+        out = self.inner.step(s)
+        self.logits.append(out.logits.float().numpy().copy())
+        return out
+
+
+@pytest.fixture(scope="module")
+def backend():
+    torch.set_num_threads(1)
+    model, _, _ = load(str(FIX / "ckpt-llada-bicache"), dtype="float32", device="cpu")
+    return TorchBackend(model)
+
+
+def run(backend, store: BiCacheStore, case: dict, req: dict):
+    p = case["engine_params"]
+    bc = BiCache(store, DepthTable.of(p["number_of_inter_request_caching_layer"]), [req["prefix_len"]],
+                 interval=p["intra_request_cache_update_interval"] or 1)
+    x, stats = llada_generate(backend, torch.tensor([req["input_ids"]]), gen_length=req["gen_length"],
+                              steps=req["steps"], block_length=req["gen_length"], temperature=0.0,
+                              remasking="low_confidence", prefix_store=bc)
+    return x[0, req["prefix_len"]:].tolist(), bc, stats
+
+
+@pytest.mark.parametrize("case", _cases(False))
+def test_token_identical_to_their_engine(case, backend):
+    store = BiCacheStore(case["engine_params"]["cache_budget"])
+    logits = np.load(FIX / "bicache-logits.npz") if case["logits"] else None
+    for k, req in enumerate(case["requests"]):
+        rec = Recording(backend)
+        misses, hits, evicted = store.stats.misses, store.stats.hits, store.stats.evictions
+        out, bc, stats = run(rec, store, case, req)
+        assert out == req["output"], f"{case['name']} request {k}: tokens differ from upstream"
+        assert bc.depth == req["b"]
+        assert (store.stats.hits - hits, store.stats.misses - misses) == ((1, 0) if req["cache_hit"] else (0, 1))
+        assert stats.forward_passes + store.stats.misses - misses == req["forward_calls"]
+        named = {r["prefix_hash"]: tuple(r["input_ids"][:r["prefix_len"]]) for r in case["requests"]}
+        assert list(store.entries) == [named[h] for h in req["cache_after"]["lru_order"]], case["name"]
+        assert store.tokens == req["cache_after"]["num_cache_tokens"]
+        if logits is not None:
+            steps = [j for j, c in enumerate(req["calls"]) if c["kind"] == "step"]
+            for got, j in zip(rec.logits, steps):
+                ref = logits[f"{case['name']}/{k}/{j}"][:, -got.shape[1]:]  # upstream also scores the P prefix rows
+                assert np.abs(got - ref).max() <= 1e-5 * max(np.abs(ref).max(), 1.0), (case["name"], k, j)
+    assert store.stats.evictions >= (1 if "lru" in case["name"] and "exact" not in case["name"] else 0)
+
+
+@pytest.mark.parametrize("case", _cases(True))
+def test_what_their_engine_fails_on_is_refused_or_defined(case, backend):
+    """Upstream raises on these. We refuse with the reason, except depth 0, which we define as no reuse (the prefix
+    recomputed in every layer), since upstream's own plain path is exactly that."""
+    (req,) = case["requests"]
+    budget = case["engine_params"]["cache_budget"]
+    if req.get("b") == 0:
+        out, bc, _ = run(backend, BiCacheStore(budget), case, req)
+        plain, _ = llada_generate(backend, torch.tensor([req["input_ids"]]), gen_length=req["gen_length"],
+                                  steps=req["steps"], block_length=req["gen_length"], temperature=0.0)
+        assert bc.depth == 0 and out == plain[0, req["prefix_len"]:].tolist()
+        return
+    with pytest.raises(UsageError) as e:
+        run(backend, BiCacheStore(budget), case, req)
+    assert any(w in str(e.value) for w in ("does not fit", "starts at ratio", "shared prefix", "max_tokens")), str(e.value)
