@@ -110,3 +110,19 @@ def test_what_their_engine_fails_on_is_refused_or_defined(case, backend):
     with pytest.raises(UsageError) as e:
         run(backend, BiCacheStore(budget), case, req)
     assert any(w in str(e.value) for w in ("does not fit", "starts at ratio", "shared prefix", "max_tokens")), str(e.value)
+
+
+def test_the_stored_prefix_is_their_prefix_only_forward(backend):
+    """Their store's entry for the `mid` prefix (pre-RoPE K, V and each layer's output o): ours holds the same K once
+    RoPE is applied at positions 0..P-1, the same V and the same hidden states."""
+    from dlmtrt.models.transformer import apply_rope, rope_cos_sin
+    kvo = suite()["prefix_kvo"]
+    ref = np.load(FIX / "bicache-prefix-kvo.npz")
+    entry = BiCacheStore(1000).get(backend, kvo["prefix_ids"])
+    P = kvo["prefix_len"]
+    cos, sin = rope_cos_sin(torch.arange(P)[None], backend.model.inv_freq, torch.float32)
+    for layer in range(backend.info.num_layers):
+        k = apply_rope(torch.from_numpy(ref[f"layer{layer}/k"]), cos[:, None], sin[:, None])[0]
+        assert torch.allclose(entry.keys[layer], k, atol=1e-5)
+        assert torch.allclose(entry.values[layer], torch.from_numpy(ref[f"layer{layer}/v"])[0], atol=1e-5)
+        assert torch.allclose(entry.hidden[layer + 1], torch.from_numpy(ref[f"layer{layer}/o"])[0], atol=1e-5)
