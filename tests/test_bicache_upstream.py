@@ -109,7 +109,8 @@ def test_what_their_engine_fails_on_is_refused_or_defined(case, backend):
         return
     with pytest.raises(UsageError) as e:
         run(backend, BiCacheStore(budget), case, req)
-    assert any(w in str(e.value) for w in ("does not fit", "starts at ratio", "shared prefix", "max_tokens")), str(e.value)
+    reasons = ("does not fit", "starts at ratio", "shared prefix", "max_tokens")
+    assert any(w in str(e.value) for w in reasons), str(e.value)
 
 
 def test_the_stored_prefix_is_their_prefix_only_forward(backend):
@@ -126,3 +127,34 @@ def test_the_stored_prefix_is_their_prefix_only_forward(backend):
         assert torch.allclose(entry.keys[layer], k, atol=1e-5)
         assert torch.allclose(entry.values[layer], torch.from_numpy(ref[f"layer{layer}/v"])[0], atol=1e-5)
         assert torch.allclose(entry.hidden[layer + 1], torch.from_numpy(ref[f"layer{layer}/o"])[0], atol=1e-5)
+
+
+def _their_split(tok, conversation: list[dict]) -> tuple[list[int], list[int]]:
+    """The fixture's tokenization (their `tokenize`): the template of the earlier turns less its 6-token assistant
+    header, and the last turn's template less its BOS."""
+    def ids(msgs):
+        return list(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)["input_ids"])
+    return ids(conversation[:-1])[:-6], ids(conversation[-1:])[1:]
+
+
+def test_the_profile_is_theirs_on_the_small_model(backend):
+    """`narrow_per_token`: their tokenize, model and similarity arithmetic per token on the small checkpoint (their
+    profile() itself needs a 4096-wide model); our profile gives the same bucket means and tables."""
+    from dlmtrt.runtime.bicache import depth_table, profile
+    _, tok, _ = load(str(FIX / "ckpt-llada-bicache"), dtype="float32", device="cpu")
+    convs = json.loads((FIX / "conversations.json").read_text())
+    ref = suite()["profiler"]["narrow_per_token"]
+    n = suite()["profiler"]["num_profiling_data_per_ratio"]
+    buckets = []
+    for r, entries in enumerate(convs["profile_ids"][:len(ref["bucket_mean_similarity"])]):
+        samples = [_their_split(tok, [{"role": m["role"], "content": m["content"]}
+                                      for m in convs["conversation"][i][:t + 1]]) for i, t in entries[:n]]
+        assert all(round(len(p) / (len(p) + len(q)) * 100) == r for p, q in samples)
+        buckets.append(samples)
+    table, means = profile(backend, buckets, 0.97)
+    got = torch.stack(means)
+    assert torch.allclose(got, torch.tensor(ref["bucket_mean_similarity"]), atol=1e-5)
+    for t, want in ref["tables"].items():
+        assert depth_table(means, float(t)) == {int(k): v for k, v in want.items()}
+    assert depth_table([torch.tensor([1.0, 0.5]), torch.tensor([1.0, 0.9]), torch.tensor([0.2, 1.0])], 0.8) == \
+        {0: 1, 1: 2}  # it only grows

@@ -151,7 +151,8 @@ def model_args(family: str, enc: Encoder, block_size: int | None = None, noise: 
         raise UsageError(f"--block-size is for block-causal families; {family} attends bidirectionally and trains "
                          "with masked diffusion", field="block_size")
     if noise != "sequence" and not block_causal:
-        raise UsageError(f"--noise {noise} is for block diffusion; {family} trains with masked diffusion", field="noise")
+        raise UsageError(f"--noise {noise} is for block diffusion; {family} trains with masked diffusion",
+                         field="noise")
     return replace(args, attention=f"block_causal:{block_size}") if block_size else args
 
 

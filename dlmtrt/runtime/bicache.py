@@ -21,6 +21,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from dlmtrt.errors import UsageError
@@ -168,3 +169,49 @@ class BiCache:
     def capture(self, session, step: int) -> int:
         """Nothing: the store takes prefixes computed alone, on a miss."""
         return 0
+
+
+def layer_similarity(backend, prefix: list[int], rest: list[int]) -> Tensor:
+    """[layers] the authors' profile of one sample: per layer, the cosine similarity between the prefix's K (and V)
+    computed alone and the same rows computed with `rest` after them, per token over all K/V heads, averaged over
+    the tokens and K and V together. (RoPE rotates both alike, so it does not change a cosine.)"""
+    dev = backend.info.device
+    alone = backend.prefix_states(torch.tensor([prefix], device=dev))
+    full = backend.prefix_states(torch.tensor([prefix + rest], device=dev))
+    P = len(prefix)
+    flat = lambda t: t[0, :, :P].transpose(0, 1).reshape(P, -1).float()  # noqa: E731  [P, Hkv * D]
+    out = []
+    for ka, va, kf, vf in zip(alone[0], alone[1], full[0], full[1]):
+        sims = torch.stack([F.cosine_similarity(flat(ka), flat(kf), dim=1),
+                            F.cosine_similarity(flat(va), flat(vf), dim=1)])
+        out.append(sims.mean())
+    return torch.stack(out)
+
+
+def depth_table(bucket_means: list[Tensor], threshold: float) -> dict[int, int]:
+    """The authors' table from per-bucket mean similarities (bucket r = ratio r, from 0): the leading layers
+    strictly above `threshold`, recorded only where that count exceeds every earlier bucket's (so it only grows;
+    a bucket whose count is 0 before any other is recorded gets no entry)."""
+    table, best = {}, 0
+    for r, sims in enumerate(bucket_means):
+        n = 0
+        for x in sims.tolist():
+            if not x > threshold:
+                break
+            n += 1
+        if n > best:
+            best = table[r] = n
+    return table
+
+
+def profile(backend, buckets: list[list[tuple[list[int], list[int]]]], threshold: float = 0.97
+            ) -> tuple[dict[int, int], list[Tensor]]:
+    """Profile a model offline: `buckets[r]` holds (shared prefix ids, rest ids) samples whose prefix makes r % of
+    them (the authors' profile ratio counts no answer); returns the depth table and each bucket's mean per-layer
+    similarity. Every bucket from 0 must have samples (the table is read from ratio 0 up)."""
+    means = []
+    for r, samples in enumerate(buckets):
+        if not samples:
+            raise UsageError(f"BiCache profiling needs samples in every ratio bucket from 0: bucket {r} is empty")
+        means.append(torch.stack([layer_similarity(backend, p, q) for p, q in samples]).mean(0))
+    return depth_table(means, threshold), means
