@@ -2,7 +2,10 @@
 as vendored in sands-lab/ACache) on the tiny checkpoint, run through our BiCache on one store per case, in the
 case's order: the same tokens (the user turn and the answer, as upstream returns them), the same depth, the same
 store hits, misses and evictions, and, where recorded, the same logits of every step (tests/fixtures/upstream/bicache).
-Their Fast-dLLM dual-cache engine's cases are recorded there too and not yet reproduced (see its README)."""
+Their Fast-dLLM dual-cache engine (`FastdLLMLLaDAEngine`) is our `dual` policy with BiCache: its separate
+dual-cache build before each block and that block's first step are our block's first step (the same K/V, the same
+logits); its plain path (`generate_without_bicache`, the prefix recomputed in every layer at every block step) is
+BiCache at depth 0 refreshed every step."""
 from __future__ import annotations
 
 import json
@@ -27,9 +30,9 @@ def suite() -> dict:
     return json.loads((FIX / "bicache.json").read_text())
 
 
-def _cases(refused: bool) -> list:
+def _cases(refused: bool, engine: str = "LLaDAEngine") -> list:
     return [pytest.param(c, id=c["name"]) for c in suite()["cases"]
-            if c["engine"] == "LLaDAEngine" and c["name"].startswith("refused") == refused]
+            if c["engine"] == engine and c["name"].startswith("refused") == refused]
 
 
 class Recording:
@@ -42,6 +45,7 @@ class Recording:
     def __init__(self, backend):
         self.inner, self.info, self.name = backend, backend.info, backend.name
         self.logits: list[np.ndarray] = []
+        self.rows: list[list[int]] = []
 
     def new_cache(self, batch, length):
         return self.inner.new_cache(batch, length)
@@ -52,6 +56,7 @@ class Recording:
     def step(self, s):
         out = self.inner.step(s)
         self.logits.append(out.logits.float().numpy().copy())
+        self.rows.append(s.position_ids[0].tolist())
         return out
 
 
@@ -63,12 +68,15 @@ def backend():
 
 
 def run(backend, store: BiCacheStore, case: dict, req: dict):
+    """Their engine's request through llada_generate: one block, or Fast-dLLM's blocks with the dual cache."""
     p = case["engine_params"]
     bc = BiCache(store, DepthTable.of(p["number_of_inter_request_caching_layer"]), [req["prefix_len"]],
                  interval=p["intra_request_cache_update_interval"] or 1)
+    blocks = dict(block_length=p["block_length"], policy="dual") if "block_length" in p else dict(
+        block_length=req["gen_length"])
     x, stats = llada_generate(backend, torch.tensor([req["input_ids"]]), gen_length=req["gen_length"],
-                              steps=req["steps"], block_length=req["gen_length"], temperature=0.0,
-                              remasking="low_confidence", prefix_store=bc)
+                              steps=req["steps"], temperature=0.0, remasking="low_confidence", prefix_store=bc,
+                              **blocks)
     return x[0, req["prefix_len"]:].tolist(), bc, stats
 
 
@@ -95,7 +103,7 @@ def test_token_identical_to_their_engine(case, backend):
     assert store.stats.evictions >= (1 if "lru" in case["name"] and "exact" not in case["name"] else 0)
 
 
-@pytest.mark.parametrize("case", _cases(True))
+@pytest.mark.parametrize("case", _cases(True) + _cases(True, "FastdLLMLLaDAEngine"))
 def test_what_their_engine_fails_on_is_refused_or_defined(case, backend):
     """Upstream raises on these. We refuse with the reason, except depth 0, which we define as no reuse (the prefix
     recomputed in every layer), since upstream's own plain path is exactly that."""
@@ -109,8 +117,41 @@ def test_what_their_engine_fails_on_is_refused_or_defined(case, backend):
         return
     with pytest.raises(UsageError) as e:
         run(backend, BiCacheStore(budget), case, req)
-    reasons = ("does not fit", "starts at ratio", "shared prefix", "max_tokens")
+    reasons = ("does not fit", "starts at ratio", "shared prefix", "max_tokens", "layers of a 4-layer model",
+               "block_length")
     assert any(w in str(e.value) for w in reasons), str(e.value)
+
+
+@pytest.mark.parametrize("case", _cases(False, "FastdLLMLLaDAEngine"))
+def test_their_dual_cache_engine_is_our_dual_policy(case, backend):
+    p = case["engine_params"]
+    store = BiCacheStore(p["cache_budget"])
+    logits = np.load(FIX / "bicache-logits.npz") if case["logits"] else None
+    for k, req in enumerate(case["requests"]):
+        P, G = req["prefix_len"], req["gen_length"]
+        if req["method"] == "generate":
+            bc = BiCache(store, DepthTable.of(p["number_of_inter_request_caching_layer"]), [P],
+                         interval=p["intra_request_cache_update_interval"] or 1)
+        else:  # their plain path: every block step recomputes the shared prefix in every layer
+            bc = BiCache(BiCacheStore(10 ** 6), DepthTable.of({0: 0}), [P], interval=1) if P else None
+        misses = bc.store.stats.misses if bc else 0
+        rec = Recording(backend)
+        x, stats = llada_generate(rec, torch.tensor([req["input_ids"]]), gen_length=G, steps=req["steps"],
+                                  block_length=p["block_length"], temperature=0.0, remasking="low_confidence",
+                                  policy="dual", prefix_store=bc)
+        assert x[0, P:].tolist() == req["output"], f"{case['name']} request {k}: tokens differ from upstream"
+        if bc is not None:
+            assert bc.depth == (req["b"] if req["method"] == "generate" else 0)
+        builds = G // p["block_length"]
+        if req["method"] == "generate":
+            assert stats.forward_passes + builds + bc.store.stats.misses - misses == req["forward_calls"]
+        if logits is not None:
+            blocks = [(j, c) for j, c in enumerate(req["calls"]) if c["kind"] == "block"]
+            for step, (j, call) in enumerate(blocks):
+                cols = [rec.rows[step].index(r) for r in call["logit_rows"]]
+                ref = logits[f"{case['name']}/{k}/{j}"]
+                got = rec.logits[step][:, cols]
+                assert np.abs(got - ref).max() <= 1e-5 * max(np.abs(ref).max(), 1.0), (case["name"], k, j)
 
 
 def test_the_stored_prefix_is_their_prefix_only_forward(backend):
