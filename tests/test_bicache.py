@@ -75,3 +75,32 @@ def test_depth_zero_refreshed_every_step_is_no_reuse(backend):
     full = BiCache(BiCacheStore(1000), DepthTable.of({0: backend.info.num_layers}), [9], interval=1)
     frozen, st = llada_generate(backend, ids, prefix_store=full, **kw)
     assert st.rows_computed < 8 * 22  # the prefix is never recomputed
+
+
+def test_a_batch_decodes_as_each_prompt_alone_and_can_be_cut(backend):
+    """Two prompts of different lengths and prefixes at one depth, left-padded: each decodes as alone; a session cut
+    to the second one after a few steps (a server dropping an answered request) goes on as alone."""
+    from dlmtrt.runtime.decode import drive
+    from dlmtrt.runtime.families import get
+    from dlmtrt.runtime.policies import parse_policy
+    g = torch.Generator().manual_seed(2)
+    prompts, prefixes = [torch.randint(0, 200, (n,), generator=g) for n in (14, 11)], [9, 6]
+    table, kw = DepthTable.of({0: 2}), dict(gen_length=8, steps=8, block_length=8, temperature=0.0)
+    alone = [llada_generate(backend, p[None], prefix_store=BiCache(BiCacheStore(100), table, [n], interval=2), **kw)[0]
+             for p, n in zip(prompts, prefixes)]
+    ids = torch.stack([torch.cat([torch.zeros(14 - len(p), dtype=torch.long), p]) for p in prompts])
+    am = torch.stack([torch.arange(14) >= 14 - len(p) for p in prompts]).long()
+    batched, _ = llada_generate(backend, ids, am, prefix_store=BiCache(BiCacheStore(100), table, prefixes, 2), **kw)
+    for b, (p, x) in enumerate(zip(prompts, alone)):
+        assert batched[b, 14 - len(p):].tolist() == x[0].tolist()
+    fam = get("llada")
+    s = fam.session(backend, ids, am, fam.params(**kw).validate().to_dict(), parse_policy("none"),
+                    BiCache(BiCacheStore(100), table, prefixes, 2))
+    for _ in range(3):
+        s.step()
+    s.keep([1])
+    x, _ = drive(s)
+    assert x[0, 14 - len(prompts[1]):].tolist() == alone[1][0].tolist()
+    with pytest.raises(UsageError, match="one reuse depth together"):
+        llada_generate(backend, ids, am, prefix_store=BiCache(BiCacheStore(100), DepthTable.of({0: 1, 50: 3}),
+                                                               [2, 10], 2), **kw)

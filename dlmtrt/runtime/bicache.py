@@ -116,8 +116,6 @@ class BiCache:
     prefix_lengths: list[int]
     interval: int = 16
     depth: int | None = field(default=None, init=False)  # the generation's depth, set by attach
-    _slots: Tensor | None = field(default=None, init=False, repr=False)
-    _hidden: Tensor | None = field(default=None, init=False, repr=False)
 
     def attach(self, session) -> int:
         """Write each sequence's stored prefix K/V into the cache and freeze those rows; returns the rows served."""
@@ -153,8 +151,9 @@ class BiCache:
                              "batch requests of similar prefix ratios")
         self.depth = depths.pop()
         Pm = max(len(s) for s in slots)  # shorter prefixes repeat their last row (an idempotent rewrite)
-        self._slots = torch.stack([torch.cat([s, s[-1:].expand(Pm - len(s))]) for s in slots])
-        self._hidden = torch.stack([torch.cat([h, h[-1:].expand(Pm - len(h), -1)]) for h in hidden])
+        # per-sequence state, so that a batch cut (DecodeSession.keep) cuts it too
+        session.seq["bicache.slots"] = torch.stack([torch.cat([s, s[-1:].expand(Pm - len(s))]) for s in slots])
+        session.seq["bicache.hidden"] = torch.stack([torch.cat([h, h[-1:].expand(Pm - len(h), -1)]) for h in hidden])
         session.seq["valid"] = session.valid | frozen
         session.seq["frozen"] = session.frozen | frozen
         return int(frozen.sum())
@@ -164,7 +163,7 @@ class BiCache:
         from dlmtrt.models.transformer import DeepRows
         if step % self.interval or self.depth >= session.info.num_layers:
             return None
-        return DeepRows(self.depth, self._slots, self._hidden)
+        return DeepRows(self.depth, session.seq["bicache.slots"], session.seq["bicache.hidden"])
 
     def capture(self, session, step: int) -> int:
         """Nothing: the store takes prefixes computed alone, on a miss."""
