@@ -102,5 +102,5 @@ def test_a_batch_decodes_as_each_prompt_alone_and_can_be_cut(backend):
     x, _ = drive(s)
     assert x[0, 14 - len(prompts[1]):].tolist() == alone[1][0].tolist()
     with pytest.raises(UsageError, match="one reuse depth together"):
-        llada_generate(backend, ids, am, prefix_store=BiCache(BiCacheStore(100), DepthTable.of({0: 1, 50: 3}),
+        llada_generate(backend, ids, am, prefix_store=BiCache(BiCacheStore(100), DepthTable.of({0: 1, 50: 2}),
                                                                [2, 10], 2), **kw)
