@@ -55,10 +55,7 @@ def block_diffusion_logits(model: DiffusionLM, xt: Tensor, x0: Tensor, attention
     pos = sequence_positions(attention_mask)
     cos, sin = rope_cos_sin(torch.cat([pos, pos], 1), model.inv_freq, model.model.embed_tokens.weight.dtype)
     mask = block_diffusion_mask(pos, attention_mask, block)
-    x = model.model.embed_tokens(torch.cat([xt, x0], 1))
-    for layer in model.model.layers:
-        x = x + layer.self_attn.forward_full(layer.input_layernorm(x), cos, sin, mask)
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    x, *_ = model.run_layers(model.model.embed_tokens(torch.cat([xt, x0], 1)), cos, sin, mask)
     return model.lm_head(model.model.norm(x[:, :L]))
 
 

@@ -146,7 +146,7 @@ def model_args(family: str, enc: Encoder, block_size: int | None = None, noise: 
     args = tiny_args(family, enc.vocab, enc.ids, max_position_embeddings=512, **(sizes or SIZES))
     block_causal = bool(args.attention_kind.block)
     if block_causal and sizes is None:
-        args = tiny_args(family, enc.vocab, enc.ids, max_position_embeddings=512, **BLOCK_SIZES)
+        args = replace(args, num_kv_heads=BLOCK_SIZES["num_kv_heads"])
     if block_size is not None and not block_causal:
         raise UsageError(f"--block-size is for block-causal families; {family} attends bidirectionally and trains "
                          "with masked diffusion", field="block_size")

@@ -128,16 +128,15 @@ class Attention(nn.Module):
         return o, present_k, present_v, dk, k0
 
 
-    def forward_full(self, x: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor, kv: bool = False):
+    def forward_full(self, x: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """All rows at once with no cache: the training pass (same weights, same numbers as `forward`
         with every row active, without the cache scatter and drift bookkeeping). `key_mask`: `sdpa_mask`'s.
-        With `kv` also the rows' K (RoPE applied, as a cache holds it) and V."""
+        Returns the output and the rows' K (RoPE applied, as a cache holds it) and V."""
         B, L, _ = x.shape
         H, Hkv, D = self.a.num_heads, self.a.num_kv_heads, self.a.head_dim
         q, k, v = self.qkv(x, cos, sin)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, enable_gqa=H != Hkv)
-        o = self.o_proj(o.transpose(1, 2).reshape(B, L, H * D))
-        return (o, k, v) if kv else o
+        return self.o_proj(o.transpose(1, 2).reshape(B, L, H * D)), k, v
 
 
 class MLP(nn.Module):
@@ -230,35 +229,43 @@ class DiffusionLM(nn.Module):
         mk = lambda: torch.zeros(shape, device=device or p.device, dtype=dtype or p.dtype)  # noqa: E731
         return [mk() for _ in range(a.num_layers)], [mk() for _ in range(a.num_layers)]
 
+    def run_layers(self, x: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor, states: bool = False
+                   ) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
+        """Every layer over every row of `x`, with no cache: the training passes (`full_logits`, the block-diffusion
+        objective) and a prefix computed alone. Returns the last hidden state and, with `states`, per layer its K
+        (RoPE applied) and V [B, Hkv, L, D] and its output hidden state (after both residual adds)."""
+        keys, values, hidden = [], [], []
+        for layer in self.model.layers:
+            h, k, v = layer.self_attn.forward_full(layer.input_layernorm(x), cos, sin, key_mask)
+            x = x + h
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            if states:
+                keys.append(k)
+                values.append(v)
+                hidden.append(x)
+        return x, keys, values, hidden
+
+    def _full_pass_inputs(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(embeddings, cos, sin, key mask) of a whole canvas under the model's attention kind."""
+        rope_pos = sequence_positions(attention_mask)
+        cos, sin = rope_cos_sin(rope_pos, self.inv_freq, self.model.embed_tokens.weight.dtype)
+        key_mask = sdpa_mask(self.args.attention_kind, attention_mask.bool(), rope_pos, rope_pos)
+        return self.model.embed_tokens(input_ids), cos, sin, key_mask
+
     def full_logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Logits of every row of a canvas in one pass, without K/V in or out: what training needs.
         Equal to `forward` with all rows active and nothing stable (tested)."""
-        rope_pos = sequence_positions(attention_mask)
-        cos, sin = rope_cos_sin(rope_pos, self.inv_freq, self.model.embed_tokens.weight.dtype)
-        key_mask = sdpa_mask(self.args.attention_kind, attention_mask.bool(), rope_pos, rope_pos)
-        x = self.model.embed_tokens(input_ids)
-        for layer in self.model.layers:
-            x = x + layer.self_attn.forward_full(layer.input_layernorm(x), cos, sin, key_mask)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        x, *_ = self.run_layers(*self._full_pass_inputs(input_ids, attention_mask))
         return self.lm_head(self.model.norm(x))
 
-    def layer_states(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-        """A cache-free pass over a canvas that keeps, per layer, its K (RoPE applied) and V [B, Hkv, L, D] and its
-        output hidden state [B, L, hidden] (after both residual adds): what a prefix store keeps of a prefix
-        computed alone (runtime/bicache.py)."""
-        rope_pos = sequence_positions(attention_mask)
-        cos, sin = rope_cos_sin(rope_pos, self.inv_freq, self.model.embed_tokens.weight.dtype)
-        key_mask = sdpa_mask(self.args.attention_kind, attention_mask.bool(), rope_pos, rope_pos)
-        x = self.model.embed_tokens(input_ids)
-        keys, values, hidden = [], [], []
-        for layer in self.model.layers:
-            h, k, v = layer.self_attn.forward_full(layer.input_layernorm(x), cos, sin, key_mask, kv=True)
-            x = x + h
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-            keys.append(k)
-            values.append(v)
-            hidden.append(x)
-        return keys, values, hidden
+    def layer_states(self, input_ids: Tensor, attention_mask: Tensor
+                     ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """A cache-free pass over a canvas that keeps, per layer, its K (RoPE applied) and V [B, Hkv, L, D], and
+        the L + 1 hidden states [B, L, hidden]: the embeddings, then each layer's output. What a prefix store
+        keeps of a prefix computed alone (runtime/bicache.py)."""
+        x, cos, sin, key_mask = self._full_pass_inputs(input_ids, attention_mask)
+        _, keys, values, hidden = self.run_layers(x, cos, sin, key_mask, states=True)
+        return keys, values, [x] + hidden
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, past_keys: list[Tensor], past_values: list[Tensor],
                 stable_mask: Tensor, attention_mask: Tensor, inplace: bool = False, logit_index: Tensor | None = None,

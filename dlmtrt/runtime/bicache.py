@@ -119,13 +119,13 @@ class BiCache:
 
     def attach(self, session) -> int:
         """Write each sequence's stored prefix K/V into the cache and freeze those rows; returns the rows served."""
-        if not getattr(session.backend, "deep_rows", False):
+        if not session.backend.deep_rows:
             raise UsageError(f"BiCache recomputes the prefix in the deep layers, which the {session.backend.name} "
                              "backend cannot: use --backend torch")
         if self.interval < 1:
             raise UsageError(f"the BiCache refresh interval must be >= 1, got {self.interval}")
         x, am, answer = session.x, session.am, session.answer
-        B, L = x.shape
+        B = x.shape[0]
         if len(self.prefix_lengths) != B:
             raise UsageError(f"BiCache needs one shared-prefix length per sequence: {B} sequences, "
                              f"{len(self.prefix_lengths)} lengths")

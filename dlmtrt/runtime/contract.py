@@ -81,6 +81,7 @@ class StepBackend(Protocol):
     name: str
     selects_logit_rows: bool  # honours StepInputs.logit_rows / need_drift (see TorchGraphBackend)
     shares_cache: bool  # new_cache hands out the backend's own buffers again (KVCache owner "backend")
+    deep_rows: bool  # takes StepInputs.deep and has prefix_states (BiCache)
 
     def new_cache(self, batch: int, length: int) -> tuple[list[Tensor], list[Tensor]]:
         """Zeroed past K/V for a canvas of `length` rows."""

@@ -62,6 +62,7 @@ class Rule(Protocol):
     remasking: str | None  # LLaDA's remasking (what Greedy needs), None for schedules without one
     exact_ties: bool  # a policy leaves needed rows uncomputed: break their -inf ties as upstream does
     attention: str | None  # the attention kind of its steps when not the model's (SDAR's block length)
+    known_rows: int | None  # after needed(): this step's active row count where the rule knows it on the host
 
     def start(self, seq: SequenceState) -> None: ...  # register its per-sequence state
 
@@ -208,8 +209,8 @@ class DecodeSession:
         running = rule.running(mask_index, seq)
         active = active & running[:, None]  # a finished sequence computes nothing (its rows stay valid)
         counts = active.sum(1)
-        A = getattr(rule, "known_rows", None)  # a rule that knows the row count on the host spares the read-back
-        A = int(counts.max()) if A is None else A  # else the step's one read-back: the shapes depend on it
+        # the step's one read-back (the backend's shapes depend on it), unless the rule knows the count on the host
+        A = int(counts.max()) if rule.known_rows is None else rule.known_rows
         if A == 0:
             self.finished = True
             return

@@ -67,6 +67,7 @@ class Schedule:
 
     remasking = None
     attention: str | None = None  # the attention kind of its steps when not the model's
+    known_rows: int | None = None  # the loop reads each step's active row count back
 
     def start(self, seq) -> None:
         """Register the per-sequence state the rule needs from the first step on (runtime/state.py)."""

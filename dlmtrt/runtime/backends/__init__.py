@@ -7,6 +7,7 @@ adding one file. Its class is the module's `BACKEND` and declares its capabiliti
     default_device        where it runs when --device is left out
     selects_logit_rows    honours StepInputs.logit_rows / need_drift (the output head on the needed rows only)
     shares_cache          owns its K/V buffers (new_cache hands the same ones out again): one session at a time
+    deep_rows             takes StepInputs.deep (rows that join from a deeper layer on: BiCache) and prefix_states
     polygraphy_runner     the Polygraphy runner `dlmtrt compare` runs it with, or None
     describe(model)       -> ModelSource, cheap, without loading weights (for checking options first)
     open(model, dtype, device, progress) -> (backend, tokenizer, ModelSource)
@@ -36,6 +37,7 @@ class Backend:
     default_device = "cpu"
     selects_logit_rows = False
     shares_cache = False
+    deep_rows = False
     polygraphy_runner: str | None = None
     step_options: tuple[str, ...] = ()  # constructor options `bench` may pass (torch-graph: compile, attention)
 

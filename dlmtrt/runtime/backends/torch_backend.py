@@ -35,8 +35,7 @@ class TorchBackend(CheckpointBackend):
     @torch.inference_mode()
     def prefix_states(self, input_ids):
         """Per layer K, V and the hidden states (embeddings first) of a prefix computed alone (BiCache's store)."""
-        keys, values, hidden = self.model.layer_states(input_ids, torch.ones_like(input_ids, dtype=torch.bool))
-        return keys, values, [self.model.model.embed_tokens(input_ids)] + hidden
+        return self.model.layer_states(input_ids, torch.ones_like(input_ids, dtype=torch.bool))
 
 
 BACKEND = TorchBackend

@@ -180,6 +180,7 @@ class SDARRule(Schedule):
         n, s = self.B, self.p.denoising_steps
         self.transfer = [n // s + (1 if k < n % s else 0) for k in range(s)]  # get_num_transfer_tokens
         self._denoising = False
+        self._host_shares = torch.tensor(self.transfer)  # the shares on the host, for its copy of the schedule
         self.predicts = self.p.remasking_strategy in ("low_confidence_static", "sequential")
         self.known_rows: int | None = None  # this step's active row count, where the rule knows it on the host
         self.read_backs = 0
@@ -273,7 +274,7 @@ class SDARRule(Schedule):
             raise UsageError("a block still has masks after its denoising steps (a sampled token was the mask "
                              "id); SDAR's generation fails here too", field="denoising_steps")
         self._denoising = bool(den.any())
-        share = torch.tensor(self.transfer)[step.clamp(0, len(self.transfer) - 1)]
+        share = self._host_shares[step.clamp(0, len(self.transfer) - 1)]
         seq["rule.host"] = torch.stack([torch.where(phase == PREFILL, DENOISE, phase), step + den.long(),
                                         torch.where(den, (masks - share).clamp_min(0), masks)], 1)
 
