@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU smoke test of the foundation (optional), the task models of FAMILIES trained side by
-# side on one GPU, then a GPU accuracy check at N=200 each. A family is dream or llada (masked diffusion) or
+# side on one GPU, saved as $OUT/NAME.tar as soon as training ends, then a GPU accuracy check
+# at N=200 each. A family is dream or llada (masked diffusion) or
 # sdar:BLOCK (block diffusion in SDAR's layout with blocks of BLOCK; NOISE=block for BD3-LM's per-block rates).
 # Usage (repo root, on the GPU machine):
 #   OUT=dir FAMILIES="dream llada" MINUTES=8 SMOKE=1 bash bench/gpu_train.sh
@@ -25,8 +26,8 @@ for spec in $FAMILIES; do
 done
 wait
 tail -n 2 "$OUT"/train_*.log
+for spec in $FAMILIES; do n=$(name "$spec"); tar -C "$CK" -cf "$OUT/$n.tar" "$n"; done
 for spec in $FAMILIES; do
   n=$(name "$spec")
   python3 cli.py eval -m "$CK/$n" --task sudoku4:clues=8-12 --task countdown:numbers=3 --task shift128 --n 200 --batch-size 200 --device cuda --out "$OUT/eval_gpu_$n.json" 2>&1 | tail -n 8
-  tar -C "$CK" -cf "$OUT/$n.tar" "$n"
 done
