@@ -11,7 +11,7 @@ from dlmtrt.errors import UsageError
 from dlmtrt.models.loading import load
 from dlmtrt.models.transformer import DeepRows
 from dlmtrt.runtime.backends.torch_backend import TorchBackend
-from dlmtrt.runtime.bicache import BiCache, BiCacheStore, DepthTable, prefix_ratio
+from dlmtrt.runtime.bicache import BiCache, BiCacheStore, DepthTable, chat_prefix, prefix_ratio
 from dlmtrt.runtime.generate import llada_generate
 
 CKPT = Path(__file__).resolve().parent / "fixtures" / "upstream" / "ckpt-llada"
@@ -104,3 +104,25 @@ def test_a_batch_decodes_as_each_prompt_alone_and_can_be_cut(backend):
     with pytest.raises(UsageError, match="one reuse depth together"):
         llada_generate(backend, ids, am, prefix_store=BiCache(BiCacheStore(100), DepthTable.of({0: 1, 50: 2}),
                                                                [2, 10], 2), **kw)
+
+
+def test_chat_prefix_splits_both_templates_where_the_last_user_turn_starts():
+    """LLaDA's template by the authors' cut (tests/test_bicache_upstream.py checks it against their tokenize);
+    Dream's Qwen template, which gives a lone turn a default system prompt, where the earlier turns' own template
+    ends; a template that cannot be split is refused, and no boundary means no prefix."""
+    from transformers import AutoTokenizer
+    root = Path(__file__).resolve().parents[1] / "dlmtrt" / "checkpoints"
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "b"}, {"role": "user", "content": "countdown 1 2 -> 3"}]
+    ends = {"tiny-llada-tasks": ("b<|eot_id|>", "<|start_header_id|>user<|end_header_id|>\n\ncountdown"),
+            "tiny-dream-tasks": ("b<|im_end|>\n", "<|im_start|>user\ncountdown")}
+    for name, (head, tail) in ends.items():
+        tok = AutoTokenizer.from_pretrained(root / name)
+        ids, P = chat_prefix(tok, chat)
+        whole = tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
+        assert ids == list(whole["input_ids"] if hasattr(whole, "keys") else whole)
+        assert tok.decode(ids[:P]).endswith(head) and tok.decode(ids[P:]).startswith(tail), name
+        assert chat_prefix(tok, chat[-1:])[1] == 0 and chat_prefix(tok, chat[:-1])[1] == 0  # no boundary
+        tok.chat_template = "{{ messages | length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+        with pytest.raises(UsageError, match="cannot be split where the last user turn starts"):
+            chat_prefix(tok, chat)

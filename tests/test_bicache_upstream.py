@@ -19,7 +19,7 @@ import torch
 from dlmtrt.errors import UsageError
 from dlmtrt.models.loading import load
 from dlmtrt.runtime.backends.torch_backend import TorchBackend
-from dlmtrt.runtime.bicache import BiCache, BiCacheStore, DepthTable
+from dlmtrt.runtime.bicache import BiCache, BiCacheStore, DepthTable, chat_prefix
 from dlmtrt.runtime.generate import llada_generate
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "upstream" / "bicache"
@@ -171,11 +171,23 @@ def test_the_stored_prefix_is_their_prefix_only_forward(backend):
 
 
 def _their_split(tok, conversation: list[dict]) -> tuple[list[int], list[int]]:
-    """The fixture's tokenization (their `tokenize`): the template of the earlier turns less its 6-token assistant
-    header, and the last turn's template less its BOS."""
-    def ids(msgs):
-        return list(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)["input_ids"])
-    return ids(conversation[:-1])[:-6], ids(conversation[-1:])[1:]
+    """Their `tokenize` through ours (chat_prefix): the shared prefix, then the last turn."""
+    ids, P = chat_prefix(tok, conversation)
+    return ids[:P], ids[P:]
+
+
+def test_chat_prefix_is_their_tokenize():
+    """Every engine request's input ids and prefix length, as their `tokenize` gave them, from the messages; a
+    single message has no prefix (upstream: P = 0, then NotImplementedError; we serve it without reuse)."""
+    _, tok, _ = load(str(FIX / "ckpt-llada-bicache"), dtype="float32", device="cpu")
+    convs = suite()["engine_conversations"]
+    seen = set()
+    for case in suite()["cases"]:
+        for req in case["requests"]:
+            ids, P = chat_prefix(tok, convs[req["conversation"]]["messages"])
+            assert (ids, P) == (req["input_ids"], req["prefix_len"]), req["conversation"]
+            seen.add((req["conversation"], P > 0))
+    assert ("single", False) in seen and ("high", True) in seen
 
 
 def test_the_profile_is_theirs_on_the_small_model(backend):

@@ -13,7 +13,8 @@ tests/fixtures/upstream/bicache/ records it, token for token.
 
 The store is keyed by the exact prefix (its token ids), bounded in prefix tokens, least recently used first out,
 and holds every layer's K/V and output hidden state of the prefix computed alone. A request says where its shared
-prefix ends (`prefix_lengths`: the turns before the last user message), as the authors' engine does.
+prefix ends (`prefix_lengths`: the turns before the last user message, `chat_prefix`), as the authors' engine
+does.
 """
 from __future__ import annotations
 
@@ -25,6 +26,40 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dlmtrt.errors import UsageError
+
+
+def _template(tokenizer, messages: list[dict], generation: bool = True) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=generation, tokenize=True)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)  # a dict in newer transformers, else a list
+
+
+def chat_prefix(tokenizer, messages: list[dict]) -> tuple[list[int], int]:
+    """(ids, P): a chat's prompt ids (its template with the generation prompt) and the length P of its shared
+    prefix, the turns before the last user message; P = 0 when there is no such boundary (a single message, or
+    a last message that is not a user turn): nothing to reuse.
+
+    The split is the authors' tokenization (ALGORITHM.md section 3): the earlier turns' template less its
+    trailing assistant header (their `[:-6]`, LLaDA-8B-Instruct's 6-token header; here its length is what makes
+    the two parts add up to the whole template), then the last turn's template less its leading BOS. Reuse keys
+    the store by the prefix ids, so the split must be the same for every request and the parts must be the
+    whole conversation's own template: both are checked. A template that renders turns without anything the
+    last turn alone would repeat (no BOS, no default system prompt: Dream's Qwen template prepends one) is split
+    where the earlier turns' template, without the generation prompt, ends. The server and the profiler use
+    this one function, so a served request's ratio is the profiled one."""
+    full = _template(tokenizer, messages)
+    if len(messages) < 2 or messages[-1].get("role") != "user":
+        return full, 0
+    head, last = _template(tokenizer, messages[:-1]), _template(tokenizer, messages[-1:])
+    header = len(head) + len(last) - 1 - len(full)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if 0 < header < len(head) and last and bos is not None and last[0] == bos and head[:-header] + last[1:] == full:
+        return full, len(head) - header
+    bare = _template(tokenizer, messages[:-1], generation=False)
+    if 0 < len(bare) < len(full) and full[:len(bare)] == bare:
+        return full, len(bare)
+    raise UsageError("this model's chat template cannot be split where the last user turn starts (neither the "
+                     "authors' cut of the assistant header and BOS nor the earlier turns' own template gives the "
+                     "conversation's tokens), so BiCache cannot tell a shared prefix from the last turn in its chats")
 
 
 def prefix_ratio(prefix: int, total: int) -> int:
