@@ -126,3 +126,78 @@ def test_chat_prefix_splits_both_templates_where_the_last_user_turn_starts():
         tok.chat_template = "{{ messages | length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
         with pytest.raises(UsageError, match="cannot be split where the last user turn starts"):
             chat_prefix(tok, chat)
+
+
+def _refresh_oracle(model, canvas: torch.Tensor, P: int, b: int) -> tuple[list, list]:
+    """What a BiCache refresh step must write for the prefix of one unpadded canvas [N], from the plain layers:
+    the prefix computed alone gives every layer's K/V and o_{b-1}; the suffix rows run the shallow layers
+    attending [that prefix K/V, their own]; from layer b the prefix rows, entering with o_{b-1}, and the suffix
+    rows run a full bidirectional forward over all N rows. Returns each layer's prefix K (RoPE at 0..P-1) and V
+    [Hkv, P, D]: the prefix-only ones below b, that full forward's from b."""
+    import torch.nn.functional as F
+
+    from dlmtrt.models.transformer import rope_cos_sin
+    N, layers = canvas.shape[0], model.model.layers
+    with torch.no_grad():
+        pk, pv, ph = model.layer_states(canvas[None, :P], torch.ones(1, P, dtype=torch.bool))
+        cos, sin = rope_cos_sin(torch.arange(N)[None], model.inv_freq, torch.float32)
+        x = model.model.embed_tokens(canvas[None, P:])
+        for n in range(b):
+            at = layers[n].self_attn
+            q, k, v = at.qkv(layers[n].input_layernorm(x), cos[:, P:], sin[:, P:])
+            o = F.scaled_dot_product_attention(q, torch.cat([pk[n], k], 2), torch.cat([pv[n], v], 2),
+                                               enable_gqa=q.shape[1] != k.shape[1])
+            x = x + at.o_proj(o.transpose(1, 2).reshape(1, N - P, -1))
+            x = x + layers[n].mlp(layers[n].post_attention_layernorm(x))
+        x = torch.cat([ph[b], x], 1)
+        keys, values = [k[0] for k in pk[:b]], [v[0] for v in pv[:b]]
+        for n in range(b, len(layers)):
+            h, k, v = layers[n].self_attn.forward_full(layers[n].input_layernorm(x), cos, sin, None)
+            keys.append(k[0, :, :P])
+            values.append(v[0, :, :P])
+            x = x + h
+            x = x + layers[n].mlp(layers[n].post_attention_layernorm(x))
+    return keys, values
+
+
+def test_a_refresh_writes_the_full_forward_in_the_deep_layers_and_keeps_the_prefix_only_ones_below():
+    """The cache's prefix rows after every step of a left-padded batch of two (4-layer model, depth 1 and 2,
+    refresh every 3 steps): in layers < b the prefix-only forward's K/V, always; in layers >= b at a refresh step
+    the K/V of the full forward over the canvas as it was at that step (`_refresh_oracle`, each sequence alone and
+    unpadded), and between refreshes the last refresh's. The canvas moves the deep prefix K/V by far more than the
+    tolerance, so a skipped refresh (or none) is caught."""
+    from dlmtrt.runtime.families import get
+    from dlmtrt.runtime.policies import parse_policy
+    model, _, _ = load(str(CKPT.parent / "bicache" / "ckpt-llada-bicache"), dtype="float32",
+                       device="cpu")
+    be = TorchBackend(model)
+    g = torch.Generator().manual_seed(3)
+    prompts, prefixes = [torch.randint(0, 250, (n,), generator=g) for n in (15, 11)], [10, 6]
+    ids = torch.stack([torch.cat([torch.zeros(15 - len(p), dtype=torch.long), p]) for p in prompts])
+    am = torch.stack([torch.arange(15) >= 15 - len(p) for p in prompts]).long()
+    kw = dict(gen_length=9, steps=9, block_length=9, temperature=0.0)
+    fam = get("llada")
+    for depth in (1, 2):
+        bc = BiCache(BiCacheStore(100), DepthTable.of({0: depth}), prefixes, interval=3)
+        s = fam.session(be, ids, am, fam.params(**kw).validate().to_dict(), parse_policy("none"), bc)
+        last = [None, None]
+        while not s.done:
+            i, canvas = s.i, s.x.clone()
+            s.step()
+            for b, (p, P) in enumerate(zip(prompts, prefixes)):
+                start = 15 - len(p)
+                real = canvas[b, start:]
+                want = _refresh_oracle(model, real, P, depth)
+                with torch.no_grad():  # the prefix computed alone
+                    alone = [[t[0] for t in ts] for ts in model.layer_states(real[None, :P], torch.ones(1, P).bool())[:2]]
+                if i % 3 == 0:
+                    if last[b] is not None:  # the canvas moved: a refresh skipped would keep the old K/V
+                        assert max((a - o).abs().max() for a, o in zip(want[0][depth:], last[b][0][depth:])) > 1e-3
+                    assert max((a - o).abs().max() for a, o in zip(want[0][depth:], alone[0][depth:])) > 1e-3
+                    last[b] = want
+                for n in range(model.args.num_layers):
+                    ref = (alone if n < depth else last[b])
+                    k, v = s.cache.keys[n][b, :, start:start + P], s.cache.values[n][b, :, start:start + P]
+                    assert torch.allclose(k, ref[0][n], atol=1e-5), (depth, i, b, n)
+                    assert torch.allclose(v, ref[1][n], atol=1e-5), (depth, i, b, n)
+        assert s.i == 9 and bc.depth == depth
