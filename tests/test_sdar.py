@@ -247,3 +247,13 @@ def test_the_host_reads_back_once_per_block_where_the_schedule_is_known(backend,
         assert hinted == session.stats.steps - session.rule.read_backs + 1
     else:
         assert session.rule.read_backs == session.stats.steps + 1 and hinted == 0
+
+
+def test_greedy_decoding_defaults_to_the_block_the_model_was_trained_for():
+    from dlmtrt.runtime.params import greedy_params
+    assert greedy_params("sdar", 32, attention="block_causal:16")["block_length"] == 16
+    assert greedy_params("sdar", 32, attention="block_causal:16")["denoising_steps"] == 16
+    assert greedy_params("sdar", 32, attention="block_causal:16", block_length=8)["block_length"] == 8
+    assert greedy_params("sdar", 32, attention="block_causal:16", blocks=4)["block_length"] == 8
+    assert greedy_params("sdar", 32)["block_length"] == 4
+    assert greedy_params("llada", 32, attention="bidirectional") == greedy_params("llada", 32)

@@ -73,7 +73,7 @@ def eval_cmd(model, tasks, n, policies, steps, blocks, block_length, remasking, 
         plan.check(src.family, remasking or "low_confidence")
     for spec, n_tokens in answer_tokens.items():
         params = greedy_params(src.family, n_tokens, steps=steps, blocks=blocks, remasking=remasking,
-                               block_length=block_length)
+                               block_length=block_length, attention=src.args.attention)
         for plan in plans:
             try:
                 check_step_budget(src.family, params, plan.parallel is not None, explicit_steps=steps is not None)

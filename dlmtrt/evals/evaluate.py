@@ -59,7 +59,7 @@ def evaluate(backend, tokenizer, task_spec: str, n: int, policies: list[str], *,
     problems = task.problems(n, seed, **diff)
     family = backend.info.family
     params = greedy_params(family, task.answer_tokens, steps=steps, blocks=blocks, remasking=remasking,
-                           block_length=block_length)
+                           block_length=block_length, attention=backend.info.attention)
     schedule = get_family(family).schedule_name(params)
     results, records = [], []
     for spec in policies:

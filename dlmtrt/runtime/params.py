@@ -71,12 +71,20 @@ def family_params(family: str, checkpoint_dir=None, **explicit) -> dict:
 
 
 def greedy_params(family: str, new_tokens: int, *, steps: int | None = None, blocks: int | None = None,
-                  remasking: str | None = None, alg: str = "maskgit_plus", block_length: int | None = None) -> dict:
+                  remasking: str | None = None, alg: str = "maskgit_plus", block_length: int | None = None,
+                  attention: str | None = None) -> dict:
     """Deterministic (temperature 0) confidence-ordered decoding of `new_tokens` (the family's `greedy`): LLaDA
     in `blocks` semi-autoregressive blocks (default 1); Dream in its own single-block schedule unless `blocks`
-    or `block_length` ask for Fast-dLLM's block decoding. `remasking` is LLaDA's, `alg` Dream's."""
+    or `block_length` ask for Fast-dLLM's block decoding. `remasking` is LLaDA's, `alg` Dream's. A block-causal
+    model's `attention` spec ('block_causal:16') gives the default block: the size it was trained for, which
+    is the one its cache and its accuracy assume."""
     from .families import get
     fam = get(family)
+    if attention is not None and block_length is None and blocks is None:
+        from dlmtrt.models.attention_kinds import AttentionKind
+        kind = AttentionKind.parse(attention)
+        if kind.causal_blocks:
+            block_length = kind.block
     own = {k: v for k, v in (("remasking", remasking), ("alg", alg)) if v is not None and fam.takes(k)}
     if remasking is not None and not fam.takes("remasking"):
         raise UsageError(f"remasking does not apply to {family} models", field="remasking")
