@@ -267,6 +267,7 @@ OUTPUTS = {
     "compare-inputs": (["compare", "-m", "tiny-llada-tasks", "--backends", "torch,onnxruntime"], "--save-inputs",
                        "file"),
     "make-tiny": (["make-tiny", "--arch", "dream"], "--out", "dir"),
+    "bicache-profile": (["bicache-profile", "-m", "tiny-llada-tasks"], "--out", "file"),
     "export": (["export", "-m", "tiny-llada-tasks"], "--out", "dir"),
     "build-engine-cache": (["build-engine", "--onnx", "{tmp}", "--out", "{tmp}/e.engine"], "--timing-cache", "file"),
 }

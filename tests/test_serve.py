@@ -73,7 +73,8 @@ def servers(tmp_path_factory):
                             "small": ["tiny-dream-tasks", "--max-queue", "2", "--max-cohorts", "1", "--max-batch",
                                       "1"],
                             "fuzz": ["tiny-dream-tasks", "--max-tokens-limit", "16", "--max-steps-limit", "16"],
-                            "prefix": ["tiny-dream-tasks", "--prefix-cache-mb", "64"],
+                            "prefix": ["tiny-dream-tasks", "--prefix-cache-mb", "64", "--prefix-cache-mode",
+                                       "freeze"],
                             }[name]
             started[name] = Server(model, *args, tmp=tmp)
         return started[name]
@@ -463,9 +464,11 @@ def test_scheduler_rules():
 
 
 def test_prefix_cache_serves_a_repeated_prompt_exactly(servers, offline):
-    """--prefix-cache-mb: the second identical request starts from the first one's prompt K/V (exact under `pd`,
-    which never recomputes prompt rows) and the metrics count the served rows and the store's bytes."""
+    """--prefix-cache-mode freeze (asked for on Dream, and said at startup to be lossy there): the second identical
+    request starts from the first one's prompt K/V (exact under `pd`, which never recomputes prompt rows) and the
+    metrics count the served rows and the store's bytes."""
     srv = servers("prefix")
+    assert "--prefix-cache-mode freeze is lossy for dream models" in srv.log.read_text()
     prompt = "sudoku\n0120\n4231\n2000\n0040\n"
     body = {"prompt": prompt, "max_tokens": 16, "steps": 16, "temperature": 0, "alg": "entropy", "policy": "pd"}
     first = httpx.post(srv.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]

@@ -7,6 +7,7 @@ import click
 from dlmtrt import __version__
 
 from .bench import bench_cmd
+from .bicache_profile import bicache_profile_cmd
 from .build_engine import build_engine_cmd
 from .calibrate import calibrate_cmd
 from .compare import compare_cmd
@@ -31,5 +32,5 @@ def main():
 
 
 for _cmd in (make_tiny_cmd, generate, calibrate_cmd, export_cmd, build_engine_cmd, eval_cmd, compare_cmd, bench_cmd,
-             serve_cmd, serve_trt_cmd):
+             bicache_profile_cmd, serve_cmd, serve_trt_cmd):
     main.add_command(_cmd)

@@ -41,10 +41,16 @@ def _options(fn):
         click.option("--max-steps-limit", type=positive(), default=1024, show_default=True,
                      help="Largest steps a request may ask for (its default included: Dream's is 512)."),
         click.option("--prefix-cache-mb", type=click.IntRange(0, 1 << 20), default=None,
-                     help="Cross-request prefix K/V reuse: MiB of prompt-prefix K/V kept on the device (0 = off) "
-                          f"[default: {BLOCK_CAUSAL_PREFIX_MB} for block-causal families (SDAR), where a shared "
-                          "prefix's whole blocks are exact; 0 for bidirectional ones, where reuse is an approximation: "
-                          "docs/serving.md]."),
+                     help="Cross-request prefix reuse, MiB kept on the device (0 = off). Block-causal families "
+                          "(SDAR): the exact all-layer freeze of prompt-prefix K/V. Dream, LLaDA: BiCache, whose "
+                          "store holds N MiB / (bytes of one prefix token: every layer's K and V plus L+1 hidden "
+                          "states at the serving dtype) tokens of chats' shared turns, with the model's profiled "
+                          f"depth table [default: {BLOCK_CAUSAL_PREFIX_MB} for block-causal families, 0 for the "
+                          "others: docs/serving.md]."),
+        click.option("--prefix-cache-mode", type=click.Choice(["bicache", "freeze"]), default=None,
+                     help="bicache: BiCache (Dream, LLaDA only). freeze: the all-layer freeze, exact for block-causal "
+                          "families and lossy for bidirectional ones, where it must be asked for [default: freeze "
+                          "for block-causal families, bicache for the others]."),
         click.option("--served-model-name", default=None, type=TEXT, help="Model id in the API [default: the --model/--engine "
                                                                "value]."),
         click.option("--threads", type=positive(1024), default=None,
@@ -67,8 +73,45 @@ def prefix_cache_bytes(mb: int | None, family: str) -> int:
     return (BLOCK_CAUSAL_PREFIX_MB << 20) if get(family).block_causal else 0
 
 
+def _bicache_options(fn):
+    """serve's own: BiCache runs on the torch backend only (serve-trt refuses it, naming why)."""
+    fn = click.option("--bicache-interval", type=positive(1 << 20), default=None,
+                      help="BiCache: recompute the shared prefix in the deep layers every this many steps, from the "
+                           "first [default: 16, the authors' run script].")(fn)
+    return click.option("--bicache-table", type=click.Path(dir_okay=False, exists=True), default=None,
+                        help="BiCache's depth table (dlmtrt bicache-profile) [default: bicache.json in the model's "
+                             "directory].")(fn)
+
+
+def reuse_plan(model: str, backend: str, src, dtype: str | None, prefix_cache_mb: int | None,
+               prefix_cache_mode: str | None, bicache_table, bicache_interval):
+    """(plan, BiCache depth table or None): the prefix reuse the options ask for (serve/reuse.py), checked before
+    the weights load: the table is read and the chat template must split where a chat's last user turn starts."""
+    from dlmtrt.runtime.backends import backend_class
+    from dlmtrt.runtime.families import get
+    from dlmtrt.serve.reuse import plan_reuse
+    plan = plan_reuse(family=src.family, block_causal=get(src.family).block_causal, backend=backend,
+                      deep_rows=backend_class(backend).deep_rows, args=src.args,
+                      dtype=dtype or src.dtype or "float32", model_dir=src.path, mb=prefix_cache_mb,
+                      mode=prefix_cache_mode, table_file=bicache_table, interval=bicache_interval,
+                      block_causal_mb=BLOCK_CAUSAL_PREFIX_MB)
+    if plan.mode != "bicache":
+        return plan, None
+    from dlmtrt.errors import UsageError
+    from dlmtrt.models.loading import load_tokenizer, open_checkpoint
+    from dlmtrt.runtime.bicache import chat_prefix
+    from dlmtrt.runtime.bicache_table import read_table
+    try:
+        chat_prefix(load_tokenizer(open_checkpoint(model)), [{"role": "system", "content": "a"},
+                                                             {"role": "user", "content": "b"}])
+    except UsageError as e:
+        raise UsageError(f"--prefix-cache-mb (BiCache): {e}; serve without it") from None
+    return plan, read_table(plan.table_path, src.args.num_layers)[0]
+
+
 def run_server(model, backend, device, dtype, policy, host, port, max_batch, max_cohorts, max_queue, max_tokens_limit,
-               max_steps_limit, prefix_cache_mb, served_model_name, threads, log_level):
+               max_steps_limit, prefix_cache_mb, prefix_cache_mode, served_model_name, threads, log_level,
+               bicache_table=None, bicache_interval=None):
     import time
 
     from dlmtrt.runtime.backends import describe_model, make_backend
@@ -88,6 +131,12 @@ def run_server(model, backend, device, dtype, policy, host, port, max_batch, max
     if max_tokens_limit is not None and max_tokens_limit >= src.args.max_position_embeddings:
         raise click.BadParameter(f"{max_tokens_limit} does not fit the model's {src.args.max_position_embeddings} "
                                  "positions with any prompt", param_hint="--max-tokens-limit")
+    reuse, table = reuse_plan(model, backend, src, dtype, prefix_cache_mb, prefix_cache_mode, bicache_table,
+                              bicache_interval)
+    if reuse.lossy:
+        from dlmtrt.serve.reuse import LOSSY_FREEZE
+        click.echo(f"dlmtrt serve: warning: --prefix-cache-mode freeze {LOSSY_FREEZE.format(family=src.family)}",
+                   err=True)
     sock = bind(host, port)
     if threads:
         import torch
@@ -96,7 +145,8 @@ def run_server(model, backend, device, dtype, policy, host, port, max_batch, max
     be, tok, src = make_backend(backend, model, dtype=dtype, device=device)
     cfg = ServeConfig(model_id=served_model_name or model, policy=policy, max_batch=max_batch, max_queue=max_queue,
                       max_cohorts=max_cohorts, max_tokens_limit=max_tokens_limit, max_steps_limit=max_steps_limit,
-                      threads=threads, prefix_cache_bytes=prefix_cache_bytes(prefix_cache_mb, src.family))
+                      threads=threads, prefix_cache_bytes=reuse.freeze_bytes, bicache_tokens=reuse.bicache_tokens,
+                      bicache_table=table, bicache_interval=reuse.interval)
     served = Served(be, tok, src, cfg)
     load_s = time.perf_counter() - t0
 
@@ -108,6 +158,7 @@ def run_server(model, backend, device, dtype, policy, host, port, max_batch, max
                    f"{url}/metrics  {url}/docs", nl=True)
         click.echo(f"  cohorts of <= {max_batch} requests, <= {cohorts} running, queue <= {max_queue}; ctrl-C or "
                    "SIGTERM finishes the accepted requests, then exits", nl=True)
+        click.echo(f"  {reuse.describe(src.family)}", nl=True)
         import sys
         sys.stdout.flush()
 
@@ -122,6 +173,7 @@ def run_server(model, backend, device, dtype, policy, host, port, max_batch, max
               show_default=True, help="Step backend (torch-graph and tensorrt run one cohort at a time).")
 @_model_options
 @_options
+@_bicache_options
 @friendly_errors
 def serve_cmd(model, backend, **kw):
     """Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions).

@@ -90,6 +90,11 @@ class DepthTable:
             raise UsageError(f"the BiCache depth table asks for {below[-1]} layers of a {layers}-layer model")
         return below[-1]
 
+    def serving_depth(self, ratio: int, layers: int) -> int:
+        """A server's depth: as `depth`, but 0 (served without reuse) below the table's first ratio, which a
+        profile whose samples start above 0 leaves out (the authors' engine raises there)."""
+        return self.depth(ratio, layers) if ratio >= self.depths[0][0] else 0
+
 
 @dataclass
 class Entry:
@@ -222,30 +227,38 @@ def layer_similarity(backend, prefix: list[int], rest: list[int]) -> Tensor:
     return torch.stack(out)
 
 
-def depth_table(bucket_means: list[Tensor], threshold: float) -> dict[int, int]:
-    """The authors' table from per-bucket mean similarities (bucket r = ratio r, from 0): the leading layers
-    strictly above `threshold`, recorded only where that count exceeds every earlier bucket's (so it only grows;
-    a bucket whose count is 0 before any other is recorded gets no entry)."""
+def depth_table(bucket_means: list[Tensor], threshold: float, first: int = 0) -> dict[int, int]:
+    """The authors' table from per-bucket mean similarities (bucket_means[k] is ratio first + k; theirs start at
+    0): the leading layers strictly above `threshold`, recorded only where that count exceeds every earlier
+    bucket's (so it only grows; a bucket whose count is 0 before any other is recorded gets no entry, and a
+    request below the first entry is served without reuse)."""
     table, best = {}, 0
-    for r, sims in enumerate(bucket_means):
+    for k, sims in enumerate(bucket_means):
         n = 0
         for x in sims.tolist():
             if not x > threshold:
                 break
             n += 1
         if n > best:
-            best = table[r] = n
+            best = table[first + k] = n
     return table
 
 
-def profile(backend, buckets: list[list[tuple[list[int], list[int]]]], threshold: float = 0.97
-            ) -> tuple[dict[int, int], list[Tensor]]:
-    """Profile a model offline: `buckets[r]` holds (shared prefix ids, rest ids) samples whose prefix makes r % of
-    them (the authors' profile ratio counts no answer); returns the depth table and each bucket's mean per-layer
-    similarity. Every bucket from 0 must have samples (the table is read from ratio 0 up)."""
+def profile(backend, buckets: list[list[tuple[list[int], list[int]]]], threshold: float = 0.97, first: int = 0,
+            progress=None) -> tuple[dict[int, int], list[Tensor]]:
+    """Profile a model offline: `buckets[k]` holds (shared prefix ids, rest ids) samples whose prefix makes
+    first + k % of them (the authors' profile ratio counts no answer); returns the depth table and each bucket's
+    mean per-layer similarity. Every bucket from `first` on must have samples (the table is read from the lowest
+    ratio up; the authors' start at 0). `progress(n)` is called after each sample."""
     means = []
-    for r, samples in enumerate(buckets):
+    for k, samples in enumerate(buckets):
         if not samples:
-            raise UsageError(f"BiCache profiling needs samples in every ratio bucket from 0: bucket {r} is empty")
-        means.append(torch.stack([layer_similarity(backend, p, q) for p, q in samples]).mean(0))
-    return depth_table(means, threshold), means
+            raise UsageError(f"BiCache profiling needs samples in every ratio bucket from {first}: bucket "
+                             f"{first + k} is empty")
+        sims = []
+        for p, q in samples:
+            sims.append(layer_similarity(backend, p, q))
+            if progress is not None:
+                progress(1)
+        means.append(torch.stack(sims).mean(0))
+    return depth_table(means, threshold, first), means

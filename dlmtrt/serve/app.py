@@ -30,6 +30,7 @@ from dlmtrt.runtime.prefix import PrefixStore
 
 from .metrics import Metrics
 from .protocol import ApiError, ChatCompletionRequest, CompletionRequest, DiffusionFields
+from .reuse import BiCacheServing
 from .scheduler import Job, QueueFull, Scheduler, ShuttingDown
 
 # request fields that are generation parameters, by their generic names (a family takes some: runtime/families/)
@@ -47,8 +48,11 @@ class ServeConfig:
     max_tokens_limit: int | None = None  # default: the model's positions
     max_steps_limit: int = 1024
     threads: int | None = None
-    prefix_cache_bytes: int = 0  # cross-request prefix K/V reuse (runtime/prefix.py); 0 = off
+    prefix_cache_bytes: int = 0  # cross-request prefix K/V reuse, the all-layer freeze (runtime/prefix.py); 0 = off
     prefix_block: int = PREFIX_BLOCK
+    bicache_tokens: int = 0  # BiCache's store (runtime/bicache.py, serve/reuse.py) in prefix tokens; 0 = off
+    bicache_table: object = None  # its runtime/bicache.DepthTable
+    bicache_interval: int = 16
 
 
 class Served:
@@ -64,12 +68,17 @@ class Served:
         self.created = int(time.time())
         self.default_policy = config.policy or family(source.family).default_policy
         parse_policy(self.default_policy)  # a misspelt --policy fails at startup; combinations are checked per request
+        self.bicache = None
+        if config.bicache_tokens > 0:
+            from dlmtrt.runtime.bicache import BiCacheStore
+            self.bicache = BiCacheServing(BiCacheStore(config.bicache_tokens), config.bicache_table,
+                                          config.bicache_interval, backend.info.num_layers)
         self.scheduler = Scheduler(backend, tokenizer, self.family, max_positions=self.max_positions,
                                    max_batch=config.max_batch, max_queue=config.max_queue,
                                    max_cohorts=config.max_cohorts, metrics=self.metrics,
                                    tokenizer_lock=self.tok_lock, threads=config.threads,
                                    prefix_store=PrefixStore(config.prefix_cache_bytes, config.prefix_block)
-                                   if config.prefix_cache_bytes > 0 else None)
+                                   if config.prefix_cache_bytes > 0 else None, bicache=self.bicache)
 
     # ---- validation --------------------------------------------------------------------------------------
     def params_of(self, req: DiffusionFields) -> tuple[dict, object, int]:
@@ -117,6 +126,9 @@ class Served:
             raise ApiError(400, f"the {param} is empty", param=param)
         with self.tok_lock:
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self._checked(ids, param)
+
+    def _checked(self, ids: list[int], param: str) -> list[int]:
         if not ids:
             raise ApiError(400, f"the {param} has no tokens", param=param)
         if self.backend.info.mask_token_id in ids:
@@ -124,10 +136,13 @@ class Served:
                                 "positions)", param=param)
         return ids
 
-    def chat_text(self, req: ChatCompletionRequest) -> str:
+    def _messages(self, req: ChatCompletionRequest) -> list[dict]:
         if not req.messages:
             raise ApiError(400, "messages is empty", param="messages")
-        msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+
+    def chat_text(self, req: ChatCompletionRequest) -> str:
+        msgs = self._messages(req)
         try:
             with self.tok_lock:
                 return self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
@@ -135,19 +150,40 @@ class Served:
             raise ApiError(400, f"the model's chat template cannot render these messages: {e}",
                            param="messages") from None
 
-    def jobs_of(self, req: DiffusionFields, texts: list[str], param: str, sink) -> list[Job]:
+    def chat_prompt(self, req: ChatCompletionRequest) -> tuple[list[int], int]:
+        """(ids, P) of a chat under BiCache: the authors' tokenization, P where the turns before the last user
+        message end (0: no boundary, served without reuse)."""
+        from dlmtrt.runtime.bicache import chat_prefix
+        msgs = self._messages(req)
+        try:
+            with self.tok_lock:
+                ids, P = chat_prefix(self.tokenizer, msgs)
+        except DlmtrtError as e:
+            raise ApiError(400, str(e), param="messages") from None
+        except Exception as e:
+            raise ApiError(400, f"the model's chat template cannot render these messages: {e}",
+                           param="messages") from None
+        return self._checked(ids, "messages"), P
+
+    def jobs_of(self, req: DiffusionFields, texts: list[str] | None, param: str, sink,
+                prompts: list[tuple[list[int], int]] | None = None) -> list[Job]:
+        """The request's jobs: one per text (tokenized here, no shared-prefix boundary) or per already tokenized
+        (ids, prefix length) prompt (a chat under BiCache), each with the BiCache depth it runs at."""
         params, plan, seed = self.params_of(req)
         new = self.fam.new_tokens(params)
+        if prompts is None:
+            prompts = [(self.tokenize(text, param), 0) for text in texts]
+        reuse = self.bicache is not None and self.fam.prefix_reuse(params)
         jobs = []
-        for k, text in enumerate(texts):
-            ids = self.tokenize(text, param)
+        for k, (ids, P) in enumerate(prompts):
             if len(ids) + new > self.max_positions:
                 raise ApiError(400, f"prompt ({len(ids)} tokens) + max_tokens ({new}) exceeds the model's "
                                     f"{self.max_positions} positions; shorten the prompt or ask for fewer tokens",
                                param=param, code="context_length_exceeded")
             self._check_rule(params, plan, len(ids))
+            depth = self.bicache.depth(P, len(ids), new) if reuse else 0
             jobs.append(Job(ids, params, plan, seed, self.fam.draws_random(params), new, sink,
-                            stream=req.stream, canvas=req.dlmtrt_canvas, index=k))
+                            stream=req.stream, canvas=req.dlmtrt_canvas, index=k, prefix_len=P, depth=depth))
         return jobs
 
     def _check_rule(self, params: dict, plan, prompt_length: int) -> None:
@@ -319,9 +355,12 @@ class _Routes:
         """The request's jobs, validated and queued; a refusal is counted in the metrics under its status."""
         served = self.served
         try:
-            if chat:
+            prompts = None
+            if chat and served.bicache is not None:
+                prompts = [served.chat_prompt(body)]
+            elif chat:
                 texts = [served.chat_text(body)]
-            jobs = served.jobs_of(body, texts, param, sink)
+            jobs = served.jobs_of(body, texts, param, sink, prompts)
             try:
                 self.sched.submit(jobs)
             except QueueFull:

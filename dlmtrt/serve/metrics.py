@@ -29,6 +29,17 @@ class Metrics:
                                           registry=r)
         self.prefix_bytes = Gauge("dlmtrt_prefix_store_bytes", "Bytes of K/V held by the prefix store", registry=r)
         self.prefix_blocks = Gauge("dlmtrt_prefix_store_blocks", "Blocks held by the prefix store", registry=r)
+        self.bicache_hits = Counter("dlmtrt_bicache_hits", "Shared prefixes BiCache found in its store", registry=r)
+        self.bicache_misses = Counter("dlmtrt_bicache_misses",
+                                      "Shared prefixes BiCache computed alone and stored (one forward each)",
+                                      registry=r)
+        self.bicache_evictions = Counter("dlmtrt_bicache_evictions", "Prefixes BiCache's store evicted (LRU)",
+                                         registry=r)
+        self.bicache_tokens = Gauge("dlmtrt_bicache_store_tokens", "Prefix tokens held by BiCache's store", registry=r)
+        self.bicache_prefixes = Gauge("dlmtrt_bicache_store_prefixes", "Prefixes held by BiCache's store", registry=r)
+        self.bicache_requests = Counter("dlmtrt_bicache_requests",
+                                        "Requests by the BiCache depth they ran at (0: without reuse)", ["depth"],
+                                        registry=r)
         self.requests = Counter("dlmtrt_requests", "HTTP generation requests by endpoint and status",
                                 ["endpoint", "status"], registry=r)
         self.latency = Histogram("dlmtrt_request_latency_seconds", "From acceptance to the answer, per prompt",

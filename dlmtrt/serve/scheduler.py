@@ -2,7 +2,7 @@
 worker thread that owns the backend.
 
 At every step boundary (after any cohort's step) the waiting requests are grouped by their compatibility key
-(family parameters, policy, answer length, prompt-length bucket) and each group, up to `max_batch`, becomes a
+(family parameters, policy, answer length, prompt-length bucket, BiCache depth) and each group, up to `max_batch`, becomes a
 new cohort: one `DecodeSession` whose batch is the group, prompts left-padded to the group's longest as
 `generate_text` pads a batch (a request alone is not padded at all: in bf16, padding alone can flip a near-tie). Running cohorts are stepped one step each in turn; a request is answered as soon
 as its answer is final (its committed prefix reaches EOS, or nothing is masked: committed tokens never change)
@@ -80,12 +80,16 @@ class Job:
     t_start: float | None = None
     emitted: str = ""  # text already streamed
     last_prefix: int = -1
+    prefix_len: int = 0  # where a chat's shared prefix ends (runtime/bicache.chat_prefix); 0: no boundary
+    depth: int = 0  # the BiCache depth it runs at (serve/reuse.py); 0: without BiCache
 
     def key(self, max_positions: int | None) -> tuple:
+        """Jobs of one key may share a cohort: the same parameters, policy, prompt-length bucket and BiCache
+        depth (BiCache decodes one depth per batch)."""
         limit = (max_positions or 1 << 30) - self.new_tokens
         if self.random:
             return ("solo", self.id, len(self.ids))
-        return (json.dumps(self.params, sort_keys=True), self.plan.spec, bucket_of(len(self.ids), limit))
+        return (json.dumps(self.params, sort_keys=True), self.plan.spec, bucket_of(len(self.ids), limit), self.depth)
 
     def post(self, kind: str, payload) -> None:
         if kind in ("done", "error"):
@@ -122,9 +126,10 @@ class Scheduler:
 
     def __init__(self, backend, tokenizer, family: str, *, max_positions: int | None, max_batch: int = 32,
                  max_queue: int = 256, max_cohorts: int = 8, metrics=None, tokenizer_lock=None, threads: int | None = None,
-                 prefix_store=None):
+                 prefix_store=None, bicache=None):
         self.backend, self.tokenizer, self.family = backend, tokenizer, family
-        self.prefix_store = prefix_store  # runtime/prefix.PrefixStore, or None (off)
+        self.prefix_store = prefix_store  # runtime/prefix.PrefixStore (the all-layer freeze), or None
+        self.bicache = bicache  # serve/reuse.BiCacheServing, or None: jobs with a depth > 0 run under it
         self.max_positions = max_positions
         self.max_batch, self.max_queue = max_batch, max_queue
         self.max_cohorts = 1 if shares_cache(backend) else max_cohorts
@@ -264,13 +269,18 @@ class Scheduler:
                     g = torch.Generator(device=dev)
                     g.manual_seed(jobs[0].seed)
                     rng["cuda"] = g.get_state()
-            store = self.prefix_store
-            looked_up = store.stats.prompt_rows if store is not None else 0
-            session = build_session(self.backend, self.family, ids.to(dev), am.to(dev), jobs[0].params, jobs[0].plan,
-                                    store)
-            if store is not None and self.metrics is not None:
-                self.metrics.prefix_rows.inc(session.stats.prefix_rows)
-                self.metrics.prefix_prompt_rows.inc(store.stats.prompt_rows - looked_up)
+            if jobs[0].depth > 0:
+                session = self._bicache_session(jobs, ids.to(dev), am.to(dev))
+            else:
+                store = self.prefix_store
+                looked_up = store.stats.prompt_rows if store is not None else 0
+                session = build_session(self.backend, self.family, ids.to(dev), am.to(dev), jobs[0].params,
+                                        jobs[0].plan, store)
+                if store is not None and self.metrics is not None:
+                    self.metrics.prefix_rows.inc(session.stats.prefix_rows)
+                    self.metrics.prefix_prompt_rows.inc(store.stats.prompt_rows - looked_up)
+                if self.bicache is not None and self.metrics is not None:
+                    self.metrics.bicache_requests.labels("0").inc(len(jobs))
         except DlmtrtError as e:
             for j in jobs:
                 j.post("error", (400, str(e)))
@@ -288,6 +298,24 @@ class Scheduler:
             self.metrics.cohort_size.observe(len(jobs))
             for j in jobs:
                 self.metrics.queue_wait.observe(now - j.t_submit)
+
+    def _bicache_session(self, jobs: list[Job], ids: torch.Tensor, am: torch.Tensor) -> DecodeSession:
+        """The cohort's session under one BiCache generation over the shared store; the store's counters go to
+        the metrics."""
+        store = self.bicache.store
+        before = (store.stats.hits, store.stats.misses, store.stats.evictions)
+        session = build_session(self.backend, self.family, ids, am, jobs[0].params, jobs[0].plan,
+                                self.bicache.for_cohort([j.prefix_len for j in jobs]))
+        m = self.metrics
+        if m is not None:
+            m.bicache_hits.inc(store.stats.hits - before[0])
+            m.bicache_misses.inc(store.stats.misses - before[1])
+            m.bicache_evictions.inc(store.stats.evictions - before[2])
+            m.bicache_tokens.set(store.tokens)
+            m.bicache_prefixes.set(len(store.entries))
+            m.prefix_rows.inc(session.stats.prefix_rows)
+            m.bicache_requests.labels(str(session.prefix_store.depth)).inc(len(jobs))
+        return session
 
     def _drop(self, cohort: Cohort) -> None:
         self.running.remove(cohort)
@@ -308,7 +336,8 @@ class Scheduler:
                     if "cuda" in cohort.rng:
                         torch.cuda.set_rng_state(cohort.rng["cuda"], dev)
                 s.step()
-                if s.i == 1 and s.prefix_store is not None and self.metrics is not None:  # step 0 stored its prompts
+                if s.i == 1 and self.prefix_store is not None and s.prefix_store is self.prefix_store \
+                        and self.metrics is not None:  # step 0 stored its prompts
                     self.metrics.prefix_bytes.set(s.prefix_store.bytes)
                     self.metrics.prefix_blocks.set(len(s.prefix_store))
                 if cohort.rng is not None:
@@ -377,7 +406,9 @@ class Scheduler:
                                "answered_at_step": s.i, "rows_computed": st.rows_computed,
                                "rows_full": st.rows_full, "queue_s": round(job.t_start - job.t_submit, 6),
                                "latency_s": round(now - job.t_submit, 6), "seed": job.seed,
-                               "policy": job.plan.spec, "params": job.params}})
+                               "policy": job.plan.spec, "params": job.params,
+                               **({"bicache_depth": job.depth, "prefix_rows": st.prefix_rows}
+                                  if self.bicache is not None else {})}})
                 if self.metrics is not None:
                     self.metrics.tokens.inc(end)
                     self.metrics.latency.observe(now - job.t_submit)
