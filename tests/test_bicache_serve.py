@@ -121,6 +121,43 @@ def test_requests_without_a_boundary_run_without_reuse(client, model):
     assert metric(client, 'dlmtrt_bicache_requests_total{depth="0"}') == 2
 
 
+def test_a_chat_the_template_does_not_split_is_served_whole(model):
+    import copy
+    be, tok, src = model
+    tok = copy.deepcopy(tok)
+    tok.chat_template = "{{ messages | length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    served = _served((be, tok, src))
+    ids, P = served.chat_prompt(_request(chat("a", "b", "c")))
+    assert P == 0 and ids == tok(f"4{SYSTEM}abc", add_special_tokens=False)["input_ids"]
+
+
+def test_dream_chats_run_under_bicache_with_the_shipped_table():
+    """Dream (its Qwen template, split where the earlier turns' own template ends) through the server as the
+    runtime's BiCache generation, at the depth the shipped tiny model's table gives."""
+    from fastapi.testclient import TestClient
+
+    from dlmtrt.runtime.backends import make_backend
+    from dlmtrt.runtime.bicache_table import TABLE_FILE
+    from dlmtrt.runtime.families import get
+    from dlmtrt.serve.app import ServeConfig, Served, create_app
+    be, tok, src = make_backend("torch", "tiny-dream-tasks")
+    table, _ = read_table(Path(src.path) / TABLE_FILE, 6)
+    served = Served(be, tok, src, ServeConfig(model_id="d", bicache_tokens=TOKENS, bicache_table=table,
+                                              bicache_interval=4))
+    msgs = chat("countdown 12 5 -> 60", system="Solve the puzzle. " * 12)
+    kw = dict(max_new_tokens=16, steps=16, temperature=0.0, alg="entropy")
+    with TestClient(create_app(served)) as c:
+        r = c.post("/v1/chat/completions", json={"messages": msgs, "max_tokens": 16, "steps": 16,
+                                                 "temperature": 0, "alg": "entropy"}).json()
+    ids, P = chat_prefix(tok, msgs)
+    x, _ = get("dream").generate(be, torch.tensor([ids]), prefix_store=BiCache(BiCacheStore(TOKENS), table, [P], 4),
+                                 **kw)
+    toks = x[0, len(ids):].tolist()
+    assert r["choices"][0]["message"]["content"] == tok.decode(toks[:answer_end(toks, be.info.stop_ids)],
+                                                               skip_special_tokens=True)
+    assert r["dlmtrt"][0]["bicache_depth"] == table.serving_depth(prefix_ratio(P, len(ids) + 16), 6) > 0
+
+
 def test_depths_never_share_a_cohort(model):
     """Two chats of one length, parameters and bucket, at depths 1 and 3, waiting together: two cohorts (one
     batch of both would be refused by BiCache.attach), each answered as the runtime alone."""

@@ -152,14 +152,15 @@ class Served:
 
     def chat_prompt(self, req: ChatCompletionRequest) -> tuple[list[int], int]:
         """(ids, P) of a chat under BiCache: the authors' tokenization, P where the turns before the last user
-        message end (0: no boundary, served without reuse)."""
+        message end (0: no boundary, served without reuse). Messages the template renders but does not split
+        there (the startup check split a plain chat) are served whole, without reuse: exact, only slower."""
         from dlmtrt.runtime.bicache import chat_prefix
         msgs = self._messages(req)
         try:
             with self.tok_lock:
                 ids, P = chat_prefix(self.tokenizer, msgs)
-        except DlmtrtError as e:
-            raise ApiError(400, str(e), param="messages") from None
+        except DlmtrtError:
+            return self.tokenize(self.chat_text(req), "messages"), 0
         except Exception as e:
             raise ApiError(400, f"the model's chat template cannot render these messages: {e}",
                            param="messages") from None
