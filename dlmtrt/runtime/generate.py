@@ -39,17 +39,43 @@ def generate_text(backend: StepBackend, tokenizer, prompts: list[str], *, chat: 
     """
     if not prompts:
         raise UsageError("no prompt given")
+    fam = _family_of(backend, params)
+    if chat:
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                                 tokenize=False) for p in prompts]
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    return _generate(backend, tokenizer, fam, enc["input_ids"], enc["attention_mask"], policy, on_step,
+                     max_positions, prefix_store, params)
+
+
+def generate_ids(backend: StepBackend, tokenizer, prompts: list[list[int]], *, policy: str | DecodePlan | None = None,
+                 on_step=None, max_positions: int | None = None, prefix_store=None, **params) -> Generation:
+    """As `generate_text`, from token ids (left-padded here): prompts whose split matters, a chat tokenized by
+    `runtime.bicache.chat_prefix`, which re-tokenizing its rendered text need not reproduce."""
+    import torch
+    if not prompts or not all(prompts):
+        raise UsageError("no prompt given (or an empty one)")
+    fam = _family_of(backend, params)
+    L = max(len(p) for p in prompts)
+    pad = backend.info.pad_token_id
+    ids = torch.tensor([[pad] * (L - len(p)) + list(p) for p in prompts])
+    am = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts])
+    return _generate(backend, tokenizer, fam, ids, am, policy, on_step, max_positions, prefix_store, params)
+
+
+def _family_of(backend, params: dict):
+    """The backend's family, refusing parameters it does not take."""
     fam = family(backend.info.family)
     unknown = sorted(set(params) - set(fam.param_names))
     if unknown:
         raise UsageError(f"{fam.name} generation does not take {', '.join(unknown)}; it takes "
                          f"{', '.join(fam.param_names)}", field=unknown[0])
-    if chat:
-        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                                 tokenize=False) for p in prompts]
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
-    ids = enc["input_ids"].to(backend.info.device)
-    am = enc["attention_mask"].to(backend.info.device)
+    return fam
+
+
+def _generate(backend, tokenizer, fam, ids: Tensor, am: Tensor, policy, on_step, max_positions, prefix_store,
+              params: dict) -> Generation:
+    ids, am = ids.to(backend.info.device), am.to(backend.info.device)
     if (ids == backend.info.mask_token_id).any():
         raise UsageError("a prompt contains the mask token; remove it (the canvas uses it for unknown positions)")
     x, stats = fam.generate(backend, ids, am, policy=policy, on_step=on_step, max_positions=max_positions,
