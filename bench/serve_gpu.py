@@ -67,12 +67,14 @@ class Client:
                 self.done[job.id] = (now, payload)
                 self.all_done.notify_all()
 
-    def run(self, prompts: list[list[int]], params: dict, policy: str, in_flight: int, canvas: bool = False):
+    def run(self, prompts: list[list[int]], params: dict, policy: str, in_flight: int, canvas: bool = False,
+            family=DREAM, **job_fields):
         """Keep `in_flight` requests outstanding until all are answered; per request (submit, first event, done,
-        answer dict)."""
+        answer dict). `job_fields` go to every Job (a chat's prefix_len and BiCache depth)."""
         plan = parse_policy(policy)
-        new = params["max_new_tokens"]
-        jobs = [Job(p, params, plan, 0, DREAM.draws_random(params), new, self.sink, canvas=canvas) for p in prompts]
+        new = family.new_tokens(params)
+        jobs = [Job(p, params, plan, 0, family.draws_random(params), new, self.sink, canvas=canvas, **job_fields)
+                for p in prompts]
         submitted: dict[int, float] = {}
         nxt = 0
         with self.lock:
