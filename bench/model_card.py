@@ -16,10 +16,10 @@ from dlmtrt.models.loading import SHIPPED_ALIASES, load
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def _table(doc: dict) -> list[str]:
+def _table(doc: dict, policy: str = "none") -> list[str]:
     rows = ["| task | n | accuracy | forward passes | tokens/s |", "| --- | --- | --- | --- | --- |"]
     for r in doc["results"]:
-        if r["policy"] == "none":
+        if r["policy"] == policy:
             rows.append(f"| `{r['task']}` | {r['n']} | {r['accuracy']:.3f} | {r['forward_passes']:.0f} | "
                         f"{r['tokens_per_s']:.0f} |")
     return rows
@@ -32,12 +32,14 @@ def card(name: str, notes: str = "") -> str:
     args = load(name)[2].args
     size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     fam = tr["family"]
+    block = tr.get("block_size")
     s = tr["sizes"]
     lines = [
         f"# {name}",
         "",
-        f"A {tr['params'] / 1e6:.2f} M-parameter masked-diffusion LM in the **{fam}** layout "
-        f"({cfg['architectures'][0]}; {'row p-1 predicts token p' if fam == 'dream' else 'row p predicts token p'}), "
+        f"A {tr['params'] / 1e6:.2f} M-parameter {'block' if block else 'masked'}-diffusion LM in the **{fam}** "
+        f"layout ({cfg['architectures'][0]}; {'row p-1 predicts token p' if args.logits_shift else 'row p predicts token p'}"
+        f"{f'; attention bidirectional inside blocks of {block} and causal across them' if block else ''}), "
         "trained by this project to give the cache-policy benchmarks a model whose confidences mean something. "
         "Loaded by alias: `dlmtrt eval -m " + name + " --task sudoku4`.",
         "",
@@ -54,31 +56,43 @@ def card(name: str, notes: str = "") -> str:
         "letters applying the Caesar shift given in the prompt (the long-canvas task).",
         "",
         "## Training",
-        "Masked diffusion: t ~ U(0, 1) per sequence, each answer token (EOS padding included) masked with "
-        "probability t, cross-entropy on masked tokens weighted 1/t; the prompt is never masked.",
+        (f"Block diffusion (`dlmtrt/evals/block_diffusion.py`, SDAR's objective in BD3-LM's vectorized form): the "
+         f"noisy and the clean sequence in one pass of length 2L, each noisy block of {block} attending to itself "
+         "and to the clean earlier blocks; t ~ U(0, 1) per sequence (SDAR's; `--noise block` gives BD3-LM's rate per "
+         "block), each answer token masked with probability t, cross-entropy on masked tokens of the noisy half "
+         "weighted 1/t; the prompt is never masked. The 2L pass costs about twice a masked-diffusion step, so "
+         "the GPU minutes of tiny-llada-tasks buy about half its steps." if block else
+         "Masked diffusion: t ~ U(0, 1) per sequence, each answer token (EOS padding included) masked with "
+         "probability t, cross-entropy on masked tokens weighted 1/t; the prompt is never masked."),
         f"- {tr['steps']} steps of batch {tr['batch']}, AdamW lr {tr['lr']} (warm-up, cosine to 10%), seed {tr['seed']}, "
         f"bf16 autocast{', torch.compile' if tr.get('compiled') else ''}.",
         f"- {tr['train_seconds'] / 60:.1f} minutes on one {tr['device']} (torch {tr['torch']}), {RUNS[fam][0]}.",
         f"- Reproduce (on the GPU machine): `OUT=out/gpu {RUNS[fam][1]} bash bench/gpu_train.sh`, or "
-        f"`python -m dlmtrt.evals.train --family {fam} --out DIR --minutes {RUNS[fam][2]}`. The budget is wall-clock, so the step "
+        f"`python -m dlmtrt.evals.train --family {fam}{f' --block-size {block}' if block else ''} --out DIR --minutes {RUNS[fam][2]}`. The budget is wall-clock, so the step "
         f"count depends on the machine; `--max-steps {tr['steps']} --minutes 60` fixes it.",
         "",
         "## Accuracy",
-        "Greedy confidence-ordered decoding of the whole answer in one block, one step per answer token, no cache "
-        f"(`dlmtrt/evals/evaluate.py`), seed 1234 of the problem generator.",
+        (f"SDAR's greedy decoding (top_k=1, static low-confidence remasking) in blocks of {block}, one step per "
+         "answer token, with the exact block cache (`append`)" if block else
+         "Greedy confidence-ordered decoding of the whole answer in one block, one step per answer token, no cache")
+        + f" (`dlmtrt/evals/evaluate.py`), seed 1234 of the problem generator.",
         "",
     ]
+    policy = "append" if block else "none"
     cpu = [RESULTS / f"eval-{name}-cpu.json", RESULTS / f"eval-{name}-cpu-long.json"]
     if any(f.exists() for f in cpu):
         docs = [json.loads(f.read_text()) for f in cpu if f.exists()]
         rows = [r for d in docs for r in d["results"]]
         files = ", ".join(f"`bench/results/{f.name}`" for f in cpu if f.exists())
-        lines += [f"On CPU (fp32, `bash bench/eval_shipped.sh`; {files}; tokens/s measured on 2 cores shared with other jobs, not a speed figure):", "", *_table({"results": rows}), ""]
+        lines += [f"On CPU (fp32, `bash bench/eval_shipped.sh`; {files}; tokens/s measured on 2 cores shared with other jobs, not a speed figure):", "", *_table({"results": rows}, policy), ""]
     gpu = RESULTS / f"eval-{name}-gpu.json"
     if gpu.exists():
         doc = json.loads(gpu.read_text())
         lines += [f"On the training GPU right after training (fp32; `bench/results/{gpu.name}`):", "",
-                  *_table(doc), ""]
+                  *_table(doc, policy), ""]
+    if block:
+        lines += ["Against the bidirectional tiny-llada-tasks under dKV-Cache and Fast-dLLM's caches, and a model "
+                  "trained for blocks of 16: docs/results/block-vs-cache.md.", ""]
     if notes:
         lines += ["## Known limitations", notes, ""]
     return "\n".join(lines)
@@ -88,7 +102,10 @@ def card(name: str, notes: str = "") -> str:
 RUNS = {"dream": ("alone on the GPU (a second run: the first, shared with the LLaDA model, had not learnt "
                   "shift128's first letter in 8.3 minutes)", "FAMILIES=dream MINUTES=8.6", 8.6),
         "llada": ("side by side with the first Dream model on the same GPU", 'FAMILIES="dream llada" MINUTES=8.3',
-                  8.3)}
+                  8.3),
+        "sdar": ("side by side with the blocks-of-16 model on the same GPU: the GPU minutes of tiny-llada-tasks (8.3 on an H100, "
+                 "5280 steps), "
+                 "which in the 2L objective are about half its steps (this model is that run's tiny-sdar-b4-tasks)", 'FAMILIES="sdar:4 sdar:16" MINUTES=8.3', 8.3)}
 
 
 @click.command()

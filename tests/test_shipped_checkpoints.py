@@ -19,7 +19,9 @@ from dlmtrt.runtime.backends import make_backend
 FLOORS = {
     "tiny-dream-tasks": {"sudoku4:clues=8-12": (16, 0.8), "countdown:numbers=3": (24, 0.35), "shift128": (8, 0.75)},
     "tiny-llada-tasks": {"sudoku4:clues=8-12": (16, 0.8), "countdown:numbers=3": (24, 0.5), "shift128": (8, 0.75)},
+    "tiny-sdar-tasks": {"sudoku4:clues=8-12": (16, 0.75), "countdown:numbers=3": (24, 0.5), "shift128": (8, 0.75)},
 }
+BIDIRECTIONAL = sorted(n for n in SHIPPED_ALIASES if "sdar" not in n)
 
 
 def test_shipped_checkpoints_fit_the_budget_and_load():
@@ -29,7 +31,7 @@ def test_shipped_checkpoints_fit_the_budget_and_load():
         assert ck.path == path and ck.family == name.split("-")[1]
         total += sum(f.stat().st_size for f in path.glob("*.safetensors"))
         assert json.loads((path / "training.json").read_text())["steps"] > 0
-    assert total <= 25 * 10**6
+    assert total <= 40 * 10**6  # every shipped checkpoint together (issue 28's budget)
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED_ALIASES))
@@ -73,7 +75,7 @@ POLICY_FLOORS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(SHIPPED_ALIASES))
+@pytest.mark.parametrize("name", BIDIRECTIONAL)  # the block-causal model's one cache is exact: test_sdar*.py
 @pytest.mark.parametrize("task", sorted(POLICY_FLOORS))
 def test_each_policy_stays_within_its_band(name, task):
     be, tok, ck = make_backend("torch", name, dtype="float32", device="cpu")
