@@ -107,7 +107,7 @@ def main() -> None:
     ap.add_argument("--depths", default="profile,L/4,L/2,3L/4,L",
                     help="BiCache depths after the no-reuse row: 'profile', fractions of L, or layer counts.")
     a = ap.parse_args()
-    from dlmtrt.paths import check_output_file, write_text_atomic
+    from dlmtrt.paths import check_output_file
     check_output_file(a.out)
     args = shape_args(a.shape)
     dtype = torch.bfloat16 if a.device.startswith("cuda") else torch.float32
@@ -140,14 +140,20 @@ def main() -> None:
         rows.append(r)
         print(f"{r['label']:28s} {r['req_per_s']:7.3f} req/s x{r['ratio']:.2f}  TTFT {r['ttft_ms']:8.1f} ms  "
               f"request {r['request_ms']:8.1f} ms  rows {r['rows_computed']}/{r['rows_full']}", flush=True)
+        write(a, rows, prof, prof_b, L, dtype, t0, done=len(rows) == len(depths) + 1)
+    print(f"results: {a.out}")
+
+
+def write(a, rows: list[dict], prof: dict, prof_b: int, L: int, dtype, t0: float, done: bool) -> None:
+    """The results so far, rewritten after every row (`complete` false until the last)."""
+    from dlmtrt.paths import write_text_atomic
     doc = dict(shape=a.shape, gpu=torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu",
                torch=torch.__version__, dtype=str(dtype).removeprefix("torch."), backend="torch", layers=L,
                workload=dict(prefix=a.prefix, question=a.question, answer=a.answer, steps=a.steps,
                              interval=a.interval, requests=a.requests, in_flight=a.in_flight),
                profile=dict(prof, depth_at_shape=prof_b), rows=rows, seconds=round(time.perf_counter() - t0, 1),
-               command="python3 -m bench.bicache_throughput " + " ".join(sys.argv[1:]))
+               complete=done, command="python3 -m bench.bicache_throughput " + " ".join(sys.argv[1:]))
     write_text_atomic(a.out, json.dumps(doc, indent=1, allow_nan=False) + "\n")
-    print(f"results: {a.out}")
 
 
 if __name__ == "__main__":
