@@ -118,8 +118,8 @@ def main() -> None:
         if d == "profile":
             depths.append(("profile", prof_b))
         elif "L" in d:
-            num, _, den = d.replace("L", "1").partition("/")
-            depths.append((d, round(L * float(num) / float(den or 1))))
+            num, _, den = d.partition("/")
+            depths.append((d, round(L * float(num.replace("L", "") or 1) / float(den or 1))))
         else:
             depths.append((d, int(d)))
     t0 = time.perf_counter()
