@@ -54,11 +54,24 @@ def test_every_problem_gets_the_same_prefix_cut_where_the_authors_cut(tiny):
     assert len({len(ids) for ids, _ in enc}) > 1  # the problems differ, their prefix does not
 
 
+def test_the_lead_is_the_bare_prompts_common_start(tiny):
+    """'lead': the prompt as the evaluator tokenizes a bare one, its prefix the task's name, for every problem."""
+    _, tok = tiny
+    for name, diff, head in (("sudoku4", {}, "sudoku\n"), ("countdown", {"numbers": 3}, "countdown ")):
+        task = get_task(name)
+        problems = task.problems(20, 1234, **diff)
+        enc = parse_shared_prefix("lead").encode(tok, task, diff, problems)
+        for (ids, P), p in zip(enc, problems):
+            assert ids == tok(p.prompt, add_special_tokens=False)["input_ids"] and tok.decode(ids[:P]) == head
+    with pytest.raises(UsageError, match="takes no instruction or shots"):
+        parse_shared_prefix("lead,shots=1")
+
+
 def test_the_workload_refuses_what_would_not_mean_what_it_says(tiny):
     _, tok = tiny
     with pytest.raises(UsageError, match="needs an instruction or shots"):
         parse_shared_prefix("shots=0")
-    with pytest.raises(UsageError, match="neither 'instruction' nor 'shots=N'"):
+    with pytest.raises(UsageError, match="neither 'instruction', 'shots=N' nor 'lead'"):
         parse_shared_prefix("instructions")
     shift = get_task("shift128")
     with pytest.raises(UsageError, match="beyond the model's 512 positions"):

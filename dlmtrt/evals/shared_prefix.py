@@ -8,6 +8,12 @@ the evaluated problems' draw. The chat is rendered with the model's chat templat
 turn starts by `runtime.bicache.chat_prefix`, the authors' tokenization (the server's and the profiler's too),
 so P is the length a served request of the same chat would have. All problems of a task get the same prefix
 ids; that is checked, since reuse keys the store by them.
+
+`lead` is the other workload: the bare task prompt, as the tiny task models were trained on it (no chat
+template), whose shared prefix is the leading tokens every prompt of the task starts with (its name: "sudoku\n",
+"countdown "). It is short, but the prompts keep the model's accuracy; the tiny models were never shown a chat,
+and with any chat template, instruction or solved turn in front of a problem they answer nothing right
+(bench/results/bicache-accuracy-h200.json), which leaves the chat workload no accuracy to lose.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ from .tasks import Problem, Task
 
 SHOT_SEED = 4242  # the few-shot examples' draw: neither the evaluation's (1234) nor calibration's (99)
 WARM_SEED = 4343  # the evaluator's warm-up requests (problems decoded through a store first, not counted)
+LEAD_SAMPLES = 64  # problems (of the shots' draw) whose common leading tokens define a task's lead
 INSTRUCTIONS = {
     "sudoku4": "Complete the 4x4 sudoku: replace every 0 so that each row, each column and each 2x2 box holds "
                "1, 2, 3 and 4 once. Answer with the four rows.",
@@ -32,21 +39,37 @@ INSTRUCTIONS = {
 @dataclass(frozen=True)
 class SharedPrefix:
     """Which shared turns come before each problem: the task's instruction as a system turn, then `shots` solved
-    problems."""
+    problems; or (`lead`) no turns at all: the bare prompt, sharing the task's leading tokens."""
 
     instruction: bool = False
     shots: int = 0
+    lead: bool = False
 
     def __post_init__(self):
         if not isinstance(self.shots, int) or self.shots < 0:
             raise UsageError(f"a shared prefix takes shots >= 0, got {self.shots!r}")
-        if not self.instruction and not self.shots:
-            raise UsageError("a shared prefix needs an instruction or shots >= 1 (else there is nothing shared): "
-                             "for example 'instruction', 'shots=2' or 'instruction,shots=2'")
+        if self.lead and (self.instruction or self.shots):
+            raise UsageError("'lead' is the bare prompt's own leading tokens; it takes no instruction or shots")
+        if not self.instruction and not self.shots and not self.lead:
+            raise UsageError("a shared prefix needs an instruction or shots >= 1 (else there is nothing shared), or "
+                             "'lead': for example 'instruction', 'shots=2', 'instruction,shots=2' or 'lead'")
 
     @property
     def spec(self) -> str:
+        if self.lead:
+            return "lead"
         return ",".join((["instruction"] if self.instruction else []) + ([f"shots={self.shots}"] if self.shots else []))
+
+    def lead_ids(self, tokenizer, task: Task, difficulty: dict) -> list[int]:
+        """The leading tokens all of LEAD_SAMPLES prompts of `task` share (the shots' draw, so fixed for a task
+        whatever problems are evaluated)."""
+        ref = [_bare(tokenizer, p.prompt) for p in task.problems(LEAD_SAMPLES, SHOT_SEED, **difficulty)]
+        n = 0
+        while all(len(r) > n and r[n] == ref[0][n] for r in ref):
+            n += 1
+        if n == 0:
+            raise UsageError(f"the prompts of {task.name} share no leading token, so 'lead' has nothing to reuse")
+        return ref[0][:n]
 
     def turns(self, task: Task, difficulty: dict) -> list[dict]:
         """The shared earlier turns of `task` at `difficulty`."""
@@ -62,6 +85,15 @@ class SharedPrefix:
         the problems, and canvases (prompt + the task's answer) beyond `max_positions`."""
         if task.name not in INSTRUCTIONS and self.instruction:
             raise UsageError(f"no instruction is written for task {task.name}; use shots=N")
+        if self.lead:
+            lead, out = self.lead_ids(tokenizer, task, difficulty), []
+            for p in problems:
+                ids = _bare(tokenizer, p.prompt)
+                if ids[:len(lead)] != lead or len(ids) == len(lead):
+                    raise UsageError(f"a {task.name} prompt does not continue the task's leading tokens {lead}: "
+                                     f"{p.prompt!r}")
+                out.append((ids, len(lead)))
+            return out
         turns = self.turns(task, difficulty)
         shots = {m["content"] for m in turns if m["role"] == "user"}
         out = []
@@ -74,24 +106,30 @@ class SharedPrefix:
                 raise UsageError(f"the chat template does not give every {task.name} problem the same shared prefix "
                                  f"({self.spec}), so nothing could be reused across them")
             if max_positions is not None and len(ids) + task.answer_tokens > max_positions:
-                raise UsageError(f"{task.name} with the shared prefix {self.spec} makes {len(ids) + task.answer_tokens}-"
-                                 f"token canvases, beyond the model's {max_positions} positions: use fewer shots")
+                raise UsageError(f"{task.name} with the shared prefix {self.spec} makes "
+                                 f"{len(ids) + task.answer_tokens}-token canvases, beyond the model's {max_positions} "
+                                 "positions: use fewer shots")
             out.append((ids, P))
         return out
 
 
+def _bare(tokenizer, prompt: str) -> list[int]:
+    """A bare prompt's ids, as the evaluator tokenizes one (no special tokens, no template)."""
+    return list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+
 def parse_shared_prefix(spec: str) -> SharedPrefix:
-    """'instruction', 'shots=2' or 'instruction,shots=2' -> SharedPrefix."""
-    instruction, shots = False, 0
+    """'instruction', 'shots=2', 'instruction,shots=2' or 'lead' -> SharedPrefix."""
+    instruction, shots, lead = False, 0, False
     for item in filter(None, (s.strip() for s in spec.split(","))):
         key, eq, val = item.partition("=")
-        if key == "instruction" and not eq:
-            instruction = True
+        if key in ("instruction", "lead") and not eq:
+            instruction, lead = instruction or key == "instruction", lead or key == "lead"
         elif key == "shots" and eq and val.isdigit():
             shots = int(val)
         else:
-            raise UsageError(f"shared prefix '{spec}': '{item}' is neither 'instruction' nor 'shots=N'")
-    return SharedPrefix(instruction, shots)
+            raise UsageError(f"shared prefix '{spec}': '{item}' is neither 'instruction', 'shots=N' nor 'lead'")
+    return SharedPrefix(instruction, shots, lead)
 
 
 @dataclass(frozen=True)
