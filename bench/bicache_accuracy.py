@@ -147,8 +147,9 @@ def run(model: str, tasks: list[str], prefixes: dict[str, str], n: int, batch: i
 
 def derive(doc: dict) -> dict:
     """The bound check of every reuse cell against its task and decoding's no reuse: "ok" within BOUND_POINTS,
-    "over" beyond, "vacuous" where no reuse scores 0 (nothing to lose: the check says nothing). Computed from the
-    measured rows only, so a stored result can be re-derived (--render)."""
+    "over" beyond, "vacuous" where no reuse scores 0 (nothing to lose: the check says nothing), "not reused" where
+    BiCache's table gave no problem a depth. Computed from the measured rows only, so a stored result can be
+    re-derived (--render)."""
     key = lambda r: (r["task"], r["policy"], r["shared_prefix"])  # noqa: E731  one workload's cells
     base = {key(r): r["accuracy"] for r in doc["rows"] if r["cell"] == "no reuse"}
     for r in doc["rows"]:
@@ -159,6 +160,8 @@ def derive(doc: dict) -> dict:
         r["delta_points"] = round(100 * (r["accuracy"] - b), 2)
         if r["cell"] != "no reuse":
             r["bound_check"] = "vacuous" if b == 0 else "ok" if abs(r["delta_points"]) <= BOUND_POINTS else "over"
+        if set(r.get("bicache_depths") or {}) == {"none"}:
+            r["bound_check"] = "not reused"  # every ratio below the table: decoded without reuse
     return doc
 
 

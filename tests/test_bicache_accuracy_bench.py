@@ -23,13 +23,16 @@ def test_the_bound_check_is_ok_over_or_vacuous():
     doc = derive({"rows": [_row("bare prompt", 1.0), _row("no reuse", 0.5), _row("BiCache i16", 0.5 - step),
                            _row("BiCache i1", 0.5 - 2 * step), _row("freeze", 0.1),
                            _row("no reuse", 0.0, "dual"), _row("BiCache i16", 0.0, "dual"),
-                           {**_row("BiCache i1", 0.0, "dual"), "within_bound": True}]})
+                           {**_row("BiCache i1", 0.0, "dual"), "within_bound": True},
+                           _row("no reuse", 0.7, task="u"), {**_row("BiCache i16", 0.7, task="u"),
+                                                             "bicache_depths": {"none": 3}}]})
     got = [(r["cell"], r["policy"], r["delta_points"], r.get("bound_check")) for r in doc["rows"]]
     assert got == [("bare prompt", "none", None, None), ("no reuse", "none", 0.0, None),
                    ("BiCache i16", "none", round(-BOUND_POINTS, 2), "ok"),
                    ("BiCache i1", "none", round(-2 * BOUND_POINTS, 2), "over"), ("freeze", "none", -40.0, "over"),
                    ("no reuse", "dual", 0.0, None), ("BiCache i16", "dual", 0.0, "vacuous"),
-                   ("BiCache i1", "dual", 0.0, "vacuous")]
+                   ("BiCache i1", "dual", 0.0, "vacuous"), ("no reuse", "none", 0.0, None),
+                   ("BiCache i16", "none", 0.0, "not reused")]
     assert "within_bound" not in doc["rows"][-1]
 
 
