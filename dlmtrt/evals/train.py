@@ -34,30 +34,68 @@ from dlmtrt.models.transformer import DiffusionLM
 
 console = Console()
 MIX = {"sudoku4": 0.15, "countdown": 0.5, "shift128": 0.35}
+MAX_POSITIONS = 512
+CHAT_SHOTS = 2  # solved problems before a chat's last turn, at most (the shared-prefix workload's)
 SIZES = dict(hidden_size=256, intermediate_size=768, num_layers=6, num_heads=8, head_dim=32)
 # block-causal task models are compared with tiny-llada-tasks at its size: as many K/V heads as query heads
 BLOCK_SIZES = {**SIZES, "num_kv_heads": SIZES["num_heads"]}
 
 
 class Encoder:
-    """Byte-level encoding of task text with the tiny tokenizer (every byte is one token)."""
+    """Byte-level encoding of task text with the tiny tokenizer (every byte is one token), and of chats with the
+    family's chat template exactly as a served or evaluated chat is tokenized (runtime/bicache._template)."""
 
     def __init__(self, family: str):
+        self.family = family
         self.tok = build_tokenizer(family)
         self.vocab, self.ids = tiny_vocabulary(family, self.tok)
+        self._hf = None
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
 
+    def chat(self, messages: list[dict]) -> list[int]:
+        from transformers import PreTrainedTokenizerFast
 
-def make_batch(enc: Encoder, task, rng: random.Random, batch: int, device) -> tuple[torch.Tensor, ...]:
-    """(x0 [B, P+A], attention_mask, answer_mask) with prompts left-padded and answers EOS-padded to A."""
+        from dlmtrt.runtime.bicache import _template
+        if self._hf is None:
+            fam = FAMILIES[self.family]
+            self._hf = PreTrainedTokenizerFast(tokenizer_object=self.tok, chat_template=fam.CHAT_TEMPLATE,
+                                               **{k: v for k, v in fam.TOKEN_ROLES.items() if v is not None})
+        return _template(self._hf, messages)
+
+
+def chat_prompt(task, problem, rng: random.Random, room: int, enc: Encoder) -> list[int]:
+    """A chat prompt for `problem` in the shapes the shared-prefix workloads ask (evals/shared_prefix.py,
+    evals/bicache_profile.py): an optional system instruction (the workload's, the profiler's or none), then 0-2
+    solved problems of the task as earlier turns, then the problem; shots are dropped while the canvas (prompt
+    + `room` answer tokens) would pass the model's positions."""
+    from dlmtrt.evals.bicache_profile import INSTRUCTIONS as PROFILE_INSTRUCTIONS
+    from dlmtrt.evals.shared_prefix import INSTRUCTIONS
+    u = rng.random()
+    system = INSTRUCTIONS.get(task.name) if u < 0.4 else rng.choice(PROFILE_INSTRUCTIONS) if u < 0.7 else None
+    shots = [task.sample(rng) for _ in range(rng.randint(0, CHAT_SHOTS))]
+    while True:
+        msgs = [{"role": "system", "content": system}] if system else []
+        for s in shots:
+            msgs += [{"role": "user", "content": s.prompt}, {"role": "assistant", "content": s.answer}]
+        ids = enc.chat(msgs + [{"role": "user", "content": problem.prompt}])
+        if len(ids) + room <= MAX_POSITIONS or not shots:
+            return ids
+        shots.pop()
+
+
+def make_batch(enc: Encoder, task, rng: random.Random, batch: int, device, chat: bool = False
+               ) -> tuple[torch.Tensor, ...]:
+    """(x0 [B, P+A], attention_mask, answer_mask) with prompts left-padded and answers EOS-padded to A; `chat`:
+    every prompt a chat (chat_prompt), else the bare task prompt."""
     A = task.answer_tokens
     rows = []
     for _ in range(batch):
         p = task.sample(rng)
         a = enc.encode(p.answer)[:A]
-        rows.append((enc.encode(p.prompt), a + [enc.ids["eos"]] * (A - len(a))))
+        prompt = chat_prompt(task, p, rng, A, enc) if chat else enc.encode(p.prompt)
+        rows.append((prompt, a + [enc.ids["eos"]] * (A - len(a))))
     P = max(len(r[0]) for r in rows)
     x = torch.full((batch, P + A), enc.ids["pad"], dtype=torch.long)
     am = torch.zeros(batch, P + A, dtype=torch.bool)
@@ -73,8 +111,8 @@ def make_batch(enc: Encoder, task, rng: random.Random, batch: int, device) -> tu
 class Batches(torch.utils.data.IterableDataset):
     """Endless batches of freshly generated problems; each DataLoader worker draws from its own seed."""
 
-    def __init__(self, family: str, batch: int, seed: int):
-        self.family, self.batch, self.seed = family, batch, seed
+    def __init__(self, family: str, batch: int, seed: int, chats: float = 0.0):
+        self.family, self.batch, self.seed, self.chats = family, batch, seed, chats
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -83,7 +121,8 @@ class Batches(torch.utils.data.IterableDataset):
         names, weights = list(MIX), list(MIX.values())
         while True:
             task = TASKS[rng.choices(names, weights)[0]]
-            yield (*make_batch(enc, task, rng, self.batch, "cpu"), task.name)
+            chat = rng.random() < self.chats
+            yield (*make_batch(enc, task, rng, self.batch, "cpu", chat), task.name + (" chat" if chat else ""))
 
 
 def diffusion_loss(logits_fn, shift: bool, x0, am, ans, mask_id: int, g: torch.Generator, block: int | None = None,
@@ -127,13 +166,20 @@ def objective(model: DiffusionLM):
                    "[default: the family's tiny block, 4]. The objective is block diffusion.")
 @click.option("--noise", type=click.Choice(NOISE), default="sequence", show_default=True,
               help="Block diffusion: one masking rate per sequence (SDAR's) or per block (BD3-LM's).")
-def main(family, out, minutes, max_steps, batch, lr, seed, device, workers, compile_, block_size, noise):
+@click.option("--init", "init", default=None,
+              help="Fine-tune this checkpoint (directory or alias: a task model of the same family and shape) instead of starting "
+                   "from random weights.")
+@click.option("--chats", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Fraction of batches whose prompts are chats (an optional system instruction and 0-2 solved "
+                   "problems as earlier turns, in the family's chat template): the shared-prefix workloads.")
+def main(family, out, minutes, max_steps, batch, lr, seed, device, workers, compile_, block_size, noise, init,
+         chats):
     """Train one tiny task model and save it (bf16, HF layout, with tokenizer) to OUT: masked diffusion for a
     bidirectional family, block diffusion (dlmtrt/evals/block_diffusion.py) for a block-causal one."""
     from dlmtrt.errors import UsageError
     try:
         train(family, out, minutes=minutes, max_steps=max_steps, batch=batch, lr=lr, seed=seed, device=device,
-              workers=workers, compile_=compile_, block_size=block_size, noise=noise)
+              workers=workers, compile_=compile_, block_size=block_size, noise=noise, init=init, chats=chats)
     except UsageError as e:
         raise click.UsageError(str(e)) from None
 
@@ -143,7 +189,7 @@ def model_args(family: str, enc: Encoder, block_size: int | None = None, noise: 
     from dataclasses import replace
 
     from dlmtrt.errors import UsageError
-    args = tiny_args(family, enc.vocab, enc.ids, max_position_embeddings=512, **(sizes or SIZES))
+    args = tiny_args(family, enc.vocab, enc.ids, max_position_embeddings=MAX_POSITIONS, **(sizes or SIZES))
     block_causal = bool(args.attention_kind.block)
     if block_causal and sizes is None:
         args = replace(args, num_kv_heads=BLOCK_SIZES["num_kv_heads"])
@@ -156,24 +202,45 @@ def model_args(family: str, enc: Encoder, block_size: int | None = None, noise: 
     return replace(args, attention=f"block_causal:{block_size}") if block_size else args
 
 
+def initial_model(args, init: str | None, family: str, device: str) -> DiffusionLM:
+    """Random weights (normal, std 0.02), or the weights of `init`, whose family and shape must be the ones this
+    run trains (refused in one line otherwise, before any training). A special id that `init`'s config does not
+    record (tiny-llada-tasks predates bos_token_id in the config) is taken from the tokenizer."""
+    from dlmtrt.errors import UsageError
+    from dlmtrt.models.loading import load_weights, open_checkpoint
+    if init is None:
+        model = DiffusionLM(args).to(device)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if p.dim() == 2:
+                    torch.nn.init.normal_(p, std=0.02)
+                elif "bias" in n:
+                    p.zero_()
+        return model
+    ck = open_checkpoint(str(init))
+    diff = sorted(k for k in vars(args) if getattr(ck.args, k, None) != getattr(args, k)
+                  and not (k.endswith("_token_id") and getattr(ck.args, k, None) is None))  # older configs lack bos
+    if ck.family != family or diff:
+        raise UsageError(f"--init {init} is a {ck.family} model that differs from the {family} task model this run "
+                         f"trains in {', '.join(diff) or 'its family'}: fine-tune a checkpoint of the same family "
+                         "and shape", field="init")
+    return load_weights(ck, torch.float32, torch.device(device)).requires_grad_(True).train()  # loaded for inference
+
+
 def train(family: str, out: Path, *, minutes: float = 8.0, max_steps: int = 100_000, batch: int = 1024,
           lr: float = 2e-3, seed: int = 0, device: str = "cuda", workers: int = 8, compile_: bool = True,
-          block_size: int | None = None, noise: str = "sequence", sizes: dict | None = None) -> dict:
-    """One training run; returns what it writes to OUT/training.json."""
+          block_size: int | None = None, noise: str = "sequence", sizes: dict | None = None,
+          init: str | None = None, chats: float = 0.0) -> dict:
+    """One training run (from random weights, or fine-tuning `init`); returns what it writes to
+    OUT/training.json."""
     torch.manual_seed(seed)
     g = torch.Generator(device=device).manual_seed(seed)
     enc = Encoder(family)
     args = model_args(family, enc, block_size, noise, sizes)
     block = args.attention_kind.block
-    model = DiffusionLM(args).to(device)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if p.dim() == 2:
-                torch.nn.init.normal_(p, std=0.02)
-            elif "bias" in n:
-                p.zero_()
+    model = initial_model(args, init, family, device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
-    loader = iter(torch.utils.data.DataLoader(Batches(family, batch, seed), batch_size=None, num_workers=workers,
+    loader = iter(torch.utils.data.DataLoader(Batches(family, batch, seed, chats), batch_size=None, num_workers=workers,
                                               prefetch_factor=4 if workers else None, persistent_workers=bool(workers)))
     eager = objective(model)
     logits_fn = torch.compile(eager, dynamic=True) if compile_ and torch.device(device).type == "cuda" else eager
@@ -221,7 +288,8 @@ def train(family: str, out: Path, *, minutes: float = 8.0, max_steps: int = 100_
     save_checkpoint(out, args, sd, enc.tok)
     info = {"family": family, "params": args.param_count, "steps": step, "batch": batch, "lr": lr, "seed": seed,
             "objective": "block diffusion" if block else "masked diffusion", "block_size": block,
-            "noise": noise if block else None, "train_seconds": round(train_s, 1), "mix": MIX,
+            "noise": noise if block else None, "init": str(init) if init else None, "chats": chats,
+            "train_seconds": round(train_s, 1), "mix": MIX,
             "sizes": sizes or (BLOCK_SIZES if block else SIZES), "compiled": logits_fn is not eager,
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "torch": torch.__version__, "log": log}
