@@ -43,13 +43,13 @@ from dlmtrt.serve.scheduler import Scheduler  # noqa: E402
 PROFILE = ROOT / "dlmtrt" / "checkpoints" / "tiny-llada-tasks" / "bicache.json"
 
 
-def profiled_depth(prefix: int, prompt: int, answer: int, layers: int) -> tuple[int, dict]:
-    """The tiny model's profiled depth for this workload's ratio, scaled to `layers`."""
-    tiny_layers = json.loads(PROFILE.read_text())["layers"]
-    table, _ = read_table(PROFILE, tiny_layers)
+def profiled_depth(prefix: int, prompt: int, answer: int, layers: int, profile: Path = PROFILE) -> tuple[int, dict]:
+    """The tiny model's profiled depth (its table `profile`) for this workload's ratio, scaled to `layers`."""
+    tiny_layers = json.loads(Path(profile).read_text())["layers"]
+    table, _ = read_table(profile, tiny_layers)
     ratio = prefix_ratio(prefix, prompt + answer)
     d = table.serving_depth(ratio, tiny_layers)
-    return round(layers * d / tiny_layers), dict(ratio=ratio, tiny_depth=d, tiny_layers=tiny_layers,
+    return round(layers * d / tiny_layers), dict(table_file=str(profile), ratio=ratio, tiny_depth=d, tiny_layers=tiny_layers,
                                                  table={str(r): b for r, b in table.depths})
 
 
@@ -106,13 +106,15 @@ def main() -> None:
     ap.add_argument("--interval", type=int, default=16)
     ap.add_argument("--depths", default="profile,L/4,L/2,3L/4,L",
                     help="BiCache depths after the no-reuse row: 'profile', fractions of L, or layer counts.")
+    ap.add_argument("--table", type=Path, default=PROFILE,
+                    help="The tiny model's bicache.json whose depth 'profile' scales [default: tiny-llada-tasks'].")
     a = ap.parse_args()
     from dlmtrt.paths import check_output_file
     check_output_file(a.out)
     args = shape_args(a.shape)
     dtype = torch.bfloat16 if a.device.startswith("cuda") else torch.float32
     L = args.num_layers
-    prof_b, prof = profiled_depth(a.prefix, a.prefix + a.question, a.answer, L)
+    prof_b, prof = profiled_depth(a.prefix, a.prefix + a.question, a.answer, L, a.table)
     depths = []
     for d in a.depths.split(","):
         if d == "profile":
