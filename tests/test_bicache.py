@@ -128,6 +128,11 @@ def test_chat_prefix_splits_both_templates_where_the_last_user_turn_starts():
             chat_prefix(tok, chat)
 
 
+def _close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> bool:
+    """fp32 agreement relative to the tensor's scale (K reach ~10 here; reduction order differs across CPUs)."""
+    return bool((a - b).abs().max() <= rel * max(1.0, b.abs().max().item()))
+
+
 def _refresh_oracle(model, canvas: torch.Tensor, P: int, b: int) -> tuple[list, list]:
     """What a BiCache refresh step must write for the prefix of one unpadded canvas [N], from the plain layers:
     the prefix computed alone gives every layer's K/V and o_{b-1}; the suffix rows run the shallow layers
@@ -197,11 +202,11 @@ def test_a_refresh_writes_the_full_forward_in_the_deep_layers_and_keeps_the_pref
                     assert max((a - o).abs().max() for a, o in zip(want[0][depth:], alone[0][depth:])) > 1e-3
                     # layer b's K/V are projections of its input, the prefix-only o_{b-1}: a refresh at depth b
                     # leaves b + 1 layers of prefix K/V as computed alone (the authors' design, ALGORITHM.md 7)
-                    assert torch.allclose(want[0][depth], alone[0][depth], atol=1e-5)
+                    assert _close(want[0][depth], alone[0][depth])
                     last[b] = want
                 for n in range(model.args.num_layers):
                     ref = (alone if n < depth else last[b])
                     k, v = s.cache.keys[n][b, :, start:start + P], s.cache.values[n][b, :, start:start + P]
-                    assert torch.allclose(k, ref[0][n], atol=1e-5), (depth, i, b, n)
-                    assert torch.allclose(v, ref[1][n], atol=1e-5), (depth, i, b, n)
+                    assert _close(k, ref[0][n]), (depth, i, b, n)
+                    assert _close(v, ref[1][n]), (depth, i, b, n)
         assert s.i == 9 and bc.depth == depth
