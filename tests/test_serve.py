@@ -480,3 +480,59 @@ def test_prefix_cache_serves_a_repeated_prompt_exactly(servers, offline):
     assert m1["dlmtrt_prefix_store_bytes"] > 0 and m1["dlmtrt_prefix_rows_served_total"] == 0
     assert m2["dlmtrt_prefix_rows_served_total"] >= 16
     assert m2["dlmtrt_rows_computed_total"] - m1["dlmtrt_rows_computed_total"] < m1["dlmtrt_rows_computed_total"]
+
+
+def test_constraints_and_prophet_through_the_server_equal_offline_generation(servers):
+    """The `constraints` and `answer_start` extension fields and policy +prophet: the answers and exit steps of
+    concurrent requests (batched into cohorts of equal constraints) equal generate_text's; bad ones are 400s."""
+    from dlmtrt.runtime.backends import make_backend
+    from dlmtrt.runtime.constraints import parse_constraints
+    from dlmtrt.runtime.generate import generate_text
+    from dlmtrt.runtime.params import family_params
+    srv = servers("llada")
+    be, tok, src = make_backend("torch", "tiny-llada-tasks")
+    cases = [dict(prompt=p, max_tokens=24, steps=24, block_length=8, constraints=c, policy=pol, **extra)
+             for p in _prompts(3, seed=9)
+             for c, pol, extra in (("0:The|1:x", "none", {}), (["2:ab", "9:c"], "none+prophet:early=3,mid=2,late=1", {}),
+                                   ({"4": "ok"}, "none+prophet:early=1e9,mid=1e9,late=0", {"answer_start": 8}))]
+
+    async def fire():
+        async with httpx.AsyncClient(timeout=300) as client:
+            return await asyncio.gather(*(client.post(srv.url + "/v1/completions", json=c) for c in cases))
+    answers = asyncio.run(fire())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for case, r in zip(cases, answers):
+            assert r.status_code == 200, r.text
+            c = dict(case)
+            params = family_params("llada", src.path, max_new_tokens=c.pop("max_tokens"), steps=c.pop("steps"),
+                                   block_length=c.pop("block_length"))
+            pins = parse_constraints(c.pop("constraints"), tok, answer_tokens=24)
+            torch.manual_seed(0)
+            res = generate_text(be, tok, [c.pop("prompt")], policy=c.pop("policy"), constraints=pins,
+                                answer_start=c.pop("answer_start", None), **params)
+            body = r.json()
+            assert body["choices"][0]["text"] == res.texts[0]
+            info = body["dlmtrt"][0]
+            if "prophet" in case["policy"]:
+                want = res.stats.exit_steps[0]
+                # answered at its exit, or earlier (the answer before its EOS was final): then no exit yet
+                assert info["exit_step"] == want or (info["exit_step"] is None and
+                                                     (want is None or info["answered_at_step"] < want)), (info, want)
+            else:
+                assert "exit_step" not in info
+    finally:
+        torch.set_num_threads(threads)
+    assert any(r.json()["dlmtrt"][0].get("exit_step") for r in answers), [r.json()["dlmtrt"] for r in answers]
+    bad = [({"constraints": "x:The"}, "constraints", "not an integer"),
+           ({"constraints": "30:The"}, "constraints", "past the 24-token answer"),
+           ({"policy": "none+prophet"}, "answer_start", "needs the answer's position"),
+           ({"answer_start": 2}, "answer_start", "add +prophet"),
+           ({"policy": "none+prophet", "answer_start": 24}, "answer_start", "outside the 24-token answer"),
+           ({"constraints": 5}, None, "")]
+    for extra, param, words in bad:
+        r = httpx.post(srv.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 24, "steps": 24, **extra})
+        assert r.status_code == 400, (extra, r.text)
+        err = r.json()["error"]
+        assert words in err["message"] and (param is None or err["param"] == param), err

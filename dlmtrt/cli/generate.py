@@ -55,6 +55,12 @@ POLICY_HELP = ("Cache policy and modifiers: " + " | ".join(POLICY_NAMES) + ", op
 @click.option("--cfg-scale", type=NONNEGATIVE, default=None, help="LLaDA: classifier-free guidance scale [default: 0].")
 @click.option("--policy", type=TEXT, default=None, metavar="SPEC",
               help=POLICY_HELP + " [default: the family's: none; SDAR append, its exact cache].")
+@click.option("--constraint", "constraints", multiple=True, type=TEXT, metavar="POS:TEXT",
+              help="Dream, LLaDA: pin TEXT (tokenized with a leading space, as Prophet does) at answer position POS "
+                   "(from 0) and keep it there; repeatable. With +prophet its answer span starts 2 after the last.")
+@click.option("--answer-start", type=click.IntRange(min=0), default=None, metavar="POS",
+              help="+prophet: the answer position where its 5-token gap span starts [default: 2 after the last "
+                   "--constraint, as Prophet's eval_llada.py].")
 @click.option("--backend", type=click.Choice(BACKENDS), default="torch",
               show_default=True,
               help="torch / torch-graph run a checkpoint; onnxruntime runs an export directory (dlmtrt export); "
@@ -67,7 +73,8 @@ POLICY_HELP = ("Cache policy and modifiers: " + " | ".join(POLICY_NAMES) + ", op
 @click.option("--json", "as_json", is_flag=True, help="Print answers and statistics as JSON on stdout.")
 @friendly_errors
 def generate(model, prompts, prompt_file, chat, max_new_tokens, steps, temperature, alg, alg_temp, eps, top_p, top_k,
-             block_length, remasking, confidence_threshold, cfg_scale, policy, backend, device, dtype, seed, as_json):
+             block_length, remasking, confidence_threshold, cfg_scale, policy, constraints, answer_start, backend,
+             device, dtype, seed, as_json):
     """Generate answers for one or more prompts and print the statistics of the run.
 
     Unset parameters take the family's upstream defaults (Dream's diffusion_generate, LLaDA's generate)."""
@@ -77,6 +84,7 @@ def generate(model, prompts, prompt_file, chat, max_new_tokens, steps, temperatu
 
     from dlmtrt.errors import UsageError
     from dlmtrt.runtime.backends import describe_model, make_backend
+    from dlmtrt.runtime.constraints import parse_constraints
     from dlmtrt.runtime.families import get as family
     from dlmtrt.runtime.generate import generate_text
     from dlmtrt.runtime.params import check_step_budget, family_params, surplus_steps_note
@@ -104,6 +112,7 @@ def generate(model, prompts, prompt_file, chat, max_new_tokens, steps, temperatu
     if new >= ck.args.max_position_embeddings:
         raise click.BadParameter(f"{new} new tokens do not fit the model's {ck.args.max_position_embeddings} "
                                  "positions with any prompt; ask for fewer", param_hint="--max-new-tokens")
+    check_constraints(constraints, answer_start, plan, new)
     note = surplus_steps_note(ck.family, params) if steps is None else None
     if note:
         console.print(f"[yellow]note:[/] {note}", highlight=False)
@@ -112,10 +121,12 @@ def generate(model, prompts, prompt_file, chat, max_new_tokens, steps, temperatu
     t0 = time.perf_counter()
     be, tok, ck = make_backend(backend, model, dtype=dtype, device=device)
     load_s = time.perf_counter() - t0
+    pinned = parse_constraints(list(constraints), tok, answer_tokens=new) if constraints else None
     with progress() as prog:
         task = prog.add_task("denoising", total=None)  # the schedule says its bound with every step
         res = generate_text(be, tok, prompts, chat=chat, max_positions=ck.args.max_position_embeddings,
-                            policy=plan, on_step=lambda i, n: prog.update(task, completed=i, total=n), **params)
+                            policy=plan, on_step=lambda i, n: prog.update(task, completed=i, total=n),
+                            constraints=pinned, answer_start=answer_start, **params)
         prog.update(task, completed=res.stats.steps, total=res.stats.steps)
     s = res.stats
     if as_json:
@@ -126,9 +137,36 @@ def generate(model, prompts, prompt_file, chat, max_new_tokens, steps, temperatu
         out.print(f"[bold cyan]prompt {i}:[/] {p}")
         out.print(f"[bold green]answer {i}:[/] {a!r}" if not a.isprintable() else f"[bold green]answer {i}:[/] {a}")
     t = Table(title=f"{ck.family} · {be.name} · {device} · {ck.dtype} · policy {plan.spec}")
-    for col in ("batch", "new", "steps", "NFE", "rows", "rows/full", "early", "load s", "wall s", "tok/s"):
+    cols = ["batch", "new", "steps", "NFE", "rows", "rows/full", "early", "load s", "wall s", "tok/s"]
+    row = [str(s.batch), str(s.new_tokens), str(s.steps), str(s.forward_passes), str(s.rows_computed),
+           f"{s.rows_fraction:.2f}", str(s.early_committed), f"{load_s:.2f}", f"{s.wall_s:.3f}", f"{s.tokens_per_s:.1f}"]
+    if plan.prophet is not None:
+        cols.insert(7, "exit step")
+        row.insert(7, ",".join("-" if e is None else str(e) for e in s.exit_steps))
+    for col in cols:
         t.add_column(col, justify="right")
-    t.add_row(str(s.batch), str(s.new_tokens), str(s.steps), str(s.forward_passes), str(s.rows_computed),
-              f"{s.rows_fraction:.2f}", str(s.early_committed), f"{load_s:.2f}", f"{s.wall_s:.3f}",
-              f"{s.tokens_per_s:.1f}")
+    t.add_row(*row)
     out.print(t)
+
+
+def check_constraints(constraints, answer_start, plan, new_tokens: int) -> None:
+    """--constraint and --answer-start before any work: their form, their positions within the answer, and an
+    answer span for +prophet (which has none without them)."""
+    from dlmtrt.runtime.constraints import parse_constraints
+
+    class _Chars:  # the form and the positions; the tokenizer's lengths are checked once it is loaded
+        def encode(self, text, add_special_tokens=False):
+            return [0]
+
+    try:
+        parse_constraints(list(constraints), _Chars(), answer_tokens=new_tokens)
+    except Exception as e:  # UsageError: the option's own message
+        raise click.BadParameter(str(e), param_hint="--constraint") from None
+    if answer_start is not None and answer_start >= new_tokens:
+        raise click.BadParameter(f"answer position {answer_start} is past the {new_tokens}-token answer",
+                                 param_hint="--answer-start")
+    if plan.prophet is not None and not constraints and answer_start is None:
+        raise click.UsageError("+prophet needs the answer's position: pass --constraint POS:TEXT (its span starts 2 "
+                               "after the last) or --answer-start POS")
+    if plan.prophet is None and answer_start is not None:
+        raise click.UsageError("--answer-start places +prophet's span; add +prophet to --policy or drop it")

@@ -18,6 +18,7 @@ from dlmtrt.errors import UsageError
 
 from .contract import StepBackend, StepInputs, StepOutputs
 from .policies import NEVER, DecodePlan, DecodeState, parse_policy, rows_of
+from .sampling import add_gumbel_noise
 from .state import KVCache, SequenceState
 
 
@@ -35,6 +36,7 @@ class GenerationStats:
     rows_full: int = 0  # what recomputing every canvas row at every executed step would have cost
     early_committed: int = 0  # tokens committed by early commit (all sequences)
     prefix_rows: int = 0  # prompt rows served from a prefix store instead of computed (runtime/prefix.py)
+    exit_steps: list[int | None] = field(default_factory=list)  # +prophet: each sequence's 1-based exit step
     wall_s: float = 0.0
     per_step_rows: list[int] = field(default_factory=list)
 
@@ -151,9 +153,14 @@ class DecodeSession:
     of the canvas whose `prompt_index` positions are masked; both copies use the same active rows."""
 
     def __init__(self, backend: StepBackend, x: Tensor, attention_mask: Tensor, rule: Rule, plan: DecodePlan,
-                 *, cfg_scale: float = 0.0, prompt_index: Tensor | None = None, prefix_store=None):
+                 *, cfg_scale: float = 0.0, prompt_index: Tensor | None = None, prefix_store=None,
+                 answer_span: list[int] | None = None):
         info = backend.info
         plan.check(info.family, rule.remasking)
+        if plan.prophet is not None and answer_span is None:
+            raise UsageError("+prophet needs the answer's position: give constraints (its span starts 2 positions "
+                             "after the last one, as Prophet's eval_llada.py sets it) or answer_start_pos",
+                             field="answer_start_pos")
         if cfg_scale > 0 and prompt_index is None:
             raise ValueError("cfg_scale > 0 needs prompt_index (the positions to mask in the unconditional copy)")
         if plan.cache.skips_needed_rows and not rule.exact_ties:
@@ -186,6 +193,10 @@ class DecodeSession:
         if prefix_store is not None:
             self.stats.prefix_rows = prefix_store.attach(self)
         rule.start(seq)  # after the prefix store: a schedule may skip what it served
+        self.answer_span = answer_span  # +prophet: the canvas positions whose gaps it averages
+        if plan.prophet is not None:
+            seq["prophet.exit"] = torch.full((B,), -1, dtype=torch.long, device=dev)
+            self.prophet_steps = rule.num_steps(seq)  # their max_steps: the schedule's steps
 
     # the per-sequence tensors the loop, the prefix store and the server read
     x = property(lambda self: self.seq["x"])
@@ -205,6 +216,11 @@ class DecodeSession:
         x, mask_id = seq["x"], self.info.mask_token_id
         mask_index = x == mask_id
         needed = rule.needed(i, mask_index, seq)
+        prophet = plan.prophet
+        want = needed  # what the step's predictions must cover: +prophet also reads the span and every mask
+        if prophet is not None:
+            want = needed | mask_index
+            want[:, self.answer_span] = True
         active, stable = self._plan_rows(i, needed)
         running = rule.running(mask_index, seq)
         active = active & running[:, None]  # a finished sequence computes nothing (its rows stay valid)
@@ -216,10 +232,13 @@ class DecodeSession:
             return
         pos = pack_rows(active, A)
         known = stable | (active & seq["valid"])  # active rows with a valid past: kv_drift is measured against it
-        cand = self._candidates(pos, counts, needed, A)
+        cand = self._candidates(pos, counts, want, A, wide=prophet is not None)
         out, logits = self._run(x, pos, known, cand[0])
-        preds = Predictions(logits, cand[1], cand[2], cand[0], needed)
+        ok = cand[2] if prophet is None else cand[2] & needed.gather(1, cand[1])
+        preds = Predictions(logits, cand[1], ok, cand[0], needed)
         new_x = rule.commit(i, x, preds, pos, seq)
+        if prophet is not None:
+            new_x = self._prophet_exit(i, x, new_x, Predictions(logits, cand[1], cand[2], cand[0], want), running)
         if plan.early is not None:
             new_x = _early_commit(plan.early, new_x, preds, seq["answer"], mask_id, self)
         committed = (new_x != mask_id) & mask_index
@@ -295,10 +314,35 @@ class DecodeSession:
         self.seq.keep(idx)
         self.stats.batch = len(rows)
 
-    def _candidates(self, pos: Tensor, counts: Tensor, needed: Tensor, A: int) -> tuple[Tensor, Tensor, Tensor]:
+    def _prophet_exit(self, i: int, x: Tensor, new_x: Tensor, wide: Predictions, running: Tensor) -> Tensor:
+        """Prophet's exit check (policies.Prophet) on this step's logits, before the rule's commit counts: a
+        sequence whose mean top-2 logit gap over the span reaches the phase's threshold has every masked
+        position of its canvas set to the step's argmax (a Gumbel draw at temperature > 0, as theirs) and ends.
+        The mean is summed left to right in float64, as their Python loop over `.item()` values does."""
+        seq, mask_id = self.seq, self.info.mask_token_id
+        if not self.answer_span:
+            return new_x
+        logits = wide.logits.float()
+        top2 = logits.topk(2, dim=-1).values
+        gaps = wide.full(top2[..., 0] - top2[..., 1], float("nan"))[:, self.answer_span].double()
+        total = gaps[:, 0]
+        for j in range(1, gaps.shape[1]):
+            total = total + gaps[:, j]
+        threshold = self.plan.prophet.threshold(i + 1, self.prophet_steps)
+        exited = seq["prophet.exit"]
+        fire = running & (exited < 0) & (total / gaps.shape[1] >= threshold)
+        temperature = getattr(self.rule, "temperature", 0.0)  # LLaDA's; Dream's fill (ours) is the argmax
+        pick = add_gumbel_noise(logits, temperature) if temperature and bool(fire.any()) else logits
+        argmax = wide.full(pick.argmax(-1), mask_id)
+        seq["prophet.exit"] = torch.where(fire, i + 1, exited)
+        return torch.where(fire[:, None] & (x == mask_id), argmax, torch.where(fire[:, None], x, new_x))
+
+    def _candidates(self, pos: Tensor, counts: Tensor, needed: Tensor, A: int, wide: bool = False
+                    ) -> tuple[Tensor, Tensor, Tensor]:
         """The candidate rows (index [B, R] into the active rows, predicted position, real or padding): active
-        rows whose predicted position the rule wants, at most as many as it can want (`rule.max_needed`), in
-        position order. Known before the step, so a backend can run the output head on these rows only."""
+        rows whose predicted position the rule wants, at most as many as it can want (`rule.max_needed`; every
+        active row when `wide`, for +prophet), in position order. Known before the step, so a backend can run
+        the output head on these rows only."""
         B, L = needed.shape
         shift = self.info.logits_shift
         pred_pos = pos + 1 if shift else pos  # Dream: row p predicts p + 1 (row 0's own position is never masked)
@@ -306,13 +350,15 @@ class DecodeSession:
         pp = pred_pos.clamp_max(L - 1)
         first = torch.arange(A, device=pos.device)[None] < counts[:, None]  # padding repeats the last row
         ok = in_canvas & first & needed.gather(1, pp)
-        R = min(A, self.rule.max_needed)
+        R = A if wide else min(A, self.rule.max_needed)
         cand = torch.sort((~ok).to(torch.int8), dim=1, stable=True).indices[:, :R]
         return cand, pp.gather(1, cand), ok.gather(1, cand)
 
     def finish(self) -> GenerationStats:
         self.stats.seq_forward_passes = int(self._seq_fwd)
         self.stats.early_committed = int(self._early)
+        if "prophet.exit" in self.seq:
+            self.stats.exit_steps = [int(s) if s > 0 else None for s in self.seq["prophet.exit"].tolist()]
         return self.stats
 
 

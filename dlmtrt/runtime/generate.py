@@ -31,11 +31,14 @@ class Generation:
 
 def generate_text(backend: StepBackend, tokenizer, prompts: list[str], *, chat: bool = False,
                   policy: str | DecodePlan | None = None, on_step=None, max_positions: int | None = None,
-                  prefix_store=None, **params) -> Generation:
+                  prefix_store=None, constraints: dict[int, int] | None = None, answer_start: int | None = None,
+                  **params) -> Generation:
     """Tokenize (left padding, optional chat template), generate, and decode each answer up to its EOS.
 
     `params` are the family's own (its params dataclass: Dream's max_new_tokens/steps/eps/alg/..., LLaDA's
-    gen_length/steps/block_length/...).
+    gen_length/steps/block_length/...). `constraints` ({answer position: token id}, runtime/constraints.py)
+    are pinned in every answer; `answer_start` places +prophet's span, in answer positions (Prophet's
+    eval_llada.py `answer_start`; by default 2 after the last constraint).
     """
     if not prompts:
         raise UsageError("no prompt given")
@@ -45,11 +48,12 @@ def generate_text(backend: StepBackend, tokenizer, prompts: list[str], *, chat: 
                                                  tokenize=False) for p in prompts]
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
     return _generate(backend, tokenizer, fam, enc["input_ids"], enc["attention_mask"], policy, on_step,
-                     max_positions, prefix_store, params)
+                     max_positions, prefix_store, params, constraints, answer_start)
 
 
 def generate_ids(backend: StepBackend, tokenizer, prompts: list[list[int]], *, policy: str | DecodePlan | None = None,
-                 on_step=None, max_positions: int | None = None, prefix_store=None, **params) -> Generation:
+                 on_step=None, max_positions: int | None = None, prefix_store=None,
+                 constraints: dict[int, int] | None = None, answer_start: int | None = None, **params) -> Generation:
     """As `generate_text`, from token ids (left-padded here): prompts whose split matters, a chat tokenized by
     `runtime.bicache.chat_prefix`, which re-tokenizing its rendered text need not reproduce."""
     import torch
@@ -60,7 +64,8 @@ def generate_ids(backend: StepBackend, tokenizer, prompts: list[list[int]], *, p
     pad = backend.info.pad_token_id
     ids = torch.tensor([[pad] * (L - len(p)) + list(p) for p in prompts])
     am = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts])
-    return _generate(backend, tokenizer, fam, ids, am, policy, on_step, max_positions, prefix_store, params)
+    return _generate(backend, tokenizer, fam, ids, am, policy, on_step, max_positions, prefix_store, params,
+                     constraints, answer_start)
 
 
 def _family_of(backend, params: dict):
@@ -74,12 +79,17 @@ def _family_of(backend, params: dict):
 
 
 def _generate(backend, tokenizer, fam, ids: Tensor, am: Tensor, policy, on_step, max_positions, prefix_store,
-              params: dict) -> Generation:
+              params: dict, constraints=None, answer_start=None) -> Generation:
     ids, am = ids.to(backend.info.device), am.to(backend.info.device)
     if (ids == backend.info.mask_token_id).any():
         raise UsageError("a prompt contains the mask token; remove it (the canvas uses it for unknown positions)")
+    extra = {}
+    if constraints:
+        extra["constraints"] = constraints
+    if answer_start is not None:
+        extra["answer_start_pos"] = ids.shape[1] + answer_start
     x, stats = fam.generate(backend, ids, am, policy=policy, on_step=on_step, max_positions=max_positions,
-                            prefix_store=prefix_store, **params)
+                            prefix_store=prefix_store, **extra, **params)
     P = ids.shape[1]
     stops = backend.info.stop_ids or (backend.info.eos_token_id,)
     return Generation([decode_answer(tokenizer, row[P:], stops) for row in x], x, P, stats)

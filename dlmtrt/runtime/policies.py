@@ -450,10 +450,53 @@ class EarlyCommit:
         return g[(progress >= 1 / 3).long() + (progress >= 2 / 3).long()]
 
 
+PROPHET_SPAN = 5  # answer positions whose gaps Prophet averages (their answer_length, hard-coded in generate())
+
+
+@dataclass
+class Prophet:
+    """Prophet's early exit (arXiv 2508.19982; pixeli99/Prophet `generate_earlyexit.py`, token for token on its
+    fixtures): at every step, the top-1 minus top-2 *logit* gap averaged over the five answer positions from
+    `answer_start_pos` (inside the canvas); once it reaches the threshold of the step's phase, every masked
+    position of the whole canvas takes the step's argmax and the sequence stops. The phase is the global step
+    (1-based, counted across blocks) over the schedule's steps: below 0.33 `early`, below 0.67 `mid`, else `late`
+    (their `early_exit_thresholds`). It needs this step's logits at the span and at every masked position, so it
+    runs with the cache policy `none` only (a cache leaves those rows uncomputed)."""
+
+    early: float = 7.5
+    mid: float = 5.0
+    late: float = 2.5
+
+    def __post_init__(self):
+        for k in ("early", "mid", "late"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+                raise PolicyError(f"prophet: {k} must be a number (a logit gap, e.g. 7.5), got {v!r}")
+            setattr(self, k, float(v))
+
+    @classmethod
+    def of(cls, thresholds: dict | None) -> "Prophet":
+        """Their `early_exit_thresholds` dict (missing keys take their defaults, as their .get does)."""
+        thresholds = dict(thresholds or {})
+        unknown = sorted(set(thresholds) - {"early", "mid", "late"})
+        if unknown:
+            raise PolicyError(f"early_exit_thresholds takes early, mid and late, not {', '.join(map(str, unknown))}")
+        return cls(**thresholds)
+
+    def threshold(self, step: int, steps: int) -> float:
+        """Their should_early_exit's phase threshold at 1-based global `step` of `steps`."""
+        progress = step / steps
+        return self.early if progress < 0.33 else self.mid if progress < 0.67 else self.late
+
+    @property
+    def spec(self) -> str:
+        return f"prophet:early={self.early:g},mid={self.mid:g},late={self.late:g}"
+
+
 CACHE_POLICIES: dict[str, type] = {"none": NoCache, "append": AppendCache, "decode": DKVDecode, "greedy": DKVGreedy,
                                    "prefill": DKVPrefill, "pd": DKVPD, "block": BlockCache, "dual": BlockCache,
                                    "adaptive": AdaptiveCache, "delayed": DelayedCache}
-MODIFIERS: dict[str, type] = {"parallel": Parallel, "early": EarlyCommit}
+MODIFIERS: dict[str, type] = {"parallel": Parallel, "early": EarlyCommit, "prophet": Prophet}
 
 
 @dataclass
@@ -464,6 +507,7 @@ class DecodePlan:
     parallel: Parallel | None = None
     early: EarlyCommit | None = None
     spec: str = "none"
+    prophet: Prophet | None = None
 
     def check(self, family, remasking: str | None = None) -> None:
         """Refuse a combination the policy's definition does not cover, before any work. `family`: a name or a
@@ -474,10 +518,19 @@ class DecodePlan:
         if family.block_causal and self.cache.name not in ("none", "append"):
             raise PolicyError(f"{self.cache.name}: {family.title} is block-causal, so its cache is exact already: use "
                               "append (its default) or none")
-        for mod in ("parallel", "early"):
+        for mod in ("parallel", "early", "prophet"):
             if getattr(self, mod) is not None and mod not in family.modifiers:
                 raise PolicyError(f"+{mod} is not defined for {family.title} (its own remasking strategies decide how "
                                   "many tokens a step commits)")
+        if self.prophet is not None:
+            if self.cache.name != "none":
+                raise PolicyError(f"+prophet runs with the cache policy none only: its exit check and whole-canvas "
+                                  f"fill need this step's logits at the answer span and at every masked position, "
+                                  f"which {self.cache.name} leaves uncomputed; use none+prophet")
+            other = [m for m in ("parallel", "early") if getattr(self, m) is not None]
+            if other:
+                raise PolicyError(f"+prophet and +{other[0]} both decide when to stop committing one token at a "
+                                  "time; Prophet's code has no such combination: use one of them")
         self.cache.requires(family, remasking, self.parallel.threshold if self.parallel is not None else None)
 
     def rule_options(self, blockwise: bool = False) -> dict:
@@ -491,7 +544,7 @@ class DecodePlan:
             if self.cache.store == "fused":
                 opts["fuse_store"] = True
         if blockwise:
-            opts["lockstep"] = self.early is None and self.parallel is None
+            opts["lockstep"] = self.early is None and self.parallel is None  # Prophet ends a sequence, not a block
         return opts
 
 
@@ -513,7 +566,7 @@ def parse_policy(spec) -> DecodePlan:
     parts = [p.strip() for p in spec.split("+")]
     name, kwargs = _component(parts[0])
     if name not in CACHE_POLICIES:
-        hint = " (parallel and early are modifiers: none+parallel)" if name in MODIFIERS else ""
+        hint = " (parallel, early and prophet are modifiers: none+parallel)" if name in MODIFIERS else ""
         raise PolicyError(f"unknown cache policy '{name}'{hint}; available: {', '.join(CACHE_POLICIES)}")
     if name == "dual":
         kwargs["dual"] = True

@@ -172,6 +172,7 @@ class Served:
         (ids, prefix length) prompt (a chat under BiCache), each with the BiCache depth it runs at."""
         params, plan, seed = self.params_of(req)
         new = self.fam.new_tokens(params)
+        pinned = self.constraints_of(req, plan, new)
         if prompts is None:
             prompts = [(self.tokenize(text, param), 0) for text in texts]
         reuse = self.bicache is not None and self.fam.prefix_reuse(params)
@@ -184,8 +185,32 @@ class Served:
             self._check_rule(params, plan, len(ids))
             depth = self.bicache.depth(P, len(ids), new) if reuse else 0
             jobs.append(Job(ids, params, plan, seed, self.fam.draws_random(params), new, sink,
-                            stream=req.stream, canvas=req.dlmtrt_canvas, index=k, prefix_len=P, depth=depth))
+                            stream=req.stream, canvas=req.dlmtrt_canvas, index=k, prefix_len=P, depth=depth,
+                            constraints=pinned, answer_start=req.answer_start))
         return jobs
+
+    def constraints_of(self, req: DiffusionFields, plan, new: int) -> dict[int, int] | None:
+        """The request's constraints as {answer position: token id}, and +prophet's need of an answer span."""
+        from dlmtrt.runtime.constraints import parse_constraints
+        if req.constraints is not None and self.fam.block_causal:
+            raise ApiError(400, f"constraints are not supported for {self.fam.title} yet (its block schedule "
+                                "denoises whole blocks of masks)", param="constraints")
+        if req.answer_start is not None and not 0 <= req.answer_start < new:
+            raise ApiError(400, f"answer_start {req.answer_start} is outside the {new}-token answer",
+                           param="answer_start")
+        if plan.prophet is not None and not req.constraints and req.answer_start is None:
+            raise ApiError(400, "policy +prophet needs the answer's position: give constraints (its span starts 2 "
+                                "after the last) or answer_start", param="answer_start")
+        if plan.prophet is None and req.answer_start is not None:
+            raise ApiError(400, "answer_start places +prophet's span; add +prophet to the policy or drop it",
+                           param="answer_start")
+        if not req.constraints:
+            return None
+        try:
+            with self.tok_lock:
+                return parse_constraints(req.constraints, self.tokenizer, answer_tokens=new)
+        except DlmtrtError as e:
+            raise ApiError(400, str(e), param="constraints") from None
 
     def _check_rule(self, params: dict, plan, prompt_length: int) -> None:
         """Build the rule once, so that whatever it refuses is a 400 now rather than an error mid-stream."""

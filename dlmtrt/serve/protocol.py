@@ -60,6 +60,13 @@ class DiffusionFields(BaseModel):
     confidence_threshold: Float | None = Field(None, description="dlmtrt, SDAR: low_confidence_dynamic commits every "
                                                                  "token above it [default 0.85].")
     cfg_scale: Float | None = Field(None, description="dlmtrt, LLaDA: classifier-free guidance scale [default 0].")
+    constraints: Str | list[Str] | dict[str, Str] | None = Field(
+        None, description="dlmtrt, Dream and LLaDA: tokens pinned at answer positions and kept there, Prophet's "
+                          "form: 'POS:TEXT|POS:TEXT' (POS from 0; TEXT tokenized with a leading space), a list of "
+                          "such strings, or an object {\"POS\": \"TEXT\"}.")
+    answer_start: Int | None = Field(
+        None, description="dlmtrt, policy +prophet: the answer position where its 5-token gap span starts "
+                          "[default: 2 after the last constraint, as Prophet's eval_llada.py].")
     dlmtrt_canvas: Bool = Field(False, description="dlmtrt, streaming only: after every step also send an "
                                                    "`event: dlmtrt` with the whole canvas (mask positions null).")
 

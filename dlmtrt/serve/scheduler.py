@@ -82,6 +82,8 @@ class Job:
     last_prefix: int = -1
     prefix_len: int = 0  # where a chat's shared prefix ends (runtime/bicache.chat_prefix); 0: no boundary
     depth: int = 0  # the BiCache depth it runs at (serve/reuse.py); 0: without BiCache
+    constraints: dict | None = None  # {answer position: token id} pinned (runtime/constraints.py)
+    answer_start: int | None = None  # +prophet's span, in answer positions
 
     def key(self, max_positions: int | None) -> tuple:
         """Jobs of one key may share a cohort: the same parameters, policy, prompt-length bucket and BiCache
@@ -89,7 +91,8 @@ class Job:
         limit = (max_positions or 1 << 30) - self.new_tokens
         if self.random:
             return ("solo", self.id, len(self.ids))
-        return (json.dumps(self.params, sort_keys=True), self.plan.spec, bucket_of(len(self.ids), limit), self.depth)
+        return (json.dumps(self.params, sort_keys=True), self.plan.spec, bucket_of(len(self.ids), limit), self.depth,
+                json.dumps(sorted((self.constraints or {}).items())), self.answer_start)
 
     def post(self, kind: str, payload) -> None:
         if kind in ("done", "error"):
@@ -112,12 +115,23 @@ class Cohort:
         return [r for r, j in enumerate(self.jobs) if not j.finished and not j.cancelled]
 
 
+def _exit_step(session: DecodeSession, row: int) -> int | None:
+    """+prophet: the 1-based step at which this row exited early, None if it decoded to the end."""
+    e = int(session.seq["prophet.exit"][row])
+    return e if e > 0 else None
+
+
 def build_session(backend, family_name: str, ids: torch.Tensor, am: torch.Tensor, params: dict,
-                  plan: DecodePlan, prefix_store=None) -> DecodeSession:
+                  plan: DecodePlan, prefix_store=None, constraints: dict | None = None,
+                  answer_start: int | None = None) -> DecodeSession:
     """The `DecodeSession` that the family's generation drives for this left-padded prompt batch, without
-    running it. Prefix reuse is skipped where the family's schedule does not allow it (LLaDA's CFG)."""
+    running it. Prefix reuse is skipped where the family's schedule does not allow it (LLaDA's CFG).
+    `constraints` and `answer_start` (in answer positions) are the cohort's, as its jobs share them."""
     fam = family(family_name)
-    return fam.session(backend, ids, am, params, plan, prefix_store if fam.prefix_reuse(params) else None)
+    extra = {"constraints": constraints} if constraints else {}
+    if answer_start is not None:
+        extra["answer_start_pos"] = ids.shape[1] + answer_start
+    return fam.session(backend, ids, am, params, plan, prefix_store if fam.prefix_reuse(params) else None, **extra)
 
 
 class Scheduler:
@@ -275,7 +289,7 @@ class Scheduler:
                 store = self.prefix_store
                 looked_up = store.stats.prompt_rows if store is not None else 0
                 session = build_session(self.backend, self.family, ids.to(dev), am.to(dev), jobs[0].params,
-                                        jobs[0].plan, store)
+                                        jobs[0].plan, store, jobs[0].constraints, jobs[0].answer_start)
                 if store is not None and self.metrics is not None:
                     self.metrics.prefix_rows.inc(session.stats.prefix_rows)
                     self.metrics.prefix_prompt_rows.inc(store.stats.prompt_rows - looked_up)
@@ -305,7 +319,8 @@ class Scheduler:
         store = self.bicache.store
         before = (store.stats.hits, store.stats.misses, store.stats.evictions)
         session = build_session(self.backend, self.family, ids, am, jobs[0].params, jobs[0].plan,
-                                self.bicache.for_cohort([j.prefix_len for j in jobs]))
+                                self.bicache.for_cohort([j.prefix_len for j in jobs]), jobs[0].constraints,
+                                jobs[0].answer_start)
         m = self.metrics
         if m is not None:
             m.bicache_hits.inc(store.stats.hits - before[0])
@@ -408,7 +423,8 @@ class Scheduler:
                                "latency_s": round(now - job.t_submit, 6), "seed": job.seed,
                                "policy": job.plan.spec, "params": job.params,
                                **({"bicache_depth": job.depth, "prefix_rows": st.prefix_rows}
-                                  if self.bicache is not None else {})}})
+                                  if self.bicache is not None else {}),
+                               **({"exit_step": _exit_step(s, r)} if job.plan.prophet is not None else {})}})
                 if self.metrics is not None:
                     self.metrics.tokens.inc(end)
                     self.metrics.latency.observe(now - job.t_submit)

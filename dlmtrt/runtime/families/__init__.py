@@ -41,7 +41,7 @@ class Family:
     blockwise_schedule: ClassVar[bool] = False  # its own schedule decodes in blocks (LLaDA), not only on request
     block_causal: ClassVar[bool] = False  # block-causal attention: committed blocks' K/V are exact (SDAR)
     default_policy: ClassVar[str] = "none"  # the cache policy when none is asked for
-    modifiers: ClassVar[frozenset[str]] = frozenset({"parallel", "early"})  # policy modifiers defined for it
+    modifiers: ClassVar[frozenset[str]] = frozenset({"parallel", "early", "prophet"})  # policy modifiers defined for it
     surplus_steps: ClassVar[str] = "steps beyond one per token commit nothing"  # what extra steps do
 
     # ---- parameters --------------------------------------------------------------------------------------
@@ -116,19 +116,22 @@ class Family:
         raise NotImplementedError
 
     def session(self, backend, input_ids: "Tensor", attention_mask: "Tensor | None", params: dict,
-                plan: "DecodePlan", prefix_store=None) -> "DecodeSession":
+                plan: "DecodePlan", prefix_store=None, constraints: dict | None = None,
+                answer_start_pos: int | None = None) -> "DecodeSession":
         """The `DecodeSession` of one generation with validated `params`: what `generate` drives, and what a
-        server steps among others."""
+        server steps among others. `constraints` and `answer_start_pos`: `constrain`."""
         from ..decode import DecodeSession
         x, am = canvas(input_ids, attention_mask, self.new_tokens(params), backend.info.mask_token_id)
+        span = constrain(x, input_ids.shape[1], constraints, answer_start_pos)
         return DecodeSession(backend, x, am, self.rule(backend.info, params, input_ids.shape[1], plan), plan,
-                             prefix_store=prefix_store)
+                             prefix_store=prefix_store, answer_span=span)
 
     def generate(self, backend, input_ids: "Tensor", attention_mask: "Tensor | None" = None, *, policy=None,
-                 on_step=None, max_positions: int | None = None, prefix_store=None,
-                 **params) -> tuple["Tensor", "GenerationStats"]:
+                 on_step=None, max_positions: int | None = None, prefix_store=None, constraints: dict | None = None,
+                 answer_start_pos: int | None = None, **params) -> tuple["Tensor", "GenerationStats"]:
         """The family's generation with `params` (own names; unset ones take upstream's defaults, the Python
-        API's: config.json is not read); returns the full canvas and the statistics."""
+        API's: config.json is not read); returns the full canvas and the statistics. `constraints` pin tokens
+        at answer positions, `answer_start_pos` places +prophet's span (`constrain`)."""
         from ..decode import drive
         from ..policies import parse_policy
         p = self.params(**params).validate().to_dict()
@@ -137,7 +140,8 @@ class Family:
         if max_positions is not None and total > max_positions:
             raise UsageError(f"prompt + new tokens = {total} exceeds the model's {max_positions} positions; "
                              "shorten the prompt or ask for fewer new tokens", field="max_new_tokens")
-        return drive(self.session(backend, input_ids, attention_mask, p, plan, prefix_store), on_step)
+        extra = {k: v for k, v in (("constraints", constraints), ("answer_start_pos", answer_start_pos)) if v is not None}
+        return drive(self.session(backend, input_ids, attention_mask, p, plan, prefix_store, **extra), on_step)
 
     def check_rule(self, info, params: dict, prompt_length: int, plan: "DecodePlan") -> None:
         """Build the rule, so that whatever it refuses is refused before any work."""
@@ -153,6 +157,30 @@ def canvas(ids: "Tensor", attention_mask: "Tensor | None", new: int, mask_id: in
     if attention_mask is not None:
         am[:, : ids.shape[1]] = attention_mask.bool()
     return x, am
+
+
+def constrain(x: "Tensor", prompt_length: int, constraints: dict | None, answer_start_pos: int | None
+              ) -> list[int] | None:
+    """Pin `constraints` ({answer position: token id}, 0 = the first answer position; Prophet's form) in the
+    canvas `x` in place, and return +prophet's span: the canvas positions from `answer_start_pos` (absolute, as
+    Prophet's generate takes it; by default 2 after the last constrained position, as its eval_llada.py sets
+    it), at most 5, inside the answer. A constrained position is never masked, so no rule commits over it: the
+    tokens stay what was pinned after every step, as Prophet re-applies them. A position past the canvas is
+    skipped, as theirs skips it (the CLI and the server refuse one before any work)."""
+    from ..policies import PROPHET_SPAN
+    L = x.shape[1]
+    for pos, tok in (constraints or {}).items():
+        if isinstance(pos, bool) or not isinstance(pos, int) or pos < 0:
+            raise UsageError(f"a constraint's position counts answer tokens from 0, got {pos!r}", field="constraints")
+        if isinstance(tok, bool) or not isinstance(tok, int) or tok < 0:
+            raise UsageError(f"a constraint's token must be a token id, got {tok!r} at {pos}", field="constraints")
+        if prompt_length + pos < L:
+            x[:, prompt_length + pos] = tok
+    if answer_start_pos is None and constraints:
+        answer_start_pos = prompt_length + max(constraints) + 2
+    if answer_start_pos is None:
+        return None
+    return [p for p in range(answer_start_pos, min(L, answer_start_pos + PROPHET_SPAN)) if p >= prompt_length]
 
 
 def read_config(checkpoint_dir: str | Path | None, name: str = "config.json") -> dict:

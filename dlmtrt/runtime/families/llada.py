@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from dlmtrt.errors import UsageError
 
 from ..params import Params, check_blocks, check_float, greedy_layout, positive_int
-from . import Family, canvas
+from . import Family, canvas, constrain
 
 REMASKING = ("low_confidence", "random")
 
@@ -74,16 +74,21 @@ class LLaDA(Family):
                          order=getattr(plan.cache, "order", "step") if p.remasking == "random" else "step",
                          **plan.rule_options(blockwise=True))
 
-    def session(self, backend, input_ids, attention_mask, params: dict, plan, prefix_store=None):
+    def session(self, backend, input_ids, attention_mask, params: dict, plan, prefix_store=None, constraints=None,
+                answer_start_pos=None):
         """With classifier-free guidance every step also runs an unconditional copy of the canvas whose prompt
-        is masked; prefix reuse does not apply then."""
+        is masked, and its pinned constraints too (Prophet's `prompt_index = x != mask_id`, taken after pinning);
+        prefix reuse does not apply then."""
         from ..decode import DecodeSession
         info = backend.info
         x, am = canvas(input_ids, attention_mask, params["gen_length"], info.mask_token_id)
         prompt_index = x != info.mask_token_id
         prompt_index[:, input_ids.shape[1]:] = False
+        span = constrain(x, input_ids.shape[1], constraints, answer_start_pos)
+        prompt_index |= x != info.mask_token_id
         return DecodeSession(backend, x, am, self.rule(info, params, input_ids.shape[1], plan), plan,
-                             cfg_scale=params["cfg_scale"], prompt_index=prompt_index, prefix_store=prefix_store)
+                             cfg_scale=params["cfg_scale"], prompt_index=prompt_index, prefix_store=prefix_store,
+                             answer_span=span)
 
 
 FAMILY = LLaDA()
@@ -92,12 +97,33 @@ FAMILY = LLaDA()
 def llada_generate(backend, prompt, attention_mask=None, *, steps: int = 128, gen_length: int = 128,
                    block_length: int = 128, temperature: float = 0.0, cfg_scale: float = 0.0,
                    remasking: str = "low_confidence", policy=None, on_step=None, max_positions: int | None = None,
-                   prefix_store=None):
+                   prefix_store=None, constraints: dict | None = None, answer_start_pos: int | None = None,
+                   early_exit_thresholds: dict | None = None):
     """LLaDA's `generate` (blocks, low_confidence / random remasking, CFG); returns the canvas and the statistics.
+
+    Prophet's arguments (pixeli99/Prophet `generate_earlyexit.generate`): `constraints` {answer position: token
+    id} pinned in the canvas; `early_exit_thresholds` ({'early', 'mid', 'late'} logit gaps) turns its early exit
+    on (the policy's `+prophet`), over the five positions from `answer_start_pos` (absolute; by default 2 after
+    the last constraint, as its eval_llada.py). `stats.exit_steps` says where each sequence stopped.
 
     LLaDA's published model code applies no attention mask, so upstream attends to left padding: pass
     `attention_mask=None` to reproduce that; with a mask, padding is never attended."""
+    if early_exit_thresholds is not None:
+        policy = with_prophet(policy, early_exit_thresholds)
     return FAMILY.generate(backend, prompt, attention_mask, policy=policy, on_step=on_step,
-                           max_positions=max_positions, prefix_store=prefix_store, steps=steps, gen_length=gen_length,
+                           max_positions=max_positions, prefix_store=prefix_store, constraints=constraints,
+                           answer_start_pos=answer_start_pos, steps=steps, gen_length=gen_length,
                            block_length=block_length, temperature=temperature, cfg_scale=cfg_scale,
                            remasking=remasking)
+
+
+def with_prophet(policy, early_exit_thresholds: dict):
+    """`policy` with `+prophet` at these thresholds (refused if it already has another +prophet)."""
+    from ..policies import Prophet, parse_policy
+    from dataclasses import replace
+    plan = parse_policy(policy)
+    want = Prophet.of(early_exit_thresholds)
+    if plan.prophet is not None and plan.prophet != want:
+        raise UsageError(f"policy {plan.spec} has +prophet at other thresholds than early_exit_thresholds "
+                         f"{early_exit_thresholds}: give them once", field="early_exit_thresholds")
+    return replace(plan, prophet=want, spec=plan.spec if plan.prophet else f"{plan.spec}+{want.spec}")

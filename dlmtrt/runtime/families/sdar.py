@@ -143,9 +143,14 @@ class SDAR(Family):
     def rule(self, info, params: dict, prompt_length: int, plan):
         return SDARRule(info.mask_token_id, self.params(**params).validate(), **plan.rule_options())
 
-    def session(self, backend, input_ids, attention_mask, params: dict, plan, prefix_store=None):
+    def session(self, backend, input_ids, attention_mask, params: dict, plan, prefix_store=None, constraints=None,
+                answer_start_pos=None):
         from ..decode import DecodeSession
         from . import canvas
+        if constraints:
+            raise UsageError("constraints are not supported for SDAR yet: its block schedule denoises whole blocks "
+                             "of masks and stops at a stop token, so a pinned token has no defined place in it",
+                             field="constraints")
         am = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         lengths = am.long().sum(1).cpu()
         x, am = canvas(input_ids, am, self.canvas_tokens(params, lengths, input_ids.shape[1]),
