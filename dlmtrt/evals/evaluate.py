@@ -69,8 +69,8 @@ def evaluate(backend, tokenizer, task_spec: str, n: int, policies: list[str], *,
              batch_size: int = 64, steps: int | None = None, blocks: int | None = None, remasking: str | None = None,
              block_length: int | None = None, progress=None, prefix_store_bytes: int = 0,
              prefix_block: int = PREFIX_BLOCK, shared_prefix: SharedPrefix | None = None,
-             bicache: BiCacheSetting | None = None, warm: int = 0, max_positions: int | None = None
-             ) -> tuple[list[PolicyResult], list[dict]]:
+             bicache: BiCacheSetting | None = None, warm: int = 0, max_positions: int | None = None,
+             answer_start: int = 0) -> tuple[list[PolicyResult], list[dict]]:
     """Run every policy on the same problems; returns the summary rows and per-problem records. `blocks` or
     `block_length` (not both) split the answer into blocks (`greedy_params`). `progress(k)` is told of k more
     problems done, in fractions as the steps of a batch go by. With `prefix_store_bytes` > 0 each policy gets
@@ -84,7 +84,9 @@ def evaluate(backend, tokenizer, task_spec: str, n: int, policies: list[str], *,
     entry without reuse, as a server would. `warm` requests (problems of another draw) are decoded through the
     policy's store first and not counted, so that the first batch already finds what an earlier request stored,
     as in a server that has run a while: the all-layer freeze stores prompts only after a request's first step.
-    `max_positions` refuses canvases beyond the model's positions before any work."""
+    `max_positions` refuses canvases beyond the model's positions before any work. A `+prophet` policy averages
+    its gaps over the five answer positions from `answer_start`: the tiny tasks' answers are the answer itself
+    from position 0 (no "The answer is" before it), so by default their first five tokens."""
     if n < 1 or batch_size < 1 or warm < 0:
         raise UsageError(f"n and batch_size must be >= 1 and warm >= 0, got {n}, {batch_size} and {warm}")
     if bicache is not None and prefix_store_bytes > 0:
@@ -127,11 +129,12 @@ def evaluate(backend, tokenizer, task_spec: str, n: int, policies: list[str], *,
                                                              bicache.interval), d) for d, part in by.items()]
 
     def run(items, prompts, part, reuse, on_step=None):
+        span = {"answer_start": answer_start} if policy.prophet is not None else {}
         if shared_prefix is None:
             return generate_text(backend, tokenizer, [prompts[i].prompt for i in part], policy=policy,
-                                 prefix_store=reuse, on_step=on_step, max_positions=max_positions, **params)
+                                 prefix_store=reuse, on_step=on_step, max_positions=max_positions, **span, **params)
         return generate_ids(backend, tokenizer, [items[i][0] for i in part], policy=policy, prefix_store=reuse,
-                            on_step=on_step, max_positions=max_positions, **params)
+                            on_step=on_step, max_positions=max_positions, **span, **params)
 
     results, records = [], []
     for spec in policies:

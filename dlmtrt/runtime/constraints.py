@@ -17,6 +17,8 @@ def parse_constraints(spec, tokenizer, answer_tokens: int | None = None) -> dict
     """{answer position: token id} from Prophet's text form ("200:The|201:answer"), a list of such texts (the
     CLI's repeatable --constraint) or a {position: text} mapping (the server's JSON object). '|' separates
     constraints in the text forms, so it cannot be pinned there; the mapping takes any text."""
+    if isinstance(spec, str) and not spec.strip():
+        return {}  # no constraints, as theirs
     if isinstance(spec, dict):
         items = [(k, v) for k, v in spec.items()]
     else:

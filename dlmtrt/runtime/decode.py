@@ -194,6 +194,7 @@ class DecodeSession:
             self.stats.prefix_rows = prefix_store.attach(self)
         rule.start(seq)  # after the prefix store: a schedule may skip what it served
         self.answer_span = answer_span  # +prophet: the canvas positions whose gaps it averages
+        self.prophet_trace: list | None = None  # set to a list to record (step, mean gaps [B], filled canvas [B, L])
         if plan.prophet is not None:
             seq["prophet.exit"] = torch.full((B,), -1, dtype=torch.long, device=dev)
             self.prophet_steps = rule.num_steps(seq)  # their max_steps: the schedule's steps
@@ -334,6 +335,9 @@ class DecodeSession:
         temperature = getattr(self.rule, "temperature", 0.0)  # LLaDA's; Dream's fill (ours) is the argmax
         pick = add_gumbel_noise(logits, temperature) if temperature and bool(fire.any()) else logits
         argmax = wide.full(pick.argmax(-1), mask_id)
+        if self.prophet_trace is not None:  # what an exit at this step would give (bench/prophet_sweep.py)
+            self.prophet_trace.append((i + 1, (total / gaps.shape[1]).cpu(),
+                                       torch.where(x == mask_id, argmax, x).cpu()))
         seq["prophet.exit"] = torch.where(fire, i + 1, exited)
         return torch.where(fire[:, None] & (x == mask_id), argmax, torch.where(fire[:, None], x, new_x))
 

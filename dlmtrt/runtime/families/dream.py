@@ -112,13 +112,16 @@ FAMILY = Dream()
 def dream_generate(backend, input_ids, attention_mask=None, *, max_new_tokens: int = 20, steps: int = 512,
                    eps: float = 1e-3, alg: str = "origin", alg_temp: float | None = None, temperature: float = 1.0,
                    top_p: float | None = None, top_k: int | None = 50, block_length: int | None = None, policy=None,
-                   on_step=None, max_positions: int | None = None, prefix_store=None):
+                   on_step=None, max_positions: int | None = None, prefix_store=None, constraints: dict | None = None,
+                   answer_start_pos: int | None = None):
     """Dream's `diffusion_generate`; returns the full canvas [B, prompt + max_new_tokens] and the statistics.
+    `constraints` and `answer_start_pos` as `llada_generate`'s (Prophet's; for Dream, ours).
 
     The defaults are upstream's effective ones (module docstring): an unqualified call samples at temperature 1
     from the top 50 logits with `alg='origin'`, exactly as `model.diffusion_generate(ids)` does; pass
     `top_k=None` for no top-k. `block_length` switches to Fast-dLLM's block decoding of Dream."""
     return FAMILY.generate(backend, input_ids, attention_mask, policy=policy, on_step=on_step,
-                           max_positions=max_positions, prefix_store=prefix_store, max_new_tokens=max_new_tokens,
+                           max_positions=max_positions, prefix_store=prefix_store, constraints=constraints,
+                           answer_start_pos=answer_start_pos, max_new_tokens=max_new_tokens,
                            steps=steps, eps=eps, alg=alg, alg_temp=alg_temp, temperature=temperature, top_p=top_p,
                            top_k=top_k, block_length=block_length)
