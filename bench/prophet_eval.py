@@ -8,8 +8,9 @@ Exact accuracy and forward passes for any thresholds from one decode: until it e
 the decode without exit, so one `none` decode per problem that records, at every step, Prophet's mean answer
 gap and the answer an exit there would give (`DecodeSession.prophet_trace`) says what every threshold triple
 would have produced. The triples: the authors' defaults (7.5 / 5.0 / 2.5) and their multiples; the one
-picked is the multiple with the fewest forward passes whose accuracy stays within 1 point of no exit on every
-task of a *calibration* draw (seed 99), reported on the evaluation draw (seed 1234, N problems). The span is
+picked is the multiple with the fewest forward passes whose accuracy stays within 1 point of no exit on the
+task of a *calibration* draw (seed 99), per task (thresholds are a request's parameters, and each of the
+authors' evaluations runs with its own), reported on the evaluation draw (seed 1234, N problems). The span is
 the answer's first five positions (the tasks' answers have no preamble: `answer_start` 0).
 
 Wall time: the first `--timed` problems of each task decoded one at a time (a request's latency; a batch
@@ -133,35 +134,38 @@ def run(models, tasks, n: int, timed_n: int, device: str, batch: int, save=None)
             per_task[spec] = {"params": params, "steps": steps, "problems": evald,
                               "trace": trace(be, tok, task, evald, params, device, batch), "task": task}
         grid = {s: tuple(round(s * d, 6) for d in DEFAULTS) for s in SCALES}
-        calibration = {}
-        for s, th in grid.items():
-            calibration[str(s)] = {spec: simulate(calib[spec], th, per_task[spec]["steps"]) for spec in tasks}
-        base = {spec: simulate(calib[spec], (float("inf"),) * 3, per_task[spec]["steps"]) for spec in tasks}
-        ok = [s for s in SCALES if all(100 * (base[spec]["accuracy"] - calibration[str(s)][spec]["accuracy"]) <= BOUND
-                                       for spec in tasks)]
-        picked = min(ok, key=lambda s: sum(calibration[str(s)][spec]["forward_passes"] for spec in tasks)) if ok \
-            else None
+        calibration, picked = {}, {}
+        for spec in tasks:
+            steps = per_task[spec]["steps"]
+            base = simulate(calib[spec], (float("inf"),) * 3, steps)
+            scales = {str(s): simulate(calib[spec], th, steps) for s, th in grid.items()}
+            ok = [s for s in SCALES if 100 * (base["accuracy"] - scales[str(s)]["accuracy"]) <= BOUND]
+            picked[spec] = min(ok, key=lambda s: (scales[str(s)]["forward_passes"], s)) if ok else None
+            calibration[spec] = {"no_exit": base, "scales": scales, "picked_scale": picked[spec],
+                                 "picked": grid.get(picked[spec])}
         rows = {}
         for spec in tasks:
             t = per_task[spec]
+            pk = picked[spec]
             cells = {"none": simulate(t["trace"], (float("inf"),) * 3, t["steps"]),
                      "prophet defaults": simulate(t["trace"], DEFAULTS, t["steps"])}
-            if picked is not None:
-                cells[f"prophet x{picked:g}"] = simulate(t["trace"], grid[picked], t["steps"])
+            if pk is not None:
+                cells["prophet calibrated"] = {**simulate(t["trace"], grid[pk], t["steps"]), "scale": pk,
+                                               "thresholds": grid[pk]}
             console.print(f"{model} {spec}: +early, N={n}")
             res, _ = evaluate(be, tok, spec, n, ["none+early"], seed=EVAL_SEED, batch_size=batch)
             cells["early"] = {"accuracy": res[0].accuracy, "forward_passes": res[0].forward_passes,
                               "early_committed": res[0].early_committed}
             sub = t["problems"][:timed_n]
             policies = {"none": "none", "prophet defaults": _prophet(DEFAULTS), "early": "none+early"}
-            if picked is not None:
-                policies[f"prophet x{picked:g}"] = _prophet(grid[picked])
+            if pk is not None:
+                policies["prophet calibrated"] = _prophet(grid[pk])
             timing = {}
             for label, pol in policies.items():
                 console.print(f"{model} {spec}: {label}, {len(sub)} problems one at a time")
                 timing[label] = timed(be, tok, t["task"], sub, t["params"], pol, device)
                 if label.startswith("prophet"):  # the timed runs are the traced ones, exit for exit
-                    th = DEFAULTS if label == "prophet defaults" else grid[picked]
+                    th = DEFAULTS if label == "prophet defaults" else grid[pk]
                     want = [simulate_one(tr, th, t["steps"]) for tr in t["trace"][:timed_n]]
                     got = timing[label]
                     if [w[0] for w in want] != got["exit_steps"] or \
@@ -170,9 +174,7 @@ def run(models, tasks, n: int, timed_n: int, device: str, batch: int, save=None)
                                              f"the trace says {[w[0] for w in want]}")
             rows[spec] = {"params": t["params"], "steps": t["steps"], "cells": cells, "timed": timing}
         doc["models"][model] = {"family": ck.family, "calibration": {"seed": CALIBRATION_SEED, "n": n,
-                                                                    "no_exit": base, "scales": calibration,
-                                                                    "picked_scale": picked,
-                                                                    "picked": grid.get(picked)},
+                                                                    "tasks": calibration},
                                 "tasks": rows}
         if save is not None:
             save(doc)  # each model's rows as soon as they are measured

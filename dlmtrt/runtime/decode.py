@@ -233,10 +233,14 @@ class DecodeSession:
             return
         pos = pack_rows(active, A)
         known = stable | (active & seq["valid"])  # active rows with a valid past: kv_drift is measured against it
-        cand = self._candidates(pos, counts, want, A, wide=prophet is not None)
+        cand = self._candidates(pos, counts, want, A, rule_needed=needed if prophet is not None else None)
         out, logits = self._run(x, pos, known, cand[0])
-        ok = cand[2] if prophet is None else cand[2] & needed.gather(1, cand[1])
-        preds = Predictions(logits, cand[1], ok, cand[0], needed)
+        if prophet is None:
+            preds = Predictions(logits, cand[1], cand[2], cand[0], needed)
+        else:  # the rule's candidates come first: it sees exactly what it would without +prophet
+            R = min(A, rule.max_needed)
+            ok = cand[2][:, :R] & needed.gather(1, cand[1][:, :R])
+            preds = Predictions(logits[:, :R], cand[1][:, :R], ok, cand[0][:, :R], needed)
         new_x = rule.commit(i, x, preds, pos, seq)
         if prophet is not None:
             new_x = self._prophet_exit(i, x, new_x, Predictions(logits, cand[1], cand[2], cand[0], want), running)
@@ -341,12 +345,13 @@ class DecodeSession:
         seq["prophet.exit"] = torch.where(fire, i + 1, exited)
         return torch.where(fire[:, None] & (x == mask_id), argmax, torch.where(fire[:, None], x, new_x))
 
-    def _candidates(self, pos: Tensor, counts: Tensor, needed: Tensor, A: int, wide: bool = False
+    def _candidates(self, pos: Tensor, counts: Tensor, needed: Tensor, A: int, rule_needed: Tensor | None = None
                     ) -> tuple[Tensor, Tensor, Tensor]:
         """The candidate rows (index [B, R] into the active rows, predicted position, real or padding): active
-        rows whose predicted position the rule wants, at most as many as it can want (`rule.max_needed`; every
-        active row when `wide`, for +prophet), in position order. Known before the step, so a backend can run
-        the output head on these rows only."""
+        rows whose predicted position the rule wants, at most as many as it can want (`rule.max_needed`), in
+        position order. Known before the step, so a backend can run the output head on these rows only. With
+        `rule_needed` (+prophet: `needed` is wider than what the rule wants) every active row is a candidate,
+        the rule's own first."""
         B, L = needed.shape
         shift = self.info.logits_shift
         pred_pos = pos + 1 if shift else pos  # Dream: row p predicts p + 1 (row 0's own position is never masked)
@@ -354,8 +359,11 @@ class DecodeSession:
         pp = pred_pos.clamp_max(L - 1)
         first = torch.arange(A, device=pos.device)[None] < counts[:, None]  # padding repeats the last row
         ok = in_canvas & first & needed.gather(1, pp)
-        R = A if wide else min(A, self.rule.max_needed)
-        cand = torch.sort((~ok).to(torch.int8), dim=1, stable=True).indices[:, :R]
+        if rule_needed is None:
+            R, key = min(A, self.rule.max_needed), (~ok).to(torch.int8)
+        else:
+            R, key = A, (~ok).to(torch.int8) + (~(ok & rule_needed.gather(1, pp))).to(torch.int8)
+        cand = torch.sort(key, dim=1, stable=True).indices[:, :R]
         return cand, pp.gather(1, cand), ok.gather(1, cand)
 
     def finish(self) -> GenerationStats:
