@@ -189,8 +189,15 @@ def run(models, tasks, n: int, timed_n: int, device: str, batch: int, save=None)
 @click.option("--timed", "timed_n", default=50, show_default=True, help="Problems per task decoded one at a time.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--batch-size", default=200, show_default=True)
-@click.option("--out", type=click.Path(path_type=Path), required=True)
-def main(models, tasks, n, timed_n, device, batch_size, out):
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="The JSON to write (required to run).")
+@click.option("--render", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Run nothing: print a stored result as the Markdown table of docs/results/prophet.md.")
+def main(models, tasks, n, timed_n, device, batch_size, out, render):
+    if render is not None:
+        click.echo(markdown(json.loads(render.read_text())))
+        return
+    if out is None:
+        raise click.UsageError("give --out FILE to run, or --render FILE to print a stored result")
     from dlmtrt.paths import check_output_file
     check_output_file(out)
     t0 = time.perf_counter()
@@ -204,6 +211,25 @@ def main(models, tasks, n, timed_n, device, batch_size, out):
     doc = run(list(models), list(tasks), n, timed_n, device, batch_size, save)
     print_table(doc)
     console.print(f"results: {out}")
+
+
+def markdown(doc: dict) -> str:
+    """The stored result as a Markdown table: N-problem accuracy and forward passes, and the timed subset."""
+    lines = ["| model | task | cell | thresholds (early/mid/late) | accuracy | Δ pts | forward passes | saved | "
+             f"timed ({doc['timed']} alone): median ms | total s | vs none |", "| --- " * 11 + "|"]
+    for model, m in doc["models"].items():
+        for spec, r in m["tasks"].items():
+            base, tb = r["cells"]["none"], r["timed"]["none"]
+            for label, c in r["cells"].items():
+                tm = r["timed"].get(label)
+                th = {"prophet defaults": doc["defaults"]}.get(label, c.get("thresholds"))
+                ths = "/".join(f"{v:g}" for v in th) if th else ""
+                lines.append(f"| `{model}` | `{spec}` | {label} | {ths} | {c['accuracy']:.3f} | "
+                             f"{100 * (c['accuracy'] - base['accuracy']):+.1f} | {c['forward_passes']:.1f} | "
+                             f"{1 - c['forward_passes'] / base['forward_passes']:.0%} | "
+                             + (f"{tm['median_ms']:.1f} | {tm['total_s']:.2f} | {tm['total_s'] / tb['total_s']:.2f}x |"
+                                if tm else " | | |"))
+    return "\n".join(lines)
 
 
 def print_table(doc: dict) -> None:

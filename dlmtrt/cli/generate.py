@@ -16,7 +16,8 @@ from ._common import (NONEMPTY_TEXT, NONNEGATIVE, POSITIVE_TOKENS, SEED, TEXT, c
 # --help needs no torch import).
 POLICY_NAMES = ("none", "append", "decode", "greedy", "prefill", "pd", "block", "dual", "adaptive", "delayed")
 POLICY_HELP = ("Cache policy and modifiers: " + " | ".join(POLICY_NAMES) + ", options as name:key=value,..., "
-               "modifiers joined by '+': decode:cache_steps=4,shift=un+parallel:threshold=0.9+early.")
+               "modifiers joined by '+': decode:cache_steps=4,shift=un+parallel:threshold=0.9+early; "
+               "none+prophet:early=7.5,mid=5,late=2.5 is Prophet's early exit.")
 
 
 @click.command()
