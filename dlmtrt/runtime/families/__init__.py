@@ -166,12 +166,14 @@ def constrain(x: "Tensor", prompt_length: int, constraints: dict | None, answer_
     Prophet's generate takes it; by default 2 after the last constrained position, as its eval_llada.py sets
     it), at most 5, inside the answer. A constrained position is never masked, so no rule commits over it: the
     tokens stay what was pinned after every step, as Prophet re-applies them. A position past the canvas is
-    skipped, as theirs skips it (the CLI and the server refuse one before any work)."""
+    skipped and a negative one overwrites the prompt, as theirs does (the CLI and the server refuse both,
+    runtime/constraints.py)."""
     from ..policies import PROPHET_SPAN
     L = x.shape[1]
     for pos, tok in (constraints or {}).items():
-        if isinstance(pos, bool) or not isinstance(pos, int) or pos < 0:
-            raise UsageError(f"a constraint's position counts answer tokens from 0, got {pos!r}", field="constraints")
+        if isinstance(pos, bool) or not isinstance(pos, int) or pos < -prompt_length:
+            raise UsageError(f"a constraint's position counts answer tokens from 0 (negative ones reach back into "
+                             f"the prompt, as Prophet's code writes them), got {pos!r}", field="constraints")
         if isinstance(tok, bool) or not isinstance(tok, int) or tok < 0:
             raise UsageError(f"a constraint's token must be a token id, got {tok!r} at {pos}", field="constraints")
         if prompt_length + pos < L:
