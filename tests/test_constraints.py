@@ -1,5 +1,5 @@
 """Constraints (runtime/constraints.py): tokens pinned at answer positions before decoding and kept there, for
-Dream and LLaDA, through the Python API, `dlmtrt generate --constraint` and the server's `constraints` field.
+Dream, LLaDA and SDAR, through the Python API, `dlmtrt generate --constraint` and the server's `constraints` field.
 Prophet's own parser is the reference for the text form (tests/test_prophet.py checks its fixtures)."""
 from __future__ import annotations
 
@@ -113,17 +113,29 @@ def test_a_constraint_past_the_canvas_is_skipped_by_the_api_as_prophet_skips_it(
     assert torch.equal(a, b)
 
 
-def test_sdar_refuses_constraints_in_one_line():
+@pytest.mark.parametrize("strategy", ["low_confidence_static", "low_confidence_dynamic", "sequential"])
+def test_sdar_keeps_its_constraints_through_its_block_schedule(strategy, tmp_path_factory):
+    """SDAR's schedule commits a fixed share of a block per step and, where that share exceeds the block's
+    masks, rewrites unmasked tokens (upstream, in the block that holds the prompt's tail): never a pin."""
     from dlmtrt.models.tiny import make_tiny
-    import tempfile
-    with tempfile.TemporaryDirectory() as d:
-        make_tiny("sdar", d)
-        model, _, _ = load(d, dtype="float32", device="cpu")
-        be = TorchBackend(model)
-        fam = get("sdar")
-        with pytest.raises(UsageError, match="not supported for SDAR"):
-            fam.session(be, torch.tensor([[5, 6, 7]]), None, fam.resolve(d, max_new_tokens=8),
-                        parse_policy("append"), constraints={0: 5})
+    from dlmtrt.runtime.families.sdar import sdar_generate
+    d = tmp_path_factory.mktemp("sdar")
+    make_tiny("sdar", d)
+    model, _, _ = load(str(d), dtype="float32", device="cpu")
+    be = TorchBackend(model)
+    ids = torch.randint(1, 250, (2, 6), generator=torch.Generator().manual_seed(4))
+    pins = {0: 65, 1: 66, 5: 67, 11: 68}
+    kw = dict(gen_length=12, block_length=4, denoising_steps=4, top_k=1, remasking_strategy=strategy)
+    fam = get("sdar")
+    s = fam.session(be, ids, None, fam.params(**kw).validate().to_dict(), parse_policy("append"), constraints=pins)
+    while not s.done:
+        s.step()
+        for p, t in pins.items():
+            assert (s.x[:, 6 + p] == t).all()
+    plain, _ = sdar_generate(be, ids, **kw)
+    assert not (s.x[:, 6:18] == be.info.mask_token_id).any() and not torch.equal(plain[:, 6:18], s.x[:, 6:18])
+    with pytest.raises(UsageError, match="answer positions 0 to 11"):
+        fam.session(be, ids, None, fam.params(**kw).validate().to_dict(), parse_policy("append"), constraints={12: 5})
 
 
 def test_generate_pins_a_constraint_from_the_cli():

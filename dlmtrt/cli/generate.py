@@ -57,7 +57,7 @@ POLICY_HELP = ("Cache policy and modifiers: " + " | ".join(POLICY_NAMES) + ", op
 @click.option("--policy", type=TEXT, default=None, metavar="SPEC",
               help=POLICY_HELP + " [default: the family's: none; SDAR append, its exact cache].")
 @click.option("--constraint", "constraints", multiple=True, type=TEXT, metavar="POS:TEXT",
-              help="Dream, LLaDA: pin TEXT (tokenized with a leading space, as Prophet does) at answer position POS "
+              help="Pin TEXT (tokenized with a leading space, as Prophet does) at answer position POS "
                    "(from 0) and keep it there; repeatable. With +prophet its answer span starts 2 after the last.")
 @click.option("--answer-start", type=click.IntRange(min=0), default=None, metavar="POS",
               help="+prophet: the answer position where its 5-token gap span starts [default: 2 after the last "

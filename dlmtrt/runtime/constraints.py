@@ -1,7 +1,7 @@
 """Constraints: tokens pinned at answer positions before decoding starts, and kept there (no rule ever commits
 over a position that is not masked). Prophet (pixeli99/Prophet) pins its answer's format with them ("The answer
 is" at fixed positions) and places its early-exit span after the last one; evaluation harnesses use them the
-same way. Every family whose schedule masks the answer position by position takes them (Dream, LLaDA).
+same way. Every family takes them (Dream, LLaDA, SDAR).
 
 The text form is Prophet's (`eval_llada.py` `_parse_constraints`): "POS:WORD|POS:WORD", POS counted in answer
 tokens from 0, each WORD tokenized with a leading space and its tokens placed at POS, POS + 1, ...; a later

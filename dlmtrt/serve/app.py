@@ -192,9 +192,6 @@ class Served:
     def constraints_of(self, req: DiffusionFields, plan, new: int) -> dict[int, int] | None:
         """The request's constraints as {answer position: token id}, and +prophet's need of an answer span."""
         from dlmtrt.runtime.constraints import parse_constraints
-        if req.constraints is not None and self.fam.block_causal:
-            raise ApiError(400, f"constraints are not supported for {self.fam.title} yet (its block schedule "
-                                "denoises whole blocks of masks)", param="constraints")
         if req.answer_start is not None and not 0 <= req.answer_start < new:
             raise ApiError(400, f"answer_start {req.answer_start} is outside the {new}-token answer",
                            param="answer_start")

@@ -61,7 +61,7 @@ class DiffusionFields(BaseModel):
                                                                  "token above it [default 0.85].")
     cfg_scale: Float | None = Field(None, description="dlmtrt, LLaDA: classifier-free guidance scale [default 0].")
     constraints: Str | list[Str] | dict[str, Str] | None = Field(
-        None, description="dlmtrt, Dream and LLaDA: tokens pinned at answer positions and kept there, Prophet's "
+        None, description="dlmtrt: tokens pinned at answer positions and kept there, Prophet's "
                           "form: 'POS:TEXT|POS:TEXT' (POS from 0; TEXT tokenized with a leading space), a list of "
                           "such strings, or an object {\"POS\": \"TEXT\"}.")
     answer_start: Int | None = Field(

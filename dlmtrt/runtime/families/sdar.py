@@ -146,17 +146,22 @@ class SDAR(Family):
     def session(self, backend, input_ids, attention_mask, params: dict, plan, prefix_store=None, constraints=None,
                 answer_start_pos=None):
         from ..decode import DecodeSession
-        from . import canvas
-        if constraints:
-            raise UsageError("constraints are not supported for SDAR yet: its block schedule denoises whole blocks "
-                             "of masks and stops at a stop token, so a pinned token has no defined place in it",
-                             field="constraints")
+        from . import canvas, constrain
+        if answer_start_pos is not None:
+            raise UsageError("+prophet is not defined for SDAR (its block schedule decides when a block is done)",
+                             field="answer_start_pos")
         am = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         lengths = am.long().sum(1).cpu()
         x, am = canvas(input_ids, am, self.canvas_tokens(params, lengths, input_ids.shape[1]),
                        backend.info.mask_token_id)
-        return DecodeSession(backend, x, am, self.rule(backend.info, params, input_ids.shape[1], plan), plan,
-                             prefix_store=prefix_store)
+        if constraints:
+            if any(not isinstance(p, int) or p < 0 or p >= params["gen_length"] for p in constraints):
+                raise UsageError(f"SDAR's constraints take answer positions 0 to {params['gen_length'] - 1}",
+                                 field="constraints")
+            constrain(x, input_ids.shape[1], constraints, None)
+        rule = self.rule(backend.info, params, input_ids.shape[1], plan)
+        rule.answer_from = input_ids.shape[1]
+        return DecodeSession(backend, x, am, rule, plan, prefix_store=prefix_store)
 
 
 @dataclass
@@ -178,6 +183,7 @@ class SDARRule(Schedule):
     exact_ties: bool = False
     fuse_store: bool = False  # store a finished block in the next block's first denoising pass
     scoped: bool = False  # the cache policy computes exactly scope() (append): the row count is the rule's
+    answer_from: int = 1 << 62  # the canvas position where the answer starts (after it, unmasked = constrained)
 
     def __post_init__(self):
         self.B = self.p.block_length
@@ -201,6 +207,7 @@ class SDARRule(Schedule):
         prompt_blocks = (bidx >= 0) & (bidx < blk[:, None])
         served = (seq["frozen"] | ~prompt_blocks).all(1)  # every prompt block came from a prefix store
         seq["rule.pad"], seq["rule.bidx"], seq["rule.blk"] = pad, bidx, blk
+        seq["rule.pinned"] = (torch.arange(self.L, device=dev) >= self.answer_from)[None] & ~answer  # constraints
         seq["rule.blocks"] = -(-(P + self.p.gen_length) // self.B)
         seq["rule.step"] = torch.zeros_like(P)
         seq["rule.carry"] = torch.zeros_like(P, dtype=torch.bool)  # the previous block is stored this step
@@ -293,7 +300,7 @@ class SDARRule(Schedule):
             idx = ((seq["rule.pad"] + blk * self.B)[:, None] + torch.arange(self.B, device=x.device)
                    ).clamp_max(self.L - 1)
             cur = x.gather(1, idx)
-            new = self._denoise(cur, preds.logits[:, :self.B], step)
+            new = self._denoise(cur, preds.logits[:, :self.B], step, seq["rule.pinned"].gather(1, idx))
             x = x.scatter(1, idx, torch.where(den[:, None], new, cur))
             step = step + den.long()
         store = phase == STORE
@@ -313,9 +320,11 @@ class SDARRule(Schedule):
             return torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         return (torch.isin(x, self._stops) & seq["answer"]).any(1)
 
-    def _denoise(self, cur: Tensor, logits: Tensor, step: Tensor) -> Tensor:
+    def _denoise(self, cur: Tensor, logits: Tensor, step: Tensor, pinned: Tensor) -> Tensor:
         """One of upstream's denoising steps on each sequence's block ([n, block] tokens, [n, block, V] logits):
-        sample every row, commit by the strategy the step's share of the block."""
+        sample every row, commit by the strategy the step's share of the block. A share larger than the block's
+        masks also rewrites unmasked tokens, as upstream does in the block that holds the prompt's tail; a
+        constraint (`pinned`) is never rewritten."""
         n, B = cur.shape
         x0, x0_p = sample(logits.reshape(n * B, -1), self.p.temperature, self.p.top_k, self.p.top_p)
         x0, x0_p = x0.view(n, B), x0_p.view(n, B)
@@ -334,7 +343,7 @@ class SDARRule(Schedule):
             if self.p.remasking_strategy == "low_confidence_dynamic":
                 high = conf > self.p.confidence_threshold
                 take = torch.where((high.sum(1) >= k)[:, None], high, take)
-        return torch.where(take, x0, cur)
+        return torch.where(take & ~pinned, x0, cur)
 
 
 def sample(logits: Tensor, temperature: float, top_k: int, top_p: float) -> tuple[Tensor, Tensor]:
