@@ -46,12 +46,24 @@ def test_no_exit_is_the_plain_decode(traced):
 def test_a_small_run_writes_its_table(tmp_path):
     from click.testing import CliRunner
     out = tmp_path / "p.json"
-    r = CliRunner().invoke(pe.main, ["--model", "tiny-llada-tasks", "--task", "shift128", "--n", "3", "--timed", "1",
+    r = CliRunner().invoke(pe.main, ["--model", "tiny-llada-tasks", "--task", "sudoku4:clues=8-12", "--n", "3", "--timed", "1",
                                      "--batch-size", "3", "--out", str(out)])
     assert r.exit_code == 0, r.output
     doc = json.loads(out.read_text())
-    cells = doc["models"]["tiny-llada-tasks"]["tasks"]["shift128"]["cells"]
-    assert {"none", "prophet defaults", "early"} <= set(cells) and cells["none"]["forward_passes"] == 129.0
+    cells = doc["models"]["tiny-llada-tasks"]["tasks"]["sudoku4:clues=8-12"]["cells"]
+    assert {"none", "prophet defaults", "early"} <= set(cells) and cells["none"]["forward_passes"] == 20.0
     md = CliRunner().invoke(pe.main, ["--render", str(out)])
-    assert md.exit_code == 0 and "| `tiny-llada-tasks` | `shift128` | none |" in md.output
+    assert md.exit_code == 0 and "| `tiny-llada-tasks` | `sudoku4:clues=8-12` | none |" in md.output
     assert CliRunner().invoke(pe.main, []).exit_code == 2
+
+
+def test_eval_runs_prophet_with_the_answers_first_positions_as_its_span(traced):
+    from dlmtrt.evals.evaluate import evaluate
+    be, tok, task, problems, params, tr = traced
+    res, recs = evaluate(be, tok, "sudoku4:clues=8-12", 6, ["none", "none+prophet:early=15,mid=10,late=5"], seed=5,
+                         batch_size=6)
+    none, prophet = res
+    want = pe.simulate(tr, (15.0, 10.0, 5.0), params["steps"])
+    assert prophet.forward_passes == pytest.approx(want["forward_passes"])
+    assert prophet.forward_passes < none.forward_passes
+    assert prophet.accuracy == pytest.approx(want["accuracy"])
