@@ -12,7 +12,8 @@ TORCH=$(grep -E '^torch==' "$ROOT/requirements-ci.txt")
 echo "== wheel"
 quiet "$PY" -m pip wheel -q --no-deps -w "$WORK/dist" "$ROOT"
 WHEEL=$(ls "$WORK"/dist/dlmtrt-*.whl)
-unzip -l "$WHEEL" | grep -q "dlmtrt/checkpoints/tiny-llada-tasks/model.safetensors" \
+unzip -l "$WHEEL" > "$WORK/wheel-files.txt"  # not piped into grep -q: its early exit is a SIGPIPE under pipefail
+grep -q "dlmtrt/checkpoints/tiny-llada-tasks/model.safetensors" "$WORK/wheel-files.txt" \
   || { echo "the wheel lacks the shipped checkpoints"; exit 1; }
 
 echo "== fresh venv: $TORCH, then the wheel (its own dependency ranges)"
@@ -25,7 +26,7 @@ quiet "$V/python" -m pip install -q --disable-pip-version-check "$WHEEL"
 use_it() {  # from a directory outside the source tree
   local where=$1
   mkdir -p "$where" && cd "$where"
-  "$V/dlmtrt" --help | grep -q "make-tiny"
+  "$V/dlmtrt" --help > "$WORK/help.txt" && grep -q "make-tiny" "$WORK/help.txt"
   "$V/dlmtrt" make-tiny --arch llada --out tiny-llada
   "$V/dlmtrt" generate -m tiny-llada-tasks -p $'sudoku\n0120\n4231\n2000\n0040\n' -n 20 --steps 20 \
     --policy dual+parallel --json | "$V/python" -c "import json,sys; d=json.load(sys.stdin); assert d['answers'][0], d"
