@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from dlmtrt.plugins import launcher
+from dlmtrt.plugins.fatbin import MAGIC, embedded_architectures
 from dlmtrt.plugins.launcher import PluginError, launch_ptrs, library_path, library_sha256
 from dlmtrt.plugins.torch_op import cached_attention_cuda
 
@@ -21,10 +22,21 @@ def test_the_library_is_built_with_the_c_abi_and_every_target_architecture():
     for name in ("dlmtrt_cached_attention", "dlmtrt_cached_attention_error", "dlmtrt_cached_attention_abi_version"):
         assert hasattr(lib, name)
     assert len(library_sha256()) == 64
-    if shutil.which("cuobjdump"):  # not in every CUDA install (the nvcc-only one here lacks it)
-        archs = subprocess.run(["cuobjdump", "--list-elf", str(path)], capture_output=True, text=True, check=True)
-        for sm in ("sm_80", "sm_86", "sm_89", "sm_90", "sm_120"):
-            assert sm in archs.stdout
+    archs = embedded_architectures(path)
+    assert {a for kind, a in archs if kind == "sass"} == {80, 86, 87, 89, 90, 100, 110, 120}  # Orin 87, Thor 110
+    assert {a for kind, a in archs if kind == "ptx"} == {120}  # JIT for newer GPUs
+    if shutil.which("cuobjdump"):  # not in every CUDA install (the nvcc-only one here lacks it): cross-check
+        listed = subprocess.run(["cuobjdump", "--list-elf", str(path)], capture_output=True, text=True, check=True)
+        assert all(f"sm_{a}" in listed.stdout for kind, a in archs if kind == "sass")
+
+
+def test_fatbin_reading_skips_stray_magic_and_reads_the_fp8_library(tmp_path):
+    f = tmp_path / "plain.so"
+    f.write_bytes(b"\x7fELF" + bytes(64) + MAGIC + bytes(12))  # a stray magic is not a container
+    assert embedded_architectures(f) == set()
+    from dlmtrt.plugins import fp8_linear
+    fp8 = embedded_architectures(fp8_linear.library_path())
+    assert {a for kind, a in fp8 if kind == "sass"} == {80, 86, 89, 90, 120}
 
 
 @pytest.mark.parametrize("kw,message", [
