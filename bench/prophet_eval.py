@@ -64,7 +64,7 @@ def trace(be, tok, task, problems, params, device, batch: int) -> list[dict]:
         P = ids.shape[1]
         s = fam.session(be, ids, am, params, plan, answer_start_pos=P)
         s.prophet_trace = []
-        x, st = drive(s)
+        x, _ = drive(s)
         final = [task.check(p, decode_answer(tok, row[P:], stops)) for p, row in zip(part, x)]
         steps_of = [int(v) for v in ((s.seq["decoded_at"][:, P:].max(1).values + 1).tolist())]
         for b, p in enumerate(part):

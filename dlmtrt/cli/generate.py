@@ -153,6 +153,7 @@ def generate(model, prompts, prompt_file, chat, max_new_tokens, steps, temperatu
 def check_constraints(constraints, answer_start, plan, new_tokens: int) -> None:
     """--constraint and --answer-start before any work: their form, their positions within the answer, and an
     answer span for +prophet (which has none without them)."""
+    from dlmtrt.errors import UsageError
     from dlmtrt.runtime.constraints import parse_constraints
 
     class _Chars:  # the form and the positions; the tokenizer's lengths are checked once it is loaded
@@ -161,7 +162,7 @@ def check_constraints(constraints, answer_start, plan, new_tokens: int) -> None:
 
     try:
         parse_constraints(list(constraints), _Chars(), answer_tokens=new_tokens)
-    except Exception as e:  # UsageError: the option's own message
+    except UsageError as e:
         raise click.BadParameter(str(e), param_hint="--constraint") from None
     if answer_start is not None and answer_start >= new_tokens:
         raise click.BadParameter(f"answer position {answer_start} is past the {new_tokens}-token answer",

@@ -20,7 +20,7 @@ def parse_constraints(spec, tokenizer, answer_tokens: int | None = None) -> dict
     if isinstance(spec, str) and not spec.strip():
         return {}  # no constraints, as theirs
     if isinstance(spec, dict):
-        items = [(k, v) for k, v in spec.items()]
+        items = list(spec.items())
     else:
         parts = [q for item in ([spec] if isinstance(spec, str) else spec)
                  for q in (item.split("|") if isinstance(item, str) else [item])]

@@ -333,14 +333,14 @@ class DecodeSession:
         total = gaps[:, 0]
         for j in range(1, gaps.shape[1]):
             total = total + gaps[:, j]
-        threshold = self.plan.prophet.threshold(i + 1, self.prophet_steps)
+        mean = total / gaps.shape[1]
         exited = seq["prophet.exit"]
-        fire = running & (exited < 0) & (total / gaps.shape[1] >= threshold)
+        fire = running & (exited < 0) & (mean >= self.plan.prophet.threshold(i + 1, self.prophet_steps))
         temperature = getattr(self.rule, "temperature", 0.0)  # LLaDA's; Dream's fill (ours) is the argmax
         pick = add_gumbel_noise(logits, temperature) if temperature and bool(fire.any()) else logits
         argmax = wide.full(pick.argmax(-1), mask_id)
-        if self.prophet_trace is not None:  # what an exit at this step would give (bench/prophet_sweep.py)
-            self.prophet_trace.append((i + 1, (total / gaps.shape[1]).cpu(),
+        if self.prophet_trace is not None:  # what an exit at this step would give (bench/prophet_eval.py)
+            self.prophet_trace.append((i + 1, mean.cpu(),
                                        torch.where(x == mask_id, argmax, x).cpu()))
         seq["prophet.exit"] = torch.where(fire, i + 1, exited)
         return torch.where(fire[:, None] & (x == mask_id), argmax, torch.where(fire[:, None], x, new_x))

@@ -15,6 +15,7 @@ from dlmtrt.errors import UsageError
 from .contract import StepBackend
 from .decode import GenerationStats
 from .families import get as family
+from .families import span_options
 from .families.dream import dream_generate  # noqa: F401  (the public API)
 from .families.llada import llada_generate  # noqa: F401
 from .families.sdar import sdar_generate  # noqa: F401
@@ -83,13 +84,9 @@ def _generate(backend, tokenizer, fam, ids: Tensor, am: Tensor, policy, on_step,
     ids, am = ids.to(backend.info.device), am.to(backend.info.device)
     if (ids == backend.info.mask_token_id).any():
         raise UsageError("a prompt contains the mask token; remove it (the canvas uses it for unknown positions)")
-    extra = {}
-    if constraints:
-        extra["constraints"] = constraints
-    if answer_start is not None:
-        extra["answer_start_pos"] = ids.shape[1] + answer_start
     x, stats = fam.generate(backend, ids, am, policy=policy, on_step=on_step, max_positions=max_positions,
-                            prefix_store=prefix_store, **extra, **params)
+                            prefix_store=prefix_store, **span_options(ids.shape[1], constraints, answer_start),
+                            **params)
     P = ids.shape[1]
     stops = backend.info.stop_ids or (backend.info.eos_token_id,)
     return Generation([decode_answer(tokenizer, row[P:], stops) for row in x], x, P, stats)

@@ -36,6 +36,7 @@ from dlmtrt.runtime.backends import shares_cache
 from dlmtrt.runtime.buckets import bucket
 from dlmtrt.runtime.decode import DecodeSession
 from dlmtrt.runtime.families import get as family
+from dlmtrt.runtime.families import span_options
 from dlmtrt.runtime.generate import answer_end
 from dlmtrt.runtime.policies import DecodePlan
 
@@ -128,10 +129,8 @@ def build_session(backend, family_name: str, ids: torch.Tensor, am: torch.Tensor
     running it. Prefix reuse is skipped where the family's schedule does not allow it (LLaDA's CFG).
     `constraints` and `answer_start` (in answer positions) are the cohort's, as its jobs share them."""
     fam = family(family_name)
-    extra = {"constraints": constraints} if constraints else {}
-    if answer_start is not None:
-        extra["answer_start_pos"] = ids.shape[1] + answer_start
-    return fam.session(backend, ids, am, params, plan, prefix_store if fam.prefix_reuse(params) else None, **extra)
+    return fam.session(backend, ids, am, params, plan, prefix_store if fam.prefix_reuse(params) else None,
+                       **span_options(ids.shape[1], constraints, answer_start))
 
 
 class Scheduler:

@@ -159,6 +159,16 @@ def canvas(ids: "Tensor", attention_mask: "Tensor | None", new: int, mask_id: in
     return x, am
 
 
+def span_options(prompt_length: int, constraints: dict | None, answer_start: int | None) -> dict:
+    """`session`'s constraint options for a caller that counts +prophet's span start in answer positions (the
+    CLI's --answer-start, the server's answer_start): only the ones given, so that a family whose `session`
+    predates them still takes the call."""
+    out: dict = {"constraints": constraints} if constraints else {}
+    if answer_start is not None:
+        out["answer_start_pos"] = prompt_length + answer_start
+    return out
+
+
 def constrain(x: "Tensor", prompt_length: int, constraints: dict | None, answer_start_pos: int | None
               ) -> list[int] | None:
     """Pin `constraints` ({answer position: token id}, 0 = the first answer position; Prophet's form) in the
