@@ -20,9 +20,9 @@ ARCHS := -gencode arch=compute_80,code=sm_80 -gencode arch=compute_86,code=sm_86
 ATTENTION_ARCHS := $(ARCHS) -gencode arch=compute_87,code=sm_87 -gencode arch=compute_100,code=sm_100 \
 	-gencode arch=compute_110,code=sm_110
 
-$(PLUGIN_LIB): plugins/cached_attention/cached_attention.cu
+$(PLUGIN_LIB): plugins/cached_attention/cached_attention.cu plugins/cached_attention/attention_mma.cuh
 	mkdir -p $(dir $@)
-	$(NVCC) -O3 -std=c++17 --threads 0 -shared -Xcompiler -fPIC -cudart static $(ATTENTION_ARCHS) -o $@ $<
+	$(NVCC) -O3 -std=c++17 --threads 0 -shared -Xcompiler -fPIC -cudart static $(ATTENTION_ARCHS) -o $@ plugins/cached_attention/cached_attention.cu
 
 # The few-row fp8 linear (plugins/fp8_linear), loaded by dlmtrt/plugins/fp8_linear.py: today's architectures
 # only (each more costs CI about 30 s of build; fp8 tensor cores are sm_89 and newer).

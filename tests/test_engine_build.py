@@ -268,13 +268,26 @@ def test_plugin_enqueue_calls_the_launcher(monkeypatch):
     valid = SimpleNamespace(dims=(2, 40), type=trt.DataType.BOOL)
     qpos = SimpleNamespace(dims=(2, 5), type=trt.DataType.INT64)
     kpos = SimpleNamespace(dims=(2, 40), type=trt.DataType.INT64)
-    p.enqueue([q, kv, kv, valid, qpos, kpos], [q], [0x1000, 0x2000, 0x3000, 0x4000, 0x4100, 0x4200], [0x5000], 0,
+    p.enqueue([q, kv, kv, valid, qpos, kpos], [q], [0x1000, 0x2000, 0x3000, 0x4000, 0x4100, 0x4200], [0x5000], 0x9000,
               0x77)
     (a,) = calls
     assert a[:7] == (0x1000, 0x2000, 0x3000, 0x4000, 0x4100, 0x4200, 0x5000)
     assert a[7:13] == (2, 8, 4, 5, 40, 32)
     assert a[13] == pytest.approx(32 ** -0.5) and a[14] == launcher.DTYPE_CODES["bfloat16"]
-    assert a[15:] == (p.fields["mask_type"], p.fields["block_size"], 0x77)
+    assert a[15:] == (p.fields["mask_type"], p.fields["block_size"], 0x77, 0x9000, 0)  # head_dim 32: no splits
+
+
+def test_plugin_reserves_the_kernels_workspace_bound():
+    """The engine reserves the most any launch of the node's heads may use (the key splits of few-row steps),
+    and enqueue hands TensorRT's workspace and that size to the launcher."""
+    trt = import_trt()
+    _, p = _plugin(trt, num_heads=28, num_kv_heads=4, head_dim=128)
+    desc = SimpleNamespace(desc=SimpleNamespace(type=trt.DataType.BF16))
+    bound = p.get_workspace_size([desc] * 6, [])
+    assert bound == launcher.workspace_size(1, 28, 4, 0, 1, 128, launcher.DTYPE_CODES["bfloat16"]) > 0
+    assert bound >= max(launcher.workspace_size(B, 28, 4, A, L, 128, 2)
+                        for B in (1, 8, 32) for A in (1, 4, 32, 256) for L in (64, 768, 8192))
+    assert p.get_workspace_size([SimpleNamespace(desc=SimpleNamespace(type=trt.DataType.FLOAT))] * 6, []) == 0
 
 
 def test_polygraphy_build_of_a_plugin_graph_never_aborts(exported):

@@ -55,6 +55,36 @@ def test_bad_launches_are_refused_with_the_reason(kw, message):
                     args["D"], 0.1, args["dtype"], args["mask_type"], args["block"], 0)
 
 
+@pytest.mark.parametrize("ptrs,message", [
+    (dict(q=0x1002), "misaligned pointers: q, k, v and o must be 16-byte aligned"),
+    (dict(o=0x1008), "misaligned pointers"),
+    (dict(ws=0x2001, ws_bytes=4096), "the workspace must be 16-byte aligned device memory"),
+    (dict(ws=0, ws_bytes=4096), "the workspace must be 16-byte aligned device memory"),
+])
+def test_misaligned_pointers_are_refused_before_any_launch(ptrs, message):
+    p = dict(q=0x1000, k=0x2000, v=0x3000, o=0x4000, ws=0, ws_bytes=0) | ptrs
+    for dtype in (0, 1, 2):
+        with pytest.raises(PluginError, match=message):
+            launch_ptrs(p["q"], p["k"], p["v"], 0x5000, 0x100, 0x100, p["o"], 1, 28, 4, 1, 8, 128, 0.1, dtype, 0, 0, 0,
+                        p["ws"], p["ws_bytes"])
+
+
+def test_workspace_sizes_follow_the_launch_plan():
+    """Key splits (and so workspace) only where the row tiles leave the GPU mostly idle; never more than the
+    bound a TensorRT plugin reserves; none for fp32 (the scalar kernel) or a head_dim it does not run."""
+    from dlmtrt.plugins.launcher import workspace_size
+    bound = workspace_size(1, 28, 4, 0, 1, 128, 2)
+    assert bound > 0 and workspace_size(1, 28, 4, 0, 1, 64, 2) < bound
+    one_row = workspace_size(1, 28, 4, 1, 2048, 128, 2)  # 4 CTAs of rows: the keys split
+    assert 0 < one_row <= bound
+    assert workspace_size(8, 28, 4, 768, 2048, 128, 2) == 0  # 8 x 4 x 84 row tiles fill the GPU
+    assert workspace_size(1, 28, 4, 1, 64, 128, 2) == 0  # one key tile cannot split
+    assert workspace_size(1, 28, 4, 1, 2048, 128, 0) == 0 and workspace_size(1, 28, 4, 1, 2048, 96, 2) == 0
+    sizes = [workspace_size(B, H, Hkv, A, L, D, 1) for B in (1, 3, 8) for H, Hkv in ((28, 4), (8, 8), (32, 8))
+             for A in (1, 2, 5, 32, 100) for L in (65, 768, 8192) for D in (64, 128)]
+    assert max(sizes) <= bound and sum(s > 0 for s in sizes) > len(sizes) // 3
+
+
 def test_an_empty_launch_is_a_no_op():
     for mask_type, block in ((0, 0), (1, 4)):
         launch_ptrs(0, 0, 0, 0, 0x100, 0x100, 0, 0, 28, 4, 1, 8, 128, 0.1, 2, mask_type, block, 0)

@@ -17,7 +17,7 @@ from dlmtrt.errors import DlmtrtError
 
 LIB_NAME = "libdlmtrt_cached_attention.so"
 DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
-ABI_VERSION = 2  # 2: query/key positions, mask type and block size (the attention kind)
+ABI_VERSION = 3  # 2: query/key positions, mask type and block size (the attention kind); 3: the workspace
 
 
 class PluginError(DlmtrtError, RuntimeError):
@@ -65,20 +65,32 @@ def open_library(path: Path, entry: str, argtypes: list, abi_version: int) -> ct
 
 @functools.cache
 def _lib() -> ctypes.CDLL:
-    return open_library(library_path(), "dlmtrt_cached_attention",
-                        [ctypes.c_void_p] * 7 + [ctypes.c_int] * 6 + [ctypes.c_float] + [ctypes.c_int] * 3
-                        + [ctypes.c_void_p],
-                        ABI_VERSION)
+    lib = open_library(library_path(), "dlmtrt_cached_attention",
+                       [ctypes.c_void_p] * 7 + [ctypes.c_int] * 6 + [ctypes.c_float] + [ctypes.c_int] * 3
+                       + [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p],
+                       ABI_VERSION)
+    lib.dlmtrt_cached_attention_workspace_size.restype = ctypes.c_size_t
+    lib.dlmtrt_cached_attention_workspace_size.argtypes = [ctypes.c_int] * 7
+    return lib
+
+
+def workspace_size(B: int, H: int, Hkv: int, A: int, L: int, D: int, dtype_code: int) -> int:
+    """Bytes of device workspace a launch of this shape uses (the key splits of few-row fp16/bf16 launches; 0
+    when it needs none). With A = 0: the most any launch of head_dim D may use, what a TensorRT plugin reserves."""
+    return int(_lib().dlmtrt_cached_attention_workspace_size(B, H, Hkv, A, L, D, dtype_code))
 
 
 def launch_ptrs(q: int, k: int, v: int, valid: int, q_pos: int, k_pos: int, o: int, B: int, H: int, Hkv: int,
                 A: int, L: int, D: int, scale: float, dtype_code: int, mask_type: int, block: int,
-                stream: int) -> None:
+                stream: int, workspace: int = 0, workspace_bytes: int = 0) -> None:
     """Enqueue the kernel on `stream` with raw device pointers (layouts in the .cu file; `q_pos`/`k_pos` int64
     sequence positions, read for block_causal only, 0 allowed otherwise; `mask_type`/`block` as
-    models.attention_kinds.AttentionKind carries them); raises PluginError."""
+    models.attention_kinds.AttentionKind carries them; `workspace` device memory of `workspace_bytes`, as much
+    as `workspace_size` says for the full speed of few-row launches, less or none for fewer key splits);
+    raises PluginError."""
     lib = _lib()
     rc = lib.dlmtrt_cached_attention(q, k, v, valid, q_pos or None, k_pos or None, o, B, H, Hkv, A, L, D, scale,
-                                     dtype_code, mask_type, block, stream or None)
+                                     dtype_code, mask_type, block, workspace or None, workspace_bytes,
+                                     stream or None)
     if rc:
         raise PluginError(f"cached attention: {lib.dlmtrt_cached_attention_error().decode()}")

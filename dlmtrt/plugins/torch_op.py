@@ -9,7 +9,7 @@ import math
 import torch
 from torch import Tensor
 
-from .launcher import DTYPE_CODES, PluginError, launch_ptrs
+from .launcher import DTYPE_CODES, PluginError, launch_ptrs, workspace_size
 
 
 @torch.library.custom_op("dlmtrt::cached_attention_cuda", mutates_args=())
@@ -30,10 +30,12 @@ def cached_attention_cuda(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, q_pos:
     valid = valid.to(torch.bool).contiguous()
     q_pos, k_pos = q_pos.to(torch.int64).contiguous(), k_pos.to(torch.int64).contiguous()
     o = torch.empty_like(q)
+    code = DTYPE_CODES[str(q.dtype).removeprefix("torch.")]
+    ws_bytes = workspace_size(B, H, Hkv, A, L, D, code) if A else 0
+    ws = torch.empty(ws_bytes, dtype=torch.uint8, device=q.device) if ws_bytes else None
     launch_ptrs(q.data_ptr(), k.data_ptr(), v.data_ptr(), valid.data_ptr(), q_pos.data_ptr(), k_pos.data_ptr(),
-                o.data_ptr(), B, H, Hkv, A, L, D, 1.0 / math.sqrt(D) if scale is None else scale,
-                DTYPE_CODES[str(q.dtype).removeprefix("torch.")], mask_type, block,
-                torch.cuda.current_stream(q.device).cuda_stream)
+                o.data_ptr(), B, H, Hkv, A, L, D, 1.0 / math.sqrt(D) if scale is None else scale, code, mask_type,
+                block, torch.cuda.current_stream(q.device).cuda_stream, 0 if ws is None else ws.data_ptr(), ws_bytes)
     return o
 
 

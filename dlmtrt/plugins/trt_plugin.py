@@ -132,8 +132,19 @@ def _classes(trt: ModuleType) -> tuple[type, type]:
         def configure_plugin(self, inp, out):
             pass
 
+        def workspace_bytes(self, trt_type) -> int:
+            """The most any launch of these heads may use for its key splits; 0 where the library is not built
+            here (a build without it: the engine then runs few-row steps with fewer splits, same result)."""
+            from . import launcher
+            f = self.fields
+            try:
+                return launcher.workspace_size(1, f["num_heads"], f["num_kv_heads"], 0, 1, f["head_dim"],
+                                               launcher.DTYPE_CODES.get(FLOATS.get(trt_type, ""), 0))
+            except launcher.PluginError:
+                return 0
+
         def get_workspace_size(self, inp, out):
-            return 0
+            return self.workspace_bytes(inp[0].desc.type)
 
         def get_valid_tactics(self):
             return []
@@ -161,7 +172,8 @@ def _classes(trt: ModuleType) -> tuple[type, type]:
             launcher.launch_ptrs(int(inputs[0]), int(inputs[1]), int(inputs[2]), int(inputs[3]), int(inputs[4]),
                                  int(inputs[5]), int(outputs[0]), B, H, Hkv, A, L, D, float(self.fields["scale"]),
                                  launcher.DTYPE_CODES[FLOATS[input_desc[0].type]], self.fields["mask_type"],
-                                 self.fields["block_size"], int(stream))
+                                 self.fields["block_size"], int(stream), int(workspace),
+                                 self.workspace_bytes(input_desc[0].type))
 
     class CachedAttentionCreator(trt.IPluginCreatorV3One):
         def __init__(self):

@@ -5,11 +5,12 @@
 // query may not attend and o = 0 for a query with none. Key validity is a vector and the block test is computed
 // from positions on the fly: no [A, L] mask is ever materialized.
 //
-// Why this shape of kernel: a denoising step has anywhere from 1 to L active rows. One warp owns one query row
-// and walks the keys 32 at a time with an online softmax (lane j scores key j; each lane accumulates D/32 output
-// dims), fp32 throughout. A block has 8 warps; with few active rows the warps split the keys of the same rows
-// instead (flash-decoding inside the block) and combine their partial softmaxes at the end, so a one-row step
-// still puts 8 warps on every head.
+// Two paths behind one C ABI. fp16 and bf16 run on tensor cores (attention_mma.cuh: FlashAttention-2 on
+// mma.sync, the query heads of a GQA group sharing each K/V tile, key splits when few rows are active). fp32
+// keeps the scalar kernel below (fp32 accuracy, 1e-5, rules out bf16/tf32 tensor cores): one warp owns one
+// query row and walks the keys 32 at a time with an online softmax (lane j scores key j; each lane accumulates
+// D/32 output dims). A block has 8 warps; with few active rows the warps split the keys of the same rows
+// instead (flash-decoding inside the block) and combine their partial softmaxes at the end.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -17,17 +18,15 @@
 #include <stdint.h>
 #include <stdio.h>
 
+#include "attention_mma.cuh"
+
 namespace {
 
 constexpr int kWarps = 8;
 
 __device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
 template <typename T> __device__ __forceinline__ T from_f(float x);
 template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
 __device__ __forceinline__ float warp_max(float x) {
   for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
@@ -128,7 +127,7 @@ cached_attention_kernel(const T* __restrict__ q, const T* __restrict__ k, const 
 }
 
 template <typename T, int D>
-cudaError_t launch(const void* q, const void* k, const void* v, const uint8_t* valid, const int64_t* qpos,
+cudaError_t launch_scalar(const void* q, const void* k, const void* v, const uint8_t* valid, const int64_t* qpos,
                    const int64_t* kpos, void* o, int B, int H, int Hkv, int A, int L, float scale, int mask_type,
                    int block, cudaStream_t stream) {
   const int rows = A >= 8 ? 8 : A >= 4 ? 4 : A >= 2 ? 2 : 1;
@@ -148,10 +147,14 @@ extern "C" {
 // The C ABI every caller uses (the torch op through ctypes, the TensorRT plugin's enqueue). Contiguous layouts:
 // q, o [B, H, A, D]; k, v [B, Hkv, L, D]; valid [B, L] one byte per key; qpos [B, A], kpos [B, L] int64
 // sequence positions (read only for block_causal). dtype: 0 fp32, 1 fp16, 2 bf16. mask_type: 0 bidirectional,
-// 1 block_causal with block >= 1. Returns 0, or a nonzero code with dlmtrt_cached_attention_error() saying why.
+// 1 block_causal with block >= 1. q, k, v and o 16-byte aligned. `workspace` (device memory, may be null with
+// workspace_bytes 0) holds the key splits of few-row launches: dlmtrt_cached_attention_workspace_size says how
+// much a shape uses; with less, the launch splits less (same result, slower at few rows). Returns 0, or a
+// nonzero code with dlmtrt_cached_attention_error() saying why.
 int dlmtrt_cached_attention(const void* q, const void* k, const void* v, const void* valid, const void* qpos,
                             const void* kpos, void* o, int B, int H, int Hkv, int A, int L, int D, float scale,
-                            int dtype, int mask_type, int block, void* stream) {
+                            int dtype, int mask_type, int block, void* workspace, size_t workspace_bytes,
+                            void* stream) {
   if (B < 0 || H <= 0 || Hkv <= 0 || A < 0 || L < 0 || H % Hkv != 0) {
     snprintf(g_error, sizeof g_error, "bad shape: B=%d H=%d Hkv=%d A=%d L=%d (H must be a multiple of Hkv)", B, H,
              Hkv, A, L);
@@ -170,23 +173,40 @@ int dlmtrt_cached_attention(const void* q, const void* k, const void* v, const v
     snprintf(g_error, sizeof g_error, "head_dim %d is not supported (64 or 128)", D);
     return 2;
   }
+  if (dtype < 0 || dtype > 2) {
+    snprintf(g_error, sizeof g_error, "dtype code %d is not supported (0 fp32, 1 fp16, 2 bf16)", dtype);
+    return 3;
+  }
+  const uintptr_t align = (uintptr_t)q | (uintptr_t)k | (uintptr_t)v | (uintptr_t)o;
+  if (align % 16) {
+    snprintf(g_error, sizeof g_error, "misaligned pointers: q, k, v and o must be 16-byte aligned (got q=%p k=%p "
+             "v=%p o=%p)", q, k, v, o);
+    return 6;
+  }
+  if (workspace_bytes && ((uintptr_t)workspace % 16 || workspace == nullptr)) {
+    snprintf(g_error, sizeof g_error, "the workspace must be 16-byte aligned device memory (got %p, %zu bytes)",
+             workspace, workspace_bytes);
+    return 6;
+  }
   const uint8_t* m = static_cast<const uint8_t*>(valid);
   const int64_t* qp = static_cast<const int64_t*>(qpos);
   const int64_t* kp = static_cast<const int64_t*>(kpos);
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   cudaError_t e;
-#define DLMTRT_CASE(T)                                                               \
-  e = D == 64 ? launch<T, 64>(q, k, v, m, qp, kp, o, B, H, Hkv, A, L, scale, mask_type, block, s)   \
-              : launch<T, 128>(q, k, v, m, qp, kp, o, B, H, Hkv, A, L, scale, mask_type, block, s)
+#define DLMTRT_MMA(T)                                                                                          \
+  e = D == 64 ? mma_attention::launch<T, 64>(q, k, v, m, qp, kp, o, B, H, Hkv, A, L, scale, mask_type, block,  \
+                                              workspace, workspace_bytes, s)                                  \
+              : mma_attention::launch<T, 128>(q, k, v, m, qp, kp, o, B, H, Hkv, A, L, scale, mask_type, block, \
+                                               workspace, workspace_bytes, s)
   switch (dtype) {
-    case 0: DLMTRT_CASE(float); break;
-    case 1: DLMTRT_CASE(__half); break;
-    case 2: DLMTRT_CASE(__nv_bfloat16); break;
-    default:
-      snprintf(g_error, sizeof g_error, "dtype code %d is not supported (0 fp32, 1 fp16, 2 bf16)", dtype);
-      return 3;
+    case 0:
+      e = D == 64 ? launch_scalar<float, 64>(q, k, v, m, qp, kp, o, B, H, Hkv, A, L, scale, mask_type, block, s)
+                  : launch_scalar<float, 128>(q, k, v, m, qp, kp, o, B, H, Hkv, A, L, scale, mask_type, block, s);
+      break;
+    case 1: DLMTRT_MMA(__half); break;
+    default: DLMTRT_MMA(__nv_bfloat16); break;
   }
-#undef DLMTRT_CASE
+#undef DLMTRT_MMA
   if (e != cudaSuccess) {
     snprintf(g_error, sizeof g_error, "kernel launch failed: %s", cudaGetErrorString(e));
     return 4;
@@ -194,8 +214,17 @@ int dlmtrt_cached_attention(const void* q, const void* k, const void* v, const v
   return 0;
 }
 
+// Bytes of workspace the launch of this shape uses (0 for fp32 and for launches that need no key splits); with
+// A = 0, the most any launch of head_dim D may use (what a TensorRT plugin reserves once).
+size_t dlmtrt_cached_attention_workspace_size(int B, int H, int Hkv, int A, int L, int D, int dtype) {
+  if (dtype == 0 || (D != 64 && D != 128) || H <= 0 || Hkv <= 0 || H % Hkv || B < 0 || L < 0) return 0;
+  if (A == 0) return mma_attention::workspace_bound(D);
+  if (A < 0 || B == 0) return 0;
+  return mma_attention::workspace_bytes(mma_attention::plan(B, H, Hkv, A, L), B, H, Hkv, A, D);
+}
+
 const char* dlmtrt_cached_attention_error(void) { return g_error; }
 
-int dlmtrt_cached_attention_abi_version(void) { return 2; }
+int dlmtrt_cached_attention_abi_version(void) { return 3; }
 
 }  // extern "C"

@@ -1,0 +1,425 @@
+// The tensor-core path of cached attention (fp16 and bf16, sm_80 and newer): FlashAttention-2's algorithm on
+// mma.sync m16n8k16, specialised for a denoising step.
+//
+// Why this shape. A step has anywhere from 1 to L active rows A, and the query heads of a GQA group read the
+// same K/V head. The g = H / Hkv query heads of a group are contiguous in q and o ([B, H, A, D]), so the group's
+// queries are one contiguous [g * A, D] matrix: a CTA takes BM rows of it, i.e. one K/V tile serves every
+// query head of the group (7 for Dream's 28 over 4), and a one-row step still fills half an m16 tile. Each of
+// the 4 warps owns 16 rows (Q in registers, S and O accumulators in registers, P reused as the A operand of
+// P.V without leaving registers). K and V tiles of BN keys are double-buffered in shared memory by cp.async
+// (16-byte chunks, XOR-swizzled so ldmatrix is conflict-free), with keys that are not valid zero-filled.
+//
+// Masks are never materialized: each key of a tile gets a code (INT_MAX if invalid or past L; else its block
+// kpos / block for block_causal, 0 for bidirectional) and a query row may attend a key iff code <= its own
+// code (qpos / block, or 0). A tile that no row of the CTA may attend is skipped before its K/V are loaded
+// (block-causal tails, padding); a tile every row may attend skips the per-element test.
+//
+// When B * Hkv * (row tiles) CTAs would leave the GPU mostly idle (few active rows), the keys are split over
+// CTAs (flash-decoding): each split writes its normalised partial output and log-sum-exp to the workspace and
+// a second kernel combines them. The split count depends on the shape only, so a captured graph and a TensorRT
+// engine get the same launch every time.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <math_constants.h>
+#include <stdint.h>
+
+#include <climits>
+
+namespace mma_attention {
+
+constexpr int BM = 64;             // query rows per CTA (4 warps x 16)
+constexpr int BN = 64;             // keys per tile
+constexpr int kThreads = 128;
+constexpr int kTargetCtas = 264;   // about two CTAs on each of an H100/H200's 132 SMs
+constexpr float kLog2e = 1.4426950408889634f;
+
+template <typename T> struct Mma;
+template <> struct Mma<__nv_bfloat16> {
+  static __device__ __forceinline__ void run(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+};
+template <> struct Mma<__half> {
+  static __device__ __forceinline__ void run(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+};
+
+__device__ __forceinline__ float fast_exp2(float x) {  // 2^x; 2^-inf = 0
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+__device__ __forceinline__ void store(__nv_bfloat16* p, float x) { *p = __float2bfloat16_rn(x); }
+__device__ __forceinline__ void store(__half* p, float x) { *p = __float2half_rn(x); }
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool fill) {
+  const int n = fill ? 16 : 0;  // 0: zero-fill the 16 bytes
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+__device__ __forceinline__ void ldsm_x4(uint32_t* r, uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_t(uint32_t* r, uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+
+// Byte offset of 16-byte chunk `chunk` of row `row` in a tile of rows of D halves, swizzled.
+template <int D> __device__ __forceinline__ uint32_t swz(int row, int chunk) {
+  return row * (D * 2) + ((chunk ^ (row & 7)) << 4);
+}
+
+struct Args {
+  const void* q; const void* k; const void* v;
+  const uint8_t* valid; const int64_t* qpos; const int64_t* kpos;
+  void* o; float* lse; float* part;  // lse/part: split workspace (null when splits == 1)
+  int H, Hkv, A, L, M;               // M = (H / Hkv) * A rows per group
+  float scale_log2;
+  int causal, block, splits, tiles_per_split;
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, 2) attention_mma_kernel(const Args p) {
+  constexpr int CH = D / 8;  // 16-byte chunks per row
+  extern __shared__ __align__(128) unsigned char smem[];
+  unsigned char* qs = smem;
+  unsigned char* ks = qs + BM * D * 2;        // 2 stages
+  unsigned char* vs = ks + 2 * BN * D * 2;    // 2 stages
+  int* codes = reinterpret_cast<int*>(vs + 2 * BN * D * 2);  // [2][BN]
+  __shared__ int q_hi, q_lo;
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int bh = blockIdx.y, b = bh / p.Hkv, kvh = bh % p.Hkv, g = p.H / p.Hkv;
+  const int m0 = blockIdx.x * BM;
+  const size_t qoff = ((size_t)b * p.H + (size_t)kvh * g) * p.A * D;  // the group's [M, D] rows
+  const T* qg = static_cast<const T*>(p.q) + qoff;
+  const T* kb = static_cast<const T*>(p.k) + (size_t)bh * p.L * D;
+  const T* vb = static_cast<const T*>(p.v) + (size_t)bh * p.L * D;
+  const uint8_t* vm = p.valid + (size_t)b * p.L;
+  const int64_t* kp = p.kpos + (size_t)b * p.L;
+
+  // Q tile -> shared (rows past M zero), its rows' codes -> the CTA's range
+  if (tid == 0) { q_hi = INT_MIN; q_lo = INT_MAX; }
+  for (int i = tid; i < BM * CH; i += kThreads) {
+    const int r = i / CH, c = i % CH, m = m0 + r;
+    cp_async16(smem_addr(qs + swz<D>(r, c)), qg + (size_t)(m < p.M ? m : 0) * D + c * 8, m < p.M);
+  }
+  cp_async_commit();
+  __syncthreads();
+  auto qcode_of = [&](int m) -> int {
+    if (!p.causal) return 0;
+    const long long c = p.qpos[(size_t)b * p.A + m % p.A] / p.block;
+    return c > INT_MAX - 1 ? INT_MAX - 1 : c < INT_MIN ? INT_MIN : (int)c;
+  };
+  if (tid < BM && m0 + tid < p.M) {
+    const int c = qcode_of(m0 + tid);
+    atomicMax(&q_hi, c);
+    atomicMin(&q_lo, c);
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+  const int qhi = q_hi, qlo = q_lo;
+
+  uint32_t qf[D / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const int mi = lane / 8;
+    ldsm_x4(qf[kk], smem_addr(qs + swz<D>(warp * 16 + (lane % 8) + 8 * (mi % 2), 2 * kk + mi / 2)));
+  }
+  const int r0 = warp * 16 + lane / 4;  // this thread's rows r0, r0 + 8 (within the CTA)
+  const int qc0 = m0 + r0 < p.M ? qcode_of(m0 + r0) : qlo;
+  const int qc1 = m0 + r0 + 8 < p.M ? qcode_of(m0 + r0 + 8) : qlo;
+
+  // the tile after `j` that some row may attend: its key codes into codes[stage], `full` if every row may
+  // attend every key of it; `jend` if none
+  auto next_tile = [&](int j, int jend, int stage, bool& full) -> int {
+    for (; j < jend; ++j) {
+      const int key = j * BN + tid;
+      int code = INT_MAX;
+      if (tid < BN && key < p.L && vm[key]) {
+        if (p.causal) {
+          const long long c = kp[key] / p.block;
+          code = c > INT_MAX - 1 ? INT_MAX - 1 : c < INT_MIN ? INT_MIN : (int)c;
+        } else {
+          code = 0;
+        }
+      }
+      if (tid < BN) codes[stage * BN + tid] = code;
+      if (__syncthreads_or(tid < BN && code <= qhi)) {
+        full = __syncthreads_and(tid >= BN || code <= qlo);
+        return j;
+      }
+    }
+    return jend;
+  };
+  auto load_kv = [&](int j, int stage) {
+    for (int i = tid; i < BN * CH; i += kThreads) {
+      const int r = i / CH, c = i % CH, key = j * BN + r;
+      const bool ok = codes[stage * BN + r] != INT_MAX;  // valid and inside L
+      const size_t off = (size_t)(ok ? key : 0) * D + c * 8;
+      cp_async16(smem_addr(ks + stage * BN * D * 2 + swz<D>(r, c)), kb + off, ok);
+      cp_async16(smem_addr(vs + stage * BN * D * 2 + swz<D>(r, c)), vb + off, ok);
+    }
+    cp_async_commit();
+  };
+
+  float acc[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+  float mrow[2] = {-CUDART_INF_F, -CUDART_INF_F}, lrow[2] = {0.f, 0.f};
+
+  const int tiles = (p.L + BN - 1) / BN;
+  const int jbeg = blockIdx.z * p.tiles_per_split;
+  const int jend = min(tiles, jbeg + p.tiles_per_split);
+  bool full;
+  int j = next_tile(jbeg, jend, 0, full);
+  // codes[0] are written by every thread before next_tile's barrier returned: load_kv may read them
+  if (j < jend) load_kv(j, 0);
+  int stage = 0;
+  while (j < jend) {
+    bool full_next = true;
+    const int jn = next_tile(j + 1, jend, stage ^ 1, full_next);
+    if (jn < jend) {
+      load_kv(jn, stage ^ 1);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+
+    const unsigned char* kt = ks + stage * BN * D * 2;
+    const unsigned char* vt = vs + stage * BN * D * 2;
+    float s[BN / 8][4];
+#pragma unroll
+    for (int i = 0; i < BN / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+#pragma unroll
+    for (int j2 = 0; j2 < BN / 16; ++j2) {
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t bf[4];
+        const int mi = lane / 8;
+        ldsm_x4(bf, smem_addr(kt + swz<D>(16 * j2 + (lane % 8) + 8 * (mi / 2), 2 * kk + mi % 2)));
+        Mma<T>::run(s[2 * j2], qf[kk], bf[0], bf[1]);
+        Mma<T>::run(s[2 * j2 + 1], qf[kk], bf[2], bf[3]);
+      }
+    }
+    const int* cd = codes + stage * BN;
+#pragma unroll
+    for (int n = 0; n < BN / 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float x = s[n][e] * p.scale_log2;
+        if (!full && cd[8 * n + 2 * (lane % 4) + (e & 1)] > (e < 2 ? qc0 : qc1)) x = -CUDART_INF_F;
+        s[n][e] = x;
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = -CUDART_INF_F;
+#pragma unroll
+      for (int n = 0; n < BN / 8; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * r], s[n][2 * r + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(mrow[r], mx);
+      const float m_use = m_new == -CUDART_INF_F ? 0.f : m_new;
+      const float corr = fast_exp2(mrow[r] - m_use);
+      float sum = 0.f;
+#pragma unroll
+      for (int n = 0; n < BN / 8; ++n) {
+        s[n][2 * r] = fast_exp2(s[n][2 * r] - m_use);
+        s[n][2 * r + 1] = fast_exp2(s[n][2 * r + 1] - m_use);
+        sum += s[n][2 * r] + s[n][2 * r + 1];
+      }
+      lrow[r] = lrow[r] * corr + sum;
+      mrow[r] = m_new;
+#pragma unroll
+      for (int i = 0; i < D / 8; ++i) { acc[i][2 * r] *= corr; acc[i][2 * r + 1] *= corr; }
+    }
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      uint32_t pa[4] = {Mma<T>::pack(s[2 * kk][0], s[2 * kk][1]), Mma<T>::pack(s[2 * kk][2], s[2 * kk][3]),
+                        Mma<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                        Mma<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+      for (int c2 = 0; c2 < D / 16; ++c2) {
+        uint32_t bf[4];
+        const int mi = lane / 8;
+        ldsm_x4_t(bf, smem_addr(vt + swz<D>(16 * kk + (lane % 8) + 8 * (mi % 2), 2 * c2 + mi / 2)));
+        Mma<T>::run(acc[2 * c2], pa, bf[0], bf[1]);
+        Mma<T>::run(acc[2 * c2 + 1], pa, bf[2], bf[3]);
+      }
+    }
+    __syncthreads();  // every warp is done with this stage before it is loaded again
+    j = jn;
+    stage ^= 1;
+    full = full_next;
+  }
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    lrow[r] += __shfl_xor_sync(0xffffffffu, lrow[r], 1);
+    lrow[r] += __shfl_xor_sync(0xffffffffu, lrow[r], 2);
+  }
+  const int col = 2 * (lane % 4);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int m = m0 + r0 + 8 * r;
+    if (m >= p.M) continue;
+    const float inv = lrow[r] > 0.f ? 1.f / lrow[r] : 0.f;
+    if (p.splits == 1) {
+      T* orow = static_cast<T*>(p.o) + qoff + (size_t)m * D;
+#pragma unroll
+      for (int i = 0; i < D / 8; ++i) {
+        const uint32_t v = Mma<T>::pack(acc[i][2 * r] * inv, acc[i][2 * r + 1] * inv);
+        *reinterpret_cast<uint32_t*>(orow + 8 * i + col) = v;
+      }
+    } else {
+      const size_t row = ((size_t)blockIdx.z * gridDim.y + bh) * p.M + m;
+      float* prow = p.part + row * D;
+#pragma unroll
+      for (int i = 0; i < D / 8; ++i)
+        *reinterpret_cast<float2*>(prow + 8 * i + col) = make_float2(acc[i][2 * r] * inv, acc[i][2 * r + 1] * inv);
+      if (lane % 4 == 0) p.lse[row] = lrow[r] > 0.f ? mrow[r] + log2f(lrow[r]) : -CUDART_INF_F;
+    }
+  }
+}
+
+// o[group rows] = sum over splits of 2^(lse_s - lse) * part_s; one warp per row.
+template <typename T, int D>
+__global__ void __launch_bounds__(128) combine_kernel(const Args p, int rows_total) {
+  const int row = blockIdx.x * 4 + threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (row >= rows_total) return;
+  const int bh = row / p.M, m = row % p.M, b = bh / p.Hkv, kvh = bh % p.Hkv, g = p.H / p.Hkv;
+  float big = -CUDART_INF_F;
+  for (int s = 0; s < p.splits; ++s) big = fmaxf(big, p.lse[(size_t)s * rows_total + row]);
+  constexpr int P = D / 32;
+  float out[P];
+#pragma unroll
+  for (int i = 0; i < P; ++i) out[i] = 0.f;
+  float wsum = 0.f;
+  if (big != -CUDART_INF_F) {
+    for (int s = 0; s < p.splits; ++s) {
+      const float w = fast_exp2(p.lse[(size_t)s * rows_total + row] - big);
+      wsum += w;
+      const float* pr = p.part + ((size_t)s * rows_total + row) * D + lane * P;
+#pragma unroll
+      for (int i = 0; i < P; ++i) out[i] += w * pr[i];
+    }
+  }
+  const float inv = wsum > 0.f ? 1.f / wsum : 0.f;
+  T* orow = static_cast<T*>(p.o) + (((size_t)b * p.H + (size_t)kvh * g) * p.A + m) * D + lane * P;
+#pragma unroll
+  for (int i = 0; i < P; ++i) store(orow + i, out[i] * inv);
+}
+
+inline size_t smem_bytes(int D) { return (size_t)(BM + 4 * BN) * D * 2 + 2 * BN * sizeof(int); }
+
+struct Plan {
+  int m_tiles, splits, tiles_per_split;
+};
+
+// The launch for a shape: row tiles x groups CTAs, and key splits only when that is far below kTargetCtas.
+inline Plan plan(int B, int H, int Hkv, int A, int L) {
+  Plan pl;
+  const long long M = (long long)(H / Hkv) * A;
+  pl.m_tiles = (int)((M + BM - 1) / BM);
+  const long long base = (long long)pl.m_tiles * B * Hkv;
+  const int tiles = (L + BN - 1) / BN;
+  long long want = base >= kTargetCtas ? 1 : (kTargetCtas + base - 1) / base;
+  if (want > tiles) want = tiles;
+  if (want < 1) want = 1;
+  pl.tiles_per_split = (int)((tiles + want - 1) / want);
+  pl.splits = pl.tiles_per_split ? (tiles + pl.tiles_per_split - 1) / pl.tiles_per_split : 1;
+  if (pl.splits < 1) pl.splits = 1;
+  return pl;
+}
+
+// Workspace of a plan: lse [splits][B*Hkv*M] then part [splits][B*Hkv*M][D] fp32 (16-byte aligned).
+inline size_t workspace_bytes(const Plan& pl, int B, int H, int Hkv, int A, int D) {
+  if (pl.splits <= 1) return 0;
+  const size_t rows = (size_t)pl.splits * B * Hkv * (size_t)(H / Hkv) * A;
+  return ((rows * sizeof(float) + 15) / 16) * 16 + rows * D * sizeof(float);
+}
+
+// The most any launch with head_dim D can use: splits happen only below kTargetCtas CTAs, so splits x CTAs <
+// 2 kTargetCtas, each of BM rows.
+inline size_t workspace_bound(int D) {
+  const size_t rows = (size_t)2 * kTargetCtas * BM;
+  return ((rows * sizeof(float) + 15) / 16) * 16 + rows * D * sizeof(float);
+}
+
+template <typename T, int D>
+cudaError_t launch(const void* q, const void* k, const void* v, const uint8_t* valid, const int64_t* qpos,
+                   const int64_t* kpos, void* o, int B, int H, int Hkv, int A, int L, float scale, int mask_type,
+                   int block, void* workspace, size_t ws_bytes, cudaStream_t stream) {
+  Plan pl = plan(B, H, Hkv, A, L);
+  if (workspace_bytes(pl, B, H, Hkv, A, D) > ws_bytes) {  // less workspace: fewer splits, same answer
+    const size_t per = workspace_bytes(Plan{pl.m_tiles, 2, 0}, B, H, Hkv, A, D) / 2 + 16;
+    int most = (int)(ws_bytes / per);
+    const int tiles = (L + BN - 1) / BN;
+    if (most < 2) {
+      pl.splits = 1;
+      pl.tiles_per_split = tiles > 0 ? tiles : 1;
+    } else {
+      pl.tiles_per_split = (tiles + most - 1) / most;
+      pl.splits = (tiles + pl.tiles_per_split - 1) / pl.tiles_per_split;
+    }
+  }
+  if (L == 0) { pl.splits = 1; pl.tiles_per_split = 1; }
+  Args a;
+  a.q = q; a.k = k; a.v = v; a.valid = valid; a.qpos = qpos; a.kpos = kpos; a.o = o;
+  a.H = H; a.Hkv = Hkv; a.A = A; a.L = L; a.M = (H / Hkv) * A;
+  a.scale_log2 = scale * kLog2e;
+  a.causal = mask_type == 1; a.block = block > 0 ? block : 1;
+  a.splits = pl.splits; a.tiles_per_split = pl.tiles_per_split;
+  const size_t rows = (size_t)pl.splits * B * Hkv * a.M;
+  a.lse = pl.splits > 1 ? static_cast<float*>(workspace) : nullptr;
+  a.part = pl.splits > 1 ? reinterpret_cast<float*>(static_cast<char*>(workspace) +
+                                                    ((rows * sizeof(float) + 15) / 16) * 16)
+                         : nullptr;
+  const size_t sm = smem_bytes(D);
+  static thread_local unsigned long long raised = 0;  // devices whose smem limit this instantiation raised
+  int dev = 0;
+  cudaGetDevice(&dev);
+  if (dev < 64 && !(raised >> dev & 1ull)) {
+    cudaError_t e = cudaFuncSetAttribute(attention_mma_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         (int)sm);
+    if (e != cudaSuccess) return e;
+    raised |= 1ull << dev;
+  }
+  dim3 grid(pl.m_tiles, B * Hkv, pl.splits);
+  attention_mma_kernel<T, D><<<grid, kThreads, sm, stream>>>(a);
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess || pl.splits == 1) return e;
+  const int rows_total = B * Hkv * a.M;
+  combine_kernel<T, D><<<(rows_total + 3) / 4, 128, 0, stream>>>(a, rows_total);
+  return cudaGetLastError();
+}
+
+}  // namespace mma_attention
