@@ -10,17 +10,22 @@ STAMP := $(VENV)/.installed
 
 # The cached-attention kernel and its C-ABI launcher (plugins/cached_attention), for every datacenter and edge
 # architecture we target (A100 sm_80, A10/A40 sm_86, Jetson Orin sm_87, L4/L40 sm_89, H100/H200 sm_90, B200
-# sm_100, Jetson Thor sm_110, RTX 50 sm_120) plus PTX for newer ones; loaded by dlmtrt/plugins/launcher.py.
+# sm_100, Jetson Thor sm_110, RTX 50 sm_120) plus PTX for newer ones; Hopper as sm_90a, whose wgmma the
+# kernel's Hopper path needs (sm_90a code runs on every compute capability 9.0 GPU). Loaded by
+# dlmtrt/plugins/launcher.py.
 # tests/test_plugin_kernel.py reads the embedded architectures back (dlmtrt/plugins/fatbin.py).
 NVCC ?= nvcc
 PLUGIN_LIB := dlmtrt/plugins/lib/libdlmtrt_cached_attention.so
 ARCHS := -gencode arch=compute_80,code=sm_80 -gencode arch=compute_86,code=sm_86 \
 	-gencode arch=compute_89,code=sm_89 -gencode arch=compute_90,code=sm_90 \
 	-gencode arch=compute_120,code=sm_120 -gencode arch=compute_120,code=compute_120
-ATTENTION_ARCHS := $(ARCHS) -gencode arch=compute_87,code=sm_87 -gencode arch=compute_100,code=sm_100 \
-	-gencode arch=compute_110,code=sm_110
+ATTENTION_ARCHS := -gencode arch=compute_80,code=sm_80 -gencode arch=compute_86,code=sm_86 \
+	-gencode arch=compute_87,code=sm_87 -gencode arch=compute_89,code=sm_89 \
+	-gencode arch=compute_90a,code=sm_90a -gencode arch=compute_100,code=sm_100 \
+	-gencode arch=compute_110,code=sm_110 -gencode arch=compute_120,code=sm_120 \
+	-gencode arch=compute_120,code=compute_120
 
-$(PLUGIN_LIB): plugins/cached_attention/cached_attention.cu plugins/cached_attention/attention_mma.cuh
+$(PLUGIN_LIB): $(wildcard plugins/cached_attention/*.cu plugins/cached_attention/*.cuh)
 	mkdir -p $(dir $@)
 	$(NVCC) -O3 -std=c++17 --threads 0 -shared -Xcompiler -fPIC -cudart static $(ATTENTION_ARCHS) -o $@ plugins/cached_attention/cached_attention.cu
 

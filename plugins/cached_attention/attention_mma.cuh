@@ -27,10 +27,12 @@
 #include <stdint.h>
 
 #include <climits>
+#include <cstdlib>
+
+#include "wgmma_ops.cuh"
 
 namespace mma_attention {
 
-constexpr int BM = 64;             // query rows per CTA (4 warps x 16)
 constexpr int BN = 64;             // keys per tile
 constexpr int kThreads = 128;
 constexpr int kTargetCtas = 264;   // about two CTAs on each of an H100/H200's 132 SMs
@@ -90,9 +92,13 @@ __device__ __forceinline__ void ldsm_x4_t(uint32_t* r, uint32_t addr) {
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
 }
 
-// Byte offset of 16-byte chunk `chunk` of row `row` in a tile of rows of D halves, swizzled.
-template <int D> __device__ __forceinline__ uint32_t swz(int row, int chunk) {
-  return row * (D * 2) + ((chunk ^ (row & 7)) << 4);
+// Shared-memory layouts of a tile of `rows` rows of D halves in 16-byte chunks, XOR-swizzled so that neither
+// ldmatrix nor the tensor cores meet bank conflicts. mma.sync: rows of 2D bytes, chunk ^ (row % 8). wgmma: the
+// 128-byte swizzle of its descriptors, i.e. D/64 column atoms of [rows][128 B] each, same XOR within an atom
+// (atoms start at multiples of 1024 bytes, as the hardware's swizzle reads the address bits).
+template <int D, bool WG> __device__ __forceinline__ uint32_t tile_offset(int row, int chunk, int rows) {
+  if constexpr (WG) return (chunk / 8) * rows * 128 + row * 128 + (((chunk % 8) ^ (row & 7)) << 4);
+  else return row * (D * 2) + ((chunk ^ (row & 7)) << 4);
 }
 
 struct Args {
@@ -104,19 +110,48 @@ struct Args {
   int causal, block, splits, tiles_per_split;
 };
 
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads, 2) attention_mma_kernel(const Args p) {
-  constexpr int CH = D / 8;  // 16-byte chunks per row
-  extern __shared__ __align__(128) unsigned char smem[];
-  unsigned char* qs = smem;
-  unsigned char* ks = qs + BM * D * 2;        // 2 stages
-  unsigned char* vs = ks + 2 * BN * D * 2;    // 2 stages
+// Rows per CTA and threads: mma.sync 4 warps of 16 rows; wgmma 2 warpgroups of 64 rows.
+template <bool WG> struct Shape {
+  static constexpr int rows = WG ? 128 : 64;
+  static constexpr int threads = WG ? 256 : 128;
+};
+
+__device__ __forceinline__ int clamp_code(long long c) {
+  return c > INT_MAX - 1 ? INT_MAX - 1 : c < INT_MIN ? INT_MIN : (int)c;
+}
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define DLMTRT_WGMMA 1
+__device__ __forceinline__ uint64_t wgmma_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+  return (uint64_t)((addr >> 4) & 0x3FFF) | (uint64_t)((lbo >> 4) & 0x3FFF) << 16 |
+         (uint64_t)((sbo >> 4) & 0x3FFF) << 32 | 1ull << 62;  // layout 1: 128-byte swizzle
+}
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+template <typename T> struct Tag { using type = Bf16Tag; };
+template <> struct Tag<__half> { using type = F16Tag; };
+#endif
+
+template <typename T, int D, bool WG>
+__global__ void __launch_bounds__(Shape<WG>::threads, WG ? 1 : 2) attention_kernel(const Args p) {
+  constexpr int CH = D / 8, R = Shape<WG>::rows, NT = Shape<WG>::threads;
+#if !defined(DLMTRT_WGMMA)
+  if constexpr (WG) {  // the launcher picks this kernel only on sm_90, which the library builds as sm_90a
+    __trap();
+    return;
+  }
+#endif
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* qs = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  unsigned char* ks = qs + R * D * 2;        // 2 stages
+  unsigned char* vs = ks + 2 * BN * D * 2;   // 2 stages
   int* codes = reinterpret_cast<int*>(vs + 2 * BN * D * 2);  // [2][BN]
   __shared__ int q_hi, q_lo;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int bh = blockIdx.y, b = bh / p.Hkv, kvh = bh % p.Hkv, g = p.H / p.Hkv;
-  const int m0 = blockIdx.x * BM;
+  const int m0 = blockIdx.x * R;
   const size_t qoff = ((size_t)b * p.H + (size_t)kvh * g) * p.A * D;  // the group's [M, D] rows
   const T* qg = static_cast<const T*>(p.q) + qoff;
   const T* kb = static_cast<const T*>(p.k) + (size_t)bh * p.L * D;
@@ -126,31 +161,32 @@ __global__ void __launch_bounds__(kThreads, 2) attention_mma_kernel(const Args p
 
   // Q tile -> shared (rows past M zero), its rows' codes -> the CTA's range
   if (tid == 0) { q_hi = INT_MIN; q_lo = INT_MAX; }
-  for (int i = tid; i < BM * CH; i += kThreads) {
+  for (int i = tid; i < R * CH; i += NT) {
     const int r = i / CH, c = i % CH, m = m0 + r;
-    cp_async16(smem_addr(qs + swz<D>(r, c)), qg + (size_t)(m < p.M ? m : 0) * D + c * 8, m < p.M);
+    cp_async16(smem_addr(qs + tile_offset<D, WG>(r, c, R)), qg + (size_t)(m < p.M ? m : 0) * D + c * 8, m < p.M);
   }
   cp_async_commit();
   __syncthreads();
   auto qcode_of = [&](int m) -> int {
-    if (!p.causal) return 0;
-    const long long c = p.qpos[(size_t)b * p.A + m % p.A] / p.block;
-    return c > INT_MAX - 1 ? INT_MAX - 1 : c < INT_MIN ? INT_MIN : (int)c;
+    return p.causal ? clamp_code(p.qpos[(size_t)b * p.A + m % p.A] / p.block) : 0;
   };
-  if (tid < BM && m0 + tid < p.M) {
+  if (tid < R && m0 + tid < p.M) {
     const int c = qcode_of(m0 + tid);
     atomicMax(&q_hi, c);
     atomicMin(&q_lo, c);
   }
   cp_async_wait<0>();
+  if constexpr (WG) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
   __syncthreads();
   const int qhi = q_hi, qlo = q_lo;
 
-  uint32_t qf[D / 16][4];
+  uint32_t qf[WG ? 1 : D / 16][4];  // mma.sync: Q in registers; wgmma reads it from shared memory
+  if constexpr (!WG) {
 #pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    const int mi = lane / 8;
-    ldsm_x4(qf[kk], smem_addr(qs + swz<D>(warp * 16 + (lane % 8) + 8 * (mi % 2), 2 * kk + mi / 2)));
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const int mi = lane / 8;
+      ldsm_x4(qf[kk], smem_addr(qs + tile_offset<D, WG>(warp * 16 + (lane % 8) + 8 * (mi % 2), 2 * kk + mi / 2, R)));
+    }
   }
   const int r0 = warp * 16 + lane / 4;  // this thread's rows r0, r0 + 8 (within the CTA)
   const int qc0 = m0 + r0 < p.M ? qcode_of(m0 + r0) : qlo;
@@ -162,14 +198,7 @@ __global__ void __launch_bounds__(kThreads, 2) attention_mma_kernel(const Args p
     for (; j < jend; ++j) {
       const int key = j * BN + tid;
       int code = INT_MAX;
-      if (tid < BN && key < p.L && vm[key]) {
-        if (p.causal) {
-          const long long c = kp[key] / p.block;
-          code = c > INT_MAX - 1 ? INT_MAX - 1 : c < INT_MIN ? INT_MIN : (int)c;
-        } else {
-          code = 0;
-        }
-      }
+      if (tid < BN && key < p.L && vm[key]) code = p.causal ? clamp_code(kp[key] / p.block) : 0;
       if (tid < BN) codes[stage * BN + tid] = code;
       if (__syncthreads_or(tid < BN && code <= qhi)) {
         full = __syncthreads_and(tid >= BN || code <= qlo);
@@ -179,19 +208,20 @@ __global__ void __launch_bounds__(kThreads, 2) attention_mma_kernel(const Args p
     return jend;
   };
   auto load_kv = [&](int j, int stage) {
-    for (int i = tid; i < BN * CH; i += kThreads) {
+    for (int i = tid; i < BN * CH; i += NT) {
       const int r = i / CH, c = i % CH, key = j * BN + r;
       const bool ok = codes[stage * BN + r] != INT_MAX;  // valid and inside L
       const size_t off = (size_t)(ok ? key : 0) * D + c * 8;
-      cp_async16(smem_addr(ks + stage * BN * D * 2 + swz<D>(r, c)), kb + off, ok);
-      cp_async16(smem_addr(vs + stage * BN * D * 2 + swz<D>(r, c)), vb + off, ok);
+      const uint32_t at = tile_offset<D, WG>(r, c, BN);
+      cp_async16(smem_addr(ks + stage * BN * D * 2 + at), kb + off, ok);
+      cp_async16(smem_addr(vs + stage * BN * D * 2 + at), vb + off, ok);
     }
     cp_async_commit();
   };
 
-  float acc[D / 8][4];
+  float acc[D / 2];  // O: n8 tile i of the head dims in acc[4i .. 4i+3] (rows r0, r0, r0+8, r0+8)
 #pragma unroll
-  for (int i = 0; i < D / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+  for (int i = 0; i < D / 2; ++i) acc[i] = 0.f;
   float mrow[2] = {-CUDART_INF_F, -CUDART_INF_F}, lrow[2] = {0.f, 0.f};
 
   const int tiles = (p.L + BN - 1) / BN;
@@ -199,7 +229,6 @@ __global__ void __launch_bounds__(kThreads, 2) attention_mma_kernel(const Args p
   const int jend = min(tiles, jbeg + p.tiles_per_split);
   bool full;
   int j = next_tile(jbeg, jend, 0, full);
-  // codes[0] are written by every thread before next_tile's barrier returned: load_kv may read them
   if (j < jend) load_kv(j, 0);
   int stage = 0;
   while (j < jend) {
@@ -211,22 +240,38 @@ __global__ void __launch_bounds__(kThreads, 2) attention_mma_kernel(const Args p
     } else {
       cp_async_wait<0>();
     }
+    if constexpr (WG) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
     __syncthreads();
 
     const unsigned char* kt = ks + stage * BN * D * 2;
     const unsigned char* vt = vs + stage * BN * D * 2;
-    float s[BN / 8][4];
-#pragma unroll
-    for (int i = 0; i < BN / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
-#pragma unroll
-    for (int j2 = 0; j2 < BN / 16; ++j2) {
+    float s[BN / 2];  // S: n8 tile n of the keys in s[4n .. 4n+3]
+    if constexpr (WG) {
+#if defined(DLMTRT_WGMMA)
+      const int wg = warp / 4;
+      wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
-        uint32_t bf[4];
-        const int mi = lane / 8;
-        ldsm_x4(bf, smem_addr(kt + swz<D>(16 * j2 + (lane % 8) + 8 * (mi / 2), 2 * kk + mi % 2)));
-        Mma<T>::run(s[2 * j2], qf[kk], bf[0], bf[1]);
-        Mma<T>::run(s[2 * j2 + 1], qf[kk], bf[2], bf[3]);
+        const uint64_t da = wgmma_desc(smem_addr(qs + (kk / 4) * R * 128 + wg * 64 * 128 + (kk % 4) * 32), 16, 1024);
+        const uint64_t db = wgmma_desc(smem_addr(kt + (kk / 4) * BN * 128 + (kk % 4) * 32), 16, 1024);
+        wgmma_ss_m64n64(s, da, db, kk > 0, typename Tag<T>::type{});
+      }
+      wgmma_commit();
+      wgmma_wait0();
+#endif
+    } else {
+#pragma unroll
+      for (int i = 0; i < BN / 2; ++i) s[i] = 0.f;
+#pragma unroll
+      for (int j2 = 0; j2 < BN / 16; ++j2) {
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+          uint32_t bf[4];
+          const int mi = lane / 8;
+          ldsm_x4(bf, smem_addr(kt + tile_offset<D, WG>(16 * j2 + (lane % 8) + 8 * (mi / 2), 2 * kk + mi % 2, BN)));
+          Mma<T>::run(s + 8 * j2, qf[kk], bf[0], bf[1]);
+          Mma<T>::run(s + 8 * j2 + 4, qf[kk], bf[2], bf[3]);
+        }
       }
     }
     const int* cd = codes + stage * BN;
@@ -234,16 +279,16 @@ __global__ void __launch_bounds__(kThreads, 2) attention_mma_kernel(const Args p
     for (int n = 0; n < BN / 8; ++n) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        float x = s[n][e] * p.scale_log2;
+        float x = s[4 * n + e] * p.scale_log2;
         if (!full && cd[8 * n + 2 * (lane % 4) + (e & 1)] > (e < 2 ? qc0 : qc1)) x = -CUDART_INF_F;
-        s[n][e] = x;
+        s[4 * n + e] = x;
       }
     }
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       float mx = -CUDART_INF_F;
 #pragma unroll
-      for (int n = 0; n < BN / 8; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * r], s[n][2 * r + 1]));
+      for (int n = 0; n < BN / 8; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * r], s[4 * n + 2 * r + 1]));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
       const float m_new = fmaxf(mrow[r], mx);
@@ -252,27 +297,48 @@ __global__ void __launch_bounds__(kThreads, 2) attention_mma_kernel(const Args p
       float sum = 0.f;
 #pragma unroll
       for (int n = 0; n < BN / 8; ++n) {
-        s[n][2 * r] = fast_exp2(s[n][2 * r] - m_use);
-        s[n][2 * r + 1] = fast_exp2(s[n][2 * r + 1] - m_use);
-        sum += s[n][2 * r] + s[n][2 * r + 1];
+        s[4 * n + 2 * r] = fast_exp2(s[4 * n + 2 * r] - m_use);
+        s[4 * n + 2 * r + 1] = fast_exp2(s[4 * n + 2 * r + 1] - m_use);
+        sum += s[4 * n + 2 * r] + s[4 * n + 2 * r + 1];
       }
       lrow[r] = lrow[r] * corr + sum;
       mrow[r] = m_new;
 #pragma unroll
-      for (int i = 0; i < D / 8; ++i) { acc[i][2 * r] *= corr; acc[i][2 * r + 1] *= corr; }
+      for (int i = 0; i < D / 8; ++i) { acc[4 * i + 2 * r] *= corr; acc[4 * i + 2 * r + 1] *= corr; }
     }
+    if constexpr (WG) {
+#if defined(DLMTRT_WGMMA)
+      uint32_t pa[BN / 16][4];
 #pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) {
-      uint32_t pa[4] = {Mma<T>::pack(s[2 * kk][0], s[2 * kk][1]), Mma<T>::pack(s[2 * kk][2], s[2 * kk][3]),
-                        Mma<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                        Mma<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+      for (int kk = 0; kk < BN / 16; ++kk) {
+        pa[kk][0] = Mma<T>::pack(s[8 * kk + 0], s[8 * kk + 1]);
+        pa[kk][1] = Mma<T>::pack(s[8 * kk + 2], s[8 * kk + 3]);
+        pa[kk][2] = Mma<T>::pack(s[8 * kk + 4], s[8 * kk + 5]);
+        pa[kk][3] = Mma<T>::pack(s[8 * kk + 6], s[8 * kk + 7]);
+      }
+      wgmma_fence();
 #pragma unroll
-      for (int c2 = 0; c2 < D / 16; ++c2) {
-        uint32_t bf[4];
-        const int mi = lane / 8;
-        ldsm_x4_t(bf, smem_addr(vt + swz<D>(16 * kk + (lane % 8) + 8 * (mi % 2), 2 * c2 + mi / 2)));
-        Mma<T>::run(acc[2 * c2], pa, bf[0], bf[1]);
-        Mma<T>::run(acc[2 * c2 + 1], pa, bf[2], bf[3]);
+      for (int kk = 0; kk < BN / 16; ++kk) {
+        const uint64_t db = wgmma_desc(smem_addr(vt + kk * 16 * 128), BN * 128, 1024);
+        if constexpr (D == 128) wgmma_rs_m64n128(acc, pa[kk], db, typename Tag<T>::type{});
+        else wgmma_rs_m64n64(acc, pa[kk], db, typename Tag<T>::type{});
+      }
+      wgmma_commit();
+      wgmma_wait0();
+#endif
+    } else {
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk) {
+        uint32_t pa[4] = {Mma<T>::pack(s[8 * kk + 0], s[8 * kk + 1]), Mma<T>::pack(s[8 * kk + 2], s[8 * kk + 3]),
+                          Mma<T>::pack(s[8 * kk + 4], s[8 * kk + 5]), Mma<T>::pack(s[8 * kk + 6], s[8 * kk + 7])};
+#pragma unroll
+        for (int c2 = 0; c2 < D / 16; ++c2) {
+          uint32_t bf[4];
+          const int mi = lane / 8;
+          ldsm_x4_t(bf, smem_addr(vt + tile_offset<D, WG>(16 * kk + (lane % 8) + 8 * (mi % 2), 2 * c2 + mi / 2, BN)));
+          Mma<T>::run(acc + 8 * c2, pa, bf[0], bf[1]);
+          Mma<T>::run(acc + 8 * c2 + 4, pa, bf[2], bf[3]);
+        }
       }
     }
     __syncthreads();  // every warp is done with this stage before it is loaded again
@@ -296,7 +362,7 @@ __global__ void __launch_bounds__(kThreads, 2) attention_mma_kernel(const Args p
       T* orow = static_cast<T*>(p.o) + qoff + (size_t)m * D;
 #pragma unroll
       for (int i = 0; i < D / 8; ++i) {
-        const uint32_t v = Mma<T>::pack(acc[i][2 * r] * inv, acc[i][2 * r + 1] * inv);
+        const uint32_t v = Mma<T>::pack(acc[4 * i + 2 * r] * inv, acc[4 * i + 2 * r + 1] * inv);
         *reinterpret_cast<uint32_t*>(orow + 8 * i + col) = v;
       }
     } else {
@@ -304,7 +370,8 @@ __global__ void __launch_bounds__(kThreads, 2) attention_mma_kernel(const Args p
       float* prow = p.part + row * D;
 #pragma unroll
       for (int i = 0; i < D / 8; ++i)
-        *reinterpret_cast<float2*>(prow + 8 * i + col) = make_float2(acc[i][2 * r] * inv, acc[i][2 * r + 1] * inv);
+        *reinterpret_cast<float2*>(prow + 8 * i + col) =
+            make_float2(acc[4 * i + 2 * r] * inv, acc[4 * i + 2 * r + 1] * inv);
       if (lane % 4 == 0) p.lse[row] = lrow[r] > 0.f ? mrow[r] + log2f(lrow[r]) : -CUDART_INF_F;
     }
   }
@@ -338,60 +405,83 @@ __global__ void __launch_bounds__(128) combine_kernel(const Args p, int rows_tot
   for (int i = 0; i < P; ++i) store(orow + i, out[i] * inv);
 }
 
-inline size_t smem_bytes(int D) { return (size_t)(BM + 4 * BN) * D * 2 + 2 * BN * sizeof(int); }
+// DLMTRT_ATTENTION_PATH=mma_sync keeps Hopper on the mma.sync kernel (to compare the two; read once).
+inline bool force_mma_sync() {
+  static const int v = [] {
+    const char* e = std::getenv("DLMTRT_ATTENTION_PATH");
+    return e && e[0] == 'm' ? 1 : 0;
+  }();
+  return v == 1;
+}
+
+template <bool WG> inline size_t smem_bytes(int D) {
+  return 1024 + (size_t)(Shape<WG>::rows + 4 * BN) * D * 2 + 2 * BN * sizeof(int);  // + the 1024-byte alignment
+}
 
 struct Plan {
   int m_tiles, splits, tiles_per_split;
 };
 
 // The launch for a shape: row tiles x groups CTAs, and key splits only when that is far below kTargetCtas.
-inline Plan plan(int B, int H, int Hkv, int A, int L) {
+inline Plan plan(int B, int H, int Hkv, int A, int L, int rows_per_cta) {
   Plan pl;
   const long long M = (long long)(H / Hkv) * A;
-  pl.m_tiles = (int)((M + BM - 1) / BM);
+  pl.m_tiles = (int)((M + rows_per_cta - 1) / rows_per_cta);
   const long long base = (long long)pl.m_tiles * B * Hkv;
   const int tiles = (L + BN - 1) / BN;
   long long want = base >= kTargetCtas ? 1 : (kTargetCtas + base - 1) / base;
   if (want > tiles) want = tiles;
   if (want < 1) want = 1;
-  pl.tiles_per_split = (int)((tiles + want - 1) / want);
-  pl.splits = pl.tiles_per_split ? (tiles + pl.tiles_per_split - 1) / pl.tiles_per_split : 1;
-  if (pl.splits < 1) pl.splits = 1;
+  pl.tiles_per_split = tiles > 0 ? (int)((tiles + want - 1) / want) : 1;
+  pl.splits = tiles > 0 ? (tiles + pl.tiles_per_split - 1) / pl.tiles_per_split : 1;
   return pl;
 }
 
-// Workspace of a plan: lse [splits][B*Hkv*M] then part [splits][B*Hkv*M][D] fp32 (16-byte aligned).
-inline size_t workspace_bytes(const Plan& pl, int B, int H, int Hkv, int A, int D) {
-  if (pl.splits <= 1) return 0;
-  const size_t rows = (size_t)pl.splits * B * Hkv * (size_t)(H / Hkv) * A;
+// Workspace of `splits` key splits: lse [splits][B*Hkv*M] then part [splits][B*Hkv*M][D] fp32 (16-byte aligned).
+inline size_t split_bytes(int splits, int B, int H, int Hkv, int A, int D) {
+  if (splits <= 1) return 0;
+  const size_t rows = (size_t)splits * B * Hkv * (size_t)(H / Hkv) * A;
   return ((rows * sizeof(float) + 15) / 16) * 16 + rows * D * sizeof(float);
+}
+
+// What a shape uses on whichever path runs it (the larger of the two plans: the result does not depend on the GPU).
+inline size_t workspace_bytes(int B, int H, int Hkv, int A, int L, int D) {
+  const size_t a = split_bytes(plan(B, H, Hkv, A, L, Shape<false>::rows).splits, B, H, Hkv, A, D);
+  const size_t b = split_bytes(plan(B, H, Hkv, A, L, Shape<true>::rows).splits, B, H, Hkv, A, D);
+  return a > b ? a : b;
 }
 
 // The most any launch with head_dim D can use: splits happen only below kTargetCtas CTAs, so splits x CTAs <
-// 2 kTargetCtas, each of BM rows.
+// 2 kTargetCtas, each of at most 128 rows.
 inline size_t workspace_bound(int D) {
-  const size_t rows = (size_t)2 * kTargetCtas * BM;
+  const size_t rows = (size_t)2 * kTargetCtas * Shape<true>::rows;
   return ((rows * sizeof(float) + 15) / 16) * 16 + rows * D * sizeof(float);
 }
 
-template <typename T, int D>
-cudaError_t launch(const void* q, const void* k, const void* v, const uint8_t* valid, const int64_t* qpos,
-                   const int64_t* kpos, void* o, int B, int H, int Hkv, int A, int L, float scale, int mask_type,
-                   int block, void* workspace, size_t ws_bytes, cudaStream_t stream) {
-  Plan pl = plan(B, H, Hkv, A, L);
-  if (workspace_bytes(pl, B, H, Hkv, A, D) > ws_bytes) {  // less workspace: fewer splits, same answer
-    const size_t per = workspace_bytes(Plan{pl.m_tiles, 2, 0}, B, H, Hkv, A, D) / 2 + 16;
-    int most = (int)(ws_bytes / per);
-    const int tiles = (L + BN - 1) / BN;
-    if (most < 2) {
-      pl.splits = 1;
-      pl.tiles_per_split = tiles > 0 ? tiles : 1;
-    } else {
-      pl.tiles_per_split = (tiles + most - 1) / most;
-      pl.splits = (tiles + pl.tiles_per_split - 1) / pl.tiles_per_split;
-    }
+// Hopper (sm_90, built as sm_90a) runs the wgmma kernel; every other GPU the mma.sync one.
+inline bool use_wgmma(int dev) {
+  static int major[64] = {0};
+  if (dev < 0 || dev >= 64) return false;
+  if (!major[dev]) {
+    int v = 0;
+    cudaDeviceGetAttribute(&v, cudaDevAttrComputeCapabilityMajor, dev);
+    major[dev] = v ? v : -1;
   }
-  if (L == 0) { pl.splits = 1; pl.tiles_per_split = 1; }
+  return major[dev] == 9;
+}
+
+template <typename T, int D, bool WG>
+cudaError_t launch_path(const void* q, const void* k, const void* v, const uint8_t* valid, const int64_t* qpos,
+                        const int64_t* kpos, void* o, int B, int H, int Hkv, int A, int L, float scale,
+                        int mask_type, int block, void* workspace, size_t ws_bytes, cudaStream_t stream, int dev) {
+  Plan pl = plan(B, H, Hkv, A, L, Shape<WG>::rows);
+  if (split_bytes(pl.splits, B, H, Hkv, A, D) > ws_bytes) {  // less workspace: fewer splits, same answer
+    const int tiles = (L + BN - 1) / BN;
+    int most = pl.splits;
+    while (most > 1 && split_bytes(most, B, H, Hkv, A, D) > ws_bytes) --most;
+    pl.tiles_per_split = (tiles + most - 1) / most;
+    pl.splits = (tiles + pl.tiles_per_split - 1) / pl.tiles_per_split;
+  }
   Args a;
   a.q = q; a.k = k; a.v = v; a.valid = valid; a.qpos = qpos; a.kpos = kpos; a.o = o;
   a.H = H; a.Hkv = Hkv; a.A = A; a.L = L; a.M = (H / Hkv) * A;
@@ -403,23 +493,35 @@ cudaError_t launch(const void* q, const void* k, const void* v, const uint8_t* v
   a.part = pl.splits > 1 ? reinterpret_cast<float*>(static_cast<char*>(workspace) +
                                                     ((rows * sizeof(float) + 15) / 16) * 16)
                          : nullptr;
-  const size_t sm = smem_bytes(D);
-  static thread_local unsigned long long raised = 0;  // devices whose smem limit this instantiation raised
-  int dev = 0;
-  cudaGetDevice(&dev);
+  const size_t sm = smem_bytes<WG>(D);
+  static unsigned long long raised = 0;  // devices whose shared-memory limit this instantiation raised
   if (dev < 64 && !(raised >> dev & 1ull)) {
-    cudaError_t e = cudaFuncSetAttribute(attention_mma_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    cudaError_t e = cudaFuncSetAttribute(attention_kernel<T, D, WG>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          (int)sm);
     if (e != cudaSuccess) return e;
     raised |= 1ull << dev;
   }
   dim3 grid(pl.m_tiles, B * Hkv, pl.splits);
-  attention_mma_kernel<T, D><<<grid, kThreads, sm, stream>>>(a);
+  attention_kernel<T, D, WG><<<grid, Shape<WG>::threads, sm, stream>>>(a);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess || pl.splits == 1) return e;
   const int rows_total = B * Hkv * a.M;
   combine_kernel<T, D><<<(rows_total + 3) / 4, 128, 0, stream>>>(a, rows_total);
   return cudaGetLastError();
+}
+
+template <typename T, int D>
+cudaError_t launch(const void* q, const void* k, const void* v, const uint8_t* valid, const int64_t* qpos,
+                   const int64_t* kpos, void* o, int B, int H, int Hkv, int A, int L, float scale, int mask_type,
+                   int block, void* workspace, size_t ws_bytes, cudaStream_t stream) {
+  int dev = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e != cudaSuccess) return e;
+  if (use_wgmma(dev) && !force_mma_sync())
+    return launch_path<T, D, true>(q, k, v, valid, qpos, kpos, o, B, H, Hkv, A, L, scale, mask_type, block,
+                                   workspace, ws_bytes, stream, dev);
+  return launch_path<T, D, false>(q, k, v, valid, qpos, kpos, o, B, H, Hkv, A, L, scale, mask_type, block,
+                                  workspace, ws_bytes, stream, dev);
 }
 
 }  // namespace mma_attention

@@ -220,7 +220,7 @@ size_t dlmtrt_cached_attention_workspace_size(int B, int H, int Hkv, int A, int 
   if (dtype == 0 || (D != 64 && D != 128) || H <= 0 || Hkv <= 0 || H % Hkv || B < 0 || L < 0) return 0;
   if (A == 0) return mma_attention::workspace_bound(D);
   if (A < 0 || B == 0) return 0;
-  return mma_attention::workspace_bytes(mma_attention::plan(B, H, Hkv, A, L), B, H, Hkv, A, D);
+  return mma_attention::workspace_bytes(B, H, Hkv, A, L, D);
 }
 
 const char* dlmtrt_cached_attention_error(void) { return g_error; }
