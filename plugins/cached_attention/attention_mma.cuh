@@ -114,6 +114,7 @@ struct Args {
 template <bool WG> struct Shape {
   static constexpr int rows = WG ? 128 : 64;
   static constexpr int threads = WG ? 256 : 128;
+  static constexpr int stages = WG ? 3 : 2;  // K/V tiles in flight (wgmma: one CTA per SM, a deeper pipeline)
 };
 
 __device__ __forceinline__ int clamp_code(long long c) {
@@ -135,7 +136,7 @@ template <> struct Tag<__half> { using type = F16Tag; };
 
 template <typename T, int D, bool WG>
 __global__ void __launch_bounds__(Shape<WG>::threads, WG ? 1 : 2) attention_kernel(const Args p) {
-  constexpr int CH = D / 8, R = Shape<WG>::rows, NT = Shape<WG>::threads;
+  constexpr int CH = D / 8, R = Shape<WG>::rows, NT = Shape<WG>::threads, S = Shape<WG>::stages;
 #if !defined(DLMTRT_WGMMA)
   if constexpr (WG) {  // the launcher picks this kernel only on sm_90, which the library builds as sm_90a
     __trap();
@@ -144,9 +145,9 @@ __global__ void __launch_bounds__(Shape<WG>::threads, WG ? 1 : 2) attention_kern
 #endif
   extern __shared__ unsigned char smem_raw[];
   unsigned char* qs = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-  unsigned char* ks = qs + R * D * 2;        // 2 stages
-  unsigned char* vs = ks + 2 * BN * D * 2;   // 2 stages
-  int* codes = reinterpret_cast<int*>(vs + 2 * BN * D * 2);  // [2][BN]
+  unsigned char* ks = qs + R * D * 2;        // S stages
+  unsigned char* vs = ks + S * BN * D * 2;   // S stages
+  int* codes = reinterpret_cast<int*>(vs + S * BN * D * 2);  // [S][BN]
   __shared__ int q_hi, q_lo;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -193,15 +194,22 @@ __global__ void __launch_bounds__(Shape<WG>::threads, WG ? 1 : 2) attention_kern
   const int qc1 = m0 + r0 + 8 < p.M ? qcode_of(m0 + r0 + 8) : qlo;
 
   // the tile after `j` that some row may attend: its key codes into codes[stage], `full` if every row may
-  // attend every key of it; `jend` if none
+  // attend every key of it; `jend` if none. The codes of the tile after the one found are loaded into a register
+  // right away (pf), so the next call usually finds them there and the load's latency overlaps a tile's work.
+  auto code_at = [&](int j) -> int {
+    const int key = j * BN + tid;
+    if (tid >= BN || key >= p.L || !vm[key]) return INT_MAX;
+    return p.causal ? clamp_code(kp[key] / p.block) : 0;
+  };
+  int pf_j = -1, pf_code = INT_MAX;
   auto next_tile = [&](int j, int jend, int stage, bool& full) -> int {
     for (; j < jend; ++j) {
-      const int key = j * BN + tid;
-      int code = INT_MAX;
-      if (tid < BN && key < p.L && vm[key]) code = p.causal ? clamp_code(kp[key] / p.block) : 0;
+      const int code = j == pf_j ? pf_code : code_at(j);
       if (tid < BN) codes[stage * BN + tid] = code;
       if (__syncthreads_or(tid < BN && code <= qhi)) {
         full = __syncthreads_and(tid >= BN || code <= qlo);
+        pf_j = j + 1;
+        pf_code = j + 1 < jend ? code_at(j + 1) : INT_MAX;
         return j;
       }
     }
@@ -227,22 +235,31 @@ __global__ void __launch_bounds__(Shape<WG>::threads, WG ? 1 : 2) attention_kern
   const int tiles = (p.L + BN - 1) / BN;
   const int jbeg = blockIdx.z * p.tiles_per_split;
   const int jend = min(tiles, jbeg + p.tiles_per_split);
-  bool full;
-  int j = next_tile(jbeg, jend, 0, full);
-  if (j < jend) load_kv(j, 0);
-  int stage = 0;
-  while (j < jend) {
-    bool full_next = true;
-    const int jn = next_tile(j + 1, jend, stage ^ 1, full_next);
-    if (jn < jend) {
-      load_kv(jn, stage ^ 1);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
+  // S-stage pipeline, in order: tile[0] is computed while tile[1 .. S-1] load. One cp.async group is committed
+  // per tile slot, empty or not, so waiting for all but the S-1 newest groups means tile[0] has landed.
+  int tile[S], slot[S];
+  bool fulls[S];
+  int last = jbeg - 1;
+#pragma unroll
+  for (int i = 0; i < S - 1; ++i) {
+    slot[i] = i;
+    tile[i] = last + 1 < jend ? next_tile(last + 1, jend, i, fulls[i]) : jend;
+    if (tile[i] < jend) load_kv(tile[i], i); else cp_async_commit();
+    last = tile[i];
+  }
+  slot[S - 1] = S - 1;
+  // warps (mma.sync) or warpgroups (wgmma) whose rows are all past M skip the arithmetic, not the barriers
+  const bool live = m0 + (WG ? (warp / 4) * 64 : warp * 16) < p.M;
+  while (tile[0] < jend) {
+    tile[S - 1] = last + 1 < jend ? next_tile(last + 1, jend, slot[S - 1], fulls[S - 1]) : jend;
+    if (tile[S - 1] < jend) load_kv(tile[S - 1], slot[S - 1]); else cp_async_commit();
+    last = tile[S - 1];
+    cp_async_wait<S - 1>();
     if constexpr (WG) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
     __syncthreads();
-
+    const int stage = slot[0];
+    const bool full = fulls[0];
+    if (live) {
     const unsigned char* kt = ks + stage * BN * D * 2;
     const unsigned char* vt = vs + stage * BN * D * 2;
     float s[BN / 2];  // S: n8 tile n of the keys in s[4n .. 4n+3]
@@ -341,11 +358,14 @@ __global__ void __launch_bounds__(Shape<WG>::threads, WG ? 1 : 2) attention_kern
         }
       }
     }
+    }
     __syncthreads();  // every warp is done with this stage before it is loaded again
-    j = jn;
-    stage ^= 1;
-    full = full_next;
+    const int freed = slot[0];
+#pragma unroll
+    for (int i = 0; i < S - 1; ++i) { tile[i] = tile[i + 1]; slot[i] = slot[i + 1]; fulls[i] = fulls[i + 1]; }
+    slot[S - 1] = freed;
   }
+  cp_async_wait<0>();
 
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -405,17 +425,20 @@ __global__ void __launch_bounds__(128) combine_kernel(const Args p, int rows_tot
   for (int i = 0; i < P; ++i) store(orow + i, out[i] * inv);
 }
 
-// DLMTRT_ATTENTION_PATH=mma_sync keeps Hopper on the mma.sync kernel (to compare the two; read once).
-inline bool force_mma_sync() {
+// DLMTRT_ATTENTION_PATH=mma_sync or =wgmma pins Hopper to one kernel (to measure each; read once): 0 auto.
+inline int path_override() {
   static const int v = [] {
     const char* e = std::getenv("DLMTRT_ATTENTION_PATH");
-    return e && e[0] == 'm' ? 1 : 0;
+    return !e ? 0 : e[0] == 'm' ? 1 : e[0] == 'w' ? 2 : 0;
   }();
-  return v == 1;
+  return v;
 }
+// Rows per GQA group from which Hopper takes the wgmma kernel (below, its 128-row CTAs are mostly padding).
+constexpr long long kWgmmaMinRows = 256;
 
 template <bool WG> inline size_t smem_bytes(int D) {
-  return 1024 + (size_t)(Shape<WG>::rows + 4 * BN) * D * 2 + 2 * BN * sizeof(int);  // + the 1024-byte alignment
+  return 1024 + (size_t)(Shape<WG>::rows + 2 * Shape<WG>::stages * BN) * D * 2 +
+         Shape<WG>::stages * BN * sizeof(int);  // + the 1024-byte alignment
 }
 
 struct Plan {
@@ -517,7 +540,8 @@ cudaError_t launch(const void* q, const void* k, const void* v, const uint8_t* v
   int dev = 0;
   cudaError_t e = cudaGetDevice(&dev);
   if (e != cudaSuccess) return e;
-  if (use_wgmma(dev) && !force_mma_sync())
+  const int pin = path_override();
+  if (use_wgmma(dev) && (pin == 2 || (pin == 0 && (long long)(H / Hkv) * A >= kWgmmaMinRows)))
     return launch_path<T, D, true>(q, k, v, valid, qpos, kpos, o, B, H, Hkv, A, L, scale, mask_type, block,
                                    workspace, ws_bytes, stream, dev);
   return launch_path<T, D, false>(q, k, v, valid, qpos, kpos, o, B, H, Hkv, A, L, scale, mask_type, block,
