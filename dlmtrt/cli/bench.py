@@ -22,9 +22,10 @@ from ._common import POSITIVE_TOKENS, SEED, TEXT, check_device, console, friendl
                    "float32 on the CPU].")
 @click.option("--backend", type=click.Choice(BACKENDS), default="torch-graph", show_default=True,
               help="torch-graph: in-place cache, row buckets, CUDA graphs on a GPU; torch: the eager step.")
-@click.option("--attention", type=click.Choice(["sdpa", "kernel"]), default="sdpa", show_default=True,
-              help="torch-graph: PyTorch's fused attention, or our cached-attention CUDA kernel (the TensorRT "
-                   "plugin's; needs `make plugin` and a GPU).")
+@click.option("--attention", type=click.Choice(["auto", "sdpa", "kernel"]), default=None,
+              help="torch-graph: PyTorch's fused attention, our cached-attention CUDA kernel (the TensorRT "
+                   "plugin's; needs `make plugin` and a GPU), or auto: the kernel for the steps where it measured "
+                   "faster [default: auto].")
 @click.option("--compile/--no-compile", "compile_", default=False, show_default=True,
               help="torch-graph: torch.compile the step (fuses its small kernels) before capturing it.")
 @click.option("--batch", type=positive(1024), default=1, show_default=True,

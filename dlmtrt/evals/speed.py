@@ -265,7 +265,7 @@ def policy_params(family: str, policy: str, answer: int, steps: int | None, bloc
 
 
 def bench(shape: str, *, device: str = "cpu", dtype: str = "float32", backend: str = "torch-graph",
-          compile: bool = False, attention: str = "sdpa", batch: int = 1,
+          compile: bool = False, attention: str | None = None, batch: int = 1,
           prompt: int = 512, answer: int = 256, steps: int | None = None, policies=(),
           block_length: int | None = None, seed: int = 0, quant: str | None = None, quantize_head: bool = False,
           keep_blocks: int = 0, log=print) -> BenchReport:
@@ -290,7 +290,7 @@ def bench(shape: str, *, device: str = "cpu", dtype: str = "float32", backend: s
         raise UsageError(f"bench runs random weights on a model in memory: use --backend "
                          f"{' or '.join(names_with(takes='checkpoint'))}", field="backend")
     step_options = {k: v for k, v in (("compile", compile), ("attention", attention))
-                    if v != {"compile": False, "attention": "sdpa"}[k]}
+                    if v != {"compile": False, "attention": None}[k]}
     refused = [k for k in step_options if k not in cls.step_options]
     if refused:
         takers = [n for n in names_with(takes="checkpoint") if set(refused) <= set(backend_class(n).step_options)]
@@ -316,7 +316,7 @@ def bench(shape: str, *, device: str = "cpu", dtype: str = "float32", backend: s
     bw = copy_bandwidth(device)
     floor_ms = weight_bytes / bw * 1e3
     gpu = torch.cuda.get_device_name(device) if str(device).startswith("cuda") else None
-    name = be.name + ("+compile" if compile else "") + ("+kernel" if attention == "kernel" else "") + \
+    name = be.name + ("+compile" if compile else "") + (f"+{attention}" if attention in ("kernel", "sdpa") else "") + \
         (f"+{quant}" if quant else "") + ("+head" if quantize_head else "") + \
         (f"+keep{keep_blocks}" if keep_blocks else "")
     rep = BenchReport(shape, device, gpu, dtype, name, torch.__version__, args.param_count, weight_bytes,

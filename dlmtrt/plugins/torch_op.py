@@ -47,3 +47,16 @@ def _(q, k, v, valid, q_pos, k_pos, mask_type=0, block=0, scale=None):
 def plugin_attend(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, q_pos: Tensor, k_pos: Tensor, kind) -> Tensor:
     """Drop-in for a layer's `attend` (models.transformer): the kernel instead of PyTorch's attention."""
     return cached_attention_cuda(q, k, v, valid, q_pos, k_pos, kind.mask_type, kind.block)
+
+
+# Active rows per head for which the kernel beat PyTorch's fused attention at every batch (1, 8, 32) and cache
+# length (768, 2048, 8192) measured, bidirectional and block-causal, bf16 on an H200 (docs/results/
+# attention-kernel.md: 0.16x to 0.85x of SDPA's time). Outside it SDPA was as fast or faster somewhere: one row
+# at batch 8 and more or long caches (up to 1.7x), 256 rows and more (up to 1.9x, compute-bound).
+KERNEL_ROWS = range(2, 33)
+
+
+def kernel_is_faster(q: Tensor) -> bool:
+    """Whether the measured rule picks the kernel for this call: CUDA fp16/bf16 with rows in KERNEL_ROWS (fp32
+    runs the kernel's scalar path, far slower than SDPA)."""
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[2] in KERNEL_ROWS

@@ -27,6 +27,8 @@ from dlmtrt.models.attention_kinds import AttentionKind, sdpa_mask
 from dlmtrt.models.transformer import DiffusionLM
 
 from ..buckets import StaticSteps, bucket, pad_rows
+from dlmtrt.plugins.launcher import library_sha256
+
 from ..contract import ModelInfo, StepInputs, StepOutputs
 from . import CheckpointBackend
 
@@ -36,6 +38,16 @@ def gqa_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, q_pos: Tensor,
     """`models.transformer.cached_attention` without materialising the grouped K/V heads (`gqa` is fixed per
     model, so a compiled graph does not depend on it)."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask(kind, valid, q_pos, k_pos), enable_gqa=gqa)
+
+
+def auto_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, q_pos: Tensor, k_pos: Tensor, kind,
+                   gqa: bool = False) -> Tensor:
+    """Our kernel where it measured faster than SDPA (by the rows of the step: a captured graph takes one side),
+    SDPA elsewhere."""
+    from dlmtrt.plugins.torch_op import kernel_is_faster, plugin_attend
+    if kernel_is_faster(q):
+        return plugin_attend(q, k, v, valid, q_pos, k_pos, kind)
+    return gqa_attention(q, k, v, valid, q_pos, k_pos, kind, gqa)
 
 
 def _allow_recompiles(limit: int = 64) -> None:
@@ -55,11 +67,13 @@ class TorchGraphBackend(CheckpointBackend):
     GRAPHS = 512  # static buffer sets (and graphs) kept; far more than one canvas's buckets need
 
     def __init__(self, model: DiffusionLM, *, graphs: bool | None = None, smallest_bucket: int = 1,
-                 compile: bool = False, fuse: bool = True, attention: str = "sdpa"):
-        """`attention`: "sdpa" (PyTorch's fused attention) or "kernel" (our cached-attention CUDA kernel, the one
-        the TensorRT plugin runs, through `torch.ops.dlmtrt.cached_attention_cuda`; CUDA only)."""
-        if attention not in ("sdpa", "kernel"):
-            raise UsageError(f"attention must be 'sdpa' or 'kernel', not {attention!r}")
+                 compile: bool = False, fuse: bool = True, attention: str = "auto"):
+        """`attention`: "sdpa" (PyTorch's fused attention), "kernel" (our cached-attention CUDA kernel, the one
+        the TensorRT plugin runs, through `torch.ops.dlmtrt.cached_attention_cuda`; CUDA only) or "auto": the
+        kernel for the steps where it measured faster than SDPA (`torch_op.kernel_is_faster`), SDPA for the
+        rest, and SDPA everywhere on the CPU or where the kernel library is not built."""
+        if attention not in ("auto", "sdpa", "kernel"):
+            raise UsageError(f"attention must be 'auto', 'sdpa' or 'kernel', not {attention!r}")
         if attention == "kernel" and model.model.embed_tokens.weight.device.type != "cuda":
             raise UsageError("attention 'kernel' runs our CUDA kernel: put the model on a CUDA device (--device cuda), "
                              "or use 'sdpa'")
@@ -72,8 +86,11 @@ class TorchGraphBackend(CheckpointBackend):
         if w.is_cuda:
             from dlmtrt.plugins import fp8_linear  # noqa: F401  registers the few-row fp8 kernel with QuantLinear
         attend = functools.partial(gqa_attention, gqa=a.num_heads != a.num_kv_heads)
-        if attention == "kernel":
+        if attention == "auto" and w.is_cuda and w.dtype != torch.float32 and library_sha256() is not None:
+            attend = functools.partial(auto_attention, gqa=a.num_heads != a.num_kv_heads)
+        elif attention == "kernel":
             from dlmtrt.plugins.torch_op import plugin_attend as attend
+        self.attention = attention
         for layer in model.model.layers:
             layer.self_attn.attend = attend
         self.graphs = (w.device.type == "cuda") if graphs is None else graphs
