@@ -156,6 +156,9 @@ def speed_case(B, A, L, gen, kind=BIDIRECTIONAL, flex=None, H=28, Hkv=4, D=128):
 def flex_factory():
     """(q, k, v, valid, kind) -> a call of compiled flex_attention with the block mask of `kind` over `valid`."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    from dlmtrt.runtime.backends.torch_graph_backend import _allow_recompiles
+    _allow_recompiles(256)  # one compile per shape; past dynamo's default limit it would run flex eagerly
     compiled = torch.compile(flex_attention, dynamic=False)
 
     def make(q, k, v, valid, kind):
