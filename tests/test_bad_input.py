@@ -428,6 +428,16 @@ def test_bench_on_the_cpu_writes_strict_json_with_measured_figures(tmp_path, mon
     assert isinstance(run["peak_bytes"], int) and run["peak_bytes"] > 0
 
 
+def test_bench_attention_choice_is_the_graph_backends_and_named_in_the_results(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(main, ["bench", "--shape", "tiny-llada", "--backend", "torch", "--attention", "auto"])
+    assert r.exit_code == 2 and "--attention apply to the torch-graph backend" in r.output, r.output
+    r = CliRunner().invoke(main, ["bench", "--shape", "tiny-llada", "--prompt", "8", "--answer", "8",
+                                  "--block-length", "8", "--policy", "none", "--attention", "sdpa", "-o", "s.json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "s.json").read_text())["backend"] == "torch-graph+sdpa"
+
+
 def test_bench_checks_every_policy_before_running_any(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("dlmtrt.evals.speed.random_model", _unreachable)

@@ -130,3 +130,39 @@ def test_the_graph_backend_can_run_attention_through_the_kernel_on_cuda_only():
         from dlmtrt.plugins.torch_op import plugin_attend
         be = TorchGraphBackend(random_model(shape_args("tiny-dream"), "cuda", torch.float32), attention="kernel")
         assert all(layer.self_attn.attend is plugin_attend for layer in be.model.model.layers)
+
+
+def test_auto_attention_takes_the_kernel_only_where_it_measured_faster(monkeypatch):
+    """`KERNEL_ROWS` is the measured rule (docs/results/attention-kernel.md): fp16/bf16 on CUDA, 2-32 rows per head;
+    `auto_attention` runs the kernel there and SDPA elsewhere."""
+    from types import SimpleNamespace
+
+    from dlmtrt.models.attention_kinds import AttentionKind
+    from dlmtrt.plugins import torch_op
+    from dlmtrt.runtime.backends import torch_graph_backend as tgb
+
+    def fake(A, dtype=torch.bfloat16, cuda=True):
+        return SimpleNamespace(is_cuda=cuda, dtype=dtype, shape=(1, 28, A, 128))
+    assert [A for A in range(0, 300) if torch_op.kernel_is_faster(fake(A))] == list(range(2, 33))
+    assert not torch_op.kernel_is_faster(fake(8, torch.float32)) and not torch_op.kernel_is_faster(fake(8, cuda=False))
+    assert torch_op.kernel_is_faster(fake(8, torch.float16))
+    assert not torch_op.kernel_is_faster(torch.zeros(1, 28, 8, 128, dtype=torch.bfloat16))  # a CPU tensor
+
+    q, k = torch.randn(1, 4, 8, 64), torch.randn(1, 2, 16, 64)
+    v, valid = torch.randn(1, 2, 16, 64), torch.ones(1, 16, dtype=torch.bool)
+    qp, kp = torch.arange(8, 16)[None], torch.arange(16)[None]
+    calls = []
+    monkeypatch.setattr(torch_op, "plugin_attend", lambda *a: calls.append(a) or "kernel")
+    monkeypatch.setattr(torch_op, "kernel_is_faster", lambda q: True)
+    assert tgb.auto_attention(q, k, v, valid, qp, kp, AttentionKind(), True) == "kernel" and len(calls) == 1
+    monkeypatch.setattr(torch_op, "kernel_is_faster", lambda q: False)
+    out = tgb.auto_attention(q, k, v, valid, qp, kp, AttentionKind(), True)
+    assert torch.equal(out, tgb.gqa_attention(q, k, v, valid, qp, kp, AttentionKind(), True)) and len(calls) == 1
+
+
+def test_the_graph_backend_defaults_to_auto_and_keeps_sdpa_on_the_cpu():
+    from dlmtrt.evals.speed import random_model, shape_args
+    from dlmtrt.runtime.backends.torch_graph_backend import TorchGraphBackend, gqa_attention
+    be = TorchGraphBackend(random_model(shape_args("tiny-dream"), "cpu", torch.float32))
+    assert be.attention == "auto"
+    assert all(layer.self_attn.attend.func is gqa_attention for layer in be.model.model.layers)
