@@ -166,3 +166,17 @@ def test_the_graph_backend_defaults_to_auto_and_keeps_sdpa_on_the_cpu():
     be = TorchGraphBackend(random_model(shape_args("tiny-dream"), "cpu", torch.float32))
     assert be.attention == "auto"
     assert all(layer.self_attn.attend.func is gqa_attention for layer in be.model.model.layers)
+
+
+def test_the_generated_wgmma_wrappers_are_current():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "plugins" / "cached_attention" / "gen_wgmma_ops.py"
+    spec = importlib.util.spec_from_file_location("gen_wgmma_ops", path)
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    text = gen.source()
+    assert path.with_name("wgmma_ops.cuh").read_text() == text
+    for shape in ("m64n64k16", "m64n128k16"):
+        assert f"wgmma.mma_async.sync.aligned.{shape}.f32.bf16.bf16" in text and f"{shape}.f32.f16.f16" in text
+    assert text.count('"+f"(d[63])') == 2  # the m64n128 accumulators, bf16 and fp16
