@@ -250,31 +250,51 @@ __global__ void __launch_bounds__(Shape<WG>::threads, WG ? 1 : 2) attention_kern
   slot[S - 1] = S - 1;
   // warps (mma.sync) or warpgroups (wgmma) whose rows are all past M skip the arithmetic, not the barriers
   const bool live = m0 + (WG ? (warp / 4) * 64 : warp * 16) < p.M;
+  float s[BN / 2];  // S of tile[0]: n8 tile n of the keys in s[4n .. 4n+3]
+#if defined(DLMTRT_WGMMA)
+  // wgmma: S = Q K^T of tile[1] is issued before tile[0]'s softmax, so the tensor cores work through it
+  float s_next[BN / 2];
+  auto issue_qk = [&](float (&dst)[BN / 2], int stage) {
+    const unsigned char* kt = ks + stage * BN * D * 2;
+    const int wg = warp / 4;
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const uint64_t da = wgmma_desc(smem_addr(qs + (kk / 4) * R * 128 + wg * 64 * 128 + (kk % 4) * 32), 16, 1024);
+      const uint64_t db = wgmma_desc(smem_addr(kt + (kk / 4) * BN * 128 + (kk % 4) * 32), 16, 1024);
+      wgmma_ss_m64n64(dst, da, db, kk > 0, typename Tag<T>::type{});
+    }
+    wgmma_commit();
+  };
+  if constexpr (WG) {
+    if (tile[0] < jend) {
+      cp_async_wait<S - 2>();
+      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+      __syncthreads();
+      if (live) {
+        issue_qk(s, slot[0]);
+        wgmma_wait0();
+      }
+    }
+  }
+#endif
   while (tile[0] < jend) {
     tile[S - 1] = last + 1 < jend ? next_tile(last + 1, jend, slot[S - 1], fulls[S - 1]) : jend;
     if (tile[S - 1] < jend) load_kv(tile[S - 1], slot[S - 1]); else cp_async_commit();
     last = tile[S - 1];
-    cp_async_wait<S - 1>();
+    if constexpr (WG) cp_async_wait<S - 2>();  // tile[1] too: its S = Q K^T starts now
+    else cp_async_wait<S - 1>();
     if constexpr (WG) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
     __syncthreads();
     const int stage = slot[0];
     const bool full = fulls[0];
+    const bool more = tile[1] < jend;
     if (live) {
     const unsigned char* kt = ks + stage * BN * D * 2;
     const unsigned char* vt = vs + stage * BN * D * 2;
-    float s[BN / 2];  // S: n8 tile n of the keys in s[4n .. 4n+3]
     if constexpr (WG) {
 #if defined(DLMTRT_WGMMA)
-      const int wg = warp / 4;
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        const uint64_t da = wgmma_desc(smem_addr(qs + (kk / 4) * R * 128 + wg * 64 * 128 + (kk % 4) * 32), 16, 1024);
-        const uint64_t db = wgmma_desc(smem_addr(kt + (kk / 4) * BN * 128 + (kk % 4) * 32), 16, 1024);
-        wgmma_ss_m64n64(s, da, db, kk > 0, typename Tag<T>::type{});
-      }
-      wgmma_commit();
-      wgmma_wait0();
+      if (more) issue_qk(s_next, slot[1]);
 #endif
     } else {
 #pragma unroll
@@ -341,7 +361,11 @@ __global__ void __launch_bounds__(Shape<WG>::threads, WG ? 1 : 2) attention_kern
         else wgmma_rs_m64n64(acc, pa[kk], db, typename Tag<T>::type{});
       }
       wgmma_commit();
-      wgmma_wait0();
+      wgmma_wait0();  // this tile's P V and the next tile's Q K^T
+      if (more) {
+#pragma unroll
+        for (int i = 0; i < BN / 2; ++i) s[i] = s_next[i];
+      }
 #endif
     } else {
 #pragma unroll
