@@ -254,16 +254,17 @@ __global__ void __launch_bounds__(Shape<WG>::threads, WG ? 1 : 2) attention_kern
 #if defined(DLMTRT_WGMMA)
   // wgmma: S = Q K^T of tile[1] is issued before tile[0]'s softmax, so the tensor cores work through it
   float s_next[BN / 2];
+  // descriptors of the tiles' starts, once: a descriptor's low bits are the address / 16, so an offset is an add
+  const uint64_t desc_q = wgmma_desc(smem_addr(qs) + (warp / 4) * 64 * 128, 16, 1024);
+  const uint64_t desc_k = wgmma_desc(smem_addr(ks), 16, 1024);
+  const uint64_t desc_v = wgmma_desc(smem_addr(vs), BN * 128, 1024);
   auto issue_qk = [&](float (&dst)[BN / 2], int stage) {
-    const unsigned char* kt = ks + stage * BN * D * 2;
-    const int wg = warp / 4;
+    const uint64_t dk = desc_k + ((stage * BN * D * 2) >> 4);
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      const uint64_t da = wgmma_desc(smem_addr(qs + (kk / 4) * R * 128 + wg * 64 * 128 + (kk % 4) * 32), 16, 1024);
-      const uint64_t db = wgmma_desc(smem_addr(kt + (kk / 4) * BN * 128 + (kk % 4) * 32), 16, 1024);
-      wgmma_ss_m64n64(dst, da, db, kk > 0, typename Tag<T>::type{});
-    }
+    for (int kk = 0; kk < D / 16; ++kk)
+      wgmma_ss_m64n64(dst, desc_q + (((kk / 4) * R * 128 + (kk % 4) * 32) >> 4),
+                      dk + (((kk / 4) * BN * 128 + (kk % 4) * 32) >> 4), kk > 0, typename Tag<T>::type{});
     wgmma_commit();
   };
   if constexpr (WG) {
@@ -311,14 +312,15 @@ __global__ void __launch_bounds__(Shape<WG>::threads, WG ? 1 : 2) attention_kern
         }
       }
     }
-    const int* cd = codes + stage * BN;
 #pragma unroll
-    for (int n = 0; n < BN / 8; ++n) {
+    for (int i = 0; i < BN / 2; ++i) s[i] *= p.scale_log2;
+    if (!full) {  // some key of the tile is masked for some row
+      const int* cd = codes + stage * BN;
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float x = s[4 * n + e] * p.scale_log2;
-        if (!full && cd[8 * n + 2 * (lane % 4) + (e & 1)] > (e < 2 ? qc0 : qc1)) x = -CUDART_INF_F;
-        s[4 * n + e] = x;
+      for (int n = 0; n < BN / 8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if (cd[8 * n + 2 * (lane % 4) + (e & 1)] > (e < 2 ? qc0 : qc1)) s[4 * n + e] = -CUDART_INF_F;
       }
     }
 #pragma unroll
@@ -356,7 +358,7 @@ __global__ void __launch_bounds__(Shape<WG>::threads, WG ? 1 : 2) attention_kern
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < BN / 16; ++kk) {
-        const uint64_t db = wgmma_desc(smem_addr(vt + kk * 16 * 128), BN * 128, 1024);
+        const uint64_t db = desc_v + ((stage * BN * D * 2 + kk * 16 * 128) >> 4);
         if constexpr (D == 128) wgmma_rs_m64n128(acc, pa[kk], db, typename Tag<T>::type{});
         else wgmma_rs_m64n64(acc, pa[kk], db, typename Tag<T>::type{});
       }
