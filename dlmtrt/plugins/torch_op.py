@@ -51,8 +51,8 @@ def plugin_attend(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, q_pos: Tensor,
 
 # Active rows per head for which the kernel beat PyTorch's fused attention at every batch (1, 8, 32) and cache
 # length (768, 2048, 8192) measured, bidirectional and block-causal, bf16 on an H200 (docs/results/
-# attention-kernel.md: 0.16x to 0.85x of SDPA's time). Outside it SDPA was as fast or faster somewhere: one row
-# at batch 8 and more or long caches (up to 1.7x), 256 rows and more (up to 1.9x, compute-bound).
+# attention-kernel.md: 0.16x to 0.77x of SDPA's time). Outside it SDPA was faster somewhere: one row at batch 32
+# or 8192 keys (up to 1.5x), 256 rows and more (up to 1.6x, compute-bound).
 KERNEL_ROWS = range(2, 33)
 
 
