@@ -75,6 +75,8 @@ def servers(tmp_path_factory):
                             "fuzz": ["tiny-dream-tasks", "--max-tokens-limit", "16", "--max-steps-limit", "16"],
                             "prefix": ["tiny-dream-tasks", "--prefix-cache-mb", "64", "--prefix-cache-mode",
                                        "freeze"],
+                            "secure": ["tiny-llada-tasks", "--api-key", "sekrit-key", "--access-log", "json",
+                                       "--max-choices", "4"],
                             }[name]
             started[name] = Server(model, *args, tmp=tmp)
         return started[name]
@@ -279,7 +281,8 @@ def _bad_bodies(family: str) -> list[tuple[str, bytes | dict]]:
         (P, {"prompt": "x" * 600, "max_tokens": 8, "steps": 8}), (P, {"prompt": "x", "temperature": -1}),
         (P, {"prompt": "x", "temperature": "hot"}), (P, {"prompt": "x", "policy": "bogus"}),
         (P, {"prompt": "x", "policy": "decode+nonsense"}), (P, {"prompt": "x", "policy": 3}),
-        (P, {"prompt": "x", "seed": -1}), (P, {"prompt": "x", "seed": 2 ** 64}), (P, {"prompt": "x", "n": 2}),
+        (P, {"prompt": "x", "seed": -1}), (P, {"prompt": "x", "seed": 2 ** 64}), (P, {"prompt": "x", "n": 0}),
+        (P, {"prompt": "x", "n": 10 ** 6}),
         (P, {"prompt": "x", "stop": "\n"}), (P, {"prompt": "x", "stepz": 3}), (P, {"prompt": "x", "model": "gpt-4"}),
         (P, {"prompt": "x", **other}), (P, {"prompt": "x", "max_tokens": 24, "block_length": 7, "steps": 24}),
         (P, {"prompt": "x", "stream": "yes"}), (P, {"prompt": "x", "echo": True}),
@@ -536,3 +539,90 @@ def test_constraints_and_prophet_through_the_server_equal_offline_generation(ser
         assert r.status_code == 400, (extra, r.text)
         err = r.json()["error"]
         assert words in err["message"] and (param is None or err["param"] == param), err
+
+
+def test_api_key_request_ids_and_json_access_log(servers, offline):
+    srv = servers("secure")
+    body = {"prompt": "hello", "max_tokens": 8, "steps": 8, "block_length": 8}
+    r = httpx.post(srv.url + "/v1/completions", json=body, timeout=60)
+    err = r.json()["error"]
+    assert r.status_code == 401 and err["code"] == "invalid_api_key" and "no API key given" in err["message"]
+    assert r.headers["www-authenticate"] == "Bearer" and r.headers["x-request-id"].startswith("req-")
+    wrong = openai.OpenAI(base_url=srv.url + "/v1", api_key="guess", max_retries=0)
+    with pytest.raises(openai.AuthenticationError, match="incorrect API key"):
+        wrong.completions.create(model="tiny-llada-tasks", prompt="hello", max_tokens=8)
+    for path in ("/health", "/ready", "/metrics"):  # probes and scrapers carry no key
+        assert httpx.get(srv.url + path).status_code == 200, path
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="sekrit-key", max_retries=0)
+    got = client.completions.with_raw_response.create(model="tiny-llada-tasks", prompt="hello", max_tokens=8,
+                                                      extra_body={"steps": 8, "block_length": 8},
+                                                      extra_headers={"X-Request-ID": "trace-42/a"})
+    assert got.headers["x-request-id"] == "trace-42/a"
+    assert got.parse().choices[0].text == offline("llada", "hello", max_new_tokens=8, steps=8, block_length=8)
+    auth = {"Authorization": "Bearer sekrit-key"}
+    for bad in ("has space", "x" * 129, ""):
+        r = httpx.post(srv.url + "/v1/completions", json=body, headers={**auth, "X-Request-ID": bad}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_request_id", bad
+    with httpx.stream("POST", srv.url + "/v1/completions", json={**body, "stream": True},
+                      headers={**auth, "X-Request-ID": "stream-7"}, timeout=60) as r:
+        assert r.headers["x-request-id"] == "stream-7" and "[DONE]" in r.read().decode()
+    deadline = time.monotonic() + 10
+    while True:  # the streamed request is logged when its last byte has left
+        lines = [json.loads(x) for x in srv.log.read_text().splitlines() if x.startswith("{")]
+        by_id = {x["request_id"]: x for x in lines}
+        if "stream-7" in by_id or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    one = by_id["trace-42/a"]
+    assert one["status"] == 200 and one["path"] == "/v1/completions" and one["method"] == "POST"
+    assert one["prompt_tokens"] > 0 and one["completion_tokens"] == 8 and one["duration_ms"] > 0
+    assert by_id["stream-7"]["status"] == 200 and by_id["stream-7"]["completion_tokens"] == 8
+    assert sum(x["status"] == 401 for x in lines) >= 2 and sum(x["status"] == 400 for x in lines) >= 3
+
+
+def test_n_choices_are_drawn_with_consecutive_seeds(servers, offline):
+    srv = servers("dream")  # Dream samples at its default temperature 1
+    prompts = ["abc", "hello there"]
+    body = {"prompt": prompts, "max_tokens": 8, "steps": 8, "seed": 11, "n": 3}
+    r = httpx.post(srv.url + "/v1/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    assert [c["index"] for c in choices] == list(range(6))
+    expected = [offline("dream", p, seed=11 + c, max_new_tokens=8, steps=8) for p in prompts for c in range(3)]
+    assert [c["text"] for c in choices] == expected
+    assert len(set(expected[:3])) > 1  # the seeds differ, so (here) do the draws
+    assert [d["seed"] for d in r.json()["dlmtrt"]] == [11, 12, 13, 11, 12, 13]
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
+    chat = client.chat.completions.create(model="tiny-dream-tasks", n=2, seed=4, max_tokens=8,
+                                          messages=[{"role": "user", "content": "hi"}], extra_body={"steps": 8})
+    assert [c.message.content for c in chat.choices] == \
+        [offline("dream", "hi", chat=True, seed=4 + c, max_new_tokens=8, steps=8) for c in range(2)]
+    for n in (0, 17):
+        r = httpx.post(srv.url + "/v1/completions", json={**body, "n": n}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n", r.text
+
+
+def test_health_is_liveness_and_ready_is_readiness():
+    """/health answers 200 while the process and its worker live (draining included); /ready only while the
+    server takes requests: worker running, not draining, queue not full."""
+    from types import SimpleNamespace
+
+    from dlmtrt.serve.app import ServeConfig, _Routes
+
+    sched = SimpleNamespace(alive=True, draining=False, queue_depth=0, running_requests=1)
+    routes = _Routes(SimpleNamespace(scheduler=sched, metrics=None, config=ServeConfig(model_id="m", max_queue=2)))
+
+    def both():
+        h, r = asyncio.run(routes.health()), asyncio.run(routes.ready())
+        return h.status_code, json.loads(h.body)["status"], r.status_code, json.loads(r.body)
+    h, hs, r, rb = both()
+    assert (h, hs, r, rb["status"], rb["reason"]) == (200, "ok", 200, "ready", None)
+    sched.queue_depth = 2
+    h, hs, r, rb = both()
+    assert (h, r) == (200, 503) and "queue is full (2 waiting)" in rb["reason"]
+    sched.queue_depth, sched.draining = 0, True
+    h, hs, r, rb = both()
+    assert (h, hs, r) == (200, "draining", 503) and rb["reason"].startswith("draining")
+    sched.alive = False
+    h, hs, r, rb = both()
+    assert (h, hs, r) == (503, "dead", 503) and "worker is not running" in rb["reason"]

@@ -5,7 +5,7 @@ import click
 
 from dlmtrt.runtime.backends import BACKENDS
 
-from ._common import TEXT, check_device, dtype_choice, friendly_errors, positive
+from ._common import NONEMPTY_TEXT, TEXT, check_device, dtype_choice, friendly_errors, positive
 
 
 def _model_options(fn):
@@ -51,12 +51,20 @@ def _options(fn):
                      help="bicache: BiCache (Dream, LLaDA only). freeze: the all-layer freeze, exact for block-causal "
                           "families and lossy for bidirectional ones, where it must be asked for [default: freeze "
                           "for block-causal families, bicache for the others]."),
+        click.option("--max-choices", type=positive(1024), default=16, show_default=True,
+                     help="Largest `n` (choices per prompt) a request may ask for."),
+        click.option("--api-key", default=None, envvar="DLMTRT_API_KEY", type=NONEMPTY_TEXT,
+                     help="Require `Authorization: Bearer KEY` on /v1/ (what the openai client sends as api_key); "
+                          "others get 401. /health, /ready and /metrics stay open [env: DLMTRT_API_KEY]."),
+        click.option("--access-log", type=click.Choice(["off", "json"]), default="off", show_default=True,
+                     help="json: one JSON line per request on stderr (time, request_id, method, path, status, "
+                          "duration_ms, client, token usage)."),
         click.option("--served-model-name", default=None, type=TEXT, help="Model id in the API [default: the --model/--engine "
                                                                "value]."),
         click.option("--threads", type=positive(1024), default=None,
                      help="torch CPU threads of the worker [default: torch's]."),
         click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]),
-                     default="warning", show_default=True, help="uvicorn's log level (info: access log too)."),
+                     default="warning", show_default=True, help="uvicorn's log level (per-request lines: --access-log)."),
     ]):
         fn = opt(fn)
     return fn
@@ -111,7 +119,7 @@ def reuse_plan(model: str, backend: str, src, dtype: str | None, prefix_cache_mb
 
 def run_server(model, backend, device, dtype, policy, host, port, max_batch, max_cohorts, max_queue, max_tokens_limit,
                max_steps_limit, prefix_cache_mb, prefix_cache_mode, served_model_name, threads, log_level,
-               bicache_table=None, bicache_interval=None):
+               max_choices=16, api_key=None, access_log="off", bicache_table=None, bicache_interval=None):
     import time
 
     from dlmtrt.runtime.backends import describe_model, make_backend
@@ -146,7 +154,8 @@ def run_server(model, backend, device, dtype, policy, host, port, max_batch, max
     cfg = ServeConfig(model_id=served_model_name or model, policy=policy, max_batch=max_batch, max_queue=max_queue,
                       max_cohorts=max_cohorts, max_tokens_limit=max_tokens_limit, max_steps_limit=max_steps_limit,
                       threads=threads, prefix_cache_bytes=reuse.freeze_bytes, bicache_tokens=reuse.bicache_tokens,
-                      bicache_table=table, bicache_interval=reuse.interval)
+                      bicache_table=table, bicache_interval=reuse.interval, api_key=api_key,
+                      access_log=access_log == "json", max_choices=max_choices)
     served = Served(be, tok, src, cfg)
     load_s = time.perf_counter() - t0
 
@@ -155,7 +164,8 @@ def run_server(model, backend, device, dtype, policy, host, port, max_batch, max
         click.echo(f"dlmtrt serve: {src.family} model '{cfg.model_id}' ({be.name}, {device}, {src.dtype}; loaded in "
                    f"{load_s:.1f} s) listening on {url}", nl=True)
         click.echo(f"  POST {url}/v1/completions  {url}/v1/chat/completions   GET {url}/v1/models  {url}/health  "
-                   f"{url}/metrics  {url}/docs", nl=True)
+                   f"{url}/ready  {url}/metrics  {url}/docs" + ("   (/v1/ needs the API key)" if api_key else ""),
+                   nl=True)
         click.echo(f"  cohorts of <= {max_batch} requests, <= {cohorts} running, queue <= {max_queue}; ctrl-C or "
                    "SIGTERM finishes the accepted requests, then exits", nl=True)
         click.echo(f"  {reuse.describe(src.family)}", nl=True)

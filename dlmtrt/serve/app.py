@@ -1,4 +1,4 @@
-"""The FastAPI app: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics.
+"""The FastAPI app: /v1/completions, /v1/chat/completions, /v1/models, /health, /ready, /metrics.
 
 Every request is validated completely before it is queued (types, the family's parameters through
 runtime/params.py, the policy through runtime/policies.py, lengths against the model and the server's limits),
@@ -29,6 +29,7 @@ from dlmtrt.runtime.prefix import BLOCK as PREFIX_BLOCK
 from dlmtrt.runtime.prefix import PrefixStore
 
 from .metrics import Metrics
+from .middleware import RequestMiddleware
 from .protocol import ApiError, ChatCompletionRequest, CompletionRequest, DiffusionFields
 from .reuse import BiCacheServing
 from .scheduler import Job, QueueFull, Scheduler, ShuttingDown
@@ -53,6 +54,9 @@ class ServeConfig:
     bicache_tokens: int = 0  # BiCache's store (runtime/bicache.py, serve/reuse.py) in prefix tokens; 0 = off
     bicache_table: object = None  # its runtime/bicache.DepthTable
     bicache_interval: int = 16
+    api_key: str | None = None  # /v1/ needs `Authorization: Bearer <key>` (serve/middleware.py)
+    access_log: bool = False  # one JSON line per request on stderr
+    max_choices: int = 16  # largest `n`
 
 
 class Served:
@@ -119,6 +123,10 @@ class Served:
         seed = 0 if req.seed is None else req.seed
         if not 0 <= seed < SEED_LIMIT:
             raise ApiError(400, f"seed must be in [0, 2**64), got {seed}", param="seed")
+        n = 1 if req.n is None else req.n
+        if not 1 <= n <= self.config.max_choices:
+            raise ApiError(400, f"n must be between 1 and this server's limit of {self.config.max_choices}, got {n}",
+                           param="n")
         return params, plan, seed
 
     def tokenize(self, text: str, param: str) -> list[int]:
@@ -176,6 +184,7 @@ class Served:
         if prompts is None:
             prompts = [(self.tokenize(text, param), 0) for text in texts]
         reuse = self.bicache is not None and self.fam.prefix_reuse(params)
+        n = 1 if req.n is None else req.n
         jobs = []
         for k, (ids, P) in enumerate(prompts):
             if len(ids) + new > self.max_positions:
@@ -184,9 +193,10 @@ class Served:
                                param=param, code="context_length_exceeded")
             self._check_rule(params, plan, len(ids))
             depth = self.bicache.depth(P, len(ids), new) if reuse else 0
-            jobs.append(Job(ids, params, plan, seed, self.fam.draws_random(params), new, sink,
-                            stream=req.stream, canvas=req.dlmtrt_canvas, index=k, prefix_len=P, depth=depth,
-                            constraints=pinned, answer_start=req.answer_start))
+            for c in range(n):  # choice c of prompt k: index k * n + c, as OpenAI numbers them; seed + c
+                jobs.append(Job(ids, params, plan, (seed + c) % SEED_LIMIT, self.fam.draws_random(params), new,
+                                sink, stream=req.stream, canvas=req.dlmtrt_canvas, index=k * n + c, prefix_len=P,
+                                depth=depth, constraints=pinned, answer_start=req.answer_start))
         return jobs
 
     def constraints_of(self, req: DiffusionFields, plan, new: int) -> dict[int, int] | None:
@@ -249,6 +259,7 @@ def create_app(served: Served) -> FastAPI:
     app.state.served = served
     _add_error_handlers(app)
     _Routes(served).add_to(app)
+    app.add_middleware(RequestMiddleware, api_key=served.config.api_key, access_log=served.config.access_log)
     return app
 
 
@@ -315,6 +326,7 @@ class _Routes:
 
     def add_to(self, app: FastAPI) -> None:
         app.add_api_route("/health", self.health, methods=["GET"])
+        app.add_api_route("/ready", self.ready, methods=["GET"])
         app.add_api_route("/metrics", self.prometheus, methods=["GET"])
         app.add_api_route("/v1/models", self.models, methods=["GET"])
         app.add_api_route("/v1/completions", self.completions, methods=["POST"])
@@ -322,10 +334,19 @@ class _Routes:
 
     async def health(self):
         sched = self.sched
-        state = "draining" if sched.draining else "ok"
+        alive = sched.alive
+        state = "dead" if not alive else "draining" if sched.draining else "ok"
         return JSONResponse({"status": state, "model": self.cfg.model_id, "queue_depth": sched.queue_depth,
-                             "running_requests": sched.running_requests},
-                            status_code=503 if sched.draining else 200)
+                             "running_requests": sched.running_requests}, status_code=200 if alive else 503)
+
+    async def ready(self):
+        sched = self.sched
+        why = ("the worker is not running" if not sched.alive else "draining: the server is shutting down"
+               if sched.draining else f"the queue is full ({self.cfg.max_queue} waiting)"
+               if sched.queue_depth >= self.cfg.max_queue else None)
+        return JSONResponse({"status": "ready" if why is None else "not_ready", "reason": why,
+                             "model": self.cfg.model_id, "queue_depth": sched.queue_depth,
+                             "running_requests": sched.running_requests}, status_code=200 if why is None else 503)
 
     async def prometheus(self):
         return Response(self.metrics.render(), media_type=self.metrics.content_type)
@@ -338,6 +359,7 @@ class _Routes:
             "dlmtrt": {"family": served.family, "backend": served.backend.name, "dtype": src.dtype,
                        "max_positions": served.max_positions, "policy": served.default_policy,
                        "max_tokens_limit": cfg.max_tokens_limit, "max_steps_limit": cfg.max_steps_limit,
+                       "max_batch": cfg.max_batch, "max_queue": cfg.max_queue, "max_choices": cfg.max_choices,
                        "path": str(Path(src.path))}}]}
 
     async def completions(self, body: CompletionRequest, request: Request):
@@ -366,13 +388,16 @@ class _Routes:
         head = {"id": rid, "created": int(time.time()), "model": self.cfg.model_id}
         if body.stream:
             self.metrics.requests.labels(endpoint, "200").inc()
-            return StreamingResponse(self._stream(body, jobs, queue, head, chat), media_type="text/event-stream",
+            return StreamingResponse(self._stream(body, jobs, queue, head, chat, request),
+                                     media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         results = await self._results(request, jobs, queue, endpoint)
         if results is None:
             return Response(status_code=499)  # nobody reads it
         self.metrics.requests.labels(endpoint, "200").inc()
-        return _completion(head, results, chat)
+        out = _completion(head, results, chat)
+        request.state.usage = {"id": rid, "choices": len(results), **out["usage"]}
+        return out
 
     def _submit(self, body: DiffusionFields, texts, param: str, chat: bool, sink, endpoint: str) -> list[Job]:
         """The request's jobs, validated and queued; a refusal is counted in the metrics under its status."""
@@ -423,7 +448,8 @@ class _Routes:
             self.sched.cancel(jobs)
         return results
 
-    async def _stream(self, body: DiffusionFields, jobs: list[Job], queue: asyncio.Queue, head: dict, chat: bool):
+    async def _stream(self, body: DiffusionFields, jobs: list[Job], queue: asyncio.Queue, head: dict, chat: bool,
+                      request: Request):
         """Server-sent events: the jobs' deltas, canvases (`event: dlmtrt`) and final chunks as they come, the
         usage when asked for, then [DONE]; the first error ends the stream."""
         obj = "chat.completion.chunk" if chat else "text_completion"
@@ -455,6 +481,8 @@ class _Routes:
                 yield _sse({**head, "object": obj, "choices": [],
                             "usage": {"prompt_tokens": usage[0], "completion_tokens": usage[1],
                                       "total_tokens": usage[0] + usage[1]}})
+            request.state.usage = {"id": head["id"], "choices": len(jobs), "prompt_tokens": usage[0],
+                                   "completion_tokens": usage[1], "total_tokens": usage[0] + usage[1]}
             yield "data: [DONE]\n\n"
         finally:
             self.sched.cancel(jobs)

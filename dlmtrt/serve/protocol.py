@@ -2,7 +2,7 @@
 
 Bodies are strict: a wrong type is a 400 (no silent "5" -> 5), an unknown field is a 400 (a misspelt extension
 field would otherwise be ignored), and OpenAI fields this server cannot honour are accepted only at their
-neutral value (`n` 1, `echo` false, penalties 0, ...), so that a client is never answered something other
+neutral value (`echo` false, penalties 0, ...), so that a client is never answered something other
 than what it asked for.
 """
 from __future__ import annotations
@@ -80,7 +80,9 @@ class DiffusionFields(BaseModel):
     seed: Int | None = Field(None, description="Seed of this request's random draws [default 0, as `dlmtrt generate`].")
     stream: Bool = False
     stream_options: StreamOptions | None = None
-    n: Int | None = Field(None, description="Only 1.")
+    n: Int | None = Field(None, description="Choices per prompt (up to the server's --max-choices); choice c of a "
+                                            "prompt is drawn with seed + c, so greedy requests give n equal choices "
+                                            "[default 1].")
     stop: Str | list[Str] | None = Field(None, description="Not supported yet: only null.")
     presence_penalty: Float | None = Field(None, description="Only 0.")
     frequency_penalty: Float | None = Field(None, description="Only 0.")
@@ -89,7 +91,6 @@ class DiffusionFields(BaseModel):
 
     # OpenAI fields accepted only at a neutral value: field -> (the neutral values, why another is refused)
     NEUTRAL: ClassVar[dict[str, tuple[tuple, str]]] = {
-        "n": ((None, 1), "n must be 1 (one choice per prompt)"),
         "stop": ((None, [], ""), "stop sequences are not supported yet; the answer ends at the model's EOS"),
         "presence_penalty": ((None, 0), "presence_penalty is not supported (only 0)"),
         "frequency_penalty": ((None, 0), "frequency_penalty is not supported (only 0)"),

@@ -183,6 +183,12 @@ class Scheduler:
                     j.cancelled = True
             self.cv.notify()
 
+    @property
+    def alive(self) -> bool:
+        """The worker thread runs: started with the app, ended only by `stop` (a failing step is answered as an
+        error and the loop goes on)."""
+        return self.thread is not None and self.thread.is_alive()
+
     def drain(self) -> None:
         """Stop accepting; what was accepted still runs."""
         with self.cv:
