@@ -1,13 +1,16 @@
-// The tensor-core path of cached attention (fp16 and bf16, sm_80 and newer): FlashAttention-2's algorithm on
-// mma.sync m16n8k16, specialised for a denoising step.
+// The tensor-core paths of cached attention (fp16 and bf16, sm_80 and newer): FlashAttention-2's algorithm,
+// specialised for a denoising step, on mma.sync m16n8k16 (every architecture) and on Hopper's wgmma (sm_90a).
 //
 // Why this shape. A step has anywhere from 1 to L active rows A, and the query heads of a GQA group read the
 // same K/V head. The g = H / Hkv query heads of a group are contiguous in q and o ([B, H, A, D]), so the group's
-// queries are one contiguous [g * A, D] matrix: a CTA takes BM rows of it, i.e. one K/V tile serves every
-// query head of the group (7 for Dream's 28 over 4), and a one-row step still fills half an m16 tile. Each of
-// the 4 warps owns 16 rows (Q in registers, S and O accumulators in registers, P reused as the A operand of
-// P.V without leaving registers). K and V tiles of BN keys are double-buffered in shared memory by cp.async
-// (16-byte chunks, XOR-swizzled so ldmatrix is conflict-free), with keys that are not valid zero-filled.
+// queries are one contiguous [g * A, D] matrix: a CTA takes a tile of its rows, i.e. one K/V tile serves every
+// query head of the group (7 for Dream's 28 over 4), and a one-row step still fills 7 rows of an m16 tile.
+// mma.sync: 4 warps of 16 rows (Q in registers, ldmatrix from shared memory, 2 K/V stages). wgmma: 2 warpgroups
+// of 64 rows (Q and K from shared memory through descriptors, the next tile's S = Q K^T issued before this
+// tile's softmax, 3 K/V stages); Hopper takes it from 256 rows per group, below which its 128-row CTAs are
+// mostly padding. Both keep S and O in registers and reuse P as the A operand of P V without leaving them. K
+// and V tiles of BN keys are loaded by cp.async (16-byte chunks, XOR-swizzled: conflict-free for ldmatrix, the
+// 128-byte swizzle of wgmma's descriptors), keys that are not valid zero-filled.
 //
 // Masks are never materialized: each key of a tile gets a code (INT_MAX if invalid or past L; else its block
 // kpos / block for block_causal, 0 for bidirectional) and a query row may attend a key iff code <= its own
