@@ -597,6 +597,12 @@ def test_n_choices_are_drawn_with_consecutive_seeds(servers, offline):
                                           messages=[{"role": "user", "content": "hi"}], extra_body={"steps": 8})
     assert [c.message.content for c in chat.choices] == \
         [offline("dream", "hi", chat=True, seed=4 + c, max_new_tokens=8, steps=8) for c in range(2)]
+    # streamed, the choices' deltas interleave by index and add up to the same answers
+    chunks = list(client.completions.create(model="tiny-dream-tasks", prompt=prompts[0], max_tokens=8, n=3,
+                                            seed=11, stream=True, extra_body={"steps": 8}))
+    streamed = ["".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == k) for k in range(3)]
+    assert streamed == expected[:3]
+    assert sorted(c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason) == [0, 1, 2]
     for n in (0, 17):
         r = httpx.post(srv.url + "/v1/completions", json={**body, "n": n}, timeout=60)
         assert r.status_code == 400 and r.json()["error"]["param"] == "n", r.text
