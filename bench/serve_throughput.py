@@ -37,8 +37,8 @@ WORKLOADS = [
      dict(max_tokens=32, steps=32, temperature=0.0, alg="entropy", policy="decode")),
     ("dream decode, bf16", "dream", "bfloat16",
      dict(max_tokens=32, steps=32, temperature=0.0, alg="entropy", policy="decode")),
-    # sampling (Dream's defaults: temperature 1, alg origin), one seed per request: every request is its own
-    # cohort (exact seeded draws), so only the round-robin overlap is left
+    # sampling (Dream's defaults: temperature 1, alg origin), one seed per request: batched, each request with its
+    # own generator (runtime/row_rng.py), so its draws are those it makes alone
     ("dream sampled, seed each", "dream", "float32", dict(max_tokens=32, steps=32, policy="none", seed="each")),
 ]
 

@@ -199,6 +199,22 @@ def test_concurrent_requests_equal_offline_generation(servers, offline, family):
     assert after["dlmtrt_queue_depth"] == 0
 
 
+@pytest.mark.parametrize("family,extra", [("dream", {"steps": 12}),
+                                          ("llada", {"steps": 16, "block_length": 8, "temperature": 2.0})])
+def test_sampling_requests_share_cohorts_and_draw_as_alone(servers, offline, family, extra):
+    """Sampling requests batch (each with its own generator, prompts padded as greedy batches pad them): fewer
+    cohorts than requests, every answer that of `generate --seed` alone."""
+    srv = servers(family)
+    prompts = ["abc", "xyz", "hello there", "abc"] * 3
+    cases = [{"prompt": p, "max_tokens": 16, "seed": 100 + k, **extra} for k, p in enumerate(prompts)]
+    before = srv.metrics()
+    answers = asyncio.run(_fire(srv.url, f"tiny-{family}-tasks", cases))
+    after = srv.metrics()
+    assert answers == [_expected(offline, family, c) for c in cases]
+    assert len(set(answers)) > 3
+    assert after["dlmtrt_cohort_size_count"] - before.get("dlmtrt_cohort_size_count", 0) < len(cases) / 2
+
+
 def _sse_events(text: str) -> list[tuple[str | None, str]]:
     out = []
     for block in text.split("\n\n"):

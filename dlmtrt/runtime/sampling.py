@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import row_rng
+
 
 def top_p_logits(logits: Tensor, top_p: float) -> Tensor:
     sorted_logits, sorted_idx = torch.sort(logits, descending=True)
@@ -28,8 +30,10 @@ def top_k_logits(logits: Tensor, top_k: int) -> Tensor:
 
 
 def sample_tokens(logits: Tensor, temperature: float = 0.0, top_p: float | None = None, top_k: int | None = None,
-                  margin_confidence: bool = False, neg_entropy: bool = False) -> tuple[Tensor, Tensor]:
-    """(confidence, token) per row of `logits` [N, V], as Dream's generation_utils.sample_tokens."""
+                  margin_confidence: bool = False, neg_entropy: bool = False,
+                  rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(confidence, token) per row of `logits` [N, V], as Dream's generation_utils.sample_tokens. `rows`: how many
+    of the N belong to each batch row, for per-sequence generators (runtime/row_rng.py)."""
     if temperature > 0:
         logits = logits / temperature
     if top_p is not None and top_p < 1:
@@ -37,12 +41,11 @@ def sample_tokens(logits: Tensor, temperature: float = 0.0, top_p: float | None 
     if top_k is not None:
         logits = top_k_logits(logits, top_k)
     probs = torch.softmax(logits, dim=-1)
-    if temperature > 0:
-        try:
-            x0 = torch.distributions.Categorical(probs=probs).sample()
-            confidence = torch.gather(probs, -1, x0.unsqueeze(-1)).squeeze(-1)
-        except (ValueError, RuntimeError):  # invalid probs (all -inf rows): fall back to greedy, as upstream
-            confidence, x0 = probs.max(dim=-1)
+    if temperature > 0 and rows is not None and row_rng.active() is not None:
+        parts = [_sample(p, g) for p, g in zip(probs.split(rows.tolist()), row_rng.active())]
+        confidence, x0 = torch.cat([c for c, _ in parts]), torch.cat([x for _, x in parts])
+    elif temperature > 0:
+        confidence, x0 = _sample(probs, None)
     else:
         confidence, x0 = probs.max(dim=-1)
     if margin_confidence:
@@ -53,13 +56,26 @@ def sample_tokens(logits: Tensor, temperature: float = 0.0, top_p: float | None 
     return confidence, x0
 
 
-def add_gumbel_noise(logits: Tensor, temperature: float) -> Tensor:
+def _sample(probs: Tensor, gen: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """Upstream's draw (from `gen`, one sequence's block, under row generators) and its greedy fallback for
+    invalid probs (all -inf rows); a block falls back alone, as its sequence would alone."""
+    if gen is not None and probs.shape[0] == 0:
+        return probs.max(dim=-1) if probs.numel() else (probs.new_zeros(0), torch.zeros(0, dtype=torch.long))
+    try:
+        x0 = torch.distributions.Categorical(probs=probs).sample() if gen is None else \
+            row_rng.categorical(probs, gen)
+        return torch.gather(probs, -1, x0.unsqueeze(-1)).squeeze(-1), x0
+    except (ValueError, RuntimeError):
+        return probs.max(dim=-1)
+
+
+def add_gumbel_noise(logits: Tensor, temperature: float, rows: Tensor | None = None) -> Tensor:
     """LLaDA's Gumbel-max in float64 (low precision Gumbel noise hurts generation quality, arXiv:2409.02908).
-    Temperature 0 is plain argmax and draws nothing, as upstream."""
+    Temperature 0 is plain argmax and draws nothing, as upstream. `rows`: as in `sample_tokens`."""
     if temperature == 0:
         return logits
     logits = logits.to(torch.float64)
-    noise = torch.rand_like(logits, dtype=torch.float64)
+    noise = row_rng.rand_like(logits, rows, dtype=torch.float64)
     return logits.exp() / (-torch.log(noise)) ** temperature
 
 

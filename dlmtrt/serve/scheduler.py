@@ -11,9 +11,12 @@ does a request whose client has gone; a cohort is dropped once none of its reque
 
 Exactness. A request whose decoding draws no random numbers (temperature 0 and, for Dream, a
 confidence-ordered `alg` other than `origin` without `alg_temp`; for LLaDA, `low_confidence` remasking) gives
-the same tokens in any batch, so such requests share cohorts. A request that samples runs in a cohort of its
-own, seeded with its `seed`, and its random state is swapped in around each of its steps: its draws are those
-of `dlmtrt generate --seed S` with the same prompt, whatever else the server runs meanwhile.
+the same tokens in any batch, so such requests share cohorts. Sampling requests whose every draw is routed per
+sequence (`runtime/row_rng.batchable`: Dream's `origin` order, LLaDA's Gumbel noise with low-confidence
+remasking, the `none` policy) share cohorts as greedy ones do, each with its own generator seeded with its
+`seed` (`row_rng.row_generators` around each step). Any other sampling request runs in a cohort of its own
+whose random state is swapped in around each of its steps. Either way its draws are those of `dlmtrt generate
+--seed S` with the same prompt, whatever else the server runs meanwhile.
 
 Backends: `torch` and `onnxruntime` allocate a fresh K/V cache for every session; `torch-graph` and `tensorrt`
 own one cache buffer per backend, so with those only one cohort runs at a time (`shares_cache`).
@@ -32,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dlmtrt.errors import DlmtrtError
+from dlmtrt.runtime import row_rng
 from dlmtrt.runtime.backends import shares_cache
 from dlmtrt.runtime.buckets import bucket
 from dlmtrt.runtime.decode import DecodeSession
@@ -85,15 +89,22 @@ class Job:
     depth: int = 0  # the BiCache depth it runs at (serve/reuse.py); 0: without BiCache
     constraints: dict | None = None  # {answer position: token id} pinned (runtime/constraints.py)
     answer_start: int | None = None  # +prophet's span, in answer positions
+    gen: object = None  # its own torch.Generator, in a batched sampling cohort
 
-    def key(self, max_positions: int | None) -> tuple:
+    def key(self, max_positions: int | None, family: str | None = None) -> tuple:
         """Jobs of one key may share a cohort: the same parameters, policy, prompt-length bucket and BiCache
-        depth (BiCache decodes one depth per batch)."""
+        depth (BiCache decodes one depth per batch); sampling jobs only where their draws are per sequence
+        (`row_random`), the others alone."""
         limit = (max_positions or 1 << 30) - self.new_tokens
-        if self.random:
+        if self.random and not self.row_random(family):
             return ("solo", self.id, len(self.ids))
         return (json.dumps(self.params, sort_keys=True), self.plan.spec, bucket_of(len(self.ids), limit), self.depth,
                 json.dumps(sorted((self.constraints or {}).items())), self.answer_start)
+
+    def row_random(self, family: str | None) -> bool:
+        """A sampling job whose draws all go through per-sequence generators (runtime/row_rng.py)."""
+        return self.random and family is not None and self.depth == 0 and not self.constraints and \
+            row_rng.batchable(family, self.params, self.plan)
 
     def post(self, kind: str, payload) -> None:
         if kind in ("done", "error"):
@@ -225,7 +236,7 @@ class Scheduler:
         groups: dict[tuple, list[Job]] = {}
         free = self.max_cohorts - len(self.running)
         for j in self.waiting:
-            k = j.key(self.max_positions)
+            k = j.key(self.max_positions, self.family)
             if k in groups:
                 if len(groups[k]) < self.max_batch:
                     groups[k].append(j)
@@ -282,7 +293,10 @@ class Scheduler:
                 ids[r, P - len(j.ids):] = torch.tensor(j.ids, dtype=torch.long)
                 am[r, P - len(j.ids):] = 1
             rng = None
-            if jobs[0].random:
+            if jobs[0].row_random(self.family):
+                for j in jobs:
+                    j.gen = torch.Generator(device=dev).manual_seed(j.seed)
+            elif jobs[0].random:
                 rng = {"cpu": torch.Generator().manual_seed(jobs[0].seed).get_state()}
                 if torch.device(dev).type == "cuda":
                     g = torch.Generator(device=dev)
@@ -355,7 +369,9 @@ class Scheduler:
                     torch.set_rng_state(cohort.rng["cpu"])
                     if "cuda" in cohort.rng:
                         torch.cuda.set_rng_state(cohort.rng["cuda"], dev)
-                s.step()
+                with row_rng.row_generators([j.gen for j in cohort.jobs] if cohort.jobs[0].gen is not None
+                                            else None):
+                    s.step()
                 if s.i == 1 and self.prefix_store is not None and s.prefix_store is self.prefix_store \
                         and self.metrics is not None:  # step 0 stored its prompts
                     self.metrics.prefix_bytes.set(s.prefix_store.bytes)

@@ -1,0 +1,86 @@
+"""Per-sequence random generators, so that sampling sequences can share a batch and still draw exactly what each
+draws alone.
+
+A decode rule draws over the flattened positions of the whole batch, row after row (`torch.rand(N)`,
+`Categorical(probs).sample()` over [N, V]). Alone, a sequence draws the same calls over its own positions only.
+So where a draw's positions are row-major blocks of known sizes, drawing block b from sequence b's own generator,
+in row order, gives each sequence the draws it makes alone, as long as its blocks are the positions it would
+draw over alone. `row_generators(gens)` makes that so for the steps run inside it (the server's sampling
+cohorts); outside it every helper is the plain global-generator call it replaces, unchanged.
+
+Covered draws (`batchable` says which requests therefore batch exactly): Dream's `origin` order (the transfer
+draw and the token sample over the transferred positions), LLaDA's Gumbel noise with low-confidence remasking;
+both with the `none` policy, where every sequence computes its own whole canvas.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import torch
+from torch import Tensor
+
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def row_generators(gens: list[torch.Generator] | None):
+    """Draws in the block come from `gens[b]` for batch row b (None: the global generator, as without it)."""
+    prev = getattr(_local, "gens", None)
+    _local.gens = gens
+    try:
+        yield
+    finally:
+        _local.gens = prev
+
+
+def active() -> list[torch.Generator] | None:
+    return getattr(_local, "gens", None)
+
+
+def _blocks(rows: Tensor | None) -> tuple[list[torch.Generator], list[int]] | None:
+    gens = active()
+    if gens is None or rows is None:
+        return None
+    counts = [int(c) for c in rows.tolist()]
+    if len(counts) != len(gens):
+        raise RuntimeError(f"row generators: {len(gens)} generators for a batch of {len(counts)} rows")
+    return gens, counts
+
+
+def rand(n: int, rows: Tensor | None, *, dtype=None, device=None) -> Tensor:
+    """`torch.rand(n)`, where `rows[b]` of the n positions (in order) belong to batch row b."""
+    blocks = _blocks(rows)
+    if blocks is None:
+        return torch.rand(n, dtype=dtype, device=device)
+    return torch.cat([torch.rand(c, dtype=dtype, device=device, generator=g) for g, c in zip(*blocks)])
+
+
+def rand_like(t: Tensor, rows: Tensor | None, *, dtype=None) -> Tensor:
+    """`torch.rand_like(t)` for t [N, ...] whose leading positions are row-major blocks of sizes `rows`."""
+    blocks = _blocks(rows)
+    if blocks is None:
+        return torch.rand_like(t, dtype=dtype)
+    return torch.cat([torch.rand(c, *t.shape[1:], dtype=dtype or t.dtype, device=t.device, generator=g)
+                      for g, c in zip(*blocks)])
+
+
+def categorical(probs: Tensor, gen: torch.Generator) -> Tensor:
+    """`Categorical(probs=probs).sample()` drawn from `gen`: the same normalisation and the same `multinomial`."""
+    norm = probs / probs.sum(-1, keepdim=True)
+    if not bool(torch.isfinite(norm).all()) or bool((norm < 0).any()):
+        raise ValueError("invalid probabilities")  # where Categorical's validation refuses them
+    return torch.multinomial(norm, 1, True, generator=gen).squeeze(-1)
+
+
+def batchable(family: str, params: dict, plan) -> bool:
+    """Whether sampling requests with these parameters and policy draw only through the helpers above, over
+    positions that are their own (its masked answer positions, whatever the batch's padding): then they may
+    share a batch exactly (tests/test_row_rng.py, with prompts of equal and of different lengths)."""
+    if plan.spec != "none":
+        return False
+    if family == "dream":
+        return params.get("alg") == "origin"
+    if family == "llada":
+        return params.get("remasking") == "low_confidence" and not params.get("cfg_scale")
+    return False
