@@ -25,7 +25,8 @@ def test_a_batch_under_row_generators_draws_what_each_sequence_draws_alone(model
     from dlmtrt.runtime.params import family_params
     be, tok, src = models[family]
     params = family_params(family, src.path, **extra)
-    assert row_rng.batchable(family, params, parse_policy("none"))
+    from dlmtrt.runtime.families import get
+    assert get(family).batches_sampling(params, parse_policy("none"))
     prompts, seeds = ["abc", "xyz", "hello there friend", "abc"], [3, 4, 9, 10]  # left-padded in the batch
     assert len({len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts}) == 2
     run = dict(policy="none", max_positions=src.args.max_position_embeddings, **params)
@@ -72,11 +73,13 @@ def test_row_blocks_come_from_their_own_generators_and_must_match_the_batch():
 
 
 def test_which_requests_batch_their_sampling():
+    from dlmtrt.runtime.families import get
     none, dual = parse_policy("none"), parse_policy("dual")
-    assert row_rng.batchable("dream", {"alg": "origin"}, none)
-    assert not row_rng.batchable("dream", {"alg": "entropy"}, none)  # its alg_temp draws are not routed
-    assert not row_rng.batchable("dream", {"alg": "origin"}, dual)  # cached rows depend on the batch
-    assert row_rng.batchable("llada", {"remasking": "low_confidence", "cfg_scale": 0.0}, none)
-    assert not row_rng.batchable("llada", {"remasking": "random", "cfg_scale": 0.0}, none)
-    assert not row_rng.batchable("llada", {"remasking": "low_confidence", "cfg_scale": 1.0}, none)
-    assert not row_rng.batchable("sdar", {}, none)
+    dream, llada, sdar = get("dream"), get("llada"), get("sdar")
+    assert dream.batches_sampling({"alg": "origin"}, none)
+    assert not dream.batches_sampling({"alg": "entropy"}, none)  # its alg_temp draws are not routed
+    assert not dream.batches_sampling({"alg": "origin"}, dual)  # cached rows depend on the batch
+    assert llada.batches_sampling({"remasking": "low_confidence", "cfg_scale": 0.0}, none)
+    assert not llada.batches_sampling({"remasking": "random", "cfg_scale": 0.0}, none)
+    assert not llada.batches_sampling({"remasking": "low_confidence", "cfg_scale": 1.0}, none)
+    assert not sdar.batches_sampling({}, none)

@@ -8,9 +8,10 @@ in row order, gives each sequence the draws it makes alone, as long as its block
 draw over alone. `row_generators(gens)` makes that so for the steps run inside it (the server's sampling
 cohorts); outside it every helper is the plain global-generator call it replaces, unchanged.
 
-Covered draws (`batchable` says which requests therefore batch exactly): Dream's `origin` order (the transfer
-draw and the token sample over the transferred positions), LLaDA's Gumbel noise with low-confidence remasking;
-both with the `none` policy, where every sequence computes its own whole canvas.
+Covered draws (each family's `batches_sampling` says which requests therefore batch exactly): Dream's `origin`
+order (the transfer draw and the token sample over the transferred positions), LLaDA's Gumbel noise with
+low-confidence remasking; both with the `none` policy, where every sequence computes its own whole canvas, over
+its own masked positions whatever the batch's padding (tests/test_row_rng.py).
 """
 from __future__ import annotations
 
@@ -71,16 +72,3 @@ def categorical(probs: Tensor, gen: torch.Generator) -> Tensor:
     if not bool(torch.isfinite(norm).all()) or bool((norm < 0).any()):
         raise ValueError("invalid probabilities")  # where Categorical's validation refuses them
     return torch.multinomial(norm, 1, True, generator=gen).squeeze(-1)
-
-
-def batchable(family: str, params: dict, plan) -> bool:
-    """Whether sampling requests with these parameters and policy draw only through the helpers above, over
-    positions that are their own (its masked answer positions, whatever the batch's padding): then they may
-    share a batch exactly (tests/test_row_rng.py, with prompts of equal and of different lengths)."""
-    if plan.spec != "none":
-        return False
-    if family == "dream":
-        return params.get("alg") == "origin"
-    if family == "llada":
-        return params.get("remasking") == "low_confidence" and not params.get("cfg_scale")
-    return False

@@ -12,7 +12,7 @@ does a request whose client has gone; a cohort is dropped once none of its reque
 Exactness. A request whose decoding draws no random numbers (temperature 0 and, for Dream, a
 confidence-ordered `alg` other than `origin` without `alg_temp`; for LLaDA, `low_confidence` remasking) gives
 the same tokens in any batch, so such requests share cohorts. Sampling requests whose every draw is routed per
-sequence (`runtime/row_rng.batchable`: Dream's `origin` order, LLaDA's Gumbel noise with low-confidence
+sequence (the family's `batches_sampling`: Dream's `origin` order, LLaDA's Gumbel noise with low-confidence
 remasking, the `none` policy) share cohorts as greedy ones do, each with its own generator seeded with its
 `seed` (`row_rng.row_generators` around each step). Any other sampling request runs in a cohort of its own
 whose random state is swapped in around each of its steps. Either way its draws are those of `dlmtrt generate
@@ -91,20 +91,20 @@ class Job:
     answer_start: int | None = None  # +prophet's span, in answer positions
     gen: object = None  # its own torch.Generator, in a batched sampling cohort
 
-    def key(self, max_positions: int | None, family: str | None = None) -> tuple:
+    def key(self, max_positions: int | None, family_name: str | None = None) -> tuple:
         """Jobs of one key may share a cohort: the same parameters, policy, prompt-length bucket and BiCache
         depth (BiCache decodes one depth per batch); sampling jobs only where their draws are per sequence
         (`row_random`), the others alone."""
         limit = (max_positions or 1 << 30) - self.new_tokens
-        if self.random and not self.row_random(family):
+        if self.random and not self.row_random(family_name):
             return ("solo", self.id, len(self.ids))
         return (json.dumps(self.params, sort_keys=True), self.plan.spec, bucket_of(len(self.ids), limit), self.depth,
                 json.dumps(sorted((self.constraints or {}).items())), self.answer_start)
 
-    def row_random(self, family: str | None) -> bool:
+    def row_random(self, family_name: str | None) -> bool:
         """A sampling job whose draws all go through per-sequence generators (runtime/row_rng.py)."""
-        return self.random and family is not None and self.depth == 0 and not self.constraints and \
-            row_rng.batchable(family, self.params, self.plan)
+        return self.random and family_name is not None and self.depth == 0 and not self.constraints and \
+            family(family_name).batches_sampling(self.params, self.plan)
 
     def post(self, kind: str, payload) -> None:
         if kind in ("done", "error"):

@@ -96,6 +96,11 @@ class Family:
         """Whether decoding with `params` draws random numbers (its tokens depend on the random state)."""
         return float(params.get("temperature", 0)) > 0
 
+    def batches_sampling(self, params: dict, plan) -> bool:
+        """Whether a sampling generation with `params` and `plan` draws only through runtime/row_rng.py, over
+        positions that are its own: then it may share a batch exactly, each sequence with its own generator."""
+        return False
+
     def schedule_name(self, params: dict) -> str:
         return self.schedule
 

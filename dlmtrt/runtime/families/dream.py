@@ -81,6 +81,9 @@ class Dream(Family):
     def draws_random(self, params: dict) -> bool:
         return float(params["temperature"]) > 0 or params["alg"] == "origin" or bool(params.get("alg_temp"))
 
+    def batches_sampling(self, params: dict, plan) -> bool:
+        return plan.spec == "none" and params["alg"] == "origin"  # the transfer draw and the token sample
+
     def schedule_name(self, params: dict) -> str:
         if params.get("block_length") is None:
             return self.schedule

@@ -51,6 +51,9 @@ class LLaDA(Family):
     def draws_random(self, params: dict) -> bool:
         return float(params["temperature"]) > 0 or params["remasking"] == "random"
 
+    def batches_sampling(self, params: dict, plan) -> bool:
+        return plan.spec == "none" and params["remasking"] == "low_confidence" and params["cfg_scale"] == 0
+
     def prefix_reuse(self, params: dict) -> bool:
         return params["cfg_scale"] == 0  # the unconditional copy masks the prompt
 
