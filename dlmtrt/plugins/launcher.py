@@ -39,13 +39,18 @@ def library_path() -> Path:
     return find_library(LIB_NAME, "DLMTRT_PLUGIN_LIB", "the cached-attention kernel library")
 
 
+def library_built() -> bool:
+    """Whether the library is there to load (without reading it)."""
+    try:
+        library_path()
+    except PluginError:
+        return False
+    return True
+
+
 def library_sha256() -> str | None:
     """sha256 of the built library (engine manifests record it), None when it is not built."""
-    try:
-        path = library_path()
-    except PluginError:
-        return None
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return hashlib.sha256(library_path().read_bytes()).hexdigest() if library_built() else None
 
 
 def open_library(path: Path, entry: str, argtypes: list, abi_version: int) -> ctypes.CDLL:

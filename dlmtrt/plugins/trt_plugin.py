@@ -138,8 +138,8 @@ def _classes(trt: ModuleType) -> tuple[type, type]:
             from . import launcher
             f = self.fields
             try:
-                return launcher.workspace_size(1, f["num_heads"], f["num_kv_heads"], 0, 1, f["head_dim"],
-                                               launcher.DTYPE_CODES.get(FLOATS.get(trt_type, ""), 0))
+                return _workspace_bound(f["num_heads"], f["num_kv_heads"], f["head_dim"],
+                                        launcher.DTYPE_CODES.get(FLOATS.get(trt_type, ""), 0))
             except launcher.PluginError:
                 return 0
 
@@ -189,6 +189,14 @@ def _classes(trt: ModuleType) -> tuple[type, type]:
             return CachedAttentionPlugin(_fields(fc), phase)
 
     return CachedAttentionPlugin, CachedAttentionCreator
+
+
+@functools.lru_cache(maxsize=None)
+def _workspace_bound(H: int, Hkv: int, D: int, dtype_code: int) -> int:
+    """The library's workspace bound for these heads, asked once (enqueue needs it at every layer of every step;
+    a missing library raises, which the cache does not keep)."""
+    from . import launcher
+    return launcher.workspace_size(1, H, Hkv, 0, 1, D, dtype_code)
 
 
 _CREATORS: dict[str, object] = {}  # flavour module name -> the registered creator (kept alive here)

@@ -39,18 +39,26 @@ def active() -> list[torch.Generator] | None:
     return getattr(_local, "gens", None)
 
 
+def counts(rows: Tensor) -> list[int]:
+    """Block sizes: `rows` is a [B, ...] bool mask of the positions drawn over (its row sums) or the sizes [B].
+    Summed only here, i.e. only under row generators: the plain path pays nothing for them."""
+    if rows.dtype == torch.bool:
+        rows = rows.reshape(rows.shape[0], -1).sum(1)
+    return [int(c) for c in rows.tolist()]
+
+
 def _blocks(rows: Tensor | None) -> tuple[list[torch.Generator], list[int]] | None:
     gens = active()
     if gens is None or rows is None:
         return None
-    counts = [int(c) for c in rows.tolist()]
-    if len(counts) != len(gens):
-        raise RuntimeError(f"row generators: {len(gens)} generators for a batch of {len(counts)} rows")
-    return gens, counts
+    sizes = counts(rows)
+    if len(sizes) != len(gens):
+        raise RuntimeError(f"row generators: {len(gens)} generators for a batch of {len(sizes)} rows")
+    return gens, sizes
 
 
 def rand(n: int, rows: Tensor | None, *, dtype=None, device=None) -> Tensor:
-    """`torch.rand(n)`, where `rows[b]` of the n positions (in order) belong to batch row b."""
+    """`torch.rand(n)`, where the n positions are row-major blocks of the sizes `counts(rows)` gives."""
     blocks = _blocks(rows)
     if blocks is None:
         return torch.rand(n, dtype=dtype, device=device)
@@ -58,7 +66,7 @@ def rand(n: int, rows: Tensor | None, *, dtype=None, device=None) -> Tensor:
 
 
 def rand_like(t: Tensor, rows: Tensor | None, *, dtype=None) -> Tensor:
-    """`torch.rand_like(t)` for t [N, ...] whose leading positions are row-major blocks of sizes `rows`."""
+    """`torch.rand_like(t)` for t [N, ...] whose leading positions are row-major blocks (`counts(rows)`)."""
     blocks = _blocks(rows)
     if blocks is None:
         return torch.rand_like(t, dtype=dtype)

@@ -32,8 +32,8 @@ def top_k_logits(logits: Tensor, top_k: int) -> Tensor:
 def sample_tokens(logits: Tensor, temperature: float = 0.0, top_p: float | None = None, top_k: int | None = None,
                   margin_confidence: bool = False, neg_entropy: bool = False,
                   rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """(confidence, token) per row of `logits` [N, V], as Dream's generation_utils.sample_tokens. `rows`: how many
-    of the N belong to each batch row, for per-sequence generators (runtime/row_rng.py)."""
+    """(confidence, token) per row of `logits` [N, V], as Dream's generation_utils.sample_tokens. `rows`: which
+    of the N belong to each batch row, for per-sequence generators (runtime/row_rng.py's `counts`)."""
     if temperature > 0:
         logits = logits / temperature
     if top_p is not None and top_p < 1:
@@ -41,8 +41,9 @@ def sample_tokens(logits: Tensor, temperature: float = 0.0, top_p: float | None 
     if top_k is not None:
         logits = top_k_logits(logits, top_k)
     probs = torch.softmax(logits, dim=-1)
-    if temperature > 0 and rows is not None and row_rng.active() is not None:
-        parts = [_sample(p, g) for p, g in zip(probs.split(rows.tolist()), row_rng.active())]
+    gens = row_rng.active()
+    if temperature > 0 and rows is not None and gens is not None:
+        parts = [_sample(p, g) for p, g in zip(probs.split(row_rng.counts(rows)), gens)]
         confidence, x0 = torch.cat([c for c, _ in parts]), torch.cat([x for _, x in parts])
     elif temperature > 0:
         confidence, x0 = _sample(probs, None)
@@ -59,8 +60,6 @@ def sample_tokens(logits: Tensor, temperature: float = 0.0, top_p: float | None 
 def _sample(probs: Tensor, gen: torch.Generator | None) -> tuple[Tensor, Tensor]:
     """Upstream's draw (from `gen`, one sequence's block, under row generators) and its greedy fallback for
     invalid probs (all -inf rows); a block falls back alone, as its sequence would alone."""
-    if gen is not None and probs.shape[0] == 0:
-        return probs.max(dim=-1) if probs.numel() else (probs.new_zeros(0), torch.zeros(0, dtype=torch.long))
     try:
         x0 = torch.distributions.Categorical(probs=probs).sample() if gen is None else \
             row_rng.categorical(probs, gen)

@@ -188,7 +188,7 @@ class DreamRule(Schedule):
         if self.alg == "origin":
             p_transfer = 1 if last else 1 - s / t
             x0 = torch.zeros_like(x[needed]) + self.mask_token_id
-            transfer = row_rng.rand(x0.shape[0], needed.sum(1), device=x.device) < p_transfer
+            transfer = row_rng.rand(x0.shape[0], needed, device=x.device) < p_transfer
             rows = torch.bincount(needed.nonzero(as_tuple=True)[0][transfer], minlength=x.shape[0]) \
                 if row_rng.active() is not None else None
             _, x0[transfer] = sample_tokens(logits[transfer], rows=rows, **kw)
@@ -473,7 +473,7 @@ class LLaDARule(Blockwise):
             take = top_n(conf, self.quota(i, needed, seq).expand(B)) & computed
             return torch.where(take, full_x0, x)
         computed, logits = preds.computed, preds.flat()
-        x0 = torch.argmax(add_gumbel_noise(logits, self.temperature, computed.sum(1)), dim=-1)
+        x0 = torch.argmax(add_gumbel_noise(logits, self.temperature, computed), dim=-1)
         if self.remasking == "low_confidence":
             p = F.softmax(logits.to(torch.float64), dim=-1)
             conf = torch.full(x.shape, -torch.inf, dtype=torch.float64, device=x.device)

@@ -123,7 +123,7 @@ class Served:
         seed = 0 if req.seed is None else req.seed
         if not 0 <= seed < SEED_LIMIT:
             raise ApiError(400, f"seed must be in [0, 2**64), got {seed}", param="seed")
-        n = 1 if req.n is None else req.n
+        n = req.choices
         if not 1 <= n <= self.config.max_choices:
             raise ApiError(400, f"n must be between 1 and this server's limit of {self.config.max_choices}, got {n}",
                            param="n")
@@ -184,7 +184,7 @@ class Served:
         if prompts is None:
             prompts = [(self.tokenize(text, param), 0) for text in texts]
         reuse = self.bicache is not None and self.fam.prefix_reuse(params)
-        n = 1 if req.n is None else req.n
+        n = req.choices
         jobs = []
         for k, (ids, P) in enumerate(prompts):
             if len(ids) + new > self.max_positions:

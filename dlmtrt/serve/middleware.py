@@ -37,7 +37,8 @@ class RequestMiddleware:
         t0 = time.perf_counter()
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         given = headers.get(REQUEST_ID)
-        rid = given if given is not None and REQUEST_ID_RE.match(given) else "req-" + uuid.uuid4().hex[:24]
+        bad_id = given is not None and not REQUEST_ID_RE.match(given)
+        rid = given if given is not None and not bad_id else "req-" + uuid.uuid4().hex[:24]
         scope.setdefault("state", {})["request_id"] = rid
         status = {"code": 500}
 
@@ -51,7 +52,7 @@ class RequestMiddleware:
                 self._log(scope, rid, status["code"], t0)
 
         error = None
-        if given is not None and given is not rid:
+        if bad_id:
             error = ApiError(400, "X-Request-ID must be 1 to 128 printable ASCII characters without spaces",
                              param="X-Request-ID", code="invalid_request_id")
         elif self.api_key is not None and scope["path"].startswith(PROTECTED):

@@ -97,6 +97,11 @@ class DiffusionFields(BaseModel):
         "logit_bias": ((None, {}), "logit_bias is not supported"),
     }
 
+    @property
+    def choices(self) -> int:
+        """`n`, the choices per prompt (1 when unset)."""
+        return 1 if self.n is None else self.n
+
     def unsupported(self) -> list[tuple[str, str]]:
         """(field, why) for OpenAI fields set to something this server does not do."""
         return [(f, why) for f, (neutral, why) in self.NEUTRAL.items() if getattr(self, f) not in neutral]

@@ -25,10 +25,9 @@ from torch import Tensor
 from dlmtrt.errors import UsageError
 from dlmtrt.models.attention_kinds import AttentionKind, sdpa_mask
 from dlmtrt.models.transformer import DiffusionLM
+from dlmtrt.plugins.launcher import library_built
 
 from ..buckets import StaticSteps, bucket, pad_rows
-from dlmtrt.plugins.launcher import library_sha256
-
 from ..contract import ModelInfo, StepInputs, StepOutputs
 from . import CheckpointBackend
 
@@ -86,7 +85,7 @@ class TorchGraphBackend(CheckpointBackend):
         if w.is_cuda:
             from dlmtrt.plugins import fp8_linear  # noqa: F401  registers the few-row fp8 kernel with QuantLinear
         attend = functools.partial(gqa_attention, gqa=a.num_heads != a.num_kv_heads)
-        if attention == "auto" and w.is_cuda and w.dtype != torch.float32 and library_sha256() is not None:
+        if attention == "auto" and w.is_cuda and w.dtype != torch.float32 and library_built():
             attend = functools.partial(auto_attention, gqa=a.num_heads != a.num_kv_heads)
         elif attention == "kernel":
             from dlmtrt.plugins.torch_op import plugin_attend as attend
