@@ -179,4 +179,5 @@ def test_the_generated_wgmma_wrappers_are_current():
     assert path.with_name("wgmma_ops.cuh").read_text() == text
     for shape in ("m64n64k16", "m64n128k16"):
         assert f"wgmma.mma_async.sync.aligned.{shape}.f32.bf16.bf16" in text and f"{shape}.f32.f16.f16" in text
-    assert text.count('"+f"(d[63])') == 2  # the m64n128 accumulators, bf16 and fp16
+    assert text.count('"+f"(d[63])') == 4  # m64n128 accumulators: S over 128 keys and O at head_dim 128, bf16 and fp16
+    assert text.count("void wgmma_ss_m64n128(") == 2 and text.count("void wgmma_rs_m64n64(") == 2
