@@ -65,8 +65,12 @@ def timed(fn, reps=30):
     return 1e3 * median_ms(fn, "cuda", reps, warmup=3, graph=True)
 
 
-def tensors(B, H, Hkv, A, L, D, dtype, masked, gen):
-    q = torch.randn(B, H, A, D, generator=gen, device="cuda").to(dtype)
+def tensors(B, H, Hkv, A, L, D, dtype, masked, gen, heads_inner=False):
+    """`heads_inner`: q as a model's projection leaves it, [B, A, H, D] in memory viewed as [B, H, A, D]."""
+    if heads_inner:
+        q = torch.randn(B, A, H, D, generator=gen, device="cuda").to(dtype).transpose(1, 2)
+    else:
+        q = torch.randn(B, H, A, D, generator=gen, device="cuda").to(dtype)
     k = torch.randn(B, Hkv, L, D, generator=gen, device="cuda").to(dtype)
     v = torch.randn(B, Hkv, L, D, generator=gen, device="cuda").to(dtype)
     valid = torch.ones(B, L, dtype=torch.bool, device="cuda")
@@ -78,16 +82,20 @@ def tensors(B, H, Hkv, A, L, D, dtype, masked, gen):
     return q, k, v, valid
 
 
-def accuracy_case(B, H, Hkv, A, L, D, dtype, masked, gen, kind=BIDIRECTIONAL):
-    q, k, v, valid = tensors(B, H, Hkv, A, L, D, dtype, masked, gen)
+def accuracy_case(B, H, Hkv, A, L, D, dtype, masked, gen, kind=BIDIRECTIONAL, heads_inner=False):
+    q, k, v, valid = tensors(B, H, Hkv, A, L, D, dtype, masked, gen, heads_inner)
     ref = reference(q, k, v, valid, kind)
-    err = ((kernel(q, k, v, valid, kind).double() - ref).abs().max() / ref.abs().max()).item()
+    o = kernel(q, k, v, valid, kind)
+    err = ((o.double() - ref).abs().max() / ref.abs().max()).item()
+    same_layout = o.stride() == q.stride()  # o comes back in q's memory order, so o.transpose(1, 2) is free
     row = dict(B=B, H=H, Hkv=Hkv, A=A, L=L, D=D, dtype=str(dtype).removeprefix("torch."), masked=masked,
-               kind=kind.spec, rel_err=err, bound=BOUND[dtype], ok=err <= BOUND[dtype])
+               kind=kind.spec, heads_inner=heads_inner, rel_err=err, bound=BOUND[dtype],
+               ok=err <= BOUND[dtype] and same_layout)
     if dtype != torch.float32:
         row["sdpa_rel_err"] = ((sdpa(q, k, v, valid, kind).double() - ref).abs().max() / ref.abs().max()).item()
     print(f"{row['dtype']:8s} {kind.spec:15s} B={B} H={H}/{Hkv} A={A:4d} L={L:4d} D={D} masked={masked!s:5s} "
-          f"rel err {err:.2e} (sdpa {row.get('sdpa_rel_err', float('nan')):.2e}) {'ok' if row['ok'] else 'FAIL'}")
+          f"{'[B,A,H,D] ' if heads_inner else ''}rel err {err:.2e} (sdpa {row.get('sdpa_rel_err', float('nan')):.2e}) "
+          f"{'ok' if row['ok'] else 'FAIL'}")
     return row
 
 
@@ -107,6 +115,10 @@ def accuracy(gen) -> list[dict]:
             for A in (1, block, 32, 200, 544):  # 544 = the whole cache: a prefill
                 rows.append(accuracy_case(2, 28, 4, A, 544, 128, dtype, True, gen, kind))
             rows.append(accuracy_case(1, 16, 4, 96, 300, 64, dtype, False, gen, kind))
+    for dtype in (torch.bfloat16, torch.float32):  # q and o in a model's [B, A, H, D] memory order
+        for A in (1, 32, 768):
+            rows.append(accuracy_case(8, 28, 4, A, 2048, 128, dtype, True, gen, heads_inner=True))
+        rows.append(accuracy_case(2, 28, 4, 544, 544, 128, dtype, True, gen, AttentionKind("block_causal", 4), True))
     return rows
 
 

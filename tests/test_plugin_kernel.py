@@ -47,12 +47,14 @@ def test_fatbin_reading_skips_stray_magic_and_reads_the_fp8_library(tmp_path):
     (dict(mask_type=2), "mask_type 2 is not supported"),
     (dict(mask_type=1, block=0), "block_causal needs block >= 1"),
     (dict(mask_type=1, block=4, pos=0), "block_causal needs block >= 1 (got 4) and query and key positions"),
+    (dict(layout=2), "qo_layout 2 is not supported (0 [B, H, A, D], 1 [B, A, H, D])"),
 ])
 def test_bad_launches_are_refused_with_the_reason(kw, message):
-    args = dict(B=1, H=28, Hkv=4, A=1, L=8, D=128, dtype=2, mask_type=0, block=0, pos=0x100) | kw
-    with pytest.raises(PluginError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    args = dict(B=1, H=28, Hkv=4, A=1, L=8, D=128, dtype=2, mask_type=0, block=0, pos=0x100, layout=0) | kw
+    pattern = message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")
+    with pytest.raises(PluginError, match=pattern):
         launch_ptrs(0, 0, 0, 0, args["pos"], args["pos"], 0, args["B"], args["H"], args["Hkv"], args["A"], args["L"],
-                    args["D"], 0.1, args["dtype"], args["mask_type"], args["block"], 0)
+                    args["D"], 0.1, args["dtype"], args["mask_type"], args["block"], 0, qo_layout=args["layout"])
 
 
 @pytest.mark.parametrize("ptrs,message", [
@@ -104,6 +106,9 @@ def test_torch_op_shapes_and_cpu_refusal():
     out = torch.ops.dlmtrt.cached_attention_cuda(q, k, k, torch.empty(2, 40, dtype=torch.bool, device="meta"), qp, kp,
                                                  1, 4)
     assert out.shape == q.shape and out.device.type == "meta"
+    qt = torch.empty(2, 3, 28, 128, device="meta").transpose(1, 2)  # a model's layout: o comes back in it
+    assert torch.ops.dlmtrt.cached_attention_cuda(qt, k, k, torch.empty(2, 40, dtype=torch.bool, device="meta"), qp,
+                                                  kp, 1, 4).stride() == qt.stride()
     with pytest.raises(PluginError, match="takes CUDA tensors"):
         cached_attention_cuda(torch.zeros(1, 2, 1, 64), torch.zeros(1, 1, 4, 64), torch.zeros(1, 1, 4, 64),
                               torch.ones(1, 4, dtype=torch.bool), torch.zeros(1, 1, dtype=torch.long),
@@ -133,8 +138,8 @@ def test_the_graph_backend_can_run_attention_through_the_kernel_on_cuda_only():
 
 
 def test_auto_attention_takes_the_kernel_only_where_it_measured_faster(monkeypatch):
-    """`KERNEL_ROWS` is the measured rule (docs/results/attention-kernel.md): fp16/bf16 on CUDA, 2-32 rows per head;
-    `auto_attention` runs the kernel there and SDPA elsewhere."""
+    """`KERNEL_ROWS` is the measured rule (docs/results/attention-kernel.md): fp16/bf16 on CUDA, 2-32 rows per head,
+    and on Hopper every count from 2; `auto_attention` runs the kernel there and SDPA elsewhere."""
     from types import SimpleNamespace
 
     from dlmtrt.models.attention_kinds import AttentionKind
@@ -146,6 +151,9 @@ def test_auto_attention_takes_the_kernel_only_where_it_measured_faster(monkeypat
     assert [A for A in range(0, 300) if torch_op.kernel_is_faster(fake(A))] == list(range(2, 33))
     assert not torch_op.kernel_is_faster(fake(8, torch.float32)) and not torch_op.kernel_is_faster(fake(8, cuda=False))
     assert torch_op.kernel_is_faster(fake(8, torch.float16))
+    assert [A for A in range(0, 300) if torch_op.kernel_is_faster(fake(A), hopper=True)] == list(range(2, 300))
+    assert not torch_op.kernel_is_faster(fake(768, torch.float32), hopper=True)
+    assert not torch_op.is_hopper(torch.device("cpu"))
     assert not torch_op.kernel_is_faster(torch.zeros(1, 28, 8, 128, dtype=torch.bfloat16))  # a CPU tensor
 
     q, k = torch.randn(1, 4, 8, 64), torch.randn(1, 2, 16, 64)
@@ -153,9 +161,9 @@ def test_auto_attention_takes_the_kernel_only_where_it_measured_faster(monkeypat
     qp, kp = torch.arange(8, 16)[None], torch.arange(16)[None]
     calls = []
     monkeypatch.setattr(torch_op, "plugin_attend", lambda *a: calls.append(a) or "kernel")
-    monkeypatch.setattr(torch_op, "kernel_is_faster", lambda q: True)
+    monkeypatch.setattr(torch_op, "kernel_is_faster", lambda q, hopper=False: True)
     assert tgb.auto_attention(q, k, v, valid, qp, kp, AttentionKind(), True) == "kernel" and len(calls) == 1
-    monkeypatch.setattr(torch_op, "kernel_is_faster", lambda q: False)
+    monkeypatch.setattr(torch_op, "kernel_is_faster", lambda q, hopper=False: False)
     out = tgb.auto_attention(q, k, v, valid, qp, kp, AttentionKind(), True)
     assert torch.equal(out, tgb.gqa_attention(q, k, v, valid, qp, kp, AttentionKind(), True)) and len(calls) == 1
 

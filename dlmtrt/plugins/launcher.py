@@ -17,7 +17,8 @@ from dlmtrt.errors import DlmtrtError
 
 LIB_NAME = "libdlmtrt_cached_attention.so"
 DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
-ABI_VERSION = 3  # 2: query/key positions, mask type and block size (the attention kind); 3: the workspace
+ABI_VERSION = 4  # 2: query/key positions, mask type and block size (the attention kind); 3: the workspace;
+# 4: q and o in [B, A, H, D] memory order too (qo_layout)
 
 
 class PluginError(DlmtrtError, RuntimeError):
@@ -72,7 +73,7 @@ def open_library(path: Path, entry: str, argtypes: list, abi_version: int) -> ct
 def _lib() -> ctypes.CDLL:
     lib = open_library(library_path(), "dlmtrt_cached_attention",
                        [ctypes.c_void_p] * 7 + [ctypes.c_int] * 6 + [ctypes.c_float] + [ctypes.c_int] * 3
-                       + [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p],
+                       + [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_int],
                        ABI_VERSION)
     lib.dlmtrt_cached_attention_workspace_size.restype = ctypes.c_size_t
     lib.dlmtrt_cached_attention_workspace_size.argtypes = [ctypes.c_int] * 7
@@ -87,15 +88,15 @@ def workspace_size(B: int, H: int, Hkv: int, A: int, L: int, D: int, dtype_code:
 
 def launch_ptrs(q: int, k: int, v: int, valid: int, q_pos: int, k_pos: int, o: int, B: int, H: int, Hkv: int,
                 A: int, L: int, D: int, scale: float, dtype_code: int, mask_type: int, block: int,
-                stream: int, workspace: int = 0, workspace_bytes: int = 0) -> None:
+                stream: int, workspace: int = 0, workspace_bytes: int = 0, qo_layout: int = 0) -> None:
     """Enqueue the kernel on `stream` with raw device pointers (layouts in the .cu file; `q_pos`/`k_pos` int64
     sequence positions, read for block_causal only, 0 allowed otherwise; `mask_type`/`block` as
     models.attention_kinds.AttentionKind carries them; `workspace` device memory of `workspace_bytes`, as much
-    as `workspace_size` says for the full speed of few-row launches, less or none for fewer key splits);
-    raises PluginError."""
+    as `workspace_size` says for the full speed of few-row launches, less or none for fewer key splits;
+    `qo_layout` 1: q and o hold [B, H, A, D] in [B, A, H, D] memory order); raises PluginError."""
     lib = _lib()
     rc = lib.dlmtrt_cached_attention(q, k, v, valid, q_pos or None, k_pos or None, o, B, H, Hkv, A, L, D, scale,
                                      dtype_code, mask_type, block, workspace or None, workspace_bytes,
-                                     stream or None)
+                                     stream or None, qo_layout)
     if rc:
         raise PluginError(f"cached attention: {lib.dlmtrt_cached_attention_error().decode()}")

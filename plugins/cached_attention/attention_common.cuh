@@ -87,7 +87,14 @@ struct Args {
   int H, Hkv, A, L, M;               // M = (H / Hkv) * A rows per group
   float scale_log2;
   int causal, block, splits, tiles_per_split;
+  int heads_inner;                   // q and o in [B, A, H, D] memory order (else [B, H, A, D])
 };
+
+// Element offset / D of row m of GQA group (b, kvh) in q and o: query head kvh * g + m / A at position m % A.
+__device__ __forceinline__ size_t row_at(const Args& p, int b, int kvh, int m) {
+  const int h = kvh * (p.H / p.Hkv) + m / p.A, a = m % p.A;
+  return p.heads_inner ? ((size_t)b * p.A + a) * p.H + h : ((size_t)b * p.H + h) * p.A + a;
+}
 
 __device__ __forceinline__ int clamp_code(long long c) {
   return c > INT_MAX - 1 ? INT_MAX - 1 : c < INT_MIN ? INT_MIN : (int)c;
@@ -98,7 +105,7 @@ __device__ __forceinline__ int clamp_code(long long c) {
 // workspace when the keys were split over CTAs.
 template <typename T, int D>
 __device__ __forceinline__ void write_rows(const Args& p, const float (&acc)[D / 2], const float (&mrow)[2],
-                                           float (&lrow)[2], int m, size_t qoff, int bh, int lane) {
+                                           float (&lrow)[2], int m, int bh, int lane) {
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     lrow[r] += __shfl_xor_sync(0xffffffffu, lrow[r], 1);
@@ -111,7 +118,7 @@ __device__ __forceinline__ void write_rows(const Args& p, const float (&acc)[D /
     if (row >= p.M) continue;
     const float inv = lrow[r] > 0.f ? 1.f / lrow[r] : 0.f;
     if (p.splits == 1) {
-      T* orow = static_cast<T*>(p.o) + qoff + (size_t)row * D;
+      T* orow = static_cast<T*>(p.o) + row_at(p, bh / p.Hkv, bh % p.Hkv, row) * D;
 #pragma unroll
       for (int i = 0; i < D / 8; ++i)
         *reinterpret_cast<uint32_t*>(orow + 8 * i + col) = Mma<T>::pack(acc[4 * i + 2 * r] * inv, acc[4 * i + 2 * r + 1] * inv);

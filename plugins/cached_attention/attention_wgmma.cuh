@@ -101,10 +101,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_kernel(const Args p) {
   __shared__ int q_hi, q_lo;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int bh = blockIdx.y, b = bh / p.Hkv, kvh = bh % p.Hkv, g = p.H / p.Hkv;
-  const int m0 = blockIdx.x * R;
-  const size_t qoff = ((size_t)b * p.H + (size_t)kvh * g) * p.A * D;
-  const T* qg = static_cast<const T*>(p.q) + qoff;
+  const int bh = blockIdx.y, b = bh / p.Hkv, kvh = bh % p.Hkv;
+  const int m0 = (p.causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x) * R;  // block-causal: longest rows first
 
   if (tid == 0) {
     q_hi = INT_MIN;
@@ -119,7 +117,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_kernel(const Args p) {
   }
   for (int i = tid; i < R * CH; i += kThreads) {
     const int r = i / CH, c = i % CH, m = m0 + r;
-    cp_async16(smem_addr(qs + tile_offset<D, true>(r, c, R)), qg + (size_t)(m < p.M ? m : 0) * D + c * 8, m < p.M);
+    cp_async16(smem_addr(qs + tile_offset<D, true>(r, c, R)), static_cast<const T*>(p.q) + row_at(p, b, kvh, m < p.M ? m : 0) * D + c * 8, m < p.M);
   }
   cp_async_commit();
   __syncthreads();
@@ -351,7 +349,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_kernel(const Args p) {
     wgmma_wait<0>();
     pin(acc);
   }
-  write_rows<T, D>(p, acc, mrow, lrow, m0 + r0, qoff, bh, lane);
+  write_rows<T, D>(p, acc, mrow, lrow, m0 + r0, bh, lane);
   }
 #endif
 }

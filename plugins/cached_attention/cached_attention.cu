@@ -43,7 +43,7 @@ __global__ void __launch_bounds__(kWarps * 32)
 cached_attention_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                         const uint8_t* __restrict__ valid, const int64_t* __restrict__ qpos,
                         const int64_t* __restrict__ kpos, T* __restrict__ o, int H, int Hkv, int A, int L,
-                        float scale, int rows, int mask_type, int block) {
+                        float scale, int rows, int mask_type, int block, int heads_inner) {
   constexpr int P = D / 32;  // output dims per lane
   __shared__ float qs[kWarps][D];
   __shared__ float part_m[kWarps], part_l[kWarps];
@@ -56,7 +56,8 @@ cached_attention_kernel(const T* __restrict__ q, const T* __restrict__ k, const 
   const int g = h / (H / Hkv);
   const bool live = a < A;
 
-  const T* qrow = q + (((size_t)b * H + h) * A + (live ? a : 0)) * D;
+  const size_t row = heads_inner ? ((size_t)b * A + (live ? a : 0)) * H + h : ((size_t)b * H + h) * A + (live ? a : 0);
+  const T* qrow = q + row * D;
   for (int d = lane; d < D; d += 32) qs[warp][d] = live ? to_f(qrow[d]) * scale : 0.f;
   __syncwarp();
 
@@ -121,7 +122,7 @@ cached_attention_kernel(const T* __restrict__ q, const T* __restrict__ k, const 
     }
   }
   const float inv = Lsum > 0.f ? 1.f / Lsum : 0.f;
-  T* orow = o + (((size_t)b * H + h) * A + a) * D + lane * P;
+  T* orow = o + row * D + lane * P;
 #pragma unroll
   for (int i = 0; i < P; ++i) orow[i] = from_f<T>(out[i] * inv);
 }
@@ -129,12 +130,12 @@ cached_attention_kernel(const T* __restrict__ q, const T* __restrict__ k, const 
 template <typename T, int D>
 cudaError_t launch_scalar(const void* q, const void* k, const void* v, const uint8_t* valid, const int64_t* qpos,
                    const int64_t* kpos, void* o, int B, int H, int Hkv, int A, int L, float scale, int mask_type,
-                   int block, cudaStream_t stream) {
+                   int block, cudaStream_t stream, int heads_inner) {
   const int rows = A >= 8 ? 8 : A >= 4 ? 4 : A >= 2 ? 2 : 1;
   dim3 grid((A + rows - 1) / rows, H, B);
   cached_attention_kernel<T, D><<<grid, kWarps * 32, 0, stream>>>(
       static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), valid, qpos, kpos,
-      static_cast<T*>(o), H, Hkv, A, L, scale, rows, mask_type, block);
+      static_cast<T*>(o), H, Hkv, A, L, scale, rows, mask_type, block, heads_inner);
   return cudaGetLastError();
 }
 
@@ -145,7 +146,8 @@ thread_local char g_error[256] = "";
 extern "C" {
 
 // The C ABI every caller uses (the torch op through ctypes, the TensorRT plugin's enqueue). Contiguous layouts:
-// q, o [B, H, A, D]; k, v [B, Hkv, L, D]; valid [B, L] one byte per key; qpos [B, A], kpos [B, L] int64
+// q, o [B, H, A, D], or with qo_layout 1 the same tensors in [B, A, H, D] memory order (what a model's
+// projections give, so the torch backends pass them without a copy either way); k, v [B, Hkv, L, D]; valid [B, L] one byte per key; qpos [B, A], kpos [B, L] int64
 // sequence positions (read only for block_causal). dtype: 0 fp32, 1 fp16, 2 bf16. mask_type: 0 bidirectional,
 // 1 block_causal with block >= 1. q, k, v and o 16-byte aligned. `workspace` (device memory, may be null with
 // workspace_bytes 0) holds the key splits of few-row launches: dlmtrt_cached_attention_workspace_size says how
@@ -154,7 +156,7 @@ extern "C" {
 int dlmtrt_cached_attention(const void* q, const void* k, const void* v, const void* valid, const void* qpos,
                             const void* kpos, void* o, int B, int H, int Hkv, int A, int L, int D, float scale,
                             int dtype, int mask_type, int block, void* workspace, size_t workspace_bytes,
-                            void* stream) {
+                            void* stream, int qo_layout) {
   if (B < 0 || H <= 0 || Hkv <= 0 || A < 0 || L < 0 || H % Hkv != 0) {
     snprintf(g_error, sizeof g_error, "bad shape: B=%d H=%d Hkv=%d A=%d L=%d (H must be a multiple of Hkv)", B, H,
              Hkv, A, L);
@@ -167,6 +169,10 @@ int dlmtrt_cached_attention(const void* q, const void* k, const void* v, const v
   if (mask_type == 1 && (block < 1 || qpos == nullptr || kpos == nullptr)) {
     snprintf(g_error, sizeof g_error, "block_causal needs block >= 1 (got %d) and query and key positions", block);
     return 5;
+  }
+  if (qo_layout != 0 && qo_layout != 1) {
+    snprintf(g_error, sizeof g_error, "qo_layout %d is not supported (0 [B, H, A, D], 1 [B, A, H, D])", qo_layout);
+    return 7;
   }
   if (B == 0 || A == 0) return 0;
   if (D != 64 && D != 128) {
@@ -195,13 +201,15 @@ int dlmtrt_cached_attention(const void* q, const void* k, const void* v, const v
   cudaError_t e;
 #define DLMTRT_MMA(T)                                                                                          \
   e = D == 64 ? mma_attention::launch<T, 64>(q, k, v, m, qp, kp, o, B, H, Hkv, A, L, scale, mask_type, block,  \
-                                              workspace, workspace_bytes, s)                                  \
+                                              workspace, workspace_bytes, s, qo_layout)                       \
               : mma_attention::launch<T, 128>(q, k, v, m, qp, kp, o, B, H, Hkv, A, L, scale, mask_type, block, \
-                                               workspace, workspace_bytes, s)
+                                               workspace, workspace_bytes, s, qo_layout)
   switch (dtype) {
     case 0:
-      e = D == 64 ? launch_scalar<float, 64>(q, k, v, m, qp, kp, o, B, H, Hkv, A, L, scale, mask_type, block, s)
-                  : launch_scalar<float, 128>(q, k, v, m, qp, kp, o, B, H, Hkv, A, L, scale, mask_type, block, s);
+      e = D == 64 ? launch_scalar<float, 64>(q, k, v, m, qp, kp, o, B, H, Hkv, A, L, scale, mask_type, block, s,
+                                             qo_layout)
+                  : launch_scalar<float, 128>(q, k, v, m, qp, kp, o, B, H, Hkv, A, L, scale, mask_type, block, s,
+                                              qo_layout);
       break;
     case 1: DLMTRT_MMA(__half); break;
     default: DLMTRT_MMA(__nv_bfloat16); break;
@@ -225,6 +233,6 @@ size_t dlmtrt_cached_attention_workspace_size(int B, int H, int Hkv, int A, int 
 
 const char* dlmtrt_cached_attention_error(void) { return g_error; }
 
-int dlmtrt_cached_attention_abi_version(void) { return 3; }
+int dlmtrt_cached_attention_abi_version(void) { return 4; }
 
 }  // extern "C"

@@ -40,11 +40,11 @@ def gqa_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, q_pos: Tensor,
 
 
 def auto_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, q_pos: Tensor, k_pos: Tensor, kind,
-                   gqa: bool = False) -> Tensor:
-    """Our kernel where it measured faster than SDPA (by the rows of the step: a captured graph takes one side),
-    SDPA elsewhere."""
+                   gqa: bool = False, hopper: bool = False) -> Tensor:
+    """Our kernel where it measured faster than SDPA (by the rows of the step and whether the GPU is a Hopper,
+    fixed per backend: a captured graph takes one side), SDPA elsewhere."""
     from dlmtrt.plugins.torch_op import kernel_is_faster, plugin_attend
-    if kernel_is_faster(q):
+    if kernel_is_faster(q, hopper):
         return plugin_attend(q, k, v, valid, q_pos, k_pos, kind)
     return gqa_attention(q, k, v, valid, q_pos, k_pos, kind, gqa)
 
@@ -86,7 +86,8 @@ class TorchGraphBackend(CheckpointBackend):
             from dlmtrt.plugins import fp8_linear  # noqa: F401  registers the few-row fp8 kernel with QuantLinear
         attend = functools.partial(gqa_attention, gqa=a.num_heads != a.num_kv_heads)
         if attention == "auto" and w.is_cuda and w.dtype != torch.float32 and library_built():
-            attend = functools.partial(auto_attention, gqa=a.num_heads != a.num_kv_heads)
+            from dlmtrt.plugins.torch_op import is_hopper
+            attend = functools.partial(auto_attention, gqa=a.num_heads != a.num_kv_heads, hopper=is_hopper(w.device))
         elif attention == "kernel":
             from dlmtrt.plugins.torch_op import plugin_attend as attend
         self.attention = attention
