@@ -25,8 +25,8 @@ constexpr int R = 128;                   // rows per CTA: two warpgroups of 64
 constexpr int kThreads = 3 * 128;        // consumers, then the producer warpgroup
 constexpr int kProducerWarp = 8;
 // Registers per thread after the split (setmaxnreg): all 384 threads start with 168 (a sub-partition holds 3
-// of the 12 warps); the producer gives back what the consumers' S, P and O need. 128 x 72 + 256 x 216 = 64512, the split at which neither side spills.
-constexpr int kProducerRegs = 72, kConsumerRegs = 216;
+// of the 12 warps); the producer gives back what the consumers' S, P and O need. 128 x 88 + 256 x 208 = 64512, the split at which neither side spills.
+constexpr int kProducerRegs = 88, kConsumerRegs = 208;
 template <int D> struct Stages { static constexpr int value = D == 64 ? 4 : 3; };  // D 128: 226.6 of 227 KB
 template <int D> constexpr size_t smem_bytes() {
   // 1024 for the alignment of the swizzle atoms; Q, the K and V rings, codes [S][BN], meta [S][2], 4S mbarriers
@@ -176,23 +176,50 @@ __global__ void __launch_bounds__(kThreads, 1) attention_kernel(const Args p) {
       const int s = i % S, use = i / S;
       int c4[4];
       bool found = false, full = false;
-      for (; j < jend; ++j) {
+      // past the prefetched tile, tiles are looked at kLook at a time (their code loads in flight together):
+      // block-causal rows skip the keys after their block, and one dependent load per skipped tile would keep
+      // the consumers of a short CTA waiting for the end of the stream
+      constexpr int kLook = 4;
+      auto attendable = [&](const int (&c)[4]) {
+        bool any = false;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) any |= c[e] <= qhi;
+        return __any_sync(0xffffffffu, any);
+      };
+      while (j < jend) {
         if (j == pf_j) {
 #pragma unroll
           for (int e = 0; e < 4; ++e) c4[e] = pf[e];
-        } else {
-          read_codes(j, c4);
+          if (attendable(c4)) { found = true; break; }
+          ++j;
+          continue;
         }
-        bool any = false, all = true;
+        int cc[kLook][4];
 #pragma unroll
-        for (int e = 0; e < 4; ++e) { any |= c4[e] <= qhi; all &= c4[e] <= qlo; }
-        if (__any_sync(0xffffffffu, any)) {
-          full = __all_sync(0xffffffffu, all);
-          found = true;
-          pf_j = j + 1;
-          if (pf_j < jend) read_codes(pf_j, pf);
-          break;
+        for (int t = 0; t < kLook; ++t) {
+          if (j + t < jend) read_codes(j + t, cc[t]);
+          else for (int e = 0; e < 4; ++e) cc[t][e] = INT_MAX;
         }
+        int hit = kLook;
+#pragma unroll
+        for (int t = kLook - 1; t >= 0; --t)
+          if (attendable(cc[t])) hit = t;
+#pragma unroll
+        for (int t = 0; t < kLook; ++t)
+          if (t == hit) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) c4[e] = cc[t][e];
+          }
+        if (hit < kLook) { j += hit; found = true; break; }
+        j += kLook;
+      }
+      if (found) {
+        bool all = true;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) all &= c4[e] <= qlo;
+        full = __all_sync(0xffffffffu, all);
+        pf_j = j + 1;
+        if (pf_j < jend) read_codes(pf_j, pf);
       }
       uint32_t ok[4];
 #pragma unroll
